@@ -1,0 +1,531 @@
+//! The supervisor: registers with the coordinator, keeps one long-poll for work outstanding,
+//! runs every assignment it is handed, applies cancels, and shuts down gracefully.
+//!
+//! Tasks it starts: the heartbeat ticker, the outbox deliverer, and one task per run. The
+//! table of runs ([`Runs`]) is what heartbeats report as `running` and what cancels act on.
+
+use crate::client::{CallError, CoordinatorClient};
+use crate::executor::{ColdExecutor, Execution, Executor, Job, format_seconds};
+use crate::heartbeat::{LoadMeter, heartbeat_until_stopped, send_heartbeat};
+use crate::outbox::Outbox;
+use crate::retry::{Backoff, FailureLog};
+use crate::{AgentConfig, AgentError, resolve_node_id};
+use lull_shared::{
+    AgentState, Assignment, DEFAULT_TIMEOUT_SECS, NodeResources, RunId, RunOutcome, RunReport,
+    TaskId,
+};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+/// How many assignments one pull may bring; the coordinator decides what actually fits.
+const PULL_MAX: usize = 64;
+const PULL_RETRY_INITIAL: Duration = Duration::from_millis(100);
+const PULL_RETRY_MAX: Duration = Duration::from_secs(2);
+/// After the grace period, how long released runs get to die (they are sent SIGKILL).
+const RELEASE_WAIT: Duration = Duration::from_secs(10);
+/// How long shutdown keeps posting results; what remains stays on disk for the next start.
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
+/// Bounds the `draining` and `offline` heartbeats, which are best effort.
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(3);
+const RELEASED_ERROR: &str = "agent shutting down";
+
+/// Runs the agent with the [`ColdExecutor`] until `shutdown` is cancelled, then shuts down
+/// gracefully (see the crate docs) and returns `Ok`. Errors only when it cannot start.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let python = ColdExecutor::resolve_interpreter(&config.python).await;
+    tracing::info!(python = %python, "interpreter resolved");
+    let executor = ColdExecutor::new(python, config.max_output_bytes);
+    run_with_executor(config, executor, shutdown).await
+}
+
+/// [`run`] with another [`Executor`].
+pub async fn run_with_executor<E: Executor>(
+    config: AgentConfig,
+    executor: E,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    validate(&config)?;
+    let node_id = resolve_node_id(&config).await?;
+    let client = CoordinatorClient::new(&config.coordinator, config.token.as_deref())?;
+    let outbox = Outbox::open(config.state_dir.join("outbox")).await?;
+    let meter = LoadMeter::new();
+    let capacity = NodeResources {
+        cpu_cores: config.cpus.unwrap_or_else(|| meter.logical_cores()),
+        memory_mb: config.memory_mb.unwrap_or_else(|| meter.total_memory_mb()),
+    };
+    let hostname = hostname::get()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    info!(
+        node_id,
+        coordinator = config.coordinator,
+        cpu_cores = capacity.cpu_cores,
+        memory_mb = capacity.memory_mb,
+        pending_results = outbox.len(),
+        "agent starting"
+    );
+
+    let shared = Arc::new(Shared {
+        config,
+        node_id,
+        hostname,
+        capacity,
+        client,
+        runs: Runs::default(),
+        outbox,
+        draining: AtomicBool::new(false),
+        load: Mutex::new(meter),
+    });
+    let executor = Arc::new(executor);
+
+    let stop_heartbeats = CancellationToken::new();
+    let heartbeats = tokio::spawn(heartbeat_until_stopped(
+        Arc::clone(&shared),
+        stop_heartbeats.clone(),
+    ));
+    let stop_delivery = CancellationToken::new();
+    let delivery = tokio::spawn({
+        let shared = Arc::clone(&shared);
+        let stop = stop_delivery.clone();
+        async move {
+            shared
+                .outbox
+                .deliver_until_stopped(&shared.client, stop)
+                .await
+        }
+    });
+
+    pull_until_stopped(&shared, &executor, &shutdown).await;
+
+    // Graceful shutdown, in order: say we are leaving, let runs finish, release the rest,
+    // post what we can, say goodbye.
+    info!(running = shared.runs.len(), "agent shutting down");
+    shared.draining.store(true, Ordering::SeqCst);
+    farewell(&shared, AgentState::Draining).await;
+    drain_runs(&shared).await;
+
+    if tokio::time::timeout(FLUSH_WAIT, shared.outbox.wait_empty())
+        .await
+        .is_err()
+    {
+        warn!(
+            results = shared.outbox.len(),
+            "results left in the outbox for the next start"
+        );
+    }
+    stop_delivery.cancel();
+    stop_heartbeats.cancel();
+    for (what, task) in [("result delivery", delivery), ("heartbeat", heartbeats)] {
+        if let Err(err) = task.await {
+            error!(%err, "the {what} task failed");
+        }
+    }
+    farewell(&shared, AgentState::Offline).await;
+    info!("agent stopped");
+    Ok(())
+}
+
+fn validate(config: &AgentConfig) -> Result<(), AgentError> {
+    let invalid = |what: &str| Err(AgentError::InvalidConfig(what.to_string()));
+    if config.heartbeat_interval.is_zero() {
+        return invalid("heartbeat_interval must be greater than zero");
+    }
+    if config.pull_wait.is_zero() {
+        return invalid("pull_wait must be greater than zero");
+    }
+    for (name, value) in [("cpus", config.cpus), ("memory_mb", config.memory_mb)] {
+        if value.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+            return invalid(&format!("{name} must be a positive number"));
+        }
+    }
+    Ok(())
+}
+
+/// What the agent's tasks share.
+pub(crate) struct Shared {
+    pub(crate) config: AgentConfig,
+    pub(crate) node_id: String,
+    pub(crate) hostname: String,
+    /// Declared capacity, as sent in heartbeats.
+    pub(crate) capacity: NodeResources,
+    pub(crate) client: CoordinatorClient,
+    pub(crate) runs: Runs,
+    pub(crate) outbox: Outbox,
+    draining: AtomicBool,
+    pub(crate) load: Mutex<LoadMeter>,
+}
+
+impl Shared {
+    /// The status heartbeats announce.
+    pub(crate) fn current_state(&self) -> AgentState {
+        if self.draining.load(Ordering::SeqCst) {
+            AgentState::Draining
+        } else if self.runs.is_empty() {
+            AgentState::Idle
+        } else {
+            AgentState::Busy
+        }
+    }
+
+    /// Kills a run because the coordinator said so (from a heartbeat or a pull answer).
+    pub(crate) fn cancel_run(&self, run_id: RunId) {
+        if self.runs.stop(run_id, StopReason::Cancelled) {
+            info!(run_id, "cancelling run at the coordinator's request");
+        } else {
+            debug!(
+                run_id,
+                "cancel for a run that is not running here; nothing to do"
+            );
+        }
+    }
+}
+
+/// Sends a best-effort heartbeat during shutdown.
+async fn farewell(shared: &Shared, status: AgentState) {
+    match tokio::time::timeout(FAREWELL_TIMEOUT, send_heartbeat(shared, status)).await {
+        Ok(Ok(_)) => debug!(?status, "heartbeat sent"),
+        Ok(Err(err)) => info!(?status, %err, "could not tell the coordinator"),
+        Err(_) => info!(?status, "the coordinator did not answer in time"),
+    }
+}
+
+/// Lets the running runs finish within the grace period, then releases the rest.
+async fn drain_runs(shared: &Shared) {
+    if shared.runs.is_empty() {
+        return;
+    }
+    let grace = shared.config.shutdown_grace;
+    info!(
+        running = shared.runs.len(),
+        grace_secs = format_seconds(grace),
+        "waiting for running runs to finish"
+    );
+    if tokio::time::timeout(grace, shared.runs.wait_empty())
+        .await
+        .is_ok()
+    {
+        return;
+    }
+    warn!(
+        running = shared.runs.len(),
+        "grace period over; releasing the remaining runs"
+    );
+    shared.runs.stop_all(StopReason::Released);
+    if tokio::time::timeout(RELEASE_WAIT, shared.runs.wait_empty())
+        .await
+        .is_err()
+    {
+        error!(
+            running = shared.runs.len(),
+            "some runs did not stop after being killed"
+        );
+    }
+}
+
+/// Keeps one long-poll outstanding until `stop`, starting every assignment it brings.
+async fn pull_until_stopped<E: Executor>(
+    shared: &Arc<Shared>,
+    executor: &Arc<E>,
+    stop: &CancellationToken,
+) {
+    let mut backoff = Backoff::new(PULL_RETRY_INITIAL, PULL_RETRY_MAX);
+    let mut failures = FailureLog::new("pulling work");
+
+    // The first heartbeat registers the node; the first pull would only 404 without it.
+    let registered = tokio::select! {
+        () = stop.cancelled() => return,
+        sent = send_heartbeat(shared, shared.current_state()) => sent,
+    };
+    if let Err(err) = registered {
+        // The pull below fails the same way and says so.
+        debug!(%err, "could not register with the coordinator yet");
+    }
+
+    loop {
+        let answer = tokio::select! {
+            () = stop.cancelled() => return,
+            answer = shared.client.pull(&shared.node_id, shared.config.pull_wait, PULL_MAX) => answer,
+        };
+        let retry_now = match answer {
+            Ok(pulled) => {
+                failures.succeeded();
+                backoff.reset();
+                for run_id in pulled.cancel {
+                    shared.cancel_run(run_id);
+                }
+                for assignment in pulled.tasks {
+                    start_run(shared, executor, assignment);
+                }
+                true
+            }
+            Err(CallError::NodeUnknown) => {
+                info!("the coordinator does not know this node; registering");
+                let registered = tokio::select! {
+                    () = stop.cancelled() => return,
+                    sent = send_heartbeat(shared, shared.current_state()) => sent,
+                };
+                match registered {
+                    // Retry at once the first time; a coordinator that keeps answering 404
+                    // right after a heartbeat gets the backoff like any other failure.
+                    Ok(_) if backoff.is_fresh() => {
+                        let _ = backoff.next_delay();
+                        true
+                    }
+                    Ok(_) => false,
+                    Err(err) => {
+                        failures.failed(&err);
+                        false
+                    }
+                }
+            }
+            Err(err) => {
+                failures.failed(&err);
+                false
+            }
+        };
+        if !retry_now {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    }
+}
+
+/// Starts one assignment in its own task.
+fn start_run<E: Executor>(shared: &Arc<Shared>, executor: &Arc<E>, assignment: Assignment) {
+    let (task_id, run_id) = (assignment.task_id, assignment.run_id);
+    if shared.outbox.contains(run_id) {
+        warn!(
+            task_id,
+            run_id, "assigned a run that already finished here; ignoring it"
+        );
+        return;
+    }
+    let Some(cancel) = shared.runs.insert(run_id, task_id) else {
+        warn!(
+            task_id,
+            run_id, "assigned a run that is already running here; ignoring it"
+        );
+        return;
+    };
+    let span = info_span!("run", task_id, run_id);
+    tokio::spawn(
+        execute(Arc::clone(shared), Arc::clone(executor), assignment, cancel).instrument(span),
+    );
+}
+
+/// One run, from start to its result in the outbox.
+async fn execute<E: Executor>(
+    shared: Arc<Shared>,
+    executor: Arc<E>,
+    assignment: Assignment,
+    cancel: CancellationToken,
+) {
+    let (task_id, run_id) = (assignment.task_id, assignment.run_id);
+    // Takes the run off the table however this task ends, panics included.
+    let slot = RunSlotGuard {
+        shared: &shared,
+        run_id,
+    };
+    let timeout = match Duration::try_from_secs_f64(assignment.timeout) {
+        Ok(timeout) if !timeout.is_zero() => timeout,
+        _ => {
+            warn!(
+                task_id,
+                run_id,
+                timeout = assignment.timeout,
+                "unusable timeout; using the default"
+            );
+            Duration::from_secs_f64(DEFAULT_TIMEOUT_SECS)
+        }
+    };
+    let job = Job {
+        task_id,
+        run_id,
+        code: assignment.code,
+        timeout,
+        resources: assignment.resources,
+    };
+    info!(
+        task_id,
+        run_id,
+        attempt = assignment.attempt,
+        timeout_secs = format_seconds(timeout),
+        "run started"
+    );
+    let execution = executor.run(job, cancel).await;
+
+    let stopped_because = shared.runs.stop_reason(run_id);
+    let report = report(&shared.node_id, task_id, run_id, execution, stopped_because);
+    info!(
+        task_id,
+        run_id,
+        outcome = ?report.outcome,
+        exit_code = report.exit_code,
+        error = report.error.as_deref().unwrap_or(""),
+        "run finished"
+    );
+    // Into the outbox before off the table: heartbeats must always list the run somewhere.
+    shared.outbox.store(report).await;
+    drop(slot);
+}
+
+/// The wire report for a finished execution. A run the agent stopped itself is reported
+/// for why it was stopped, unless it finished on its own first.
+fn report(
+    node_id: &str,
+    task_id: TaskId,
+    run_id: RunId,
+    execution: Execution,
+    stopped_because: Option<StopReason>,
+) -> RunReport {
+    let (outcome, error) = match (execution.outcome, stopped_because) {
+        (RunOutcome::Cancelled, Some(StopReason::Released)) => {
+            (RunOutcome::Released, Some(RELEASED_ERROR.to_string()))
+        }
+        (outcome, _) => (outcome, execution.error),
+    };
+    RunReport {
+        node_id: node_id.to_string(),
+        task_id,
+        run_id,
+        outcome,
+        exit_code: execution.exit_code,
+        stdout: execution.stdout,
+        stderr: execution.stderr,
+        error,
+        started_at: Some(execution.started_at),
+        completed_at: Some(execution.completed_at),
+        cpu_seconds: execution.cpu_seconds,
+        max_rss_mb: execution.max_rss_mb,
+    }
+}
+
+/// Why the agent stopped a run before it ended on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StopReason {
+    /// The coordinator cancelled it: report `Cancelled`.
+    Cancelled,
+    /// The agent is shutting down and the grace period is over: report `Released`.
+    Released,
+}
+
+#[derive(Debug)]
+struct RunSlot {
+    task_id: TaskId,
+    cancel: CancellationToken,
+    stopped_because: Option<StopReason>,
+}
+
+/// The runs executing now. A watch channel so that shutdown can wait for it to empty.
+#[derive(Debug)]
+pub(crate) struct Runs {
+    slots: watch::Sender<BTreeMap<RunId, RunSlot>>,
+}
+
+impl Default for Runs {
+    fn default() -> Self {
+        Runs {
+            slots: watch::Sender::new(BTreeMap::new()),
+        }
+    }
+}
+
+impl Runs {
+    /// Adds a run; `None` when it is already there.
+    fn insert(&self, run_id: RunId, task_id: TaskId) -> Option<CancellationToken> {
+        let cancel = CancellationToken::new();
+        let added = self.slots.send_if_modified(|slots| {
+            if slots.contains_key(&run_id) {
+                return false;
+            }
+            slots.insert(
+                run_id,
+                RunSlot {
+                    task_id,
+                    cancel: cancel.clone(),
+                    stopped_because: None,
+                },
+            );
+            true
+        });
+        added.then_some(cancel)
+    }
+
+    fn remove(&self, run_id: RunId) {
+        self.slots.send_modify(|slots| {
+            slots.remove(&run_id);
+        });
+    }
+
+    /// Asks a run to stop; the first reason given sticks. False when the run is not here.
+    fn stop(&self, run_id: RunId, reason: StopReason) -> bool {
+        let mut found = false;
+        // Nothing a watcher cares about changes (the set of runs stays the same).
+        self.slots.send_if_modified(|slots| {
+            if let Some(slot) = slots.get_mut(&run_id) {
+                slot.stopped_because.get_or_insert(reason);
+                slot.cancel.cancel();
+                found = true;
+            }
+            false
+        });
+        found
+    }
+
+    fn stop_all(&self, reason: StopReason) {
+        self.slots.send_if_modified(|slots| {
+            for (run_id, slot) in slots.iter_mut() {
+                slot.stopped_because.get_or_insert(reason);
+                slot.cancel.cancel();
+                debug!(task_id = slot.task_id, run_id, ?reason, "stopping run");
+            }
+            false
+        });
+    }
+
+    fn stop_reason(&self, run_id: RunId) -> Option<StopReason> {
+        self.slots
+            .borrow()
+            .get(&run_id)
+            .and_then(|slot| slot.stopped_because)
+    }
+
+    pub(crate) fn ids(&self) -> Vec<RunId> {
+        self.slots.borrow().keys().copied().collect()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.slots.borrow().len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.slots.borrow().is_empty()
+    }
+
+    fn wait_empty(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut slots = self.slots.subscribe();
+        async move {
+            let _ = slots.wait_for(BTreeMap::is_empty).await;
+        }
+    }
+}
+
+struct RunSlotGuard<'a> {
+    shared: &'a Shared,
+    run_id: RunId,
+}
+
+impl Drop for RunSlotGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.runs.remove(self.run_id);
+    }
+}

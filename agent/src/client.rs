@@ -1,0 +1,201 @@
+//! The coordinator's internal API as the agent calls it, and what each answer means.
+//!
+//! Architecture Invariant: this module decides what an HTTP status means (acknowledged,
+//! refused, retry) and nothing else: no retry loops, no sleeping, no state.
+
+use crate::AgentError;
+use crate::executor::format_seconds;
+use lull_shared::{ErrorBody, HeartbeatRequest, HeartbeatResponse, PullResponse, RunReport};
+use reqwest::StatusCode;
+use reqwest::header::{HeaderMap, HeaderValue};
+use std::error::Error as _;
+use std::time::Duration;
+
+/// Bounds every call but the long-poll, which gets `wait` plus [`PULL_SLACK`].
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const PULL_SLACK: Duration = Duration::from_secs(10);
+
+/// A failed call that is worth trying again later.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CallError {
+    /// `GET /internal/task` answered 404: the coordinator does not know this node (it
+    /// restarted, or never saw a heartbeat). Heartbeat, then pull again.
+    #[error("the coordinator does not know this node")]
+    NodeUnknown,
+    #[error("could not reach the coordinator: {0}")]
+    Transport(String),
+    #[error("the coordinator answered {status}: {detail}")]
+    Status { status: StatusCode, detail: String },
+    #[error("could not read the coordinator's answer: {0}")]
+    Decode(String),
+}
+
+/// What became of one `POST /internal/result`.
+#[derive(Debug)]
+pub(crate) enum Delivery {
+    /// 2xx: the coordinator has the result; forget it.
+    Acknowledged,
+    /// 404 / 409 / 410: the run's lease is no longer current (moved elsewhere, cancelled).
+    /// Forget it: sending it again can never succeed.
+    Refused { status: StatusCode, detail: String },
+    /// 400 / 413 / 422: the coordinator cannot accept this body. Forget it, loudly.
+    Rejected { status: StatusCode, detail: String },
+    /// Anything else (5xx, 401/403/429, no connection): keep it and try again later.
+    Retry(CallError),
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct CoordinatorClient {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl CoordinatorClient {
+    pub(crate) fn new(coordinator: &str, token: Option<&str>) -> Result<Self, AgentError> {
+        let invalid = |reason: &str| AgentError::InvalidCoordinatorUrl {
+            url: coordinator.to_string(),
+            reason: reason.to_string(),
+        };
+        let url = reqwest::Url::parse(coordinator).map_err(|e| invalid(&e.to_string()))?;
+        match url.scheme() {
+            "http" => {}
+            // reqwest is built without TLS (see the workspace manifest).
+            "https" => return Err(invalid("https is not supported by this build")),
+            other => return Err(invalid(&format!("unsupported scheme {other:?}"))),
+        }
+
+        let mut headers = HeaderMap::new();
+        if let Some(token) = token {
+            let mut value = HeaderValue::from_str(token).map_err(|_| {
+                AgentError::InvalidConfig("token holds characters a header cannot carry".into())
+            })?;
+            value.set_sensitive(true);
+            headers.insert("token", value);
+        }
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT)
+            // Coordinators live on the LAN; an HTTP_PROXY meant for the internet must not
+            // capture agent traffic.
+            .no_proxy()
+            .build()
+            .map_err(AgentError::HttpClient)?;
+        Ok(CoordinatorClient {
+            http,
+            base: coordinator.trim_end_matches('/').to_string(),
+        })
+    }
+
+    pub(crate) async fn heartbeat(
+        &self,
+        request: &HeartbeatRequest,
+    ) -> Result<HeartbeatResponse, CallError> {
+        let response = self
+            .http
+            .post(format!("{}/internal/heartbeat", self.base))
+            .json(request)
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(CallError::Status {
+                status,
+                detail: detail_of(response).await,
+            });
+        }
+        response.json().await.map_err(decode)
+    }
+
+    /// Long-polls for work: answers when the coordinator has assignments for this node, or
+    /// with none after `wait`.
+    pub(crate) async fn pull(
+        &self,
+        node_id: &str,
+        wait: Duration,
+        max: usize,
+    ) -> Result<PullResponse, CallError> {
+        let response = self
+            .http
+            .get(format!("{}/internal/task", self.base))
+            .query(&[
+                ("node_id", node_id),
+                ("wait", &format_seconds(wait)),
+                ("max", &max.to_string()),
+            ])
+            .timeout(wait.saturating_add(PULL_SLACK))
+            .send()
+            .await
+            .map_err(transport)?;
+        match response.status() {
+            status if status.is_success() => response.json().await.map_err(decode),
+            StatusCode::NOT_FOUND => Err(CallError::NodeUnknown),
+            status => Err(CallError::Status {
+                status,
+                detail: detail_of(response).await,
+            }),
+        }
+    }
+
+    pub(crate) async fn post_result(&self, report: &RunReport) -> Delivery {
+        let sent = self
+            .http
+            .post(format!("{}/internal/result", self.base))
+            .json(report)
+            .send()
+            .await;
+        let response = match sent {
+            Ok(response) => response,
+            Err(err) => return Delivery::Retry(transport(err)),
+        };
+        let status = response.status();
+        if status.is_success() {
+            return Delivery::Acknowledged;
+        }
+        let detail = detail_of(response).await;
+        match status {
+            StatusCode::NOT_FOUND | StatusCode::CONFLICT | StatusCode::GONE => {
+                Delivery::Refused { status, detail }
+            }
+            StatusCode::BAD_REQUEST
+            | StatusCode::PAYLOAD_TOO_LARGE
+            | StatusCode::UNPROCESSABLE_ENTITY => Delivery::Rejected { status, detail },
+            _ => Delivery::Retry(CallError::Status { status, detail }),
+        }
+    }
+}
+
+fn transport(err: reqwest::Error) -> CallError {
+    CallError::Transport(error_chain(&err))
+}
+
+fn decode(err: reqwest::Error) -> CallError {
+    CallError::Decode(error_chain(&err))
+}
+
+/// reqwest's own message is terse ("error sending request"); the cause is in its sources.
+fn error_chain(err: &reqwest::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+/// The `{"detail": ...}` of an error answer, or the start of its body.
+async fn detail_of(response: reqwest::Response) -> String {
+    const MAX_DETAIL: usize = 300;
+    let body = response.text().await.unwrap_or_default();
+    if let Ok(ErrorBody { detail }) = serde_json::from_str::<ErrorBody>(&body) {
+        return detail;
+    }
+    match body.char_indices().nth(MAX_DETAIL) {
+        Some((cut, _)) => format!("{}...", &body[..cut]),
+        None => body,
+    }
+}

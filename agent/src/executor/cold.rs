@@ -1,0 +1,688 @@
+//! [`ColdExecutor`]: a fresh `python3 -I -u -c CODE` per run.
+//!
+//! Each run gets its own process group, a private empty working directory (removed afterwards),
+//! a clean environment, capped stdout/stderr and a wall-clock timeout enforced here.
+//!
+//! Architecture Invariant: however a run ends (exit, timeout, cancel, the future dropped),
+//! its whole process group is sent SIGKILL, so no grandchild outlives the run.
+//!
+//! Not yet here (the sandbox issue): rlimits, namespaces, per-run CPU and memory accounting
+//! (`cpu_seconds` and `max_rss_mb` are reported as unknown), and catching descendants that
+//! leave the process group with `setsid`.
+
+use super::{Execution, Executor, Job, format_seconds, unix_now};
+use lull_shared::RunOutcome;
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+use tempfile::TempDir;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+/// The `PATH` runs get when the agent itself has none.
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+/// Longer timeouts are treated as this one (keeps `Instant` arithmetic far from overflow).
+const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How long output is still read after the run's process exited and its group was killed.
+/// Only a descendant that escaped the group (`setsid`) can keep a pipe open that long.
+const OUTPUT_DRAIN_GRACE: Duration = Duration::from_secs(2);
+const READ_CHUNK_BYTES: usize = 16 * 1024;
+/// Of a truncated stream, this much of the end is kept aside to find the error line in.
+const ERROR_TAIL_BYTES: usize = 4096;
+const MAX_ERROR_CHARS: usize = 1000;
+
+/// Runs each job as `{python} -I -u -c CODE`.
+///
+/// `-I` (isolated mode) ignores `PYTHON*` variables, user site-packages and the working
+/// directory on `sys.path`; because it ignores `PYTHONUNBUFFERED`, `-u` is what keeps output
+/// unbuffered, so that a run killed at its timeout still reports what it printed.
+#[derive(Debug, Clone)]
+pub struct ColdExecutor {
+    python: String,
+    max_output_bytes: usize,
+    path: OsString,
+}
+
+impl ColdExecutor {
+    /// `max_output_bytes` applies to stdout and stderr separately. Runs inherit the agent's
+    /// `PATH` (so that `python` resolves the same way for them) and nothing else.
+    pub fn new(python: impl Into<String>, max_output_bytes: usize) -> Self {
+        let path = std::env::var_os("PATH")
+            .filter(|path| !path.is_empty())
+            .unwrap_or_else(|| DEFAULT_PATH.into());
+        ColdExecutor {
+            python: python.into(),
+            max_output_bytes,
+            path,
+        }
+    }
+
+    /// The real interpreter behind `python` (its `sys.executable`), found once at start.
+    ///
+    /// `python3` is often a wrapper (pyenv's shims are shell scripts that run pyenv on every
+    /// call): starting it per task would double the cost of a short task. When Python cannot
+    /// say, the name is kept and the failure shows on the first run.
+    pub async fn resolve_interpreter(python: &str) -> String {
+        let probe = Command::new(python)
+            .args(["-I", "-c", "import sys; print(sys.executable)"])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output();
+        match tokio::time::timeout(Duration::from_secs(30), probe).await {
+            Ok(Ok(out)) if out.status.success() => {
+                let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                if path.is_empty() {
+                    python.to_string()
+                } else {
+                    path
+                }
+            }
+            _ => python.to_string(),
+        }
+    }
+
+    fn command(&self, job: &Job, workdir: &Path) -> Command {
+        let mut command = Command::new(&self.python);
+        command
+            .args(["-I", "-u", "-c"])
+            .arg(&job.code)
+            .env_clear()
+            .env("PATH", &self.path)
+            .env("LANG", "C.UTF-8")
+            .env("PYTHONIOENCODING", "utf-8")
+            .env("PYTHONUNBUFFERED", "1")
+            .env("HOME", workdir)
+            .env("TMPDIR", workdir)
+            .env("LULL_TASK_ID", job.task_id.to_string())
+            .env("LULL_RUN_ID", job.run_id.to_string())
+            .current_dir(workdir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        command
+    }
+}
+
+impl Executor for ColdExecutor {
+    async fn run(&self, job: Job, cancel: CancellationToken) -> Execution {
+        let started_at = unix_now();
+        let workdir = match tempfile::Builder::new().prefix("lull-run-").tempdir() {
+            Ok(workdir) => workdir,
+            Err(err) => {
+                let error = format!("could not create a working directory: {err}");
+                return Execution::not_started(started_at, error);
+            }
+        };
+
+        let mut child = match self.command(&job, workdir.path()).spawn() {
+            Ok(child) => child,
+            Err(err) => {
+                remove_workdir(workdir).await;
+                let error = format!("could not start {}: {err}", self.python);
+                return Execution::not_started(started_at, error);
+            }
+        };
+        // process_group(0) made the child the leader of a new group whose id is its pid.
+        let group = GroupKiller(
+            child
+                .id()
+                .and_then(|id| i32::try_from(id).ok())
+                .map(Pid::from_raw),
+        );
+
+        let mut stdout = Capture::new(self.max_output_bytes);
+        let mut stderr = Capture::new(self.max_output_bytes);
+        let ending = supervise(
+            &mut child,
+            &group,
+            &mut stdout,
+            &mut stderr,
+            job.timeout,
+            &cancel,
+        )
+        .await;
+        // supervise killed the group; stop the drop guard from killing a recycled pgid later.
+        group.disarm();
+        let completed_at = unix_now();
+        remove_workdir(workdir).await;
+
+        let (outcome, exit_code, error) = verdict(ending, &stderr, job.timeout);
+        Execution {
+            outcome,
+            exit_code,
+            stdout: stdout.into_text(),
+            stderr: stderr.into_text(),
+            error,
+            started_at,
+            completed_at,
+            // Per-run accounting arrives with the sandbox (cgroups / wait4 rusage).
+            cpu_seconds: None,
+            max_rss_mb: None,
+        }
+    }
+}
+
+/// Why a supervised run stopped.
+#[derive(Debug)]
+enum Ending {
+    Exited(ExitStatus),
+    TimedOut,
+    Cancelled,
+    WaitFailed(io::Error),
+}
+
+/// Waits for the run to exit, time out or be cancelled while reading both pipes, and kills
+/// the process group in every case.
+async fn supervise(
+    child: &mut Child,
+    group: &GroupKiller,
+    stdout: &mut Capture,
+    stderr: &mut Capture,
+    timeout: Duration,
+    cancel: &CancellationToken,
+) -> Ending {
+    let mut out_pipe = child.stdout.take();
+    let mut err_pipe = child.stderr.take();
+    let mut out_buf = vec![0u8; READ_CHUNK_BYTES];
+    let mut err_buf = vec![0u8; READ_CHUNK_BYTES];
+    let deadline = Instant::now() + timeout.min(MAX_TIMEOUT);
+    let mut killed_because: Option<Ending> = None;
+    let mut exited: Option<io::Result<ExitStatus>> = None;
+    let mut drain_deadline: Option<Instant> = None;
+
+    loop {
+        if exited.is_some() && out_pipe.is_none() && err_pipe.is_none() {
+            break;
+        }
+        tokio::select! {
+            read = read_chunk(&mut out_pipe, &mut out_buf), if out_pipe.is_some() => match read {
+                Ok(n) if n > 0 => stdout.push(&out_buf[..n]),
+                _ => out_pipe = None,
+            },
+            read = read_chunk(&mut err_pipe, &mut err_buf), if err_pipe.is_some() => match read {
+                Ok(n) if n > 0 => stderr.push(&err_buf[..n]),
+                _ => err_pipe = None,
+            },
+            status = child.wait(), if exited.is_none() => {
+                // Whatever the program left running in its group dies with it.
+                group.kill(child);
+                exited = Some(status);
+                drain_deadline = Some(Instant::now() + OUTPUT_DRAIN_GRACE);
+            }
+            () = tokio::time::sleep_until(deadline),
+                if exited.is_none() && killed_because.is_none() => {
+                group.kill(child);
+                killed_because = Some(Ending::TimedOut);
+            }
+            () = cancel.cancelled(), if exited.is_none() && killed_because.is_none() => {
+                group.kill(child);
+                killed_because = Some(Ending::Cancelled);
+            }
+            () = tokio::time::sleep_until(drain_deadline.unwrap_or(deadline)),
+                if drain_deadline.is_some() => {
+                warn!("a process that left the run's group still holds its output open; not waiting for it");
+                break;
+            }
+        }
+    }
+
+    match (killed_because, exited) {
+        (Some(reason), _) => reason,
+        (None, Some(Ok(status))) => Ending::Exited(status),
+        (None, Some(Err(err))) => Ending::WaitFailed(err),
+        (None, None) => {
+            Ending::WaitFailed(io::Error::other("the run ended without an exit status"))
+        }
+    }
+}
+
+async fn read_chunk<R: AsyncRead + Unpin>(
+    pipe: &mut Option<R>,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    match pipe {
+        Some(pipe) => pipe.read(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The outcome, exit code and one-line error of a run that ended as `ending`.
+fn verdict(
+    ending: Ending,
+    stderr: &Capture,
+    timeout: Duration,
+) -> (RunOutcome, Option<i32>, Option<String>) {
+    match ending {
+        Ending::Cancelled => (RunOutcome::Cancelled, None, Some("cancelled".to_string())),
+        Ending::TimedOut => (
+            RunOutcome::Failed,
+            None,
+            Some(format!("timed out after {} s", format_seconds(timeout))),
+        ),
+        Ending::WaitFailed(err) => (
+            RunOutcome::Failed,
+            None,
+            Some(format!("could not wait for the run's process: {err}")),
+        ),
+        Ending::Exited(status) => match (status.code(), status.signal()) {
+            (Some(0), _) => (RunOutcome::Completed, Some(0), None),
+            (Some(code), _) => {
+                let error = stderr
+                    .last_line()
+                    .unwrap_or_else(|| format!("exit code {code}"));
+                (RunOutcome::Failed, Some(code), Some(error))
+            }
+            (None, Some(signal)) => {
+                let name = Signal::try_from(signal).map_or("unknown", Signal::as_str);
+                let error = format!("killed by signal {signal} ({name})");
+                (RunOutcome::Failed, None, Some(error))
+            }
+            (None, None) => (
+                RunOutcome::Failed,
+                None,
+                Some(format!("ended oddly: {status}")),
+            ),
+        },
+    }
+}
+
+/// Kills a run's process group: on demand, and when dropped unless disarmed, so that a run
+/// whose future is dropped half-way leaves nothing behind.
+struct GroupKiller(Option<Pid>);
+
+impl GroupKiller {
+    fn kill(&self, child: &mut Child) {
+        match self.0 {
+            Some(group) => kill_group(group),
+            // No pid means tokio already reaped the child; only its group could be left, and
+            // without its id there is nothing more to do than make sure of the child.
+            None => {
+                let _ = child.start_kill();
+            }
+        }
+    }
+
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        if let Some(group) = self.0 {
+            kill_group(group);
+        }
+    }
+}
+
+fn kill_group(group: Pid) {
+    match killpg(group, Signal::SIGKILL) {
+        // ESRCH: every process of the group is already gone.
+        Ok(()) | Err(Errno::ESRCH) => {}
+        Err(err) => warn!(%err, pgid = group.as_raw(), "could not kill the run's process group"),
+    }
+}
+
+async fn remove_workdir(workdir: TempDir) {
+    let path = workdir.path().display().to_string();
+    match tokio::task::spawn_blocking(move || workdir.close()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => warn!(path, %err, "could not remove the run's working directory"),
+        Err(err) => warn!(path, %err, "could not remove the run's working directory"),
+    }
+}
+
+/// One output stream: the first `limit` bytes kept, the rest counted and discarded (but for a
+/// short tail, to find the error line in).
+#[derive(Debug)]
+struct Capture {
+    limit: usize,
+    kept: Vec<u8>,
+    discarded: u64,
+    tail: Vec<u8>,
+}
+
+impl Capture {
+    fn new(limit: usize) -> Self {
+        Capture {
+            limit,
+            kept: Vec::new(),
+            discarded: 0,
+            tail: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, chunk: &[u8]) {
+        let room = self.limit.saturating_sub(self.kept.len());
+        let (keep, rest) = chunk.split_at(room.min(chunk.len()));
+        self.kept.extend_from_slice(keep);
+        if !rest.is_empty() {
+            self.discarded = self.discarded.saturating_add(rest.len() as u64);
+            self.tail.extend_from_slice(rest);
+            let excess = self.tail.len().saturating_sub(ERROR_TAIL_BYTES);
+            self.tail.drain(..excess);
+        }
+    }
+
+    fn is_truncated(&self) -> bool {
+        self.discarded > 0
+    }
+
+    /// The last non-empty line (Python's exception line, when it died of one).
+    fn last_line(&self) -> Option<String> {
+        let source = if self.is_truncated() {
+            &self.tail
+        } else {
+            &self.kept
+        };
+        let text = String::from_utf8_lossy(source);
+        let line = text.lines().map(str::trim).rfind(|line| !line.is_empty())?;
+        Some(match line.char_indices().nth(MAX_ERROR_CHARS) {
+            Some((cut, _)) => format!("{}...", &line[..cut]),
+            None => line.to_string(),
+        })
+    }
+
+    fn into_text(self) -> String {
+        let mut text = String::from_utf8_lossy(&self.kept).into_owned();
+        if self.is_truncated() {
+            let _ = write!(
+                text,
+                "\n[lull: output truncated after {} bytes]",
+                self.limit
+            );
+        }
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lull_shared::Resources;
+    use std::path::PathBuf;
+
+    const MAX_OUTPUT: usize = 1024 * 1024;
+
+    fn job(code: &str, timeout_secs: f64) -> Job {
+        Job {
+            task_id: 7,
+            run_id: 42,
+            code: code.to_string(),
+            timeout: Duration::from_secs_f64(timeout_secs),
+            resources: Resources::default(),
+        }
+    }
+
+    async fn run(code: &str) -> Execution {
+        ColdExecutor::new("python3", MAX_OUTPUT)
+            .run(job(code, 60.0), CancellationToken::new())
+            .await
+    }
+
+    /// True while `pid` exists and is not a zombie (a reaper may be slow to collect it).
+    fn is_running(pid: i32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => false,
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+                .is_some_and(|state| state != 'Z' && state != 'X'),
+        }
+    }
+
+    async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn hello_world_completes_with_its_output() {
+        let execution = run("print('Hello World')").await;
+
+        assert_eq!(execution.outcome, RunOutcome::Completed, "{execution:?}");
+        assert_eq!(execution.stdout, "Hello World\n");
+        assert_eq!(execution.exit_code, Some(0));
+        assert_eq!(execution.error, None);
+        assert!(execution.started_at <= execution.completed_at);
+    }
+
+    #[tokio::test]
+    async fn a_non_zero_exit_fails_with_its_code() {
+        let execution = run("import sys; sys.exit(3)").await;
+
+        assert_eq!(execution.outcome, RunOutcome::Failed);
+        assert_eq!(execution.exit_code, Some(3));
+        assert_eq!(execution.error.as_deref(), Some("exit code 3"));
+    }
+
+    #[tokio::test]
+    async fn an_exception_fails_with_its_last_line() {
+        let execution = run("1/0").await;
+
+        assert_eq!(execution.outcome, RunOutcome::Failed);
+        assert_eq!(execution.exit_code, Some(1));
+        assert_eq!(
+            execution.error.as_deref(),
+            Some("ZeroDivisionError: division by zero")
+        );
+        assert!(execution.stderr.contains("Traceback"));
+    }
+
+    #[tokio::test]
+    async fn a_signal_death_names_the_signal() {
+        let execution = run("import os, signal; os.kill(os.getpid(), signal.SIGKILL)").await;
+
+        assert_eq!(execution.outcome, RunOutcome::Failed);
+        assert_eq!(execution.exit_code, None);
+        assert_eq!(
+            execution.error.as_deref(),
+            Some("killed by signal 9 (SIGKILL)")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_interpreter_fails_the_run() {
+        let execution = ColdExecutor::new("/nonexistent/python3", MAX_OUTPUT)
+            .run(job("print(1)", 60.0), CancellationToken::new())
+            .await;
+
+        assert_eq!(execution.outcome, RunOutcome::Failed);
+        let error = execution.error.unwrap_or_default();
+        assert!(
+            error.starts_with("could not start /nonexistent/python3: "),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_timeout_kills_the_run() {
+        let execution = ColdExecutor::new("python3", MAX_OUTPUT)
+            .run(
+                job(
+                    "print('before', flush=True); import time; time.sleep(60)",
+                    1.0,
+                ),
+                CancellationToken::new(),
+            )
+            .await;
+
+        assert_eq!(execution.outcome, RunOutcome::Failed);
+        assert_eq!(execution.exit_code, None);
+        assert_eq!(execution.error.as_deref(), Some("timed out after 1 s"));
+        assert_eq!(execution.stdout, "before\n");
+    }
+
+    #[tokio::test]
+    async fn a_timeout_kills_grandchildren_too() {
+        let code = "import subprocess, time\n\
+                    child = subprocess.Popen(['sleep', '300'])\n\
+                    print(child.pid, flush=True)\n\
+                    time.sleep(60)\n";
+        let execution = ColdExecutor::new("python3", MAX_OUTPUT)
+            .run(job(code, 1.0), CancellationToken::new())
+            .await;
+
+        assert_eq!(execution.error.as_deref(), Some("timed out after 1 s"));
+        let pid: i32 = execution
+            .stdout
+            .trim()
+            .parse()
+            .expect("the task printed a pid");
+        wait_until("the grandchild is dead", || !is_running(pid)).await;
+    }
+
+    #[tokio::test]
+    async fn leftovers_die_when_the_program_exits() {
+        let code = "import subprocess\n\
+                    child = subprocess.Popen(['sleep', '300'])\n\
+                    print(child.pid)\n";
+        let execution = run(code).await;
+
+        assert_eq!(execution.outcome, RunOutcome::Completed, "{execution:?}");
+        let pid: i32 = execution
+            .stdout
+            .trim()
+            .parse()
+            .expect("the task printed a pid");
+        wait_until("the background child is dead", || !is_running(pid)).await;
+    }
+
+    #[tokio::test]
+    async fn cancel_kills_the_whole_group() {
+        let scratch = tempfile::tempdir().expect("temp dir");
+        let pid_file = scratch.path().join("grandchild.pid");
+        let code = format!(
+            "import subprocess, time\n\
+             child = subprocess.Popen(['sleep', '300'])\n\
+             open({path:?}, 'w').write(str(child.pid))\n\
+             time.sleep(60)\n",
+            path = pid_file.display().to_string()
+        );
+        let cancel = CancellationToken::new();
+        let executor = ColdExecutor::new("python3", MAX_OUTPUT);
+        let running = tokio::spawn({
+            let cancel = cancel.clone();
+            async move { executor.run(job(&code, 120.0), cancel).await }
+        });
+
+        let mut pid = None;
+        wait_until("the task has started its grandchild", || {
+            pid = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok());
+            pid.is_some()
+        })
+        .await;
+        cancel.cancel();
+        let execution = running.await.expect("executor task");
+
+        assert_eq!(execution.outcome, RunOutcome::Cancelled);
+        assert_eq!(execution.exit_code, None);
+        let pid = pid.expect("pid read above");
+        wait_until("the grandchild is dead", || !is_running(pid)).await;
+    }
+
+    #[tokio::test]
+    async fn output_over_the_cap_is_truncated_with_a_marker() {
+        let code = "import sys\n\
+                    sys.stdout.write('x' * 50000)\n\
+                    sys.stderr.write('y' * 30000 + '\\nValueError: the end\\n')\n\
+                    sys.exit(2)\n";
+        let execution = ColdExecutor::new("python3", 1000)
+            .run(job(code, 60.0), CancellationToken::new())
+            .await;
+
+        let marker = "\n[lull: output truncated after 1000 bytes]";
+        assert_eq!(execution.stdout, format!("{}{marker}", "x".repeat(1000)));
+        assert_eq!(execution.stderr, format!("{}{marker}", "y".repeat(1000)));
+        assert_eq!(execution.exit_code, Some(2));
+        assert_eq!(execution.error.as_deref(), Some("ValueError: the end"));
+    }
+
+    const SECRET_VAR: &str = "LULL_AGENT_TEST_SECRET";
+
+    /// The environment check needs a variable set in the test process; setting one needs
+    /// `unsafe` (`std::env::set_var`), so the test re-runs itself with the variable set.
+    #[tokio::test]
+    async fn the_task_sees_a_clean_environment_and_a_private_workdir() {
+        if std::env::var_os(SECRET_VAR).is_none() {
+            let test_name = format!(
+                "{}::the_task_sees_a_clean_environment_and_a_private_workdir",
+                module_path!()
+                    .split_once("::")
+                    .map_or("", |(_crate, path)| path)
+            );
+            let exe = std::env::current_exe().expect("test binary path");
+            let output = std::process::Command::new(exe)
+                .args([test_name.as_str(), "--exact", "--nocapture"])
+                .env(SECRET_VAR, "hunter2")
+                .env("LULL_TOKEN", "agent-secret-token")
+                .output()
+                .expect("re-run the test binary");
+            let report = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert!(output.status.success(), "{report}");
+            assert!(report.contains("1 passed"), "{report}");
+            return;
+        }
+
+        let code = "import json, os\n\
+                    print(json.dumps({'env': dict(os.environ), 'cwd': os.getcwd()}))\n";
+        let execution = run(code).await;
+        assert_eq!(execution.outcome, RunOutcome::Completed, "{execution:?}");
+        let seen: serde_json::Value =
+            serde_json::from_str(&execution.stdout).expect("the task printed json");
+        let env = seen["env"].as_object().expect("env object");
+        let cwd = PathBuf::from(seen["cwd"].as_str().expect("cwd"));
+
+        assert!(!env.contains_key(SECRET_VAR), "{env:?}");
+        assert!(!env.contains_key("LULL_TOKEN"), "{env:?}");
+        assert_eq!(env["LULL_TASK_ID"], "7");
+        assert_eq!(env["LULL_RUN_ID"], "42");
+        assert_eq!(env["LANG"], "C.UTF-8");
+        assert_eq!(env["HOME"].as_str().map(PathBuf::from), Some(cwd.clone()));
+        assert_eq!(env["TMPDIR"].as_str().map(PathBuf::from), Some(cwd.clone()));
+        let dir_name = cwd.file_name().map(|n| n.to_string_lossy().into_owned());
+        assert!(
+            dir_name.is_some_and(|n| n.starts_with("lull-run-")),
+            "{cwd:?}"
+        );
+        assert!(
+            !cwd.exists(),
+            "the working directory {cwd:?} outlived the run"
+        );
+    }
+
+    #[test]
+    fn capture_keeps_the_head_and_finds_the_last_line_in_the_tail() {
+        let mut capture = Capture::new(4);
+        capture.push(b"ab");
+        capture.push(b"cdef\n");
+        capture.push(b"Error: boom\n\n");
+
+        assert_eq!(capture.last_line().as_deref(), Some("Error: boom"));
+        assert_eq!(
+            capture.into_text(),
+            "abcd\n[lull: output truncated after 4 bytes]"
+        );
+    }
+}

@@ -1,0 +1,105 @@
+//! How a run's Python code is executed: the [`Executor`] seam and its implementations.
+//!
+//! An executor turns a [`Job`] into an [`Execution`]: it never fails, it reports. A Python
+//! that cannot be started, a timeout or a cancel are all outcomes of the execution.
+//!
+//! Architecture Invariant: executors know nothing of the coordinator, the outbox or node ids;
+//! the agent maps an [`Execution`] to a wire `RunReport`.
+
+mod cold;
+
+pub use cold::ColdExecutor;
+
+use lull_shared::{Resources, RunId, RunOutcome, TaskId};
+use std::future::Future;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio_util::sync::CancellationToken;
+
+/// Runs one job to its end. Generic rather than object-safe: the agent is generic over its
+/// executor, so `async fn` in the implementation is fine.
+pub trait Executor: Send + Sync + 'static {
+    /// Runs `job` until it exits, times out (`job.timeout`, enforced by the executor) or
+    /// `cancel` fires; in the last case the outcome is [`RunOutcome::Cancelled`].
+    fn run(&self, job: Job, cancel: CancellationToken) -> impl Future<Output = Execution> + Send;
+}
+
+/// One run to execute.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub task_id: TaskId,
+    pub run_id: RunId,
+    pub code: String,
+    pub timeout: Duration,
+    /// What the coordinator reserved for the run; the cold executor does not enforce it yet.
+    pub resources: Resources,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Execution {
+    /// `Completed`, `Failed` or `Cancelled`; never `Released` (that is the agent's verdict).
+    pub outcome: RunOutcome,
+    /// The process's exit code; `None` when it was killed by a signal or never started.
+    pub exit_code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    /// A one-line reason when the outcome is not `Completed`.
+    pub error: Option<String>,
+    /// Unix seconds.
+    pub started_at: f64,
+    pub completed_at: f64,
+    pub cpu_seconds: Option<f64>,
+    pub max_rss_mb: Option<f64>,
+}
+
+impl Execution {
+    /// A run that never got as far as a process (no working directory, no interpreter).
+    pub(crate) fn not_started(started_at: f64, error: String) -> Self {
+        Execution {
+            outcome: RunOutcome::Failed,
+            exit_code: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            error: Some(error),
+            started_at,
+            completed_at: unix_now(),
+            cpu_seconds: None,
+            max_rss_mb: None,
+        }
+    }
+}
+
+/// Now, in Unix seconds.
+pub(crate) fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Seconds as people write them: `5`, `0.5`, `1.25` (millisecond precision, no trailing zeros).
+pub(crate) fn format_seconds(duration: Duration) -> String {
+    // Rounded, so that a timeout given as 0.3 (0.29999... s as a Duration) prints as 0.3.
+    let millis = duration.as_nanos().saturating_add(500_000) / 1_000_000;
+    let (secs, frac) = (millis / 1000, millis % 1000);
+    if frac == 0 {
+        return secs.to_string();
+    }
+    let frac = format!("{frac:03}");
+    format!("{secs}.{}", frac.trim_end_matches('0'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_print_without_needless_decimals() {
+        assert_eq!(format_seconds(Duration::from_secs(5)), "5");
+        assert_eq!(format_seconds(Duration::from_secs_f64(0.5)), "0.5");
+        assert_eq!(format_seconds(Duration::from_secs_f64(1.25)), "1.25");
+        assert_eq!(format_seconds(Duration::from_secs_f64(300.0)), "300");
+        assert_eq!(format_seconds(Duration::from_millis(20_050)), "20.05");
+        assert_eq!(format_seconds(Duration::from_secs_f64(0.3)), "0.3");
+    }
+}

@@ -1,0 +1,51 @@
+//! Lull's agent: the worker daemon that lends a host's idle cycles to a coordinator.
+//!
+//! The agent registers with a coordinator by heartbeating, keeps one long-poll for work
+//! outstanding, runs every assignment it receives in a fresh Python process, and posts each
+//! result back through an on-disk outbox so that nothing is lost when the coordinator restarts.
+//! It is a binary (`lull-agent`) and a library: the coordinator embeds it for single-machine use
+//! through [`run`].
+//!
+//! # Code map
+//!
+//! | module | owns |
+//! |---|---|
+//! | `config` | [`AgentConfig`], the one configuration value, built by `main.rs` or the embedder |
+//! | `error` | [`AgentError`], why the agent could not start |
+//! | `node_id` | [`resolve_node_id`]: the node id that survives restarts (`state_dir/node_id`) |
+//! | `agent` | the supervisor: the pull loop, the table of runs, cancels, graceful shutdown |
+//! | `heartbeat` | the heartbeat ticker and the host's load as `sysinfo` measures it |
+//! | `outbox` | results written to `state_dir/outbox/{run_id}.json` and posted until acknowledged |
+//! | `client` | the HTTP calls to the coordinator and what each answer means (ack, refuse, retry) |
+//! | `retry` | backoff and the rate-limited logging of repeated failures |
+//! | [`executor`] | the [`Executor`] trait and [`ColdExecutor`] (`python3 -I -c CODE` per run) |
+//!
+//! # Lifecycle
+//!
+//! heartbeat (registers the node) → long-poll `GET /internal/task` → spawn each assignment →
+//! write its result to the outbox → `POST /internal/result` until acknowledged or refused.
+//! On shutdown: stop pulling, heartbeat `draining`, wait for the runs up to the grace period,
+//! release what is left, flush the outbox briefly, heartbeat `offline`.
+//!
+//! Architecture Invariant: the coordinator decides what fits on this node. The agent does no
+//! capacity accounting of its own; it runs every assignment it is handed.
+//!
+//! Architecture Invariant: the library never reads the process environment or installs signal
+//! handlers; `main.rs` does both and passes an [`AgentConfig`] and a shutdown token down.
+//! (The one exception is `ColdExecutor`, which hands the agent's own `PATH` to its runs.)
+
+mod agent;
+mod client;
+mod config;
+mod error;
+pub mod executor;
+mod heartbeat;
+mod node_id;
+mod outbox;
+mod retry;
+
+pub use agent::{run, run_with_executor};
+pub use config::AgentConfig;
+pub use error::AgentError;
+pub use executor::{ColdExecutor, Execution, Executor, Job};
+pub use node_id::resolve_node_id;

@@ -1,0 +1,144 @@
+//! `lull-agent`: parse flags and environment, set up logging, run the agent until SIGTERM or
+//! SIGINT, exit 0 after a clean shutdown. Logs go to stderr; nothing is printed to stdout.
+
+use anyhow::Context as _;
+use clap::Parser;
+use lull_agent::AgentConfig;
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
+
+/// Lull's worker daemon: lends this host's idle cycles to a Lull coordinator.
+#[derive(Debug, Parser)]
+#[command(name = "lull-agent", version, about)]
+struct Cli {
+    /// The coordinator's base URL.
+    #[arg(
+        long,
+        env = "LULL_COORDINATOR",
+        default_value = "http://127.0.0.1:8000"
+    )]
+    coordinator: String,
+    /// Agent token, sent as the `token` header.
+    #[arg(long, env = "LULL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Node id; by default one is generated once and kept in the state directory.
+    #[arg(long, env = "LULL_NODE_ID")]
+    node_id: Option<String>,
+    /// CPU cores to lend (default: all logical cores).
+    #[arg(long, env = "LULL_CPUS")]
+    cpus: Option<f64>,
+    /// Memory to lend in MB (default: all of it).
+    #[arg(long, env = "LULL_MEMORY_MB")]
+    memory_mb: Option<f64>,
+    /// Zone, matched by task constraints.
+    #[arg(long, env = "LULL_ZONE")]
+    zone: Option<String>,
+    /// Node type, matched by task constraints (default: cpu).
+    #[arg(long = "type", env = "LULL_TYPE")]
+    node_type: Option<String>,
+    /// Where the node id and the outbox of unacknowledged results are kept.
+    #[arg(long, env = "LULL_STATE_DIR", default_value = "./lull-agent-state")]
+    state_dir: PathBuf,
+    /// Python interpreter to run tasks with.
+    #[arg(long, env = "LULL_PYTHON", default_value = AgentConfig::DEFAULT_PYTHON)]
+    python: String,
+    /// Seconds between heartbeats.
+    #[arg(long, env = "LULL_HEARTBEAT_INTERVAL", default_value = "2", value_parser = positive_seconds)]
+    heartbeat_interval: Duration,
+    /// Seconds running tasks get to finish on shutdown before they are handed back.
+    #[arg(long, env = "LULL_SHUTDOWN_GRACE", default_value = "30", value_parser = seconds)]
+    shutdown_grace: Duration,
+    /// Bytes of stdout and of stderr kept per task; the rest is discarded.
+    #[arg(long, env = "LULL_MAX_OUTPUT_BYTES")]
+    max_output_bytes: Option<usize>,
+}
+
+impl Cli {
+    fn into_config(self) -> AgentConfig {
+        // An empty variable (`LULL_ZONE=`) means unset.
+        let given = |value: Option<String>| value.filter(|v| !v.trim().is_empty());
+        let mut config = AgentConfig::new(self.coordinator, self.state_dir);
+        config.token = given(self.token);
+        config.node_id = given(self.node_id);
+        config.cpus = self.cpus;
+        config.memory_mb = self.memory_mb;
+        config.zone = given(self.zone);
+        config.node_type = given(self.node_type);
+        config.python = self.python;
+        config.heartbeat_interval = self.heartbeat_interval;
+        config.shutdown_grace = self.shutdown_grace;
+        if let Some(max) = self.max_output_bytes {
+            config.max_output_bytes = max;
+        }
+        config
+    }
+}
+
+fn seconds(value: &str) -> Result<Duration, String> {
+    let secs: f64 = value
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{value:?} is not a usable duration"))
+}
+
+fn positive_seconds(value: &str) -> Result<Duration, String> {
+    match seconds(value)? {
+        duration if duration.is_zero() => Err("must be greater than zero".to_string()),
+        duration => Ok(duration),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+
+    match run_until_signalled(cli.into_config()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            error!("{err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT asks it to shut down.
+async fn run_until_signalled(config: AgentConfig) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            loop {
+                let name = tokio::select! {
+                    _ = terminate.recv() => "SIGTERM",
+                    _ = interrupt.recv() => "SIGINT",
+                };
+                if shutdown.is_cancelled() {
+                    info!(signal = name, "already shutting down");
+                } else {
+                    info!(signal = name, "shutdown requested");
+                    shutdown.cancel();
+                }
+            }
+        }
+    });
+
+    lull_agent::run(config, shutdown)
+        .await
+        .context("the agent could not start")
+}

@@ -1,0 +1,123 @@
+//! The node id: chosen once per state directory and kept across restarts, so that the
+//! coordinator sees a restarted agent as the same node.
+
+use crate::{AgentConfig, AgentError};
+use std::io;
+use std::path::Path;
+
+const NODE_ID_FILE: &str = "node_id";
+
+/// The id this agent announces: `config.node_id` when given, else the one saved in
+/// `state_dir/node_id`, else a new `{hostname}-{6 random hex}` saved there for next time.
+pub async fn resolve_node_id(config: &AgentConfig) -> Result<String, AgentError> {
+    if let Some(id) = config.node_id.as_deref().map(str::trim)
+        && !id.is_empty()
+    {
+        return Ok(id.to_string());
+    }
+
+    let dir = &config.state_dir;
+    tokio::fs::create_dir_all(dir)
+        .await
+        .map_err(|source| AgentError::StateDir {
+            path: dir.clone(),
+            source,
+        })?;
+
+    let path = dir.join(NODE_ID_FILE);
+    match tokio::fs::read_to_string(&path).await {
+        Ok(saved) => {
+            let id = saved.trim();
+            if id.is_empty() || id.contains(char::is_whitespace) {
+                return Err(AgentError::InvalidNodeIdFile { path });
+            }
+            Ok(id.to_string())
+        }
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            let id = generate_node_id();
+            let to_save = format!("{id}\n");
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || write_atomically(&dir, NODE_ID_FILE, &to_save))
+                .await
+                .map_err(io::Error::other)
+                .and_then(|written| written)
+                .map_err(|source| AgentError::SaveNodeId { path, source })?;
+            Ok(id)
+        }
+        Err(source) => Err(AgentError::ReadNodeId { path, source }),
+    }
+}
+
+fn generate_node_id() -> String {
+    let host = hostname::get()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // Keep ids URL- and log-friendly whatever the host is called.
+    let host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let host = if host.is_empty() { "node" } else { &host };
+    let suffix = rand::random::<u32>() & 0x00ff_ffff;
+    format!("{host}-{suffix:06x}")
+}
+
+/// Writes `dir/name` so that a crash leaves either the old file or the new one, never half.
+pub(crate) fn write_atomically(dir: &Path, name: &str, contents: &str) -> io::Result<()> {
+    use std::io::Write;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    tmp.write_all(contents.as_bytes())?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(dir.join(name)).map_err(|e| e.error)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn node_id_is_stable_across_restarts() {
+        let state = tempfile::tempdir().expect("temp dir");
+        let config = AgentConfig::new("http://127.0.0.1:1", state.path().join("state"));
+
+        let first = resolve_node_id(&config).await.expect("first resolve");
+        let second = resolve_node_id(&config).await.expect("second resolve");
+
+        assert_eq!(first, second);
+        let (_host, suffix) = first.rsplit_once('-').expect("id is host-suffix");
+        assert_eq!(suffix.len(), 6);
+        assert!(suffix.chars().all(|c| c.is_ascii_hexdigit()));
+        let saved = std::fs::read_to_string(state.path().join("state").join(NODE_ID_FILE))
+            .expect("id saved");
+        assert_eq!(saved.trim(), first);
+    }
+
+    #[tokio::test]
+    async fn configured_node_id_wins() {
+        let state = tempfile::tempdir().expect("temp dir");
+        let mut config = AgentConfig::new("http://127.0.0.1:1", state.path().to_path_buf());
+        config.node_id = Some(" node-007 ".to_string());
+
+        assert_eq!(resolve_node_id(&config).await.expect("resolve"), "node-007");
+    }
+
+    #[tokio::test]
+    async fn a_garbled_id_file_is_an_error_not_a_new_identity() {
+        let state = tempfile::tempdir().expect("temp dir");
+        std::fs::write(state.path().join(NODE_ID_FILE), "  \n").expect("write");
+        let config = AgentConfig::new("http://127.0.0.1:1", state.path().to_path_buf());
+
+        let err = resolve_node_id(&config).await.expect_err("must refuse");
+        assert!(matches!(err, AgentError::InvalidNodeIdFile { .. }), "{err}");
+    }
+}

@@ -1,0 +1,250 @@
+//! The outbox: every result is written to `state_dir/outbox/{run_id}.json` before it is
+//! posted, and deleted only once the coordinator acknowledged or refused it. Results survive
+//! a coordinator restart and an agent restart; the ids of those waiting are reported in every
+//! heartbeat (`finished`) so that the coordinator does not count those runs as lost.
+//!
+//! Architecture Invariant: a result leaves the outbox only on an answer that settles it
+//! (2xx, or a 4xx that can never turn into a success); never because posting failed.
+
+use crate::AgentError;
+use crate::client::{CoordinatorClient, Delivery};
+use crate::node_id::write_atomically;
+use crate::retry::{Backoff, FailureLog};
+use lull_shared::{RunId, RunReport};
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+const RETRY_INITIAL: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Where a waiting result lives.
+#[derive(Debug)]
+enum Pending {
+    OnDisk,
+    /// Writing it failed (disk full, read-only): it is kept in memory and still delivered,
+    /// it just would not survive an agent restart.
+    InMemory(Arc<RunReport>),
+}
+
+#[derive(Debug)]
+pub(crate) struct Outbox {
+    dir: PathBuf,
+    pending: watch::Sender<BTreeMap<RunId, Pending>>,
+}
+
+impl Outbox {
+    /// Opens (creating it if needed) the outbox in `dir` and picks up what a previous run of
+    /// the agent left there.
+    pub(crate) async fn open(dir: PathBuf) -> Result<Outbox, AgentError> {
+        let scan_dir = dir.clone();
+        let scanned = tokio::task::spawn_blocking(move || scan(&scan_dir))
+            .await
+            .map_err(io::Error::other)
+            .and_then(|scanned| scanned)
+            .map_err(|source| AgentError::Outbox {
+                path: dir.clone(),
+                source,
+            })?;
+        let pending = scanned
+            .into_iter()
+            .map(|run_id| (run_id, Pending::OnDisk))
+            .collect();
+        Ok(Outbox {
+            dir,
+            pending: watch::Sender::new(pending),
+        })
+    }
+
+    /// The runs whose result waits for an acknowledgement.
+    pub(crate) fn ids(&self) -> Vec<RunId> {
+        self.pending.borrow().keys().copied().collect()
+    }
+
+    pub(crate) fn contains(&self, run_id: RunId) -> bool {
+        self.pending.borrow().contains_key(&run_id)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.pending.borrow().len()
+    }
+
+    /// Saves `report` (temp file, fsync, rename) and queues it for delivery.
+    pub(crate) async fn store(&self, report: RunReport) {
+        let run_id = report.run_id;
+        let report = Arc::new(report);
+        let written = match serde_json::to_string(&*report) {
+            Ok(json) => {
+                let dir = self.dir.clone();
+                tokio::task::spawn_blocking(move || {
+                    write_atomically(&dir, &file_name(run_id), &json)
+                })
+                .await
+                .map_err(io::Error::other)
+                .and_then(|written| written)
+            }
+            Err(err) => Err(io::Error::other(err)),
+        };
+        let entry = match written {
+            Ok(()) => Pending::OnDisk,
+            Err(err) => {
+                error!(run_id, %err, dir = %self.dir.display(), "could not save the result to the outbox; keeping it in memory");
+                Pending::InMemory(report)
+            }
+        };
+        self.pending.send_modify(|pending| {
+            pending.insert(run_id, entry);
+        });
+    }
+
+    /// Resolves once nothing waits in the outbox.
+    pub(crate) async fn wait_empty(&self) {
+        let mut pending = self.pending.subscribe();
+        // The sender lives in `self`, so the channel cannot close while we wait.
+        let _ = pending.wait_for(BTreeMap::is_empty).await;
+    }
+
+    /// Posts waiting results, oldest run first, until `stop`: deletes each one once settled,
+    /// retries with backoff while the coordinator is unreachable or failing.
+    pub(crate) async fn deliver_until_stopped(
+        &self,
+        client: &CoordinatorClient,
+        stop: CancellationToken,
+    ) {
+        let mut changes = self.pending.subscribe();
+        let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
+        let mut failures = FailureLog::new("posting results");
+        loop {
+            let next =
+                changes
+                    .borrow_and_update()
+                    .iter()
+                    .next()
+                    .map(|(run_id, entry)| match entry {
+                        Pending::OnDisk => (*run_id, None),
+                        Pending::InMemory(report) => (*run_id, Some(Arc::clone(report))),
+                    });
+            let Some((run_id, in_memory)) = next else {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    changed = changes.changed() => if changed.is_err() { return },
+                }
+                continue;
+            };
+
+            let report = match in_memory {
+                Some(report) => report,
+                None => match self.read(run_id).await {
+                    Ok(report) => Arc::new(report),
+                    Err(err) => {
+                        self.quarantine(run_id, &err).await;
+                        continue;
+                    }
+                },
+            };
+
+            let delivery = tokio::select! {
+                () = stop.cancelled() => return,
+                delivery = client.post_result(&report) => delivery,
+            };
+            let task_id = report.task_id;
+            match delivery {
+                Delivery::Acknowledged => {
+                    info!(task_id, run_id, outcome = ?report.outcome, "result acknowledged");
+                    failures.succeeded();
+                    backoff.reset();
+                    self.remove(run_id).await;
+                }
+                Delivery::Refused { status, detail } => {
+                    warn!(task_id, run_id, %status, detail, "result refused: the run is no longer ours; dropping it");
+                    failures.succeeded();
+                    backoff.reset();
+                    self.remove(run_id).await;
+                }
+                Delivery::Rejected { status, detail } => {
+                    error!(task_id, run_id, %status, detail, "result rejected as invalid; dropping it");
+                    failures.succeeded();
+                    backoff.reset();
+                    self.remove(run_id).await;
+                }
+                Delivery::Retry(err) => {
+                    failures.failed(&err);
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn read(&self, run_id: RunId) -> io::Result<RunReport> {
+        let bytes = tokio::fs::read(self.path(run_id)).await?;
+        serde_json::from_slice(&bytes).map_err(io::Error::other)
+    }
+
+    /// A result file that cannot be read is set aside (renamed `.corrupt`) for an operator
+    /// and forgotten: retrying it would block every result behind it forever.
+    async fn quarantine(&self, run_id: RunId, err: &io::Error) {
+        let path = self.path(run_id);
+        let aside = path.with_extension("json.corrupt");
+        error!(run_id, %err, path = %path.display(), "unreadable result in the outbox; setting it aside");
+        if let Err(err) = tokio::fs::rename(&path, &aside).await
+            && err.kind() != io::ErrorKind::NotFound
+        {
+            error!(run_id, %err, "could not set the unreadable result aside");
+        }
+        self.forget(run_id);
+    }
+
+    async fn remove(&self, run_id: RunId) {
+        match tokio::fs::remove_file(self.path(run_id)).await {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => {
+                error!(run_id, %err, "could not delete a settled result from the outbox")
+            }
+        }
+        self.forget(run_id);
+    }
+
+    fn forget(&self, run_id: RunId) {
+        self.pending.send_modify(|pending| {
+            pending.remove(&run_id);
+        });
+    }
+
+    fn path(&self, run_id: RunId) -> PathBuf {
+        self.dir.join(file_name(run_id))
+    }
+}
+
+fn file_name(run_id: RunId) -> String {
+    format!("{run_id}.json")
+}
+
+/// Creates `dir` if needed and lists the run ids of the results in it; removes the temporary
+/// files a crash mid-write may have left.
+fn scan(dir: &Path) -> io::Result<Vec<RunId>> {
+    std::fs::create_dir_all(dir)?;
+    let mut run_ids = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with('.') && name.ends_with(".tmp") {
+            let _ = std::fs::remove_file(entry.path());
+        } else if let Some(run_id) = name
+            .strip_suffix(".json")
+            .and_then(|stem| stem.parse::<RunId>().ok())
+        {
+            run_ids.push(run_id);
+        }
+    }
+    Ok(run_ids)
+}

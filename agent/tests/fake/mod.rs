@@ -1,0 +1,168 @@
+//! A fake coordinator for the agent's tests: the three `/internal` endpoints on 127.0.0.1:0,
+//! recording what the agent sends and answering as each test scripts it.
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use lull_shared::{
+    Assignment, ErrorBody, HeartbeatRequest, HeartbeatResponse, PullResponse, RunId, RunReport,
+    RunReportAck,
+};
+use serde::Deserialize;
+use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+pub struct FakeCoordinator {
+    pub url: String,
+    state: Arc<FakeState>,
+    server: JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct FakeState {
+    heartbeats: Mutex<Vec<HeartbeatRequest>>,
+    known_nodes: Mutex<HashSet<String>>,
+    queue: Mutex<VecDeque<Assignment>>,
+    work_arrived: Notify,
+    pulls: Mutex<Vec<StatusCode>>,
+    results: Mutex<Vec<RunReport>>,
+    /// The status every `POST /internal/result` is answered with (`None`: 200).
+    result_status: Mutex<Option<StatusCode>>,
+    cancels: Mutex<BTreeSet<RunId>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl FakeCoordinator {
+    pub async fn start() -> FakeCoordinator {
+        let state = Arc::new(FakeState::default());
+        let router = Router::new()
+            .route("/internal/heartbeat", post(heartbeat))
+            .route("/internal/task", get(pull))
+            .route("/internal/result", post(result))
+            .with_state(Arc::clone(&state));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let url = format!("http://{}", listener.local_addr().expect("local addr"));
+        let server = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .await
+                .expect("fake coordinator serves");
+        });
+        FakeCoordinator { url, state, server }
+    }
+
+    /// Queues an assignment for the next pull.
+    pub fn assign(&self, assignment: Assignment) {
+        lock(&self.state.queue).push_back(assignment);
+        self.state.work_arrived.notify_one();
+    }
+
+    /// Answers every result from now on with `status` (`None`: 200).
+    pub fn answer_results_with(&self, status: Option<u16>) {
+        *lock(&self.state.result_status) = status.map(|s| StatusCode::from_u16(s).expect("status"));
+    }
+
+    /// Tells the agent to cancel `run_id` in every heartbeat answer from now on.
+    pub fn cancel(&self, run_id: RunId) {
+        lock(&self.state.cancels).insert(run_id);
+    }
+
+    /// Forgets every node, as a coordinator that restarted without its registry would.
+    pub fn forget_nodes(&self) {
+        lock(&self.state.known_nodes).clear();
+    }
+
+    pub fn heartbeats(&self) -> Vec<HeartbeatRequest> {
+        lock(&self.state.heartbeats).clone()
+    }
+
+    pub fn results(&self) -> Vec<RunReport> {
+        lock(&self.state.results).clone()
+    }
+
+    /// The status of every pull answered so far.
+    pub fn pulls(&self) -> Vec<StatusCode> {
+        lock(&self.state.pulls).clone()
+    }
+}
+
+impl Drop for FakeCoordinator {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn heartbeat(
+    State(state): State<Arc<FakeState>>,
+    Json(request): Json<HeartbeatRequest>,
+) -> Json<HeartbeatResponse> {
+    lock(&state.known_nodes).insert(request.node_id.clone());
+    let node_id = request.node_id.clone();
+    lock(&state.heartbeats).push(request);
+    Json(HeartbeatResponse {
+        status: "ok".to_string(),
+        node_id,
+        cancel: lock(&state.cancels).iter().copied().collect(),
+        heartbeat_interval: 1.0,
+        server_id: "fake".to_string(),
+    })
+}
+
+#[derive(Deserialize)]
+struct PullQuery {
+    node_id: String,
+    wait: f64,
+    max: usize,
+}
+
+async fn pull(State(state): State<Arc<FakeState>>, Query(query): Query<PullQuery>) -> Response {
+    if !lock(&state.known_nodes).contains(&query.node_id) {
+        lock(&state.pulls).push(StatusCode::NOT_FOUND);
+        let detail = format!("node {} not found", query.node_id);
+        return (StatusCode::NOT_FOUND, Json(ErrorBody { detail })).into_response();
+    }
+    lock(&state.pulls).push(StatusCode::OK);
+    let take = |state: &FakeState| {
+        let mut queue = lock(&state.queue);
+        let n = queue.len().min(query.max);
+        queue.drain(..n).collect::<Vec<_>>()
+    };
+    let mut tasks = take(&state);
+    if tasks.is_empty() {
+        let wait = Duration::try_from_secs_f64(query.wait).unwrap_or(Duration::ZERO);
+        let _ = tokio::time::timeout(wait, state.work_arrived.notified()).await;
+        tasks = take(&state);
+    }
+    Json(PullResponse {
+        tasks,
+        cancel: Vec::new(),
+    })
+    .into_response()
+}
+
+async fn result(State(state): State<Arc<FakeState>>, Json(report): Json<RunReport>) -> Response {
+    let (task_id, run_id) = (report.task_id, report.run_id);
+    lock(&state.results).push(report);
+    let status = lock(&state.result_status).unwrap_or(StatusCode::OK);
+    if status == StatusCode::OK {
+        let ack = RunReportAck {
+            status: "ok".to_string(),
+            task_id,
+            run_id,
+        };
+        return Json(ack).into_response();
+    }
+    let detail = format!("scripted {status}");
+    (status, Json(ErrorBody { detail })).into_response()
+}

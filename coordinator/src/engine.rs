@@ -1,0 +1,377 @@
+//! The engine joins the pure scheduler to the store and to time: it holds the scheduler's
+//! lock for the length of one synchronous call, hands the resulting changes to the writer
+//! in the same critical section, and awaits durability after letting go.
+//!
+//! Architecture Invariant: no lock is held across an `.await`. The only waiting on the
+//! dispatch path is for the group commit and for the `work` notification.
+//!
+//! Architecture Invariant: a client is answered only after what it was told is durable: an
+//! accepted task, a handed-out lease, a recorded result.
+
+use crate::model::{Change, RunRecord, TaskLimits, TaskRecord, TaskSpec, ValidationError};
+use crate::scheduler::{LegacyAssignment, NodeCounts, Scheduler, SchedulerError};
+use crate::store::{ResultRow, Store, StoreError, TaskQuery, TaskStats, WriterHandle};
+use lull_shared::{
+    HeartbeatRequest, HeartbeatResponse, PullResponse, RunId, RunReport, RunReportAck,
+    SubmitRequest, TaskId, TaskStatus,
+};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error(transparent)]
+    Scheduler(#[from] SchedulerError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub limits: TaskLimits,
+    /// The heartbeat interval agents are told to use, in seconds.
+    pub heartbeat_interval: f64,
+    /// How often silent nodes and lapsed leases are looked for.
+    pub tick_interval: Duration,
+}
+
+/// Unix time in seconds.
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+pub struct Engine {
+    scheduler: Mutex<Scheduler>,
+    store: Arc<dyn Store>,
+    writer: WriterHandle,
+    /// Woken whenever work or capacity may have appeared (and for cancels), so long-polls
+    /// answer at once instead of polling.
+    work: Notify,
+    /// Long-polls waiting for work right now (shown in `/health`).
+    waiting_pulls: AtomicUsize,
+    shutdown: CancellationToken,
+    server_id: String,
+    config: EngineConfig,
+}
+
+impl Engine {
+    pub fn new(
+        scheduler: Scheduler,
+        store: Arc<dyn Store>,
+        writer: WriterHandle,
+        server_id: String,
+        config: EngineConfig,
+        shutdown: CancellationToken,
+    ) -> Engine {
+        Engine {
+            scheduler: Mutex::new(scheduler),
+            store,
+            writer,
+            work: Notify::new(),
+            waiting_pulls: AtomicUsize::new(0),
+            shutdown,
+            server_id,
+            config,
+        }
+    }
+
+    pub fn server_id(&self) -> &str {
+        &self.server_id
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// The scheduler, for one synchronous call. A panic inside the scheduler is a bug; the
+    /// state it leaves is still the best we have, so a poisoned lock is taken over.
+    fn scheduler(&self) -> MutexGuard<'_, Scheduler> {
+        self.scheduler
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `f` on the scheduler and queues its changes in the same critical section.
+    fn mutate<T>(
+        &self,
+        f: impl FnOnce(&mut Scheduler) -> (T, Vec<Change>),
+    ) -> (T, crate::store::Ack) {
+        let mut sched = self.scheduler();
+        let (value, changes) = f(&mut sched);
+        let ack = self.writer.send(changes);
+        (value, ack)
+    }
+
+    // -------------------------------------------------------------------------------------------
+    // Tasks
+    // -------------------------------------------------------------------------------------------
+
+    pub async fn submit(&self, request: SubmitRequest) -> Result<TaskId, EngineError> {
+        let spec = TaskSpec::from_request(request, &self.config.limits)?;
+        let now = unix_now();
+        let (task_id, ack) = self.mutate(|s| s.submit(spec, now));
+        self.work.notify_waiters();
+        ack.durable().await?;
+        tracing::debug!(task_id, "task accepted");
+        Ok(task_id)
+    }
+
+    pub async fn cancel(&self, task_id: TaskId) -> Result<TaskRecord, EngineError> {
+        let now = unix_now();
+        let (outcome, ack) = self.mutate(|s| match s.cancel(task_id, now) {
+            Ok(changes) => (Ok(()), changes),
+            Err(e) => (Err(e), Vec::new()),
+        });
+        match outcome {
+            Ok(()) => {
+                self.work.notify_waiters();
+                ack.durable().await?;
+                tracing::info!(task_id, "task cancelled");
+            }
+            Err(SchedulerError::TaskNotFound(_)) => {
+                // Not active: either finished (a conflict) or unknown.
+                if let Some(task) = self.store.task(task_id).await? {
+                    return Err(SchedulerError::AlreadyFinished {
+                        task_id,
+                        status: task.state.status,
+                    }
+                    .into());
+                }
+                return Err(SchedulerError::TaskNotFound(task_id).into());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.task(task_id).await
+    }
+
+    pub async fn task(&self, task_id: TaskId) -> Result<TaskRecord, EngineError> {
+        self.store
+            .task(task_id)
+            .await?
+            .ok_or(EngineError::Scheduler(SchedulerError::TaskNotFound(
+                task_id,
+            )))
+    }
+
+    pub async fn runs(&self, task_id: TaskId) -> Result<Vec<RunRecord>, EngineError> {
+        Ok(self.store.runs(task_id).await?)
+    }
+
+    pub async fn tasks(&self, query: &TaskQuery) -> Result<Vec<TaskRecord>, EngineError> {
+        Ok(self.store.tasks(query).await?)
+    }
+
+    pub async fn count_tasks(&self, status: Option<TaskStatus>) -> Result<u64, EngineError> {
+        Ok(self.store.count_tasks(status).await?)
+    }
+
+    pub async fn results(
+        &self,
+        limit: u32,
+        offset: u64,
+        after: Option<TaskId>,
+    ) -> Result<Vec<ResultRow>, EngineError> {
+        Ok(self.store.results(limit, offset, after).await?)
+    }
+
+    pub async fn stats(&self) -> Result<TaskStats, EngineError> {
+        Ok(self.store.stats(unix_now()).await?)
+    }
+
+    pub async fn ping_store(&self) -> Result<(), EngineError> {
+        Ok(self.store.ping().await?)
+    }
+
+    /// How many agents are long-polling for work right now.
+    pub fn waiting_pulls(&self) -> usize {
+        self.waiting_pulls.load(Ordering::Relaxed)
+    }
+
+    /// Task totals and queue length from memory (cheap; for `GET /`).
+    pub fn counts(&self) -> (u64, usize, NodeCounts) {
+        let sched = self.scheduler();
+        (
+            sched.total_tasks(),
+            sched.pending_count(),
+            sched.node_counts(),
+        )
+    }
+
+    // -------------------------------------------------------------------------------------------
+    // Legacy workers (seed 001's /get_task and /submit_result)
+    // -------------------------------------------------------------------------------------------
+
+    pub async fn legacy_get_task(&self) -> Result<Option<LegacyAssignment>, EngineError> {
+        let now = unix_now();
+        let (lease, ack) = self.mutate(|s| s.legacy_assign(now));
+        ack.durable().await?;
+        if let Some(lease) = &lease {
+            tracing::info!(
+                task_id = lease.task_id,
+                run_id = lease.run_id,
+                "task leased to a /get_task worker"
+            );
+        }
+        Ok(lease)
+    }
+
+    pub async fn legacy_submit_result(
+        &self,
+        task_id: TaskId,
+        run_id: Option<RunId>,
+        result: String,
+        error: Option<String>,
+    ) -> Result<(), EngineError> {
+        let now = unix_now();
+        let (outcome, ack) =
+            self.mutate(
+                |s| match s.legacy_result(task_id, run_id, result, error, now) {
+                    Ok(changes) => (Ok(()), changes),
+                    Err(e) => (Err(e), Vec::new()),
+                },
+            );
+        match outcome {
+            Ok(()) => Ok(ack.durable().await?),
+            Err(SchedulerError::TaskNotFound(_)) => match self.store.task(task_id).await? {
+                Some(task) => Err(SchedulerError::AlreadyFinished {
+                    task_id,
+                    status: task.state.status,
+                }
+                .into()),
+                None => Err(SchedulerError::TaskNotFound(task_id).into()),
+            },
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    // -------------------------------------------------------------------------------------------
+    // Agents
+    // -------------------------------------------------------------------------------------------
+
+    pub async fn heartbeat(&self, hb: HeartbeatRequest) -> Result<HeartbeatResponse, EngineError> {
+        let now = unix_now();
+        let ((cancel, wake), ack) = self.mutate(|s| {
+            let out = s.heartbeat(&hb, now);
+            ((out.cancel, out.wake_pullers), out.changes)
+        });
+        if wake {
+            self.work.notify_waiters();
+        }
+        ack.durable().await?;
+        Ok(HeartbeatResponse {
+            status: "ok".into(),
+            node_id: hb.node_id,
+            cancel,
+            heartbeat_interval: self.config.heartbeat_interval,
+            server_id: self.server_id.clone(),
+        })
+    }
+
+    /// Long-poll: answers the moment runs fit the node (or a cancel is due), else after `wait`.
+    pub async fn pull(
+        &self,
+        node_id: &str,
+        wait: Duration,
+        max: usize,
+    ) -> Result<PullResponse, EngineError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Register interest before looking, so a submit between the look and the wait
+            // is not missed.
+            let notified = self.work.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let now = unix_now();
+            let (outcome, ack) = self.mutate(|s| match s.pull(node_id, max, now) {
+                Ok(mut out) => {
+                    let changes = std::mem::take(&mut out.changes);
+                    (Ok(out), changes)
+                }
+                Err(e) => (Err(e), Vec::new()),
+            });
+            let out = outcome?;
+            if !out.assignments.is_empty() || !out.cancel.is_empty() {
+                // A lease is handed out only once it is durable: a restarted coordinator
+                // must never reuse a run id an agent already holds.
+                ack.durable().await?;
+                for a in &out.assignments {
+                    tracing::debug!(
+                        task_id = a.task_id,
+                        run_id = a.run_id,
+                        node_id,
+                        "run handed out"
+                    );
+                }
+                return Ok(PullResponse {
+                    tasks: out.assignments,
+                    cancel: out.cancel,
+                });
+            }
+            self.waiting_pulls.fetch_add(1, Ordering::Relaxed);
+            let woken = tokio::select! {
+                _ = &mut notified => true,
+                _ = tokio::time::sleep_until(deadline) => false,
+                _ = self.shutdown.cancelled() => false,
+            };
+            self.waiting_pulls.fetch_sub(1, Ordering::Relaxed);
+            if !woken {
+                return Ok(PullResponse::default());
+            }
+        }
+    }
+
+    pub async fn report(&self, report: RunReport) -> Result<RunReportAck, EngineError> {
+        let now = unix_now();
+        let (outcome, ack) = self.mutate(|s| match s.report(&report, now) {
+            Ok(changes) => (Ok(()), changes),
+            Err(e) => (Err(e), Vec::new()),
+        });
+        outcome?;
+        // Capacity freed (and maybe a task requeued): waiting pulls look again.
+        self.work.notify_waiters();
+        ack.durable().await?;
+        tracing::info!(task_id = report.task_id, run_id = report.run_id, node_id = %report.node_id, outcome = ?report.outcome, "run reported");
+        Ok(RunReportAck {
+            status: "ok".into(),
+            task_id: report.task_id,
+            run_id: report.run_id,
+        })
+    }
+
+    /// One pass of the periodic checks (silent nodes, lapsed leases).
+    pub async fn tick(&self) -> Result<(), EngineError> {
+        let now = unix_now();
+        let (requeued, ack) = self.mutate(|s| {
+            let changes = s.tick(now);
+            (!changes.is_empty(), changes)
+        });
+        if requeued {
+            self.work.notify_waiters();
+        }
+        Ok(ack.durable().await?)
+    }
+
+    /// Runs [`Engine::tick`] until shutdown.
+    pub async fn run_ticker(self: Arc<Self>) {
+        let mut interval = tokio::time::interval(self.config.tick_interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {
+                    if let Err(e) = self.tick().await {
+                        tracing::error!(error = %e, "periodic check failed");
+                    }
+                }
+                _ = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+}

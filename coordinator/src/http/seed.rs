@@ -1,0 +1,292 @@
+//! Seed 001's endpoints, with its exact paths and response shapes, plus the agents'
+//! `/internal/*` protocol.
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::{JsonBody, QueryParams, task_id_from_path};
+use crate::engine::unix_now;
+use axum::Json;
+use axum::extract::{Path, State};
+use lull_shared::{
+    HeartbeatRequest, HeartbeatResponse, PullResponse, RunId, RunReport, RunReportAck,
+    SubmitRequest, TaskId, TaskStatus,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+/// Seed 001 says `"version": "1.0.0"`: the version of the API it documents, which we keep.
+pub const API_VERSION: &str = "1.0.0";
+
+/// Most results or tasks one page may hold.
+pub const MAX_PAGE: u32 = 1000;
+/// Default page size.
+pub const DEFAULT_PAGE: u32 = 100;
+/// Longest long-poll an agent may ask for.
+const MAX_PULL_WAIT_SECS: f64 = 60.0;
+
+pub async fn root(State(app): State<AppState>) -> Json<Value> {
+    let (total, pending, _) = app.engine.counts();
+    Json(json!({
+        "service": "Idle Computing Scheduler",
+        "status": "running",
+        "version": API_VERSION,
+        "server_id": app.engine.server_id(),
+        "task_count": total,
+        "pending_tasks": pending,
+    }))
+}
+
+pub async fn submit(
+    State(app): State<AppState>,
+    JsonBody(request): JsonBody<SubmitRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let task_id = app.engine.submit(request).await?;
+    Ok(Json(json!({
+        "task_id": task_id,
+        "status": "submitted",
+        "server_id": app.engine.server_id(),
+        "message": format!("Task {task_id} has been queued"),
+    })))
+}
+
+pub async fn get_task(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(match app.engine.legacy_get_task().await? {
+        Some(lease) => json!({
+            "task_id": lease.task_id,
+            "code": lease.code,
+            "status": "assigned",
+            "created_at": lease.created_at,
+            "message": format!("Task {} assigned for execution", lease.task_id),
+            "run_id": lease.run_id,
+            "timeout": lease.timeout,
+        }),
+        None => json!({
+            "task_id": null,
+            "code": null,
+            "status": "no_tasks",
+            "message": "No pending tasks available",
+        }),
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitResultRequest {
+    task_id: TaskId,
+    #[serde(default)]
+    result: Option<String>,
+    /// The lease from `/get_task`; when given, a result for an older lease is refused.
+    #[serde(default)]
+    run_id: Option<RunId>,
+    /// A worker that failed to run the code says why here; the task is then `failed`.
+    #[serde(default)]
+    error: Option<String>,
+}
+
+pub async fn submit_result(
+    State(app): State<AppState>,
+    JsonBody(body): JsonBody<SubmitResultRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let task_id = body.task_id;
+    app.engine
+        .legacy_submit_result(
+            task_id,
+            body.run_id,
+            body.result.unwrap_or_default(),
+            body.error,
+        )
+        .await?;
+    Ok(Json(json!({
+        "status": "ok",
+        "task_id": task_id,
+        "message": format!("Result for task {task_id} recorded"),
+    })))
+}
+
+pub async fn status(
+    State(app): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let task = app.engine.task(task_id_from_path(&raw)?).await?;
+    Ok(Json(json!({
+        "task_id": task.task_id,
+        "status": task.state.status.as_str(),
+        "result": task.state.result,
+        "created_at": task.created_at,
+        "completed_at": task.state.completed_at,
+        "error": task.state.error,
+        "started_at": task.state.started_at,
+        "node_id": task.state.node_id,
+        "attempts": task.state.attempts,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageParams {
+    limit: Option<u32>,
+    #[serde(default)]
+    offset: u64,
+    /// Keyset cursor: only entries with a larger task id (cheaper than deep offsets).
+    after: Option<TaskId>,
+}
+
+impl PageParams {
+    pub fn limit(&self) -> Result<u32, ApiError> {
+        match self.limit {
+            None => Ok(DEFAULT_PAGE),
+            Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+            Some(n) => Err(ApiError::unprocessable(format!(
+                "limit must be between 1 and {MAX_PAGE}, got {n}"
+            ))),
+        }
+    }
+}
+
+pub async fn results(
+    State(app): State<AppState>,
+    QueryParams(page): QueryParams<PageParams>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page.limit()?;
+    let rows = app.engine.results(limit, page.offset, page.after).await?;
+    let total = app.engine.count_tasks(Some(TaskStatus::Completed)).await?;
+    let next_after = if rows.len() as u32 == limit {
+        rows.last().map(|r| r.task_id)
+    } else {
+        None
+    };
+    let results: Vec<Value> = rows
+        .iter()
+        .map(|r| json!({"task_id": r.task_id, "result": r.result, "completed_at": r.completed_at}))
+        .collect();
+    Ok(Json(json!({
+        "count": results.len(),
+        "results": results,
+        "server_id": app.engine.server_id(),
+        "total": total,
+        "limit": limit,
+        "offset": page.offset,
+        "next_after": next_after,
+    })))
+}
+
+pub async fn health(State(app): State<AppState>) -> (axum::http::StatusCode, Json<Value>) {
+    let store_ok = app.engine.ping_store().await.is_ok();
+    let status = if store_ok { "healthy" } else { "unhealthy" };
+    let code = if store_ok {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        Json(json!({
+            "status": status,
+            "timestamp": unix_now(),
+            "server_id": app.engine.server_id(),
+            "components": {
+                "task_queue": "healthy",
+                // Seed 001's name for the component that keeps tasks; ours is SQLite.
+                "memory_storage": status,
+                "database": status,
+            },
+            "waiting_pulls": app.engine.waiting_pulls(),
+        })),
+    )
+}
+
+pub async fn stats(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let stats = app.engine.stats().await?;
+    let (_, _, nodes) = app.engine.counts();
+    let round = |x: f64| (x * 1000.0).round() / 1000.0;
+    Ok(Json(json!({
+        "time_period": "all_time",
+        "tasks": {
+            "total": stats.total,
+            "completed": stats.count(TaskStatus::Completed),
+            "pending": stats.count(TaskStatus::Pending),
+            "failed": stats.count(TaskStatus::Failed),
+            "assigned": stats.count(TaskStatus::Assigned),
+            "running": stats.count(TaskStatus::Running),
+            "cancelled": stats.count(TaskStatus::Cancelled),
+            "avg_time": round(stats.avg_time.unwrap_or(0.0)),
+        },
+        "nodes": {
+            "total": nodes.total,
+            "idle": nodes.idle,
+            "busy": nodes.busy,
+            "offline": nodes.offline,
+            "paused": nodes.paused,
+            "draining": nodes.draining,
+            "drained": nodes.drained,
+        },
+        "throughput": {
+            "tasks_per_hour": stats.finished_last_hour,
+            "compute_hours": round(stats.compute_seconds / 3600.0),
+        },
+    })))
+}
+
+// -----------------------------------------------------------------------------------------------
+// Agents
+// -----------------------------------------------------------------------------------------------
+
+pub async fn heartbeat(
+    State(app): State<AppState>,
+    JsonBody(hb): JsonBody<HeartbeatRequest>,
+) -> Result<Json<HeartbeatResponse>, ApiError> {
+    if hb.node_id.trim().is_empty() || hb.node_id.len() > 128 {
+        return Err(ApiError::unprocessable(
+            "node_id must be 1 to 128 characters",
+        ));
+    }
+    let r = hb.resources;
+    if !(r.cpu_cores.is_finite()
+        && r.cpu_cores >= 0.0
+        && r.memory_mb.is_finite()
+        && r.memory_mb >= 0.0)
+    {
+        return Err(ApiError::unprocessable(
+            "resources.cpu_cores and resources.memory_mb must be non-negative numbers",
+        ));
+    }
+    Ok(Json(app.engine.heartbeat(hb).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PullParams {
+    node_id: Option<String>,
+    /// Seconds to wait for work (default 0: answer at once).
+    #[serde(default)]
+    wait: f64,
+    /// Most runs to hand out in this answer.
+    max: Option<usize>,
+}
+
+pub async fn pull(
+    State(app): State<AppState>,
+    QueryParams(params): QueryParams<PullParams>,
+) -> Result<Json<PullResponse>, ApiError> {
+    let node_id = params.node_id.filter(|id| !id.is_empty()).ok_or_else(|| {
+        ApiError::unprocessable(
+            "node_id is required: send a heartbeat first, then pull with ?node_id=ID",
+        )
+    })?;
+    if !params.wait.is_finite() || params.wait < 0.0 {
+        return Err(ApiError::unprocessable(
+            "wait must be a non-negative number of seconds",
+        ));
+    }
+    let wait = Duration::from_secs_f64(params.wait.min(MAX_PULL_WAIT_SECS));
+    let max = params.max.unwrap_or(1).clamp(1, 256);
+    Ok(Json(app.engine.pull(&node_id, wait, max).await?))
+}
+
+pub async fn result(
+    State(app): State<AppState>,
+    JsonBody(report): JsonBody<RunReport>,
+) -> Result<Json<RunReportAck>, ApiError> {
+    Ok(Json(app.engine.report(report).await?))
+}

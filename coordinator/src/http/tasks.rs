@@ -1,0 +1,97 @@
+//! `/api/v1/tasks`: the RESTful task API (seed 001's version plan).
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::{JsonBody, QueryParams, task_id_from_path};
+use super::seed::{DEFAULT_PAGE, MAX_PAGE};
+use super::views;
+use crate::store::TaskQuery;
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use lull_shared::{SubmitRequest, TaskId, TaskStatus};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+pub async fn create(
+    State(app): State<AppState>,
+    JsonBody(request): JsonBody<SubmitRequest>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let task_id = app.engine.submit(request).await?;
+    let task = app.engine.task(task_id).await?;
+    Ok((StatusCode::CREATED, Json(views::task(&task))))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    status: Option<String>,
+    limit: Option<u32>,
+    #[serde(default)]
+    offset: u64,
+    after: Option<TaskId>,
+}
+
+pub async fn list(
+    State(app): State<AppState>,
+    QueryParams(params): QueryParams<ListParams>,
+) -> Result<Json<Value>, ApiError> {
+    let status = match params.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(TaskStatus::parse(s).ok_or_else(|| {
+            ApiError::unprocessable(format!(
+                "unknown status {s:?}; expected one of pending, assigned, running, completed, failed, cancelled"
+            ))
+        })?),
+    };
+    let limit = match params.limit {
+        None => DEFAULT_PAGE,
+        Some(n) if (1..=MAX_PAGE).contains(&n) => n,
+        Some(n) => {
+            return Err(ApiError::unprocessable(format!(
+                "limit must be between 1 and {MAX_PAGE}, got {n}"
+            )));
+        }
+    };
+    let query = TaskQuery {
+        status,
+        limit,
+        offset: params.offset,
+        after: params.after,
+    };
+    let tasks = app.engine.tasks(&query).await?;
+    let total = app.engine.count_tasks(status).await?;
+    let next_after = if tasks.len() as u32 == limit {
+        tasks.last().map(|t| t.task_id)
+    } else {
+        None
+    };
+    Ok(Json(json!({
+        "items": tasks.iter().map(views::task).collect::<Vec<_>>(),
+        "count": tasks.len(),
+        "total": total,
+        "limit": limit,
+        "offset": params.offset,
+        "next_after": next_after,
+    })))
+}
+
+pub async fn get(
+    State(app): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let task_id = task_id_from_path(&raw)?;
+    let task = app.engine.task(task_id).await?;
+    let runs = app.engine.runs(task_id).await?;
+    Ok(Json(views::task_with_runs(&task, &runs)))
+}
+
+pub async fn cancel(
+    State(app): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let task_id = task_id_from_path(&raw)?;
+    let task = app.engine.cancel(task_id).await?;
+    let runs = app.engine.runs(task_id).await?;
+    Ok(Json(views::task_with_runs(&task, &runs)))
+}

@@ -1,0 +1,53 @@
+//! How records look on the wire. Kept apart from the records so a rename inside never
+//! changes the API.
+
+use crate::model::{RunRecord, TaskRecord};
+use serde_json::{Value, json};
+
+/// A task as `/api/v1/tasks` shows it (without runs).
+pub fn task(t: &TaskRecord) -> Value {
+    json!({
+        "task_id": t.task_id,
+        "status": t.state.status.as_str(),
+        "code": &*t.spec.code,
+        "timeout": t.spec.timeout,
+        "resources": {"cpu": t.spec.resources.cpu, "memory": t.spec.resources.memory},
+        "constraints": serde_json::to_value(&t.spec.constraints).unwrap_or(Value::Null),
+        "max_attempts": t.spec.max_attempts,
+        "points": t.spec.points,
+        "result": t.state.result,
+        "error": t.state.error,
+        "attempts": t.state.attempts,
+        "node_id": t.state.node_id,
+        "created_at": t.created_at,
+        "started_at": t.state.started_at,
+        "completed_at": t.state.completed_at,
+    })
+}
+
+pub fn run(r: &RunRecord) -> Value {
+    json!({
+        "run_id": r.run_id,
+        "task_id": r.task_id,
+        "node_id": r.node_id,
+        "attempt": r.attempt,
+        "status": r.status.as_str(),
+        "exit_code": r.exit_code,
+        "stdout": r.stdout,
+        "stderr": r.stderr,
+        "error": r.error,
+        "started_at": r.started_at,
+        "completed_at": r.completed_at,
+        "cpu_seconds": r.cpu_seconds,
+        "max_rss_mb": r.max_rss_mb,
+    })
+}
+
+/// A task with every run, for `GET /api/v1/tasks/{id}`.
+pub fn task_with_runs(t: &TaskRecord, runs: &[RunRecord]) -> Value {
+    let mut value = task(t);
+    if let Value::Object(map) = &mut value {
+        map.insert("runs".into(), Value::Array(runs.iter().map(run).collect()));
+    }
+    value
+}

@@ -1,0 +1,192 @@
+//! Lull's coordinator: it takes Python code over HTTP, keeps the queue durable, and hands
+//! runs to agents that pull them.
+//!
+//! Map of the crate:
+//! - [`scheduler`]: pure scheduling rules over in-memory state (placement, leases, requeue).
+//! - [`model`]: the records and [`model::Change`]s shared by the scheduler and the store.
+//! - [`store`]: the storage trait, the SQLite backend and the group-commit writer.
+//! - [`engine`]: joins scheduler, store and time; the only holder of the scheduler lock.
+//! - [`http`]: the axum router, extractors and the `{"detail"}` error type.
+//!
+//! [`run`] wires them together on a listener until a shutdown token fires.
+
+pub mod engine;
+pub mod http;
+pub mod model;
+pub mod scheduler;
+pub mod store;
+
+use engine::{Engine, EngineConfig};
+use model::TaskLimits;
+use scheduler::{Scheduler, SchedulerConfig};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use store::{SqliteStore, Store, StoreError, SyncMode, Writer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Everything the coordinator is configured with; built once in `main`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    /// Agents to run inside this process (the single-machine default is one).
+    pub local_agents: u32,
+    pub sync: SyncMode,
+    /// Seconds between agent heartbeats (told to agents, and used for the TTL).
+    pub heartbeat_interval: f64,
+    /// Seconds without a heartbeat before a node is offline and its runs requeued.
+    pub node_ttl: f64,
+    pub limits: TaskLimits,
+    pub max_body_bytes: usize,
+    /// The interpreter local agents run tasks with.
+    pub python: String,
+}
+
+impl Config {
+    /// The defaults `lull-coordinator` starts with, data under `data_dir`.
+    pub fn new(data_dir: PathBuf) -> Config {
+        Config {
+            data_dir,
+            local_agents: 1,
+            sync: SyncMode::Full,
+            heartbeat_interval: 2.0,
+            node_ttl: 10.0,
+            limits: TaskLimits::default(),
+            max_body_bytes: 8 * 1024 * 1024,
+            python: "python3".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("could not read the listener's address: {0}")]
+    Listener(std::io::Error),
+    #[error("the HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Serves the coordinator on `listener` until `shutdown` is cancelled, then stops local
+/// agents (letting them hand back their runs), then the server.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), CoordinatorError> {
+    let addr = listener.local_addr().map_err(CoordinatorError::Listener)?;
+    let store: Arc<dyn Store> = SqliteStore::open(&config.data_dir, config.sync).await?;
+    let snapshot = store.load().await?;
+    tracing::info!(
+        data_dir = %config.data_dir.display(),
+        active_tasks = snapshot.active_tasks.len(),
+        active_runs = snapshot.active_runs.len(),
+        nodes = snapshot.nodes.len(),
+        "state loaded"
+    );
+    let scheduler = Scheduler::restore(
+        SchedulerConfig {
+            node_ttl: config.node_ttl,
+            reconcile_grace: (2.0 * config.heartbeat_interval).max(5.0),
+            ..SchedulerConfig::default()
+        },
+        snapshot,
+        engine::unix_now(),
+    );
+    let (writer, writer_task) = Writer::spawn(store.clone());
+    let server_id = format!("{:08x}", rand::random::<u32>());
+    let engine_stop = CancellationToken::new();
+    let engine = Arc::new(Engine::new(
+        scheduler,
+        store,
+        writer,
+        server_id.clone(),
+        EngineConfig {
+            limits: config.limits.clone(),
+            heartbeat_interval: config.heartbeat_interval,
+            tick_interval: Duration::from_millis(500),
+        },
+        engine_stop.clone(),
+    ));
+    let ticker = tokio::spawn(engine.clone().run_ticker());
+
+    let router = http::router(
+        engine.clone(),
+        &http::HttpConfig {
+            max_body_bytes: config.max_body_bytes,
+        },
+    );
+    let agents_stop = CancellationToken::new();
+    let agents = start_local_agents(&config, addr, &agents_stop);
+    tracing::info!(%addr, server_id, local_agents = config.local_agents, "coordinator listening");
+
+    let stopping = {
+        let engine_stop = engine_stop.clone();
+        async move {
+            shutdown.cancelled().await;
+            tracing::info!("shutting down: stopping local agents first");
+            agents_stop.cancel();
+            for agent in agents {
+                let _ = agent.await;
+            }
+            engine_stop.cancel();
+        }
+    };
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(stopping)
+        .await
+        .map_err(CoordinatorError::Serve);
+    engine_stop.cancel();
+    let _ = ticker.await;
+    drop(engine);
+    let _ = writer_task.await;
+    tracing::info!("coordinator stopped");
+    served
+}
+
+fn start_local_agents(
+    config: &Config,
+    addr: SocketAddr,
+    stop: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let n = config.local_agents;
+    if n == 0 {
+        return Vec::new();
+    }
+    // Agents reach us over loopback even when we listen on every interface.
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        addr.ip().to_string()
+    };
+    let url = format!(
+        "http://{}",
+        SocketAddr::new(host.parse().unwrap_or(addr.ip()), addr.port())
+    );
+    let host_cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as f64;
+    (1..=n)
+        .map(|i| {
+            let mut agent = lull_agent::AgentConfig::new(
+                url.clone(),
+                config.data_dir.join(format!("agent-{i}")),
+            );
+            agent.python = config.python.clone();
+            agent.heartbeat_interval = Duration::from_secs_f64(config.heartbeat_interval);
+            if n > 1 {
+                // Several local agents share this host between them.
+                agent.cpus = Some((host_cpus / f64::from(n)).max(1.0));
+            }
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                if let Err(e) = lull_agent::run(agent, stop).await {
+                    tracing::error!(error = %e, agent = i, "local agent stopped with an error");
+                }
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,289 @@
+//! The coordinator's domain records and the changes that move them.
+//!
+//! These are the internal shapes shared by the scheduler (which produces [`Change`]s) and the
+//! store (which makes them durable). They are deliberately not `Serialize`: the HTTP layer
+//! maps them to wire JSON explicitly, so a field rename here never changes the API.
+//!
+//! Architecture Invariant: no IO; validation here is pure and answers with the seed's words.
+
+use lull_shared::{
+    Constraints, DEFAULT_CPU, DEFAULT_MAX_ATTEMPTS, DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_SECS,
+    NodeResources, NodeStatus, Resources, RunId, RunStatus, SubmitRequest, TaskId, TaskStatus,
+};
+use std::sync::Arc;
+
+/// Limits applied when a task is submitted (all configurable on the coordinator).
+#[derive(Debug, Clone)]
+pub struct TaskLimits {
+    pub max_code_chars: usize,
+    pub max_timeout_secs: f64,
+    pub max_cpu: f64,
+    pub max_memory_mb: f64,
+    pub max_attempts: u32,
+}
+
+impl Default for TaskLimits {
+    fn default() -> Self {
+        TaskLimits {
+            max_code_chars: 10_000,
+            max_timeout_secs: 7.0 * 24.0 * 3600.0,
+            max_cpu: 1024.0,
+            max_memory_mb: 4.0 * 1024.0 * 1024.0,
+            max_attempts: 100,
+        }
+    }
+}
+
+/// A submission that failed validation; the message is the `detail` a client sees.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct ValidationError(pub String);
+
+/// What a task asks for, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskSpec {
+    pub code: Arc<str>,
+    pub timeout: f64,
+    pub resources: Resources,
+    pub constraints: Constraints,
+    pub max_attempts: u32,
+    pub points: u32,
+}
+
+impl TaskSpec {
+    /// Validates a submission with the seed's messages where the seed gives one.
+    pub fn from_request(
+        req: SubmitRequest,
+        limits: &TaskLimits,
+    ) -> Result<TaskSpec, ValidationError> {
+        let fail = |msg: String| Err(ValidationError(msg));
+        let code = req.code.unwrap_or_default();
+        if code.trim().is_empty() {
+            return fail("Code cannot be empty".into());
+        }
+        if code.chars().count() > limits.max_code_chars {
+            return fail(format!(
+                "Code too long (max {} characters)",
+                limits.max_code_chars
+            ));
+        }
+        let timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS);
+        if !timeout.is_finite() || timeout <= 0.0 {
+            return fail(format!(
+                "timeout must be a positive number of seconds, got {timeout}"
+            ));
+        }
+        if timeout > limits.max_timeout_secs {
+            return fail(format!(
+                "timeout {timeout} s is above the maximum of {} s",
+                limits.max_timeout_secs
+            ));
+        }
+        let resources = req.resources.unwrap_or(Resources {
+            cpu: DEFAULT_CPU,
+            memory: DEFAULT_MEMORY_MB,
+        });
+        if !resources.cpu.is_finite() || resources.cpu <= 0.0 {
+            return fail(format!(
+                "resources.cpu must be greater than 0, got {}",
+                resources.cpu
+            ));
+        }
+        if resources.cpu > limits.max_cpu {
+            return fail(format!(
+                "resources.cpu {} is above the maximum of {}",
+                resources.cpu, limits.max_cpu
+            ));
+        }
+        if !resources.memory.is_finite() || resources.memory <= 0.0 {
+            return fail(format!(
+                "resources.memory must be greater than 0 MB, got {}",
+                resources.memory
+            ));
+        }
+        if resources.memory > limits.max_memory_mb {
+            return fail(format!(
+                "resources.memory {} MB is above the maximum of {} MB",
+                resources.memory, limits.max_memory_mb
+            ));
+        }
+        let max_attempts = req.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
+        if max_attempts == 0 || max_attempts > limits.max_attempts {
+            return fail(format!(
+                "max_attempts must be between 1 and {}, got {max_attempts}",
+                limits.max_attempts
+            ));
+        }
+        let points = req.points.unwrap_or(1);
+        if points != 1 {
+            return fail(format!(
+                "points must be 1 (running one task on several nodes at once is not supported yet), got {points}"
+            ));
+        }
+        let constraints = req.constraints.unwrap_or_default();
+        Ok(TaskSpec {
+            code: Arc::from(code),
+            timeout,
+            resources,
+            constraints,
+            max_attempts,
+            points,
+        })
+    }
+}
+
+/// A task as stored. `code` is shared so that copies for the writer are cheap.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRecord {
+    pub task_id: TaskId,
+    pub spec: TaskSpec,
+    pub state: TaskState,
+    pub created_at: f64,
+}
+
+/// The part of a task that changes after submission.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskState {
+    pub task_id: TaskId,
+    pub status: TaskStatus,
+    pub result: Option<String>,
+    pub error: Option<String>,
+    /// Runs started so far.
+    pub attempts: u32,
+    /// Runs lost to failing nodes (counted against `max_attempts`).
+    pub losses: u32,
+    pub node_id: Option<String>,
+    pub started_at: Option<f64>,
+    pub completed_at: Option<f64>,
+}
+
+/// One run of a task. `node_id` is `None` for a run leased through the legacy `/get_task`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRecord {
+    pub run_id: RunId,
+    pub task_id: TaskId,
+    pub node_id: Option<String>,
+    pub attempt: u32,
+    pub status: RunStatus,
+    pub exit_code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub error: Option<String>,
+    pub started_at: f64,
+    pub completed_at: Option<f64>,
+    pub cpu_seconds: Option<f64>,
+    pub max_rss_mb: Option<f64>,
+}
+
+/// A node as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeRecord {
+    pub node_id: String,
+    pub hostname: String,
+    pub node_type: String,
+    pub zone: Option<String>,
+    pub resources: NodeResources,
+    pub meta: serde_json::Map<String, serde_json::Value>,
+    pub status: NodeStatus,
+    pub version: Option<String>,
+    pub joined_at: f64,
+    pub last_heartbeat: f64,
+}
+
+/// One durable state change, produced by the scheduler and applied by the store in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    TaskCreated(TaskRecord),
+    TaskUpdated(TaskState),
+    RunSaved(RunRecord),
+    NodeSaved(NodeRecord),
+}
+
+/// The state the coordinator restarts from: everything not yet finished.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Tasks that are pending, assigned or running.
+    pub active_tasks: Vec<TaskRecord>,
+    /// Runs that are assigned or running.
+    pub active_runs: Vec<RunRecord>,
+    pub nodes: Vec<NodeRecord>,
+    pub max_task_id: TaskId,
+    pub max_run_id: RunId,
+    pub total_tasks: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn submit(code: &str) -> SubmitRequest {
+        SubmitRequest {
+            code: Some(code.into()),
+            ..SubmitRequest::default()
+        }
+    }
+
+    fn detail(req: SubmitRequest) -> String {
+        match TaskSpec::from_request(req, &TaskLimits::default()) {
+            Ok(spec) => panic!("expected a validation error, got {spec:?}"),
+            Err(e) => e.0,
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_seed() {
+        let spec =
+            TaskSpec::from_request(submit("print(1)"), &TaskLimits::default()).expect("valid");
+        assert_eq!(spec.timeout, 300.0);
+        assert_eq!(
+            spec.resources,
+            Resources {
+                cpu: 1.0,
+                memory: 512.0
+            }
+        );
+        assert_eq!(spec.max_attempts, 3);
+        assert_eq!(spec.points, 1);
+    }
+
+    #[test]
+    fn seed_messages_for_empty_and_long_code() {
+        assert_eq!(detail(submit("")), "Code cannot be empty");
+        assert_eq!(detail(submit("   \n")), "Code cannot be empty");
+        assert_eq!(detail(SubmitRequest::default()), "Code cannot be empty");
+        assert_eq!(
+            detail(submit(&"x".repeat(10_001))),
+            "Code too long (max 10000 characters)"
+        );
+        // Characters, not bytes: 10,000 non-ASCII characters are allowed.
+        assert!(
+            TaskSpec::from_request(submit(&"é".repeat(10_000)), &TaskLimits::default()).is_ok()
+        );
+    }
+
+    #[test]
+    fn absurd_numbers_are_refused_with_what_is_wrong() {
+        let mut req = submit("print(1)");
+        req.timeout = Some(-1.0);
+        assert!(detail(req.clone()).contains("timeout"));
+        req.timeout = Some(1e12);
+        assert!(detail(req.clone()).contains("above the maximum"));
+        req.timeout = None;
+        req.resources = Some(Resources {
+            cpu: 0.0,
+            memory: 512.0,
+        });
+        assert!(detail(req.clone()).contains("resources.cpu"));
+        req.resources = Some(Resources {
+            cpu: 1.0,
+            memory: -5.0,
+        });
+        assert!(detail(req.clone()).contains("resources.memory"));
+        req.resources = None;
+        req.max_attempts = Some(0);
+        assert!(detail(req.clone()).contains("max_attempts"));
+        req.max_attempts = None;
+        req.points = Some(2);
+        assert!(detail(req).contains("points"));
+    }
+}

@@ -1,0 +1,949 @@
+//! The scheduler: the coordinator's in-memory truth about unfinished work, and every rule
+//! that moves it — placement, leases, reconciliation, requeue, retries, stale results.
+//!
+//! Each operation takes the current time as an argument, mutates the state and returns the
+//! [`Change`]s the store must make durable, in order. The engine sends those to the store's
+//! writer while still holding the scheduler's lock, so the durable order is the order here.
+//!
+//! Architecture Invariant: no IO, no async, no clock, no randomness. Everything it knows
+//! arrives as arguments, which is what makes it unit-testable and deterministic.
+//!
+//! Architecture Invariant: only unfinished tasks live here. A task that reaches a terminal
+//! status is dropped at once; reads of finished work go to the store.
+
+mod queue;
+#[cfg(test)]
+mod tests;
+
+use crate::model::{Change, NodeRecord, RunRecord, Snapshot, TaskRecord, TaskSpec, TaskState};
+use lull_shared::{
+    AgentState, Assignment, Constraints, HeartbeatRequest, NodeStatus, Resources, RunId,
+    RunOutcome, RunReport, RunStatus, TaskId, TaskStatus, result_from_stdout,
+};
+use queue::PendingQueue;
+use std::collections::{BTreeSet, HashMap};
+
+/// Tolerance for floating-point capacity sums.
+const EPSILON: f64 = 1e-9;
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// A node whose last heartbeat is older than this (seconds) is offline.
+    pub node_ttl: f64,
+    /// A run handed out less than this long ago (seconds) is not reconciled away when a
+    /// heartbeat does not list it: the heartbeat may have left before the run arrived.
+    pub reconcile_grace: f64,
+    /// Extra seconds past a task's timeout before a legacy `/get_task` lease expires.
+    pub legacy_lease_grace: f64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            node_ttl: 10.0,
+            reconcile_grace: 5.0,
+            legacy_lease_grace: 30.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("Task {0} not found")]
+    TaskNotFound(TaskId),
+    #[error("Node {0} not found")]
+    NodeNotFound(String),
+    #[error("run {run_id} of task {task_id} is not current: {reason}")]
+    StaleLease {
+        task_id: TaskId,
+        run_id: RunId,
+        reason: String,
+    },
+    #[error("Task {task_id} is already {status}")]
+    AlreadyFinished { task_id: TaskId, status: TaskStatus },
+    #[error("Task {0} has no lease held by a /get_task worker")]
+    NoLegacyLease(TaskId),
+    #[error("node {0} is {1}: it takes no work")]
+    NodeUnavailable(String, NodeStatus),
+}
+
+/// What a heartbeat produced.
+#[derive(Debug, Default)]
+pub struct HeartbeatOutcome {
+    pub cancel: Vec<RunId>,
+    pub changes: Vec<Change>,
+    /// Whether the node's capacity or eligibility grew, so waiting pulls should look again.
+    pub wake_pullers: bool,
+}
+
+/// What a pull produced.
+#[derive(Debug, Default)]
+pub struct PullOutcome {
+    pub assignments: Vec<Assignment>,
+    pub cancel: Vec<RunId>,
+    pub changes: Vec<Change>,
+}
+
+/// A task handed to a legacy `/get_task` worker.
+#[derive(Debug, Clone)]
+pub struct LegacyAssignment {
+    pub task_id: TaskId,
+    pub run_id: RunId,
+    pub code: String,
+    pub timeout: f64,
+    pub created_at: f64,
+}
+
+#[derive(Debug)]
+struct TaskEntry {
+    record: TaskRecord,
+    current_run: Option<RunId>,
+}
+
+#[derive(Debug)]
+struct RunEntry {
+    record: RunRecord,
+    /// What the run reserves on its node (copied so release never needs the task).
+    resources: Resources,
+    /// Legacy runs only: when the lease lapses if no result arrived.
+    lease_deadline: Option<f64>,
+}
+
+#[derive(Debug)]
+struct NodeEntry {
+    record: NodeRecord,
+    agent_state: AgentState,
+    load: lull_shared::Load,
+    /// Active runs the coordinator placed here.
+    runs: BTreeSet<RunId>,
+    reserved_cpu: f64,
+    reserved_memory: f64,
+    /// Runs the node must kill (cancelled, or no longer its own); cleared once the node
+    /// stops reporting them. Every heartbeat answer repeats them.
+    to_cancel: BTreeSet<RunId>,
+    /// The part of `to_cancel` already sent in a pull answer: a pull answers at once only
+    /// for news, so that a pending cancel cannot turn the long-poll into a busy loop.
+    cancel_pulled: BTreeSet<RunId>,
+}
+
+impl NodeEntry {
+    fn accepts_work(&self) -> bool {
+        matches!(self.record.status, NodeStatus::Idle | NodeStatus::Busy)
+    }
+
+    fn fits(&self, resources: &Resources, constraints: &Constraints) -> bool {
+        self.reserved_cpu + resources.cpu <= self.record.resources.cpu_cores + EPSILON
+            && self.reserved_memory + resources.memory <= self.record.resources.memory_mb + EPSILON
+            && self.matches(constraints)
+    }
+
+    fn matches(&self, constraints: &Constraints) -> bool {
+        if let Some(zone) = &constraints.zone
+            && self.record.zone.as_deref() != Some(zone.as_str())
+        {
+            return false;
+        }
+        if let Some(node_type) = &constraints.node_type
+            && &self.record.node_type != node_type
+        {
+            return false;
+        }
+        constraints
+            .meta
+            .iter()
+            .all(|(key, want)| self.record.meta.get(key) == Some(want))
+    }
+
+    /// `idle`/`busy` follow the runs; other statuses are set explicitly.
+    fn refresh_busy(&mut self) -> bool {
+        let want = if self.runs.is_empty() {
+            NodeStatus::Idle
+        } else {
+            NodeStatus::Busy
+        };
+        if self.accepts_work() && self.record.status != want {
+            self.record.status = want;
+            return true;
+        }
+        false
+    }
+}
+
+/// Counts the coordinator can answer from memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct NodeCounts {
+    pub total: usize,
+    pub idle: usize,
+    pub busy: usize,
+    pub paused: usize,
+    pub draining: usize,
+    pub drained: usize,
+    pub offline: usize,
+    pub removed: usize,
+}
+
+/// The in-memory scheduling state. See the module docs.
+#[derive(Debug)]
+pub struct Scheduler {
+    config: SchedulerConfig,
+    next_task_id: TaskId,
+    next_run_id: RunId,
+    total_tasks: u64,
+    tasks: HashMap<TaskId, TaskEntry>,
+    queue: PendingQueue,
+    runs: HashMap<RunId, RunEntry>,
+    nodes: HashMap<String, NodeEntry>,
+}
+
+impl Scheduler {
+    pub fn new(config: SchedulerConfig) -> Scheduler {
+        Scheduler::restore(config, Snapshot::default(), 0.0)
+    }
+
+    /// Rebuilds the state after a restart. Nodes get a fresh heartbeat time so that agents
+    /// have a full TTL to reconnect before their runs are considered lost.
+    pub fn restore(config: SchedulerConfig, snapshot: Snapshot, now: f64) -> Scheduler {
+        let mut sched = Scheduler {
+            config,
+            next_task_id: snapshot.max_task_id + 1,
+            next_run_id: snapshot.max_run_id + 1,
+            total_tasks: snapshot.total_tasks,
+            tasks: HashMap::new(),
+            queue: PendingQueue::default(),
+            runs: HashMap::new(),
+            nodes: HashMap::new(),
+        };
+        for mut record in snapshot.nodes {
+            record.last_heartbeat = now;
+            let agent_state = match record.status {
+                NodeStatus::Offline | NodeStatus::Removed => AgentState::Offline,
+                NodeStatus::Busy => AgentState::Busy,
+                _ => AgentState::Idle,
+            };
+            sched.nodes.insert(
+                record.node_id.clone(),
+                NodeEntry {
+                    record,
+                    agent_state,
+                    load: lull_shared::Load::default(),
+                    runs: BTreeSet::new(),
+                    reserved_cpu: 0.0,
+                    reserved_memory: 0.0,
+                    to_cancel: BTreeSet::new(),
+                    cancel_pulled: BTreeSet::new(),
+                },
+            );
+        }
+        for record in snapshot.active_tasks {
+            let task_id = record.task_id;
+            if record.state.status == TaskStatus::Pending {
+                sched.queue.push(task_id, &record.spec);
+            }
+            sched.tasks.insert(
+                task_id,
+                TaskEntry {
+                    record,
+                    current_run: None,
+                },
+            );
+        }
+        for run in snapshot.active_runs {
+            let Some(task) = sched.tasks.get_mut(&run.task_id) else {
+                continue;
+            };
+            task.current_run = Some(run.run_id);
+            let spec = task.record.spec.clone();
+            let lease_deadline = match &run.node_id {
+                None => Some(now + spec.timeout + sched.config.legacy_lease_grace),
+                Some(node_id) => {
+                    if let Some(node) = sched.nodes.get_mut(node_id) {
+                        node.runs.insert(run.run_id);
+                        node.reserved_cpu += spec.resources.cpu;
+                        node.reserved_memory += spec.resources.memory;
+                    }
+                    None
+                }
+            };
+            sched.runs.insert(
+                run.run_id,
+                RunEntry {
+                    record: run,
+                    resources: spec.resources,
+                    lease_deadline,
+                },
+            );
+        }
+        // A task marked active whose run did not survive goes back to the queue.
+        let orphaned: Vec<TaskId> = sched
+            .tasks
+            .iter()
+            .filter(|(_, t)| {
+                t.record.state.status != TaskStatus::Pending && t.current_run.is_none()
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for task_id in orphaned {
+            if let Some(task) = sched.tasks.get_mut(&task_id) {
+                task.record.state.status = TaskStatus::Pending;
+                task.record.state.node_id = None;
+                sched.queue.push(task_id, &task.record.spec);
+            }
+        }
+        sched
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Reads
+    // -----------------------------------------------------------------------------------------
+
+    pub fn pending_count(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn active_count(&self) -> usize {
+        self.tasks.len()
+    }
+
+    pub fn total_tasks(&self) -> u64 {
+        self.total_tasks
+    }
+
+    pub fn node_counts(&self) -> NodeCounts {
+        let mut c = NodeCounts::default();
+        for node in self.nodes.values() {
+            c.total += 1;
+            match node.record.status {
+                NodeStatus::Idle => c.idle += 1,
+                NodeStatus::Busy => c.busy += 1,
+                NodeStatus::Paused => c.paused += 1,
+                NodeStatus::Draining => c.draining += 1,
+                NodeStatus::Drained => c.drained += 1,
+                NodeStatus::Offline => c.offline += 1,
+                NodeStatus::Removed => c.removed += 1,
+            }
+        }
+        c
+    }
+
+    /// The node and the runs it holds, if known.
+    pub fn node(&self, node_id: &str) -> Option<(&NodeRecord, Vec<RunId>)> {
+        self.nodes
+            .get(node_id)
+            .map(|n| (&n.record, n.runs.iter().copied().collect()))
+    }
+
+    /// The state of an active run, if it is active.
+    pub fn active_run(&self, run_id: RunId) -> Option<&RunRecord> {
+        self.runs.get(&run_id).map(|r| &r.record)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Submission and cancellation
+    // -----------------------------------------------------------------------------------------
+
+    /// Accepts a validated task and queues it.
+    pub fn submit(&mut self, spec: TaskSpec, now: f64) -> (TaskId, Vec<Change>) {
+        let task_id = self.next_task_id;
+        self.next_task_id += 1;
+        self.total_tasks += 1;
+        let record = TaskRecord {
+            task_id,
+            spec,
+            state: TaskState {
+                task_id,
+                status: TaskStatus::Pending,
+                result: None,
+                error: None,
+                attempts: 0,
+                losses: 0,
+                node_id: None,
+                started_at: None,
+                completed_at: None,
+            },
+            created_at: now,
+        };
+        self.queue.push(task_id, &record.spec);
+        let change = Change::TaskCreated(record.clone());
+        self.tasks.insert(
+            task_id,
+            TaskEntry {
+                record,
+                current_run: None,
+            },
+        );
+        (task_id, vec![change])
+    }
+
+    /// Cancels an unfinished task; a running one is killed on its node.
+    /// Returns `TaskNotFound` for a task that is not active (the caller checks the store to
+    /// tell "unknown" from "already finished").
+    pub fn cancel(&mut self, task_id: TaskId, now: f64) -> Result<Vec<Change>, SchedulerError> {
+        if !self.tasks.contains_key(&task_id) {
+            return Err(SchedulerError::TaskNotFound(task_id));
+        }
+        let mut changes = Vec::new();
+        if let Some(run_id) = self.tasks.get(&task_id).and_then(|t| t.current_run) {
+            let node_id = self
+                .runs
+                .get(&run_id)
+                .and_then(|r| r.record.node_id.clone());
+            self.end_run(run_id, RunStatus::Cancelled, None, now, &mut changes);
+            if let Some(node) = node_id.and_then(|id| self.nodes.get_mut(&id)) {
+                node.to_cancel.insert(run_id);
+            }
+        }
+        self.queue.remove(task_id);
+        self.finish_task(
+            task_id,
+            TaskStatus::Cancelled,
+            None,
+            Some("cancelled by request".into()),
+            now,
+            &mut changes,
+        );
+        Ok(changes)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Nodes
+    // -----------------------------------------------------------------------------------------
+
+    /// Registers or refreshes a node, and reconciles the runs it reports with ours.
+    pub fn heartbeat(&mut self, hb: &HeartbeatRequest, now: f64) -> HeartbeatOutcome {
+        let mut out = HeartbeatOutcome::default();
+        let node_id = hb.node_id.clone();
+        let entry = self
+            .nodes
+            .entry(node_id.clone())
+            .or_insert_with(|| NodeEntry {
+                record: NodeRecord {
+                    node_id: node_id.clone(),
+                    hostname: String::new(),
+                    node_type: "cpu".into(),
+                    zone: None,
+                    resources: hb.resources,
+                    meta: serde_json::Map::new(),
+                    status: NodeStatus::Offline,
+                    version: None,
+                    joined_at: now,
+                    last_heartbeat: now,
+                },
+                agent_state: AgentState::Offline,
+                load: lull_shared::Load::default(),
+                runs: BTreeSet::new(),
+                reserved_cpu: 0.0,
+                reserved_memory: 0.0,
+                to_cancel: BTreeSet::new(),
+                cancel_pulled: BTreeSet::new(),
+            });
+        let before = entry.record.clone();
+        entry.record.last_heartbeat = now;
+        entry.load = hb.current_load;
+        entry.agent_state = hb.status;
+        entry.record.resources = hb.resources;
+        if let Some(h) = &hb.hostname {
+            entry.record.hostname = h.clone();
+        }
+        if let Some(t) = &hb.node_type {
+            entry.record.node_type = t.clone();
+        }
+        if hb.zone.is_some() {
+            entry.record.zone = hb.zone.clone();
+        }
+        if hb.version.is_some() {
+            entry.record.version = hb.version.clone();
+        }
+        let rejoined = before.status == NodeStatus::Offline && hb.status != AgentState::Offline;
+        if rejoined {
+            entry.record.joined_at = now;
+        }
+        let leaving = hb.status == AgentState::Offline;
+        entry.record.status = match hb.status {
+            AgentState::Offline => NodeStatus::Offline,
+            AgentState::Draining => NodeStatus::Draining,
+            AgentState::Idle | AgentState::Busy => {
+                if entry.runs.is_empty() {
+                    NodeStatus::Idle
+                } else {
+                    NodeStatus::Busy
+                }
+            }
+        };
+
+        // Reconcile: what the node reports against what we placed there.
+        let reported: BTreeSet<RunId> = hb.running.iter().chain(&hb.finished).copied().collect();
+        let ours: Vec<RunId> = entry.runs.iter().copied().collect();
+        let mut lost = Vec::new();
+        for run_id in ours {
+            let handed_out = self
+                .runs
+                .get(&run_id)
+                .map(|r| r.record.started_at)
+                .unwrap_or(now);
+            if leaving
+                || (!reported.contains(&run_id) && now - handed_out >= self.config.reconcile_grace)
+            {
+                lost.push(run_id);
+            }
+        }
+        for run_id in lost {
+            let why = if leaving {
+                format!("node {node_id} left")
+            } else {
+                format!("node {node_id} no longer reports the run")
+            };
+            self.lose_run(run_id, &why, now, &mut out.changes);
+        }
+        let Some(entry) = self.nodes.get_mut(&node_id) else {
+            return out;
+        };
+        // Runs the node holds that are not (or no longer) its own must die there.
+        entry.to_cancel.retain(|id| hb.running.contains(id));
+        let still = entry.to_cancel.clone();
+        entry.cancel_pulled.retain(|id| still.contains(id));
+        for run_id in &hb.running {
+            if !entry.runs.contains(run_id) {
+                entry.to_cancel.insert(*run_id);
+            }
+        }
+        out.cancel = entry.to_cancel.iter().copied().collect();
+        entry.refresh_busy();
+        // Heartbeat times alone are not saved: they are frequent, and after a restart every
+        // node gets a fresh TTL anyway. Anything else that changed is.
+        let changed = NodeRecord {
+            last_heartbeat: before.last_heartbeat,
+            ..entry.record.clone()
+        } != before;
+        if changed {
+            out.changes.push(Change::NodeSaved(entry.record.clone()));
+        }
+        out.wake_pullers = entry.accepts_work()
+            && (before.status != entry.record.status || before.resources != entry.record.resources);
+        out
+    }
+
+    /// Marks nodes whose heartbeats stopped as offline and requeues their runs; expires
+    /// legacy leases. Called periodically.
+    pub fn tick(&mut self, now: f64) -> Vec<Change> {
+        let mut changes = Vec::new();
+        let ttl = self.config.node_ttl;
+        let silent: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| {
+                n.record.status != NodeStatus::Offline && n.record.status != NodeStatus::Removed
+            })
+            .filter(|n| now - n.record.last_heartbeat > ttl)
+            .map(|n| n.record.node_id.clone())
+            .collect();
+        for node_id in silent {
+            let runs: Vec<RunId> = self
+                .nodes
+                .get(&node_id)
+                .map(|n| n.runs.iter().copied().collect())
+                .unwrap_or_default();
+            for run_id in runs {
+                let why = format!("node {node_id} went offline (no heartbeat for {ttl} s)");
+                self.lose_run(run_id, &why, now, &mut changes);
+            }
+            if let Some(node) = self.nodes.get_mut(&node_id) {
+                node.record.status = NodeStatus::Offline;
+                node.agent_state = AgentState::Offline;
+                changes.push(Change::NodeSaved(node.record.clone()));
+            }
+        }
+        let lapsed: Vec<RunId> = self
+            .runs
+            .values()
+            .filter(|r| r.lease_deadline.is_some_and(|d| now > d))
+            .map(|r| r.record.run_id)
+            .collect();
+        for run_id in lapsed {
+            self.lose_run(
+                run_id,
+                "no result from the /get_task worker before its lease expired",
+                now,
+                &mut changes,
+            );
+        }
+        changes
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Placement
+    // -----------------------------------------------------------------------------------------
+
+    /// Hands the node up to `max` runs that fit its free capacity and match its attributes.
+    pub fn pull(
+        &mut self,
+        node_id: &str,
+        max: usize,
+        now: f64,
+    ) -> Result<PullOutcome, SchedulerError> {
+        let node = self
+            .nodes
+            .get_mut(node_id)
+            .ok_or_else(|| SchedulerError::NodeNotFound(node_id.to_string()))?;
+        let news: Vec<RunId> = node
+            .to_cancel
+            .difference(&node.cancel_pulled)
+            .copied()
+            .collect();
+        node.cancel_pulled.extend(news.iter().copied());
+        let mut out = PullOutcome {
+            cancel: news,
+            ..PullOutcome::default()
+        };
+        if !node.accepts_work() {
+            return Ok(out);
+        }
+        while out.assignments.len() < max {
+            let Some(node) = self.nodes.get(node_id) else {
+                break;
+            };
+            let Some(task_id) = self.queue.pop_first(|res, cons| node.fits(res, cons)) else {
+                break;
+            };
+            let (run, assignment) = self.start_run(task_id, Some(node_id), now, &mut out.changes);
+            if let Some(node) = self.nodes.get_mut(node_id) {
+                node.runs.insert(run);
+                node.reserved_cpu += assignment.resources.cpu;
+                node.reserved_memory += assignment.resources.memory;
+            }
+            out.assignments.push(assignment);
+        }
+        if let Some(node) = self.nodes.get_mut(node_id)
+            && node.refresh_busy()
+        {
+            out.changes.push(Change::NodeSaved(node.record.clone()));
+        }
+        Ok(out)
+    }
+
+    /// Leases the oldest unconstrained pending task to a legacy `/get_task` worker.
+    pub fn legacy_assign(&mut self, now: f64) -> (Option<LegacyAssignment>, Vec<Change>) {
+        let mut changes = Vec::new();
+        let Some(task_id) = self.queue.pop_first(|_, cons| cons.is_empty()) else {
+            return (None, changes);
+        };
+        let (run_id, assignment) = self.start_run(task_id, None, now, &mut changes);
+        let deadline = now + assignment.timeout + self.config.legacy_lease_grace;
+        if let Some(run) = self.runs.get_mut(&run_id) {
+            run.lease_deadline = Some(deadline);
+        }
+        let created_at = self
+            .tasks
+            .get(&task_id)
+            .map(|t| t.record.created_at)
+            .unwrap_or(now);
+        (
+            Some(LegacyAssignment {
+                task_id,
+                run_id,
+                code: assignment.code,
+                timeout: assignment.timeout,
+                created_at,
+            }),
+            changes,
+        )
+    }
+
+    fn start_run(
+        &mut self,
+        task_id: TaskId,
+        node_id: Option<&str>,
+        now: f64,
+        changes: &mut Vec<Change>,
+    ) -> (RunId, Assignment) {
+        let run_id = self.next_run_id;
+        self.next_run_id += 1;
+        // The queue only holds ids of tasks in `self.tasks`; see `PendingQueue`.
+        let task = self.tasks.get_mut(&task_id).expect("queued task is active");
+        task.current_run = Some(run_id);
+        let state = &mut task.record.state;
+        state.attempts += 1;
+        state.status = if node_id.is_some() {
+            TaskStatus::Running
+        } else {
+            TaskStatus::Assigned
+        };
+        state.node_id = node_id.map(str::to_string);
+        state.started_at = Some(now);
+        changes.push(Change::TaskUpdated(state.clone()));
+        let run = RunRecord {
+            run_id,
+            task_id,
+            node_id: node_id.map(str::to_string),
+            attempt: state.attempts,
+            status: if node_id.is_some() {
+                RunStatus::Running
+            } else {
+                RunStatus::Assigned
+            },
+            exit_code: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            error: None,
+            started_at: now,
+            completed_at: None,
+            cpu_seconds: None,
+            max_rss_mb: None,
+        };
+        changes.push(Change::RunSaved(run.clone()));
+        let spec = &task.record.spec;
+        let assignment = Assignment {
+            task_id,
+            run_id,
+            attempt: run.attempt,
+            code: spec.code.to_string(),
+            timeout: spec.timeout,
+            resources: spec.resources,
+        };
+        self.runs.insert(
+            run_id,
+            RunEntry {
+                record: run,
+                resources: spec.resources,
+                lease_deadline: None,
+            },
+        );
+        (run_id, assignment)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Results
+    // -----------------------------------------------------------------------------------------
+
+    /// Records what an agent reports for one of its runs. A report for a run that is not
+    /// current, or from a node that does not hold it, is refused: no task completes twice.
+    pub fn report(&mut self, report: &RunReport, now: f64) -> Result<Vec<Change>, SchedulerError> {
+        let stale = |reason: &str| SchedulerError::StaleLease {
+            task_id: report.task_id,
+            run_id: report.run_id,
+            reason: reason.to_string(),
+        };
+        let run = self
+            .runs
+            .get(&report.run_id)
+            .ok_or_else(|| stale("it was requeued, cancelled or already reported"))?;
+        if run.record.task_id != report.task_id {
+            return Err(stale("it belongs to another task"));
+        }
+        if run.record.node_id.as_deref() != Some(report.node_id.as_str()) {
+            return Err(stale("it is leased to another node"));
+        }
+        let mut changes = Vec::new();
+        let completed_at = report.completed_at.unwrap_or(now);
+        match report.outcome {
+            RunOutcome::Released => {
+                self.end_run(
+                    report.run_id,
+                    RunStatus::Released,
+                    report.error.clone(),
+                    now,
+                    &mut changes,
+                );
+                self.requeue(report.task_id, &mut changes);
+            }
+            RunOutcome::Cancelled => {
+                self.end_run(
+                    report.run_id,
+                    RunStatus::Cancelled,
+                    report.error.clone(),
+                    now,
+                    &mut changes,
+                );
+                self.requeue(report.task_id, &mut changes);
+            }
+            RunOutcome::Completed | RunOutcome::Failed => {
+                let (run_status, task_status) = if report.outcome == RunOutcome::Completed {
+                    (RunStatus::Completed, TaskStatus::Completed)
+                } else {
+                    (RunStatus::Failed, TaskStatus::Failed)
+                };
+                let Some(mut entry) = self.runs.remove(&report.run_id) else {
+                    return Err(stale("it is gone"));
+                };
+                entry.record.status = run_status;
+                entry.record.exit_code = report.exit_code;
+                entry.record.stdout = report.stdout.clone();
+                entry.record.stderr = report.stderr.clone();
+                entry.record.error = report.error.clone();
+                entry.record.completed_at = Some(completed_at);
+                entry.record.cpu_seconds = report.cpu_seconds;
+                entry.record.max_rss_mb = report.max_rss_mb;
+                self.release_capacity(&entry, &mut changes);
+                changes.push(Change::RunSaved(entry.record));
+                let result = Some(result_from_stdout(&report.stdout));
+                let error = if task_status == TaskStatus::Failed {
+                    Some(report.error.clone().unwrap_or_else(|| "failed".into()))
+                } else {
+                    None
+                };
+                self.finish_task(
+                    report.task_id,
+                    task_status,
+                    result,
+                    error,
+                    completed_at,
+                    &mut changes,
+                );
+            }
+        }
+        Ok(changes)
+    }
+
+    /// Records a result posted by a legacy `/submit_result` worker.
+    pub fn legacy_result(
+        &mut self,
+        task_id: TaskId,
+        run_id: Option<RunId>,
+        result: String,
+        error: Option<String>,
+        now: f64,
+    ) -> Result<Vec<Change>, SchedulerError> {
+        let task = self
+            .tasks
+            .get(&task_id)
+            .ok_or(SchedulerError::TaskNotFound(task_id))?;
+        let current = task
+            .current_run
+            .ok_or(SchedulerError::NoLegacyLease(task_id))?;
+        let run = self
+            .runs
+            .get(&current)
+            .ok_or(SchedulerError::NoLegacyLease(task_id))?;
+        if run.record.node_id.is_some() {
+            return Err(SchedulerError::NoLegacyLease(task_id));
+        }
+        if run_id.is_some_and(|id| id != current) {
+            return Err(SchedulerError::StaleLease {
+                task_id,
+                run_id: run_id.unwrap_or_default(),
+                reason: "the lease was requeued".into(),
+            });
+        }
+        let mut changes = Vec::new();
+        let Some(mut entry) = self.runs.remove(&current) else {
+            return Err(SchedulerError::NoLegacyLease(task_id));
+        };
+        let failed = error.is_some();
+        entry.record.status = if failed {
+            RunStatus::Failed
+        } else {
+            RunStatus::Completed
+        };
+        entry.record.stdout = result.clone();
+        entry.record.error = error.clone();
+        entry.record.completed_at = Some(now);
+        changes.push(Change::RunSaved(entry.record));
+        let status = if failed {
+            TaskStatus::Failed
+        } else {
+            TaskStatus::Completed
+        };
+        self.finish_task(task_id, status, Some(result), error, now, &mut changes);
+        Ok(changes)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Internals
+    // -----------------------------------------------------------------------------------------
+
+    /// Ends an active run with a status that carries no output, freeing its reservation.
+    fn end_run(
+        &mut self,
+        run_id: RunId,
+        status: RunStatus,
+        error: Option<String>,
+        now: f64,
+        changes: &mut Vec<Change>,
+    ) {
+        let Some(mut entry) = self.runs.remove(&run_id) else {
+            return;
+        };
+        entry.record.status = status;
+        entry.record.error = error;
+        entry.record.completed_at = Some(now);
+        self.release_capacity(&entry, changes);
+        if let Some(task) = self.tasks.get_mut(&entry.record.task_id)
+            && task.current_run == Some(run_id)
+        {
+            task.current_run = None;
+        }
+        changes.push(Change::RunSaved(entry.record));
+    }
+
+    fn release_capacity(&mut self, run: &RunEntry, changes: &mut Vec<Change>) {
+        let Some(node_id) = &run.record.node_id else {
+            return;
+        };
+        let resources = run.resources;
+        if let Some(node) = self.nodes.get_mut(node_id)
+            && node.runs.remove(&run.record.run_id)
+        {
+            node.reserved_cpu = (node.reserved_cpu - resources.cpu).max(0.0);
+            node.reserved_memory = (node.reserved_memory - resources.memory).max(0.0);
+            if node.runs.is_empty() {
+                // Guard against drift from float sums.
+                node.reserved_cpu = 0.0;
+                node.reserved_memory = 0.0;
+            }
+            if node.refresh_busy() {
+                changes.push(Change::NodeSaved(node.record.clone()));
+            }
+        }
+    }
+
+    /// A run whose node failed: retry the task elsewhere, or fail it after `max_attempts` losses.
+    fn lose_run(&mut self, run_id: RunId, why: &str, now: f64, changes: &mut Vec<Change>) {
+        let Some(task_id) = self.runs.get(&run_id).map(|r| r.record.task_id) else {
+            return;
+        };
+        self.end_run(run_id, RunStatus::Lost, Some(why.to_string()), now, changes);
+        let Some(task) = self.tasks.get_mut(&task_id) else {
+            return;
+        };
+        task.record.state.losses += 1;
+        let losses = task.record.state.losses;
+        let max = task.record.spec.max_attempts;
+        if losses >= max {
+            let error = format!("lost {losses} of {max} allowed attempts; last: {why}");
+            self.finish_task(task_id, TaskStatus::Failed, None, Some(error), now, changes);
+        } else {
+            self.requeue(task_id, changes);
+        }
+    }
+
+    fn requeue(&mut self, task_id: TaskId, changes: &mut Vec<Change>) {
+        let Some(task) = self.tasks.get_mut(&task_id) else {
+            return;
+        };
+        task.current_run = None;
+        task.record.state.status = TaskStatus::Pending;
+        task.record.state.node_id = None;
+        self.queue.push(task_id, &task.record.spec);
+        changes.push(Change::TaskUpdated(task.record.state.clone()));
+    }
+
+    fn finish_task(
+        &mut self,
+        task_id: TaskId,
+        status: TaskStatus,
+        result: Option<String>,
+        error: Option<String>,
+        now: f64,
+        changes: &mut Vec<Change>,
+    ) {
+        let Some(mut task) = self.tasks.remove(&task_id) else {
+            return;
+        };
+        self.queue.remove(task_id);
+        let state = &mut task.record.state;
+        state.status = status;
+        state.result = result;
+        state.error = error;
+        state.completed_at = Some(now);
+        changes.push(Change::TaskUpdated(state.clone()));
+    }
+}

@@ -1,0 +1,536 @@
+//! Scheduler unit tests, written as stories through a small harness.
+
+use super::*;
+use crate::model::{TaskLimits, TaskSpec};
+use lull_shared::{Load, NodeResources, SubmitRequest};
+
+/// A scheduler plus a clock, and shorthand for the calls tests make.
+struct Harness {
+    sched: Scheduler,
+    now: f64,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        Harness {
+            sched: Scheduler::new(SchedulerConfig {
+                node_ttl: 10.0,
+                reconcile_grace: 5.0,
+                legacy_lease_grace: 30.0,
+            }),
+            now: 1000.0,
+        }
+    }
+
+    fn advance(&mut self, secs: f64) {
+        self.now += secs;
+    }
+
+    fn node(&mut self, id: &str, cpus: f64, memory_mb: f64) -> HeartbeatOutcome {
+        self.heartbeat(id, cpus, memory_mb, &[])
+    }
+
+    fn heartbeat(
+        &mut self,
+        id: &str,
+        cpus: f64,
+        memory_mb: f64,
+        running: &[RunId],
+    ) -> HeartbeatOutcome {
+        let hb = HeartbeatRequest {
+            node_id: id.into(),
+            status: AgentState::Idle,
+            resources: NodeResources {
+                cpu_cores: cpus,
+                memory_mb,
+            },
+            current_load: Load::default(),
+            hostname: Some(format!("{id}.local")),
+            node_type: Some("cpu".into()),
+            zone: Some("zone1".into()),
+            version: None,
+            running: running.to_vec(),
+            finished: vec![],
+        };
+        self.sched.heartbeat(&hb, self.now)
+    }
+
+    fn submit_with(&mut self, req: SubmitRequest) -> TaskId {
+        let spec = TaskSpec::from_request(req, &TaskLimits::default()).expect("valid task");
+        self.sched.submit(spec, self.now).0
+    }
+
+    fn submit(&mut self, code: &str) -> TaskId {
+        self.submit_with(SubmitRequest {
+            code: Some(code.into()),
+            ..SubmitRequest::default()
+        })
+    }
+
+    fn pull(&mut self, node: &str, max: usize) -> Vec<Assignment> {
+        self.sched
+            .pull(node, max, self.now)
+            .expect("known node")
+            .assignments
+    }
+
+    fn report(
+        &mut self,
+        node: &str,
+        a: &Assignment,
+        outcome: RunOutcome,
+        stdout: &str,
+    ) -> Result<Vec<Change>, SchedulerError> {
+        let report = RunReport {
+            node_id: node.into(),
+            task_id: a.task_id,
+            run_id: a.run_id,
+            outcome,
+            exit_code: Some(0),
+            stdout: stdout.into(),
+            stderr: String::new(),
+            error: None,
+            started_at: None,
+            completed_at: None,
+            cpu_seconds: None,
+            max_rss_mb: None,
+        };
+        self.sched.report(&report, self.now)
+    }
+}
+
+fn final_state(changes: &[Change], task_id: TaskId) -> Option<TaskState> {
+    changes.iter().rev().find_map(|c| match c {
+        Change::TaskUpdated(s) if s.task_id == task_id => Some(s.clone()),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_task_runs_on_a_node_and_completes_with_its_stdout() {
+    let mut h = Harness::new();
+    h.node("n1", 2.0, 4096.0);
+    let t = h.submit("print('Hello World')");
+    let got = h.pull("n1", 10);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].task_id, t);
+    assert_eq!(got[0].attempt, 1);
+    let changes = h
+        .report("n1", &got[0], RunOutcome::Completed, "Hello World\n")
+        .expect("accepted");
+    let state = final_state(&changes, t).expect("task updated");
+    assert_eq!(state.status, TaskStatus::Completed);
+    assert_eq!(state.result.as_deref(), Some("Hello World"));
+    assert_eq!(h.sched.active_count(), 0, "finished tasks leave memory");
+}
+
+#[test]
+fn placement_respects_free_cpu_and_memory() {
+    let mut h = Harness::new();
+    h.node("n1", 2.0, 1024.0);
+    for _ in 0..5 {
+        h.submit("pass");
+    }
+    // Two 1-cpu/512-MB tasks fill the node, whatever `max` asks.
+    let first = h.pull("n1", 10);
+    assert_eq!(first.len(), 2);
+    assert!(h.pull("n1", 10).is_empty(), "node is full");
+    h.report("n1", &first[0], RunOutcome::Completed, "")
+        .expect("accepted");
+    assert_eq!(h.pull("n1", 10).len(), 1, "one slot freed");
+
+    let big = h.submit_with(SubmitRequest {
+        code: Some("pass".into()),
+        resources: Some(Resources {
+            cpu: 1.0,
+            memory: 2048.0,
+        }),
+        ..SubmitRequest::default()
+    });
+    h.node("n2", 8.0, 1024.0);
+    let on_n2 = h.pull("n2", 10);
+    assert!(
+        on_n2.iter().all(|a| a.task_id != big),
+        "2048 MB never fits a 1024 MB node"
+    );
+}
+
+#[test]
+fn constraints_match_zone_type_and_meta() {
+    let mut h = Harness::new();
+    h.node("n1", 4.0, 4096.0); // zone1, cpu, no meta
+    let gpu = h.submit_with(SubmitRequest {
+        code: Some("pass".into()),
+        constraints: Some(Constraints {
+            node_type: Some("gpu".into()),
+            ..Constraints::default()
+        }),
+        ..SubmitRequest::default()
+    });
+    let zone1 = h.submit_with(SubmitRequest {
+        code: Some("pass".into()),
+        constraints: Some(Constraints {
+            zone: Some("zone1".into()),
+            ..Constraints::default()
+        }),
+        ..SubmitRequest::default()
+    });
+    let mut meta = std::collections::BTreeMap::new();
+    meta.insert("rack".to_string(), serde_json::json!("a"));
+    let with_meta = h.submit_with(SubmitRequest {
+        code: Some("pass".into()),
+        constraints: Some(Constraints {
+            meta,
+            ..Constraints::default()
+        }),
+        ..SubmitRequest::default()
+    });
+    let got: Vec<TaskId> = h.pull("n1", 10).iter().map(|a| a.task_id).collect();
+    assert_eq!(got, vec![zone1]);
+    assert!(!got.contains(&gpu) && !got.contains(&with_meta));
+}
+
+#[test]
+fn oldest_task_goes_first_across_classes() {
+    let mut h = Harness::new();
+    h.node("n1", 1.0, 4096.0);
+    let a = h.submit_with(SubmitRequest {
+        code: Some("pass".into()),
+        resources: Some(Resources {
+            cpu: 0.5,
+            memory: 100.0,
+        }),
+        ..SubmitRequest::default()
+    });
+    let _b = h.submit("pass");
+    assert_eq!(h.pull("n1", 1)[0].task_id, a);
+}
+
+#[test]
+fn a_silent_node_goes_offline_and_its_run_moves_elsewhere() {
+    let mut h = Harness::new();
+    h.node("n1", 1.0, 1024.0);
+    let t = h.submit("pass");
+    let first = h.pull("n1", 1);
+    h.node("n2", 1.0, 1024.0);
+    h.advance(11.0);
+    h.heartbeat("n2", 1.0, 1024.0, &[]);
+    let changes = h.sched.tick(h.now);
+    assert!(changes.iter().any(|c| matches!(c, Change::NodeSaved(n) if n.node_id == "n1" && n.status == NodeStatus::Offline)));
+    let again = h.pull("n2", 1);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].task_id, t);
+    assert_eq!(again[0].attempt, 2);
+    // The first node comes back and reports its old run: refused, and told to kill it.
+    let err = h
+        .report("n1", &first[0], RunOutcome::Completed, "late")
+        .expect_err("stale");
+    assert!(matches!(err, SchedulerError::StaleLease { .. }));
+    let back = h.heartbeat("n1", 1.0, 1024.0, &[first[0].run_id]);
+    assert_eq!(back.cancel, vec![first[0].run_id]);
+    // The new run completes exactly once.
+    let done = h
+        .report("n2", &again[0], RunOutcome::Completed, "ok\n")
+        .expect("current run");
+    assert_eq!(
+        final_state(&done, t).map(|s| s.status),
+        Some(TaskStatus::Completed)
+    );
+    assert!(
+        h.report("n2", &again[0], RunOutcome::Completed, "ok\n")
+            .is_err(),
+        "no second completion"
+    );
+}
+
+#[test]
+fn a_task_fails_after_max_attempts_losses() {
+    let mut h = Harness::new();
+    let t = h.submit_with(SubmitRequest {
+        code: Some("pass".into()),
+        max_attempts: Some(2),
+        ..SubmitRequest::default()
+    });
+    let mut last = Vec::new();
+    for round in 0..2 {
+        let node = format!("n{round}");
+        h.node(&node, 1.0, 1024.0);
+        assert_eq!(h.pull(&node, 1).len(), 1);
+        h.advance(11.0);
+        last = h.sched.tick(h.now);
+    }
+    let state = final_state(&last, t).expect("task updated");
+    assert_eq!(state.status, TaskStatus::Failed);
+    assert!(
+        state.error.as_deref().unwrap_or("").contains("lost 2 of 2"),
+        "{state:?}"
+    );
+    assert_eq!(h.sched.pending_count(), 0);
+}
+
+#[test]
+fn heartbeat_reconciliation_requeues_runs_the_node_does_not_report() {
+    let mut h = Harness::new();
+    h.node("n1", 1.0, 1024.0);
+    let t = h.submit("pass");
+    let got = h.pull("n1", 1);
+    // Within the grace, a heartbeat without the run is not trusted: it may predate the pull.
+    h.advance(1.0);
+    assert!(
+        h.heartbeat("n1", 1.0, 1024.0, &[])
+            .changes
+            .iter()
+            .all(|c| !matches!(c, Change::RunSaved(_)))
+    );
+    // Past the grace, the run is lost and the task requeued.
+    h.advance(10.0);
+    let out = h.heartbeat("n1", 1.0, 1024.0, &[]);
+    assert_eq!(
+        final_state(&out.changes, t).map(|s| s.status),
+        Some(TaskStatus::Pending)
+    );
+    let retry = h.pull("n1", 1);
+    assert_eq!(retry[0].task_id, t);
+    assert_ne!(retry[0].run_id, got[0].run_id);
+}
+
+#[test]
+fn a_run_reported_as_finished_but_unacknowledged_is_not_lost() {
+    let mut h = Harness::new();
+    h.node("n1", 1.0, 1024.0);
+    h.submit("pass");
+    let got = h.pull("n1", 1);
+    h.advance(20.0);
+    let hb = HeartbeatRequest {
+        node_id: "n1".into(),
+        status: AgentState::Idle,
+        resources: NodeResources {
+            cpu_cores: 1.0,
+            memory_mb: 1024.0,
+        },
+        current_load: Load::default(),
+        hostname: None,
+        node_type: None,
+        zone: None,
+        version: None,
+        running: vec![],
+        finished: vec![got[0].run_id],
+    };
+    let out = h.sched.heartbeat(&hb, h.now);
+    assert!(
+        out.changes
+            .iter()
+            .all(|c| !matches!(c, Change::RunSaved(_)))
+    );
+    assert!(h.report("n1", &got[0], RunOutcome::Completed, "x").is_ok());
+}
+
+#[test]
+fn a_report_from_another_node_is_refused() {
+    let mut h = Harness::new();
+    h.node("n1", 1.0, 1024.0);
+    h.node("n2", 1.0, 1024.0);
+    h.submit("pass");
+    let got = h.pull("n1", 1);
+    let err = h
+        .report("n2", &got[0], RunOutcome::Completed, "x")
+        .expect_err("wrong node");
+    assert!(matches!(err, SchedulerError::StaleLease { .. }));
+}
+
+#[test]
+fn a_released_run_is_requeued_without_counting_a_loss() {
+    let mut h = Harness::new();
+    h.node("n1", 1.0, 1024.0);
+    let t = h.submit_with(SubmitRequest {
+        code: Some("pass".into()),
+        max_attempts: Some(1),
+        ..SubmitRequest::default()
+    });
+    let got = h.pull("n1", 1);
+    let changes = h
+        .report("n1", &got[0], RunOutcome::Released, "")
+        .expect("accepted");
+    let state = final_state(&changes, t).expect("updated");
+    assert_eq!(state.status, TaskStatus::Pending);
+    assert_eq!(state.losses, 0);
+    assert_eq!(h.pull("n1", 1)[0].task_id, t);
+}
+
+#[test]
+fn user_code_failure_is_final() {
+    let mut h = Harness::new();
+    h.node("n1", 1.0, 1024.0);
+    let t = h.submit("1/0");
+    let got = h.pull("n1", 1);
+    let changes = h
+        .report("n1", &got[0], RunOutcome::Failed, "")
+        .expect("accepted");
+    assert_eq!(
+        final_state(&changes, t).map(|s| s.status),
+        Some(TaskStatus::Failed)
+    );
+    assert_eq!(h.sched.pending_count(), 0, "not retried");
+}
+
+#[test]
+fn cancel_kills_a_running_task_on_its_node() {
+    let mut h = Harness::new();
+    h.node("n1", 1.0, 1024.0);
+    let t = h.submit("import time; time.sleep(100)");
+    let got = h.pull("n1", 1);
+    let changes = h.sched.cancel(t, h.now).expect("active");
+    assert_eq!(
+        final_state(&changes, t).map(|s| s.status),
+        Some(TaskStatus::Cancelled)
+    );
+    let pull = h.sched.pull("n1", 1, h.now).expect("node");
+    assert_eq!(pull.cancel, vec![got[0].run_id]);
+    let again = h.sched.pull("n1", 1, h.now).expect("node");
+    assert!(
+        again.cancel.is_empty(),
+        "a pull repeats no cancel it already delivered"
+    );
+    assert_eq!(
+        h.heartbeat("n1", 1.0, 1024.0, &[got[0].run_id]).cancel,
+        vec![got[0].run_id]
+    );
+    // Once the node stops reporting it, the cancel is done.
+    assert!(h.heartbeat("n1", 1.0, 1024.0, &[]).cancel.is_empty());
+    assert!(
+        h.report("n1", &got[0], RunOutcome::Cancelled, "").is_err(),
+        "the lease is gone"
+    );
+    assert!(matches!(
+        h.sched.cancel(t, h.now),
+        Err(SchedulerError::TaskNotFound(_))
+    ));
+}
+
+#[test]
+fn legacy_workers_lease_tasks_that_expire_and_requeue() {
+    let mut h = Harness::new();
+    let t = h.submit_with(SubmitRequest {
+        code: Some("pass".into()),
+        timeout: Some(10.0),
+        ..SubmitRequest::default()
+    });
+    let (lease, _) = h.sched.legacy_assign(h.now);
+    let lease = lease.expect("a task");
+    assert_eq!(lease.task_id, t);
+    assert!(
+        h.sched.legacy_assign(h.now).0.is_none(),
+        "leased, not pending"
+    );
+    h.advance(41.0); // timeout 10 + grace 30
+    let changes = h.sched.tick(h.now);
+    assert_eq!(
+        final_state(&changes, t).map(|s| s.status),
+        Some(TaskStatus::Pending)
+    );
+    // The first worker's late result is refused; the second worker's lands once.
+    let (again, _) = h.sched.legacy_assign(h.now);
+    let again = again.expect("requeued");
+    let late = h
+        .sched
+        .legacy_result(t, Some(lease.run_id), "late".into(), None, h.now);
+    assert!(matches!(late, Err(SchedulerError::StaleLease { .. })));
+    let ok = h
+        .sched
+        .legacy_result(t, Some(again.run_id), "42".into(), None, h.now)
+        .expect("current");
+    assert_eq!(
+        final_state(&ok, t).and_then(|s| s.result),
+        Some("42".into())
+    );
+    assert!(
+        h.sched
+            .legacy_result(t, None, "again".into(), None, h.now)
+            .is_err()
+    );
+}
+
+#[test]
+fn legacy_results_are_refused_for_tasks_leased_to_agents() {
+    let mut h = Harness::new();
+    h.node("n1", 1.0, 1024.0);
+    let t = h.submit("pass");
+    h.pull("n1", 1);
+    assert_eq!(
+        h.sched.legacy_result(t, None, "x".into(), None, h.now),
+        Err(SchedulerError::NoLegacyLease(t))
+    );
+}
+
+#[test]
+fn restore_rebuilds_queue_reservations_and_ids() {
+    let mut h = Harness::new();
+    h.node("n1", 1.0, 1024.0);
+    let running = h.submit("a");
+    let pending = h.submit("b");
+    let got = h.pull("n1", 1);
+    assert_eq!(got[0].task_id, running);
+    // Collect what the store would hold.
+    let snapshot = Snapshot {
+        active_tasks: h.sched.tasks.values().map(|t| t.record.clone()).collect(),
+        active_runs: h.sched.runs.values().map(|r| r.record.clone()).collect(),
+        nodes: h.sched.nodes.values().map(|n| n.record.clone()).collect(),
+        max_task_id: pending,
+        max_run_id: got[0].run_id,
+        total_tasks: 2,
+    };
+    let mut after = Scheduler::restore(SchedulerConfig::default(), snapshot, 5000.0);
+    assert_eq!(after.pending_count(), 1);
+    // n1 is still full with the restored run; its result is still accepted.
+    assert!(
+        after
+            .pull("n1", 5, 5000.0)
+            .expect("node")
+            .assignments
+            .is_empty()
+    );
+    let next = after
+        .submit(
+            TaskSpec::from_request(
+                SubmitRequest {
+                    code: Some("c".into()),
+                    ..Default::default()
+                },
+                &TaskLimits::default(),
+            )
+            .expect("valid"),
+            5000.0,
+        )
+        .0;
+    assert!(next > pending, "ids keep increasing across restarts");
+    let report = RunReport {
+        node_id: "n1".into(),
+        task_id: running,
+        run_id: got[0].run_id,
+        outcome: RunOutcome::Completed,
+        exit_code: Some(0),
+        stdout: "a\n".into(),
+        stderr: String::new(),
+        error: None,
+        started_at: None,
+        completed_at: None,
+        cpu_seconds: None,
+        max_rss_mb: None,
+    };
+    assert!(after.report(&report, 5000.0).is_ok());
+    assert_eq!(
+        after.pull("n1", 5, 5000.0).expect("node").assignments[0].task_id,
+        pending
+    );
+}
+
+#[test]
+fn node_counts_follow_runs() {
+    let mut h = Harness::new();
+    h.node("n1", 1.0, 1024.0);
+    h.node("n2", 1.0, 1024.0);
+    h.submit("a");
+    h.pull("n1", 1);
+    let c = h.sched.node_counts();
+    assert_eq!((c.total, c.idle, c.busy, c.offline), (2, 1, 1, 0));
+}

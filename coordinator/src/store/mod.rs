@@ -1,0 +1,101 @@
+//! Durable state: one [`Store`] trait, a SQLite backend, and the [`Writer`] that batches
+//! every change into group commits.
+//!
+//! The store is the read model: every HTTP read of tasks, runs and results is answered from
+//! here (the scheduler only holds unfinished work). Writes come only through the writer,
+//! in the order the scheduler produced them.
+//!
+//! Architecture Invariant: only this module knows SQL. Nothing here decides anything about
+//! scheduling; a change is applied as given.
+
+mod sqlite;
+mod writer;
+
+pub use sqlite::{SqliteStore, SyncMode};
+pub use writer::{Ack, Writer, WriterHandle};
+
+use crate::model::{Change, NodeRecord, RunRecord, Snapshot, TaskRecord};
+use async_trait::async_trait;
+use lull_shared::{TaskId, TaskStatus};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("corrupt row in {table}: {what}")]
+    Corrupt { table: &'static str, what: String },
+    #[error("could not prepare the data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("commit failed: {0}")]
+    Commit(String),
+    #[error("the store writer has stopped")]
+    WriterGone,
+}
+
+/// Which tasks to list, and which page.
+#[derive(Debug, Clone, Default)]
+pub struct TaskQuery {
+    pub status: Option<TaskStatus>,
+    pub limit: u32,
+    pub offset: u64,
+    /// Keyset paging: only tasks with a larger id.
+    pub after: Option<TaskId>,
+}
+
+/// A page of results (seed 001's `/results`).
+#[derive(Debug, Clone)]
+pub struct ResultRow {
+    pub task_id: TaskId,
+    pub result: Option<String>,
+    pub completed_at: Option<f64>,
+}
+
+/// Figures for `/stats`.
+#[derive(Debug, Clone, Default)]
+pub struct TaskStats {
+    pub total: u64,
+    pub by_status: Vec<(TaskStatus, u64)>,
+    /// Mean seconds from start to completion of completed tasks.
+    pub avg_time: Option<f64>,
+    /// Tasks that finished (completed or failed) in the last hour.
+    pub finished_last_hour: u64,
+    /// Seconds of run time summed over every finished run.
+    pub compute_seconds: f64,
+}
+
+impl TaskStats {
+    pub fn count(&self, status: TaskStatus) -> u64 {
+        self.by_status
+            .iter()
+            .find(|(s, _)| *s == status)
+            .map(|(_, n)| *n)
+            .unwrap_or(0)
+    }
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Everything the scheduler needs to resume after a restart.
+    async fn load(&self) -> Result<Snapshot, StoreError>;
+    /// Applies changes in order, atomically.
+    async fn apply(&self, changes: &[Change]) -> Result<(), StoreError>;
+    async fn task(&self, task_id: TaskId) -> Result<Option<TaskRecord>, StoreError>;
+    async fn runs(&self, task_id: TaskId) -> Result<Vec<RunRecord>, StoreError>;
+    async fn tasks(&self, query: &TaskQuery) -> Result<Vec<TaskRecord>, StoreError>;
+    async fn count_tasks(&self, status: Option<TaskStatus>) -> Result<u64, StoreError>;
+    async fn results(
+        &self,
+        limit: u32,
+        offset: u64,
+        after: Option<TaskId>,
+    ) -> Result<Vec<ResultRow>, StoreError>;
+    async fn stats(&self, now: f64) -> Result<TaskStats, StoreError>;
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    /// A cheap liveness check for `/health`.
+    async fn ping(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,432 @@
+//! The SQLite backend (the embedded default): one file under the data directory, WAL
+//! journal, schema from `migrations/`.
+
+use super::{ResultRow, Store, StoreError, TaskQuery, TaskStats};
+use crate::model::{Change, NodeRecord, RunRecord, Snapshot, TaskRecord, TaskSpec, TaskState};
+use async_trait::async_trait;
+use lull_shared::{
+    Constraints, NodeResources, NodeStatus, Resources, RunStatus, TaskId, TaskStatus,
+};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How hard a commit pushes data to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// fsync on every commit: survives power loss. Commits are batched, so this is one
+    /// fsync per batch, not per request.
+    Full,
+    /// fsync at checkpoints only: survives a killed process, may lose the last commits on
+    /// power loss.
+    Normal,
+}
+
+impl FromStr for SyncMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "full" => Ok(SyncMode::Full),
+            "normal" => Ok(SyncMode::Normal),
+            other => Err(format!("unknown sync mode {other:?} (full or normal)")),
+        }
+    }
+}
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+const TASK_COLUMNS: &str = "task_id, code, timeout, cpu, memory_mb, constraints, max_attempts, \
+    points, status, result, error, attempts, losses, node_id, created_at, started_at, completed_at";
+const RUN_COLUMNS: &str = "run_id, task_id, node_id, attempt, status, exit_code, stdout, stderr, \
+    error, started_at, completed_at, cpu_seconds, max_rss_mb";
+const NODE_COLUMNS: &str = "node_id, hostname, node_type, zone, cpu_cores, memory_mb, meta, \
+    status, version, joined_at, last_heartbeat";
+
+impl SqliteStore {
+    /// Opens (creating if needed) `lull.db` in `data_dir` and brings its schema up to date.
+    pub async fn open(data_dir: &Path, sync: SyncMode) -> Result<Arc<SqliteStore>, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
+            path: data_dir.display().to_string(),
+            source,
+        })?;
+        let options = SqliteConnectOptions::new()
+            .filename(data_dir.join("lull.db"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match sync {
+                SyncMode::Full => SqliteSynchronous::Full,
+                SyncMode::Normal => SqliteSynchronous::Normal,
+            })
+            .busy_timeout(Duration::from_secs(10))
+            .pragma("temp_store", "memory");
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .min_connections(1)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Arc::new(SqliteStore { pool }))
+    }
+}
+
+fn corrupt(table: &'static str, what: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        table,
+        what: what.into(),
+    }
+}
+
+fn task_from_row(row: &SqliteRow) -> Result<TaskRecord, StoreError> {
+    let task_id: i64 = row.try_get("task_id")?;
+    let status: String = row.try_get("status")?;
+    let status = TaskStatus::parse(&status)
+        .ok_or_else(|| corrupt("tasks", format!("task {task_id} has status {status:?}")))?;
+    let constraints: String = row.try_get("constraints")?;
+    let constraints: Constraints = serde_json::from_str(&constraints)
+        .map_err(|e| corrupt("tasks", format!("task {task_id} constraints: {e}")))?;
+    let code: String = row.try_get("code")?;
+    Ok(TaskRecord {
+        task_id,
+        spec: TaskSpec {
+            code: code.into(),
+            timeout: row.try_get("timeout")?,
+            resources: Resources {
+                cpu: row.try_get("cpu")?,
+                memory: row.try_get("memory_mb")?,
+            },
+            constraints,
+            max_attempts: row.try_get::<i64, _>("max_attempts")? as u32,
+            points: row.try_get::<i64, _>("points")? as u32,
+        },
+        state: TaskState {
+            task_id,
+            status,
+            result: row.try_get("result")?,
+            error: row.try_get("error")?,
+            attempts: row.try_get::<i64, _>("attempts")? as u32,
+            losses: row.try_get::<i64, _>("losses")? as u32,
+            node_id: row.try_get("node_id")?,
+            started_at: row.try_get("started_at")?,
+            completed_at: row.try_get("completed_at")?,
+        },
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn run_from_row(row: &SqliteRow) -> Result<RunRecord, StoreError> {
+    let run_id: i64 = row.try_get("run_id")?;
+    let status: String = row.try_get("status")?;
+    let status = RunStatus::parse(&status)
+        .ok_or_else(|| corrupt("runs", format!("run {run_id} has status {status:?}")))?;
+    Ok(RunRecord {
+        run_id,
+        task_id: row.try_get("task_id")?,
+        node_id: row.try_get("node_id")?,
+        attempt: row.try_get::<i64, _>("attempt")? as u32,
+        status,
+        exit_code: row
+            .try_get::<Option<i64>, _>("exit_code")?
+            .map(|c| c as i32),
+        stdout: row.try_get("stdout")?,
+        stderr: row.try_get("stderr")?,
+        error: row.try_get("error")?,
+        started_at: row.try_get("started_at")?,
+        completed_at: row.try_get("completed_at")?,
+        cpu_seconds: row.try_get("cpu_seconds")?,
+        max_rss_mb: row.try_get("max_rss_mb")?,
+    })
+}
+
+fn node_from_row(row: &SqliteRow) -> Result<NodeRecord, StoreError> {
+    let node_id: String = row.try_get("node_id")?;
+    let status: String = row.try_get("status")?;
+    let status = NodeStatus::parse(&status)
+        .ok_or_else(|| corrupt("nodes", format!("node {node_id} has status {status:?}")))?;
+    let meta: String = row.try_get("meta")?;
+    let meta = match serde_json::from_str(&meta) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => {
+            return Err(corrupt(
+                "nodes",
+                format!("node {node_id} meta is not an object"),
+            ));
+        }
+    };
+    Ok(NodeRecord {
+        node_id,
+        hostname: row.try_get("hostname")?,
+        node_type: row.try_get("node_type")?,
+        zone: row.try_get("zone")?,
+        resources: NodeResources {
+            cpu_cores: row.try_get("cpu_cores")?,
+            memory_mb: row.try_get("memory_mb")?,
+        },
+        meta,
+        status,
+        version: row.try_get("version")?,
+        joined_at: row.try_get("joined_at")?,
+        last_heartbeat: row.try_get("last_heartbeat")?,
+    })
+}
+
+async fn apply_one(tx: &mut Transaction<'_, Sqlite>, change: &Change) -> Result<(), StoreError> {
+    match change {
+        Change::TaskCreated(t) => {
+            let constraints = serde_json::to_string(&t.spec.constraints)
+                .map_err(|e| corrupt("tasks", e.to_string()))?;
+            sqlx::query(
+                "INSERT INTO tasks (task_id, code, timeout, cpu, memory_mb, constraints, \
+                 max_attempts, points, status, attempts, losses, created_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(t.task_id)
+            .bind(&*t.spec.code)
+            .bind(t.spec.timeout)
+            .bind(t.spec.resources.cpu)
+            .bind(t.spec.resources.memory)
+            .bind(constraints)
+            .bind(t.spec.max_attempts as i64)
+            .bind(t.spec.points as i64)
+            .bind(t.state.status.as_str())
+            .bind(t.state.attempts as i64)
+            .bind(t.state.losses as i64)
+            .bind(t.created_at)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Change::TaskUpdated(s) => {
+            sqlx::query(
+                "UPDATE tasks SET status = ?, result = ?, error = ?, attempts = ?, losses = ?, \
+                 node_id = ?, started_at = ?, completed_at = ? WHERE task_id = ?",
+            )
+            .bind(s.status.as_str())
+            .bind(&s.result)
+            .bind(&s.error)
+            .bind(s.attempts as i64)
+            .bind(s.losses as i64)
+            .bind(&s.node_id)
+            .bind(s.started_at)
+            .bind(s.completed_at)
+            .bind(s.task_id)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Change::RunSaved(r) => {
+            sqlx::query(
+                "INSERT INTO runs (run_id, task_id, node_id, attempt, status, exit_code, stdout, \
+                 stderr, error, started_at, completed_at, cpu_seconds, max_rss_mb) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, \
+                 exit_code = excluded.exit_code, stdout = excluded.stdout, stderr = excluded.stderr, \
+                 error = excluded.error, completed_at = excluded.completed_at, \
+                 cpu_seconds = excluded.cpu_seconds, max_rss_mb = excluded.max_rss_mb",
+            )
+            .bind(r.run_id)
+            .bind(r.task_id)
+            .bind(&r.node_id)
+            .bind(r.attempt as i64)
+            .bind(r.status.as_str())
+            .bind(r.exit_code.map(i64::from))
+            .bind(&r.stdout)
+            .bind(&r.stderr)
+            .bind(&r.error)
+            .bind(r.started_at)
+            .bind(r.completed_at)
+            .bind(r.cpu_seconds)
+            .bind(r.max_rss_mb)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Change::NodeSaved(n) => {
+            let meta = serde_json::Value::Object(n.meta.clone()).to_string();
+            sqlx::query(
+                "INSERT INTO nodes (node_id, hostname, node_type, zone, cpu_cores, memory_mb, meta, \
+                 status, version, joined_at, last_heartbeat) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (node_id) DO UPDATE SET hostname = excluded.hostname, \
+                 node_type = excluded.node_type, zone = excluded.zone, cpu_cores = excluded.cpu_cores, \
+                 memory_mb = excluded.memory_mb, meta = excluded.meta, status = excluded.status, \
+                 version = excluded.version, joined_at = excluded.joined_at, \
+                 last_heartbeat = excluded.last_heartbeat",
+            )
+            .bind(&n.node_id)
+            .bind(&n.hostname)
+            .bind(&n.node_type)
+            .bind(&n.zone)
+            .bind(n.resources.cpu_cores)
+            .bind(n.resources.memory_mb)
+            .bind(meta)
+            .bind(n.status.as_str())
+            .bind(&n.version)
+            .bind(n.joined_at)
+            .bind(n.last_heartbeat)
+            .execute(&mut **tx)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn load(&self) -> Result<Snapshot, StoreError> {
+        let tasks = sqlx::query(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE status IN ('pending', 'assigned', 'running') \
+             ORDER BY task_id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        let runs = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE status IN ('assigned', 'running') ORDER BY run_id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        let nodes = sqlx::query(&format!("SELECT {NODE_COLUMNS} FROM nodes"))
+            .fetch_all(&self.pool)
+            .await?;
+        let ids = sqlx::query(
+            "SELECT (SELECT COALESCE(MAX(task_id), 0) FROM tasks) AS max_task, \
+             (SELECT COALESCE(MAX(run_id), 0) FROM runs) AS max_run, \
+             (SELECT COUNT(*) FROM tasks) AS total",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Snapshot {
+            active_tasks: tasks.iter().map(task_from_row).collect::<Result<_, _>>()?,
+            active_runs: runs.iter().map(run_from_row).collect::<Result<_, _>>()?,
+            nodes: nodes.iter().map(node_from_row).collect::<Result<_, _>>()?,
+            max_task_id: ids.try_get("max_task")?,
+            max_run_id: ids.try_get("max_run")?,
+            total_tasks: ids.try_get::<i64, _>("total")? as u64,
+        })
+    }
+
+    async fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for change in changes {
+            apply_one(&mut tx, change).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn task(&self, task_id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = ?"
+        ))
+        .bind(task_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(task_from_row).transpose()
+    }
+
+    async fn runs(&self, task_id: TaskId) -> Result<Vec<RunRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE task_id = ? ORDER BY run_id"
+        ))
+        .bind(task_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    async fn tasks(&self, query: &TaskQuery) -> Result<Vec<TaskRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE (?1 IS NULL OR status = ?1) \
+             AND task_id > ?2 ORDER BY task_id LIMIT ?3 OFFSET ?4"
+        ))
+        .bind(query.status.map(|s| s.as_str()))
+        .bind(query.after.unwrap_or(0))
+        .bind(query.limit as i64)
+        .bind(query.offset as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(task_from_row).collect()
+    }
+
+    async fn count_tasks(&self, status: Option<TaskStatus>) -> Result<u64, StoreError> {
+        let n: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE (?1 IS NULL OR status = ?1)")
+                .bind(status.map(|s| s.as_str()))
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(n as u64)
+    }
+
+    async fn results(
+        &self,
+        limit: u32,
+        offset: u64,
+        after: Option<TaskId>,
+    ) -> Result<Vec<ResultRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT task_id, result, completed_at FROM tasks WHERE status = 'completed' \
+             AND task_id > ? ORDER BY task_id LIMIT ? OFFSET ?",
+        )
+        .bind(after.unwrap_or(0))
+        .bind(limit as i64)
+        .bind(offset as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(ResultRow {
+                    task_id: row.try_get("task_id")?,
+                    result: row.try_get("result")?,
+                    completed_at: row.try_get("completed_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn stats(&self, now: f64) -> Result<TaskStats, StoreError> {
+        let mut stats = TaskStats::default();
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM tasks GROUP BY status")
+            .fetch_all(&self.pool)
+            .await?;
+        for row in &rows {
+            let status: String = row.try_get("status")?;
+            let n = row.try_get::<i64, _>("n")? as u64;
+            stats.total += n;
+            if let Some(status) = TaskStatus::parse(&status) {
+                stats.by_status.push((status, n));
+            }
+        }
+        let row = sqlx::query(
+            "SELECT (SELECT AVG(completed_at - started_at) FROM tasks \
+                     WHERE status = 'completed' AND started_at IS NOT NULL) AS avg_time, \
+                    (SELECT COUNT(*) FROM tasks WHERE status IN ('completed', 'failed') \
+                     AND completed_at >= ?) AS last_hour, \
+                    (SELECT COALESCE(SUM(completed_at - started_at), 0.0) FROM runs \
+                     WHERE completed_at IS NOT NULL) AS compute",
+        )
+        .bind(now - 3600.0)
+        .fetch_one(&self.pool)
+        .await?;
+        stats.avg_time = row.try_get("avg_time")?;
+        stats.finished_last_hour = row.try_get::<i64, _>("last_hour")? as u64;
+        stats.compute_seconds = row.try_get("compute")?;
+        Ok(stats)
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {NODE_COLUMNS} FROM nodes ORDER BY node_id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(node_from_row).collect()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,95 @@
+//! The single writer: every change goes through one task that applies whatever has queued
+//! up as one transaction (a group commit), then acknowledges each sender.
+//!
+//! Senders enqueue while holding the scheduler's lock (the send never blocks), so the durable
+//! order is the scheduler's order; they await the acknowledgement after releasing the lock.
+
+use super::{Store, StoreError};
+use crate::model::Change;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+/// Most changes applied in one transaction; more waits for the next commit.
+const MAX_BATCH_CHANGES: usize = 4096;
+
+struct Batch {
+    changes: Vec<Change>,
+    ack: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+/// The sending side, cheap to clone.
+#[derive(Clone)]
+pub struct WriterHandle {
+    tx: mpsc::UnboundedSender<Batch>,
+}
+
+/// Resolves once the changes it was issued for are durable.
+pub struct Ack(Option<oneshot::Receiver<Result<(), String>>>);
+
+impl Ack {
+    pub async fn durable(self) -> Result<(), StoreError> {
+        match self.0 {
+            None => Ok(()),
+            Some(rx) => match rx.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(msg)) => Err(StoreError::Commit(msg)),
+                Err(_) => Err(StoreError::WriterGone),
+            },
+        }
+    }
+}
+
+impl WriterHandle {
+    /// Queues changes; the returned [`Ack`] resolves when they are committed.
+    /// An empty list is durable already.
+    pub fn send(&self, changes: Vec<Change>) -> Ack {
+        if changes.is_empty() {
+            return Ack(None);
+        }
+        let (tx, rx) = oneshot::channel();
+        let batch = Batch {
+            changes,
+            ack: Some(tx),
+        };
+        // If the writer is gone, the receiver reports it when awaited.
+        let _ = self.tx.send(batch);
+        Ack(Some(rx))
+    }
+}
+
+pub struct Writer;
+
+impl Writer {
+    /// Starts the writer task. It ends once every handle is dropped and the queue is drained.
+    pub fn spawn(store: Arc<dyn Store>) -> (WriterHandle, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run(store, rx));
+        (WriterHandle { tx }, task)
+    }
+}
+
+async fn run(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Batch>) {
+    let mut changes = Vec::new();
+    let mut acks = Vec::new();
+    while let Some(first) = rx.recv().await {
+        changes.extend(first.changes);
+        acks.extend(first.ack);
+        while changes.len() < MAX_BATCH_CHANGES {
+            match rx.try_recv() {
+                Ok(next) => {
+                    changes.extend(next.changes);
+                    acks.extend(next.ack);
+                }
+                Err(_) => break,
+            }
+        }
+        let outcome = store.apply(&changes).await.map_err(|e| {
+            tracing::error!(error = %e, changes = changes.len(), "commit failed");
+            e.to_string()
+        });
+        for ack in acks.drain(..) {
+            let _ = ack.send(outcome.clone());
+        }
+        changes.clear();
+    }
+}

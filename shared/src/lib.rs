@@ -1,0 +1,456 @@
+//! Wire types spoken between Lull's coordinator, its agents and its HTTP clients.
+//!
+//! Everything here is serialisable and nothing else is: this crate is the IPC boundary.
+//! Internal state (the scheduler's tables, the store's rows) lives in the coordinator and
+//! never derives `Serialize`. Adding a field here is a protocol change: new fields are
+//! optional (`#[serde(default)]`) so an older peer keeps working.
+//!
+//! Architecture Invariant: no IO, no async, no dependency beyond serde.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Bumped when the agent <-> coordinator protocol changes incompatibly.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Default task timeout in seconds (seed 001).
+pub const DEFAULT_TIMEOUT_SECS: f64 = 300.0;
+/// Default CPU reservation per task (seed 001).
+pub const DEFAULT_CPU: f64 = 1.0;
+/// Default memory reservation per task in MB (seed 001).
+pub const DEFAULT_MEMORY_MB: f64 = 512.0;
+/// Default number of runs a task may lose to failing nodes before it is failed.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+
+/// A task's identifier: an increasing integer, as in seed 001.
+pub type TaskId = i64;
+/// A run's identifier, which is also its lease: a result is accepted only for the current run.
+pub type RunId = i64;
+
+// ---------------------------------------------------------------------------------------------
+// Tasks
+// ---------------------------------------------------------------------------------------------
+
+/// What a task reserves on the node that runs it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPU cores (fractional allowed, > 0).
+    #[serde(default = "default_cpu")]
+    pub cpu: f64,
+    /// Memory in MB (> 0).
+    #[serde(default = "default_memory")]
+    pub memory: f64,
+}
+
+fn default_cpu() -> f64 {
+    DEFAULT_CPU
+}
+fn default_memory() -> f64 {
+    DEFAULT_MEMORY_MB
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources {
+            cpu: DEFAULT_CPU,
+            memory: DEFAULT_MEMORY_MB,
+        }
+    }
+}
+
+/// Where a task may run: every given field must equal the node's.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Constraints {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "type")]
+    pub node_type: Option<String>,
+    /// Each key must be present in the node's `meta` with an equal JSON value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub meta: BTreeMap<String, serde_json::Value>,
+}
+
+impl Constraints {
+    pub fn is_empty(&self) -> bool {
+        self.zone.is_none() && self.node_type.is_none() && self.meta.is_empty()
+    }
+}
+
+/// Body of `POST /submit` and `POST /api/v1/tasks`.
+///
+/// Fields are optional on the wire so that validation can answer with the seed's own
+/// messages (`"Code cannot be empty"`) rather than a generic deserialisation error.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    #[serde(default)]
+    pub code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraints: Option<Constraints>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub points: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    Pending,
+    Assigned,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl TaskStatus {
+    pub const ALL: [TaskStatus; 6] = [
+        TaskStatus::Pending,
+        TaskStatus::Assigned,
+        TaskStatus::Running,
+        TaskStatus::Completed,
+        TaskStatus::Failed,
+        TaskStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Pending => "pending",
+            TaskStatus::Assigned => "assigned",
+            TaskStatus::Running => "running",
+            TaskStatus::Completed => "completed",
+            TaskStatus::Failed => "failed",
+            TaskStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TaskStatus> {
+        TaskStatus::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Completed | TaskStatus::Failed | TaskStatus::Cancelled
+        )
+    }
+}
+
+impl fmt::Display for TaskStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The life of one run (one attempt of a task on one node).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Handed to a node (or a legacy `/get_task` worker); not yet confirmed started.
+    Assigned,
+    Running,
+    Completed,
+    Failed,
+    /// The node was lost (offline, reconciled away, crashed) before a result came back.
+    Lost,
+    /// Handed back by an agent that was shutting down before it started or finished.
+    Released,
+    Cancelled,
+}
+
+impl RunStatus {
+    pub const ALL: [RunStatus; 7] = [
+        RunStatus::Assigned,
+        RunStatus::Running,
+        RunStatus::Completed,
+        RunStatus::Failed,
+        RunStatus::Lost,
+        RunStatus::Released,
+        RunStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Assigned => "assigned",
+            RunStatus::Running => "running",
+            RunStatus::Completed => "completed",
+            RunStatus::Failed => "failed",
+            RunStatus::Lost => "lost",
+            RunStatus::Released => "released",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RunStatus> {
+        RunStatus::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_active(self) -> bool {
+        matches!(self, RunStatus::Assigned | RunStatus::Running)
+    }
+}
+
+impl fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Nodes
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeStatus {
+    Idle,
+    Busy,
+    Paused,
+    Draining,
+    Drained,
+    Offline,
+    Removed,
+}
+
+impl NodeStatus {
+    pub const ALL: [NodeStatus; 7] = [
+        NodeStatus::Idle,
+        NodeStatus::Busy,
+        NodeStatus::Paused,
+        NodeStatus::Draining,
+        NodeStatus::Drained,
+        NodeStatus::Offline,
+        NodeStatus::Removed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Idle => "idle",
+            NodeStatus::Busy => "busy",
+            NodeStatus::Paused => "paused",
+            NodeStatus::Draining => "draining",
+            NodeStatus::Drained => "drained",
+            NodeStatus::Offline => "offline",
+            NodeStatus::Removed => "removed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<NodeStatus> {
+        NodeStatus::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+impl fmt::Display for NodeStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the agent declares it lends (seed 001's heartbeat `resources`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct NodeResources {
+    pub cpu_cores: f64,
+    pub memory_mb: f64,
+}
+
+/// Host load as the agent measures it (seed 001's heartbeat `current_load`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Load {
+    pub cpu_percent: f64,
+    pub memory_percent: f64,
+}
+
+/// What the agent states about itself in `POST /internal/heartbeat`: `idle`/`busy` while it
+/// works, `draining` while it shuts down (place nothing more), `offline` when it leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentState {
+    Idle,
+    Busy,
+    Draining,
+    Offline,
+}
+
+/// Body of `POST /internal/heartbeat`. The first four fields are seed 001's example, which
+/// is accepted on its own: everything else is optional.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    pub node_id: String,
+    #[serde(default = "default_agent_state")]
+    pub status: AgentState,
+    pub resources: NodeResources,
+    #[serde(default)]
+    pub current_load: Load,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "type")]
+    pub node_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Runs the agent is executing now.
+    #[serde(default)]
+    pub running: Vec<RunId>,
+    /// Runs that finished on the agent whose result it has not yet had acknowledged
+    /// (kept in its outbox). The coordinator must not treat these as lost.
+    #[serde(default)]
+    pub finished: Vec<RunId>,
+}
+
+fn default_agent_state() -> AgentState {
+    AgentState::Idle
+}
+
+/// Answer to a heartbeat.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    pub status: String,
+    pub node_id: String,
+    /// Runs the agent must kill (whole process tree) and forget: cancelled, or moved elsewhere.
+    #[serde(default)]
+    pub cancel: Vec<RunId>,
+    /// The interval the coordinator expects heartbeats at, in seconds.
+    #[serde(default)]
+    pub heartbeat_interval: f64,
+    pub server_id: String,
+}
+
+/// One run handed to an agent by `GET /internal/task`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub task_id: TaskId,
+    pub run_id: RunId,
+    pub attempt: u32,
+    pub code: String,
+    pub timeout: f64,
+    pub resources: Resources,
+}
+
+/// Answer to `GET /internal/task?node_id=..&wait=..&max=..`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PullResponse {
+    /// Runs to start now (empty when the long-poll timed out).
+    pub tasks: Vec<Assignment>,
+    /// Runs the agent must kill, as in the heartbeat answer (delivered here too so that a
+    /// cancel does not wait for the next heartbeat).
+    #[serde(default)]
+    pub cancel: Vec<RunId>,
+}
+
+/// How a run ended, as the agent reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunOutcome {
+    /// The program exited 0.
+    Completed,
+    /// The program failed: non-zero exit, exception, timeout, limit breached.
+    Failed,
+    /// The agent gave the run back without a verdict (it is shutting down); requeue it.
+    Released,
+    /// The agent killed the run because it was told to (cancel); nothing to record.
+    Cancelled,
+}
+
+/// Body of `POST /internal/result`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunReport {
+    pub node_id: String,
+    pub task_id: TaskId,
+    pub run_id: RunId,
+    pub outcome: RunOutcome,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub stdout: String,
+    #[serde(default)]
+    pub stderr: String,
+    /// A one-line reason for a failure ("timed out after 5 s", the exception's last line).
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Unix seconds.
+    #[serde(default)]
+    pub started_at: Option<f64>,
+    #[serde(default)]
+    pub completed_at: Option<f64>,
+    /// CPU seconds used by the run's processes (user + system), when known.
+    #[serde(default)]
+    pub cpu_seconds: Option<f64>,
+    /// Peak resident memory of the run in MB, when known.
+    #[serde(default)]
+    pub max_rss_mb: Option<f64>,
+}
+
+/// Answer to `POST /internal/result`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunReportAck {
+    pub status: String,
+    pub task_id: TaskId,
+    pub run_id: RunId,
+}
+
+/// The `{"detail": ...}` error body used everywhere but the seed 000/002 envelopes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub detail: String,
+}
+
+/// The program's result as seed 001 defines it: its standard output without the one
+/// trailing newline `print` adds (`print('Hello World')` gives `"Hello World"`).
+pub fn result_from_stdout(stdout: &str) -> String {
+    let s = stdout.strip_suffix('\n').unwrap_or(stdout);
+    let s = s.strip_suffix('\r').unwrap_or(s);
+    s.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_drops_exactly_one_trailing_newline() {
+        assert_eq!(result_from_stdout("Hello World\n"), "Hello World");
+        assert_eq!(result_from_stdout("a\n\n"), "a\n");
+        assert_eq!(result_from_stdout("a\r\n"), "a");
+        assert_eq!(result_from_stdout("no newline"), "no newline");
+        assert_eq!(result_from_stdout(""), "");
+    }
+
+    #[test]
+    fn seed_heartbeat_body_is_accepted_as_is() {
+        let body = r#"{"node_id": "node-001", "status": "idle",
+            "resources": {"cpu_cores": 8, "memory_mb": 16384},
+            "current_load": {"cpu_percent": 15.5, "memory_percent": 45.2}}"#;
+        let hb: HeartbeatRequest = serde_json::from_str(body).expect("seed body parses");
+        assert_eq!(hb.node_id, "node-001");
+        assert_eq!(hb.status, AgentState::Idle);
+        assert_eq!(hb.resources.cpu_cores, 8.0);
+        assert!(hb.running.is_empty());
+    }
+
+    #[test]
+    fn statuses_round_trip_through_their_names() {
+        for st in TaskStatus::ALL {
+            assert_eq!(TaskStatus::parse(st.as_str()), Some(st));
+            assert_eq!(
+                serde_json::to_string(&st).expect("serialise"),
+                format!("\"{st}\"")
+            );
+        }
+        for st in RunStatus::ALL {
+            assert_eq!(RunStatus::parse(st.as_str()), Some(st));
+        }
+        for st in NodeStatus::ALL {
+            assert_eq!(NodeStatus::parse(st.as_str()), Some(st));
+        }
+        assert_eq!(TaskStatus::parse("nope"), None);
+    }
+}

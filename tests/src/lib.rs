@@ -1,0 +1,222 @@
+//! A harness for end-to-end tests: real `lull-coordinator` and `lull-agent` processes on
+//! 127.0.0.1, each owned by a handle that kills it (by PID) when dropped.
+//!
+//! The binaries are looked up next to the test executable (`target/<profile>/`), or in
+//! `LULL_BIN_DIR`. The test command builds them first (`cargo build --workspace --bins`).
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where the workspace's binaries are.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("LULL_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // target/<profile>/deps/<test-binary> -> target/<profile>
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .expect("target directory")
+}
+
+fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it first with `cargo build --workspace --bins` (or set LULL_BIN_DIR)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `check` until it returns `Some`, for at most `limit`; panics with `what` otherwise.
+pub async fn wait_until<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A child process killed with SIGKILL (and reaped) when dropped.
+pub struct Process {
+    child: Child,
+    name: String,
+}
+
+impl Process {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// SIGKILL now, and reap.
+    pub fn kill9(&mut self) {
+        let _ = kill(Pid::from_raw(self.pid()), Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait up to `limit` for a clean exit. Returns whether it exited 0.
+    pub fn terminate(&mut self, limit: Duration) -> bool {
+        let _ = kill(Pid::from_raw(self.pid()), Signal::SIGTERM);
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("{} did not stop within {limit:?}; killing it", self.name);
+        self.kill9();
+        false
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.is_running() {
+            self.kill9();
+        }
+    }
+}
+
+/// A running coordinator and a client for it.
+pub struct Coordinator {
+    pub process: Process,
+    pub url: String,
+    pub http: reqwest::Client,
+}
+
+impl Coordinator {
+    /// Starts `lull-coordinator --listen 127.0.0.1:0 --data-dir DIR ARGS...` and reads the
+    /// address it bound from its first line of stdout.
+    pub fn start(data_dir: &Path, args: &[&str]) -> Result<Coordinator> {
+        Coordinator::start_on("127.0.0.1:0", data_dir, args)
+    }
+
+    pub fn start_on(listen: &str, data_dir: &Path, args: &[&str]) -> Result<Coordinator> {
+        let mut child = Command::new(binary("lull-coordinator"))
+            .arg("--listen")
+            .arg(listen)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("LULL_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting lull-coordinator")?;
+        let stdout = child.stdout.take().context("coordinator stdout")?;
+        let process = Process {
+            child,
+            name: "lull-coordinator".into(),
+        };
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .context("reading the coordinator's address")?;
+        let Some(url) = line.trim().strip_prefix("Lull is listening on ") else {
+            bail!("unexpected first line from lull-coordinator: {line:?}");
+        };
+        Ok(Coordinator {
+            url: url.to_string(),
+            process,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()?,
+        })
+    }
+
+    /// The `host:port` the coordinator is bound to.
+    pub fn addr(&self) -> &str {
+        self.url.trim_start_matches("http://")
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Value> {
+        let resp = self
+            .http
+            .get(format!("{}{}", self.url, path))
+            .send()
+            .await?;
+        Ok(resp.json().await?)
+    }
+
+    pub async fn submit(&self, code: &str) -> Result<i64> {
+        let resp = self
+            .http
+            .post(format!("{}/submit", self.url))
+            .json(&json!({"code": code}))
+            .send()
+            .await?;
+        let status = resp.status();
+        let body: Value = resp.json().await?;
+        if !status.is_success() {
+            bail!("submit failed with {status}: {body}");
+        }
+        body["task_id"].as_i64().context("no task_id")
+    }
+
+    pub async fn status(&self, task_id: i64) -> Result<Value> {
+        self.get(&format!("/status/{task_id}")).await
+    }
+
+    /// The task with its runs.
+    pub async fn task(&self, task_id: i64) -> Result<Value> {
+        self.get(&format!("/api/v1/tasks/{task_id}")).await
+    }
+
+    /// Waits until the coordinator knows `n` non-offline nodes.
+    pub async fn wait_for_nodes(&self, n: u64) {
+        wait_until(Duration::from_secs(30), "agents to join", || async {
+            let stats = self.get("/stats").await.ok()?;
+            let nodes = &stats["nodes"];
+            let live = nodes["total"].as_u64()? - nodes["offline"].as_u64()?;
+            (live >= n).then_some(())
+        })
+        .await
+    }
+}
+
+/// Starts `lull-agent --coordinator URL --state-dir DIR ARGS...`.
+pub fn start_agent(coordinator_url: &str, state_dir: &Path, args: &[&str]) -> Result<Process> {
+    let child = Command::new(binary("lull-agent"))
+        .arg("--coordinator")
+        .arg(coordinator_url)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("LULL_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting lull-agent")?;
+    Ok(Process {
+        child,
+        name: "lull-agent".into(),
+    })
+}

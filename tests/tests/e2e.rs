@@ -1,0 +1,459 @@
+//! End-to-end: real coordinator and agent processes on 127.0.0.1, real Python.
+
+use lull_tests::{Coordinator, start_agent, wait_until};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Fast heartbeats so that failure detection takes seconds, not tens of seconds.
+const FAST: &[&str] = &["--heartbeat-interval", "0.3", "--node-ttl", "2"];
+const AGENT_FAST: &[&str] = &["--heartbeat-interval", "0.3"];
+
+fn agent_args<'a>(node_id: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--node-id", node_id];
+    args.extend_from_slice(AGENT_FAST);
+    args.extend_from_slice(extra);
+    args
+}
+
+async fn wait_terminal(c: &Coordinator, task_id: i64, limit: Duration) -> Value {
+    wait_until(limit, &format!("task {task_id} to finish"), || async {
+        let st = c.status(task_id).await.ok()?;
+        matches!(
+            st["status"].as_str(),
+            Some("completed" | "failed" | "cancelled")
+        )
+        .then_some(st)
+    })
+    .await
+}
+
+/// Every task in `expected` (id → result) completed with that result, with exactly one
+/// completed run.
+async fn assert_each_completed_once(c: &Coordinator, expected: &HashMap<i64, String>) {
+    for (id, want) in expected {
+        let task = c.task(*id).await.expect("task");
+        assert_eq!(task["status"], "completed", "task {id}: {task}");
+        assert_eq!(task["result"].as_str(), Some(want.as_str()), "task {id}");
+        let completed = task["runs"]
+            .as_array()
+            .expect("runs")
+            .iter()
+            .filter(|r| r["status"] == "completed")
+            .count();
+        assert_eq!(completed, 1, "task {id} must complete exactly once: {task}");
+    }
+}
+
+/// Whether any of `pids` is still a live process (a zombie waiting to be reaped is dead).
+fn python_pids_alive(pids: &[i32]) -> bool {
+    pids.iter().any(|pid| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next()))
+            .flatten()
+            .is_some_and(|state| state != 'Z' && state != 'X')
+    })
+}
+
+#[tokio::test]
+async fn the_seed_python_client_runs_verbatim_against_the_default_setup() {
+    let dir = tempfile::tempdir().expect("dir");
+    // The default: one embedded local agent.
+    let c = Coordinator::start(dir.path(), &[]).expect("coordinator");
+    let script = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/python/seed_client.py"
+    ))
+    .expect("seed client");
+    // Only the address changes: the test's coordinator listens on a free port.
+    let script = script.replace("http://localhost:8000", &c.url);
+    let path = dir.path().join("seed_client.py");
+    std::fs::write(&path, script).expect("write script");
+    let output = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new("python3")
+            .arg(&path)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the client finishes")
+    .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "stdout {stdout}\nstderr {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("任务提交成功，ID: 1"), "{stdout}");
+    assert!(stdout.contains("任务完成，结果: 2"), "{stdout}");
+}
+
+#[tokio::test]
+async fn the_seed_curl_examples_work() {
+    let dir = tempfile::tempdir().expect("dir");
+    let c = Coordinator::start(dir.path(), &[]).expect("coordinator");
+    let curl = |args: Vec<String>| async move {
+        let out = tokio::process::Command::new("curl")
+            .args(["-s", "--max-time", "30"])
+            .args(&args)
+            .output()
+            .await
+            .expect("curl runs");
+        assert!(out.status.success(), "curl {args:?} failed");
+        serde_json::from_slice::<Value>(&out.stdout).expect("JSON answer")
+    };
+    let root = curl(vec![format!("{}/", c.url)]).await;
+    assert_eq!(root["status"], "running");
+    let submitted = curl(vec![
+        "-X".into(),
+        "POST".into(),
+        format!("{}/submit", c.url),
+        "-H".into(),
+        "Content-Type: application/json".into(),
+        "-d".into(),
+        r#"{"code": "print(\"Hello from cURL\")"}"#.into(),
+    ])
+    .await;
+    assert_eq!(submitted["task_id"], 1);
+    let done = wait_terminal(&c, 1, Duration::from_secs(60)).await;
+    assert_eq!(done["result"], "Hello from cURL");
+    let status = curl(vec![format!("{}/status/1", c.url)]).await;
+    assert_eq!(status["status"], "completed");
+    let stats = curl(vec![format!("{}/stats", c.url)]).await;
+    assert_eq!(stats["tasks"]["completed"], 1);
+    assert_eq!(stats["nodes"]["total"], 1);
+}
+
+#[tokio::test]
+async fn five_hundred_tasks_from_two_clients_complete_exactly_once() {
+    let dir = tempfile::tempdir().expect("dir");
+    let c = Coordinator::start(&dir.path().join("coord"), &["--local-agents", "0"])
+        .expect("coordinator");
+    let _a = start_agent(
+        &c.url,
+        &dir.path().join("a"),
+        &agent_args("a", &["--cpus", "2"]),
+    )
+    .expect("agent a");
+    let _b = start_agent(
+        &c.url,
+        &dir.path().join("b"),
+        &agent_args("b", &["--cpus", "2"]),
+    )
+    .expect("agent b");
+    c.wait_for_nodes(2).await;
+
+    let started = Instant::now();
+    let clients: Vec<_> = (0..2)
+        .map(|client| {
+            let url = c.url.clone();
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let mut mine = HashMap::new();
+                for i in 0..250 {
+                    let n = client * 1000 + i;
+                    let resp: Value = http
+                        .post(format!("{url}/submit"))
+                        .json(&serde_json::json!({"code": format!("print({n} * 2)")}))
+                        .send()
+                        .await
+                        .expect("submit")
+                        .json()
+                        .await
+                        .expect("json");
+                    mine.insert(
+                        resp["task_id"].as_i64().expect("task_id"),
+                        (n * 2).to_string(),
+                    );
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut expected = HashMap::new();
+    for client in clients {
+        expected.extend(client.await.expect("client"));
+    }
+    assert_eq!(expected.len(), 500, "500 distinct task ids");
+    wait_until(
+        Duration::from_secs(300),
+        "500 tasks to complete",
+        || async {
+            let stats = c.get("/stats").await.ok()?;
+            (stats["tasks"]["completed"] == 500).then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "500 tasks end to end through 2 agents: {:?}",
+        started.elapsed()
+    );
+    assert_each_completed_once(&c, &expected).await;
+    let stats = c.get("/stats").await.expect("stats");
+    assert_eq!(stats["tasks"]["total"], 500);
+    assert_eq!(stats["tasks"]["failed"], 0);
+}
+
+#[tokio::test]
+async fn an_agent_killed_mid_task_loses_nothing_the_task_completes_elsewhere() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut args = vec!["--local-agents", "0"];
+    args.extend_from_slice(FAST);
+    let c = Coordinator::start(&dir.path().join("coord"), &args).expect("coordinator");
+    let mut doomed =
+        start_agent(&c.url, &dir.path().join("a"), &agent_args("doomed", &[])).expect("agent");
+    c.wait_for_nodes(1).await;
+    let id = c
+        .submit("import time\ntime.sleep(2)\nprint('survived')")
+        .await
+        .expect("submit");
+    wait_until(
+        Duration::from_secs(30),
+        "the task to run on the doomed agent",
+        || async {
+            let st = c.status(id).await.ok()?;
+            (st["status"] == "running" && st["node_id"] == "doomed").then_some(())
+        },
+    )
+    .await;
+    let _rescuer =
+        start_agent(&c.url, &dir.path().join("b"), &agent_args("rescuer", &[])).expect("agent");
+    doomed.kill9();
+
+    let done = wait_terminal(&c, id, Duration::from_secs(60)).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["result"], "survived");
+    assert_eq!(done["node_id"], "rescuer");
+    let task = c.task(id).await.expect("task");
+    let runs = task["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 2, "{task}");
+    assert_eq!(runs[0]["node_id"], "doomed");
+    assert_eq!(runs[0]["status"], "lost");
+    assert_eq!(runs[1]["status"], "completed");
+}
+
+#[tokio::test]
+async fn the_coordinator_killed_under_load_and_restarted_loses_no_task_and_completes_none_twice() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("coord");
+    let mut args = vec!["--local-agents", "0"];
+    args.extend_from_slice(FAST);
+    let mut c = Coordinator::start(&data, &args).expect("coordinator");
+    let addr = c.addr().to_string();
+    let _a = start_agent(
+        &c.url,
+        &dir.path().join("a"),
+        &agent_args("a", &["--cpus", "2"]),
+    )
+    .expect("agent a");
+    let _b = start_agent(
+        &c.url,
+        &dir.path().join("b"),
+        &agent_args("b", &["--cpus", "2"]),
+    )
+    .expect("agent b");
+    c.wait_for_nodes(2).await;
+
+    // Submit steadily; kill the coordinator with SIGKILL part way; restart it on the same
+    // address; keep submitting. Only answered submissions count as accepted.
+    let mut expected = HashMap::new();
+    let mut i = 0u32;
+    while expected.len() < 120 {
+        i += 1;
+        if let Ok(id) = c
+            .submit(&format!("import time; time.sleep(0.05); print({i})"))
+            .await
+        {
+            expected.insert(id, i.to_string());
+        }
+        assert!(i < 10_000, "bounded");
+    }
+    c.process.kill9();
+    let c = Coordinator::start_on(&addr, &data, &args).expect("coordinator restarts");
+    while expected.len() < 200 {
+        i += 1;
+        if let Ok(id) = c.submit(&format!("print({i})")).await {
+            expected.insert(id, i.to_string());
+        }
+        assert!(i < 10_000, "bounded");
+    }
+    wait_until(
+        Duration::from_secs(300),
+        "every accepted task to complete",
+        || async {
+            for id in expected.keys() {
+                let st = c.status(*id).await.ok()?;
+                if st["status"] != "completed" {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    assert_each_completed_once(&c, &expected).await;
+}
+
+#[tokio::test]
+async fn a_result_made_while_the_coordinator_is_down_is_delivered_after_it_returns() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("coord");
+    let mut args = vec!["--local-agents", "0"];
+    args.extend_from_slice(FAST);
+    let mut c = Coordinator::start(&data, &args).expect("coordinator");
+    let addr = c.addr().to_string();
+    let agent_dir = dir.path().join("a");
+    let _a = start_agent(&c.url, &agent_dir, &agent_args("a", &[])).expect("agent");
+    c.wait_for_nodes(1).await;
+    let id = c
+        .submit("import time\ntime.sleep(1.5)\nprint('kept')")
+        .await
+        .expect("submit");
+    wait_until(Duration::from_secs(30), "the task to start", || async {
+        (c.status(id).await.ok()?["status"] == "running").then_some(())
+    })
+    .await;
+    c.process.kill9();
+    // The run finishes while nobody can take its result: the agent keeps it on disk.
+    let outbox = agent_dir.join("outbox");
+    wait_until(
+        Duration::from_secs(30),
+        "the result to be kept in the agent's outbox",
+        || async {
+            let n = std::fs::read_dir(&outbox)
+                .ok()?
+                .filter_map(Result::ok)
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .count();
+            (n == 1).then_some(())
+        },
+    )
+    .await;
+    let c = Coordinator::start_on(&addr, &data, &args).expect("coordinator restarts");
+    let done = wait_terminal(&c, id, Duration::from_secs(60)).await;
+    assert_eq!(done["status"], "completed");
+    assert_eq!(done["result"], "kept");
+    let task = c.task(id).await.expect("task");
+    assert_eq!(
+        task["runs"].as_array().map(Vec::len),
+        Some(1),
+        "not run again: {task}"
+    );
+    wait_until(Duration::from_secs(30), "the outbox to empty", || async {
+        let n = std::fs::read_dir(&outbox)
+            .ok()?
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .count();
+        (n == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_stopping_agent_hands_back_unfinished_work() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut args = vec!["--local-agents", "0"];
+    args.extend_from_slice(FAST);
+    let c = Coordinator::start(&dir.path().join("coord"), &args).expect("coordinator");
+    let mut leaving = start_agent(
+        &c.url,
+        &dir.path().join("a"),
+        &agent_args("leaving", &["--shutdown-grace", "1"]),
+    )
+    .expect("agent");
+    c.wait_for_nodes(1).await;
+    let quick = c
+        .submit("import time\ntime.sleep(0.3)\nprint('finished in grace')")
+        .await
+        .expect("submit");
+    let slow = c
+        .submit("import time\ntime.sleep(120)\nprint('finished elsewhere')")
+        .await
+        .expect("submit");
+    wait_until(Duration::from_secs(30), "both tasks to run", || async {
+        let a = c.status(quick).await.ok()?;
+        let b = c.status(slow).await.ok()?;
+        (a["status"] == "running" && b["status"] == "running").then_some(())
+    })
+    .await;
+    assert!(
+        leaving.terminate(Duration::from_secs(30)),
+        "the agent exits cleanly on SIGTERM"
+    );
+    let q = wait_terminal(&c, quick, Duration::from_secs(30)).await;
+    assert_eq!(q["result"], "finished in grace");
+    // The slow one was handed back, not failed and not lost.
+    let st = c.task(slow).await.expect("task");
+    assert_eq!(st["status"], "pending", "{st}");
+    assert_eq!(st["runs"][0]["status"], "released");
+    let stats = c.get("/stats").await.expect("stats");
+    assert_eq!(
+        stats["nodes"]["offline"], 1,
+        "the agent said goodbye: {stats}"
+    );
+}
+
+#[tokio::test]
+async fn cancel_kills_the_whole_process_tree_on_the_node() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut args = vec!["--local-agents", "0"];
+    args.extend_from_slice(FAST);
+    let c = Coordinator::start(&dir.path().join("coord"), &args).expect("coordinator");
+    let _a = start_agent(&c.url, &dir.path().join("a"), &agent_args("a", &[])).expect("agent");
+    c.wait_for_nodes(1).await;
+    let pidfile = dir.path().join("pids");
+    let code = format!(
+        "import os, subprocess, time\n\
+         child = subprocess.Popen(['sleep', '300'])\n\
+         open({path:?}, 'w').write(f'{{os.getpid()}} {{child.pid}}')\n\
+         time.sleep(300)\n",
+        path = pidfile.display().to_string()
+    );
+    let id = c.submit(&code).await.expect("submit");
+    let pids: Vec<i32> = wait_until(
+        Duration::from_secs(30),
+        "the task to write its pids",
+        || async {
+            let text = std::fs::read_to_string(&pidfile).ok()?;
+            let pids: Vec<i32> = text
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect();
+            (pids.len() == 2).then_some(pids)
+        },
+    )
+    .await;
+    assert!(python_pids_alive(&pids));
+    let resp = c
+        .http
+        .post(format!("{}/api/v1/tasks/{id}/cancel", c.url))
+        .send()
+        .await
+        .expect("cancel");
+    assert_eq!(resp.status(), 200);
+    wait_until(
+        Duration::from_secs(30),
+        "the task's processes to die",
+        || async { (!python_pids_alive(&pids)).then_some(()) },
+    )
+    .await;
+    assert_eq!(c.status(id).await.expect("status")["status"], "cancelled");
+}
+
+#[test]
+fn binaries_are_where_the_harness_looks() {
+    assert!(
+        Path::new(&lull_tests::bin_dir())
+            .join("lull-coordinator")
+            .exists()
+    );
+    assert!(
+        Path::new(&lull_tests::bin_dir())
+            .join("lull-agent")
+            .exists()
+    );
+}

@@ -5,7 +5,10 @@
 //! table of runs ([`Runs`]) is what heartbeats report as `running` and what cancels act on.
 
 use crate::client::{CallError, CoordinatorClient};
-use crate::executor::{ColdExecutor, Execution, Executor, Job, format_seconds};
+use crate::executor::{
+    ColdExecutor, Execution, Executor, ExecutorKind, Job, ZygoteExecutor, ZygoteSettings,
+    format_seconds,
+};
 use crate::heartbeat::{LoadMeter, heartbeat_until_stopped, send_heartbeat};
 use crate::outbox::Outbox;
 use crate::retry::{Backoff, FailureLog};
@@ -36,13 +39,61 @@ const FLUSH_WAIT: Duration = Duration::from_secs(5);
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(3);
 const RELEASED_ERROR: &str = "agent shutting down";
 
-/// Runs the agent with the [`ColdExecutor`] until `shutdown` is cancelled, then shuts down
+/// Runs the agent with the executor its configuration chooses (the zygote, unless it cannot
+/// start here or `cold` is asked for) until `shutdown` is cancelled, then shuts down
 /// gracefully (see the crate docs) and returns `Ok`. Errors only when it cannot start.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let python = ColdExecutor::resolve_interpreter(&config.python).await;
     tracing::info!(python = %python, "interpreter resolved");
-    let executor = ColdExecutor::new(python, config.max_output_bytes);
+    let launcher = config
+        .sandbox_launcher
+        .clone()
+        .or_else(crate::sandbox::default_launcher);
+    let mut settings = config.sandbox.clone();
+    settings
+        .expose
+        .extend(ColdExecutor::interpreter_prefixes(&python).await);
+    let protections = crate::sandbox::probe(launcher.as_deref(), &settings, &python).await;
+    report_protections(&protections);
+    let executor = ColdExecutor::new(python.clone(), config.max_output_bytes).with_sandbox(
+        launcher.unwrap_or_default(),
+        protections.clone(),
+        settings.clone(),
+    );
+    if config.executor == ExecutorKind::Zygote {
+        let zygote = ZygoteSettings {
+            binary: config
+                .zygote_bin
+                .clone()
+                .or_else(ZygoteSettings::default_binary)
+                .unwrap_or_else(|| "lull-zygote".into()),
+            python,
+            preload: config.preload.clone(),
+            protections,
+            sandbox: settings,
+            max_output_bytes: config.max_output_bytes,
+        };
+        match ZygoteExecutor::start(zygote, executor.clone()).await {
+            Ok(zygote) => return run_with_executor(config, zygote, shutdown).await,
+            Err(err) => warn!(%err, "the zygote executor cannot run here; using the cold executor"),
+        }
+    }
     run_with_executor(config, executor, shutdown).await
+}
+
+/// Says once, at start, what every run will get and what it will not.
+fn report_protections(p: &lull_shared::Protections) {
+    info!(
+        level = %p.level,
+        namespaces = p.namespaces,
+        drop_user = p.drop_user,
+        seccomp = p.seccomp,
+        cgroups = p.cgroups,
+        "sandbox probed"
+    );
+    for missing in &p.missing {
+        warn!(level = %p.level, "sandbox: {missing}");
+    }
 }
 
 /// [`run`] with another [`Executor`].
@@ -52,6 +103,13 @@ pub async fn run_with_executor<E: Executor>(
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     validate(&config)?;
+    let protections = executor.protections();
+    if protections.level < config.min_sandbox_level {
+        return Err(AgentError::SandboxTooWeak {
+            have: protections.level,
+            want: config.min_sandbox_level,
+        });
+    }
     let node_id = resolve_node_id(&config).await?;
     let client = CoordinatorClient::new(&config.coordinator, config.token.as_deref())?;
     let outbox = Outbox::open(config.state_dir.join("outbox")).await?;
@@ -82,6 +140,8 @@ pub async fn run_with_executor<E: Executor>(
         outbox,
         draining: AtomicBool::new(false),
         load: Mutex::new(meter),
+        protections,
+        executor_name: executor.kind(),
     });
     let executor = Arc::new(executor);
 
@@ -160,6 +220,9 @@ pub(crate) struct Shared {
     pub(crate) outbox: Outbox,
     draining: AtomicBool,
     pub(crate) load: Mutex<LoadMeter>,
+    /// What every run gets, as reported in heartbeats.
+    pub(crate) protections: lull_shared::Protections,
+    pub(crate) executor_name: &'static str,
 }
 
 impl Shared {

@@ -31,6 +31,18 @@ pub struct AgentConfig {
     pub max_output_bytes: usize,
     /// How long one `GET /internal/task` long-poll waits for work.
     pub pull_wait: Duration,
+    /// Limits and the unprivileged user every run gets.
+    pub sandbox: crate::sandbox::SandboxSettings,
+    /// The `lull-sandbox` launcher; `None`: next to the running executable.
+    pub sandbox_launcher: Option<PathBuf>,
+    /// Refuse to start below this protection level.
+    pub min_sandbox_level: lull_shared::SandboxLevel,
+    /// `Zygote` (the default) falls back to `Cold` where no zygote can start.
+    pub executor: crate::executor::ExecutorKind,
+    /// Modules the zygote imports once, for every run.
+    pub preload: Vec<String>,
+    /// The `lull-zygote` binary; `None`: next to the running executable.
+    pub zygote_bin: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -57,6 +69,12 @@ impl AgentConfig {
             shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
             max_output_bytes: Self::DEFAULT_MAX_OUTPUT_BYTES,
             pull_wait: Self::DEFAULT_PULL_WAIT,
+            sandbox: crate::sandbox::SandboxSettings::default(),
+            sandbox_launcher: None,
+            min_sandbox_level: lull_shared::SandboxLevel::None,
+            executor: crate::executor::ExecutorKind::default(),
+            preload: Vec::new(),
+            zygote_bin: None,
         }
     }
 

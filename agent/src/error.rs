@@ -22,4 +22,11 @@ pub enum AgentError {
     Outbox { path: PathBuf, source: io::Error },
     #[error("could not build the http client: {0}")]
     HttpClient(#[source] reqwest::Error),
+    #[error(
+        "this host's sandbox level is {have}, below the required {want}; refusing to run tasks"
+    )]
+    SandboxTooWeak {
+        have: lull_shared::SandboxLevel,
+        want: lull_shared::SandboxLevel,
+    },
 }

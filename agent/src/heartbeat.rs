@@ -90,6 +90,8 @@ fn heartbeat_request(shared: &Shared, status: AgentState) -> HeartbeatRequest {
         version: Some(env!("CARGO_PKG_VERSION").to_string()),
         running,
         finished,
+        sandbox: Some(shared.protections.clone()),
+        executor: Some(shared.executor_name.to_string()),
     }
 }
 

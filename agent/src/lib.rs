@@ -18,7 +18,7 @@
 //! | `outbox` | results written to `state_dir/outbox/{run_id}.json` and posted until acknowledged |
 //! | `client` | the HTTP calls to the coordinator and what each answer means (ack, refuse, retry) |
 //! | `retry` | backoff and the rate-limited logging of repeated failures |
-//! | [`executor`] | the [`Executor`] trait and [`ColdExecutor`] (`python3 -I -c CODE` per run) |
+//! | [`executor`] | the [`Executor`] trait, [`ColdExecutor`] (`python3 -I -c CODE` per run) and [`ZygoteExecutor`] (a fork of a warm `lull-zygote` per run) |
 //!
 //! # Lifecycle
 //!
@@ -32,7 +32,7 @@
 //!
 //! Architecture Invariant: the library never reads the process environment or installs signal
 //! handlers; `main.rs` does both and passes an [`AgentConfig`] and a shutdown token down.
-//! (The one exception is `ColdExecutor`, which hands the agent's own `PATH` to its runs.)
+//! (The one exception is the executors, which hand the agent's own `PATH` to their runs.)
 
 mod agent;
 mod client;
@@ -43,9 +43,12 @@ mod heartbeat;
 mod node_id;
 mod outbox;
 mod retry;
+pub mod sandbox;
 
 pub use agent::{run, run_with_executor};
 pub use config::AgentConfig;
 pub use error::AgentError;
-pub use executor::{ColdExecutor, Execution, Executor, Job};
+pub use executor::{
+    ColdExecutor, Execution, Executor, ExecutorKind, Job, ZygoteExecutor, ZygoteSettings,
+};
 pub use node_id::resolve_node_id;

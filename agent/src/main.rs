@@ -1,9 +1,11 @@
 //! `lull-agent`: parse flags and environment, set up logging, run the agent until SIGTERM or
 //! SIGINT, exit 0 after a clean shutdown. Logs go to stderr; nothing is printed to stdout.
 
+#![forbid(unsafe_code)]
+
 use anyhow::Context as _;
 use clap::Parser;
-use lull_agent::AgentConfig;
+use lull_agent::{AgentConfig, ExecutorKind};
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,9 +56,55 @@ struct Cli {
     /// Seconds running tasks get to finish on shutdown before they are handed back.
     #[arg(long, env = "LULL_SHUTDOWN_GRACE", default_value = "30", value_parser = seconds)]
     shutdown_grace: Duration,
-    /// Bytes of stdout and of stderr kept per task; the rest is discarded.
+    /// Bytes of stdout and of stderr kept per task; the rest is discarded, and a task that
+    /// writes 8 times more is killed.
     #[arg(long, env = "LULL_MAX_OUTPUT_BYTES")]
     max_output_bytes: Option<usize>,
+    /// uid tasks run as when the agent is root.
+    #[arg(long, env = "LULL_SANDBOX_UID", default_value_t = 65534)]
+    sandbox_uid: u32,
+    /// gid tasks run as when the agent is root.
+    #[arg(long, env = "LULL_SANDBOX_GID", default_value_t = 65534)]
+    sandbox_gid: u32,
+    /// Processes (and threads) one task may have at once.
+    #[arg(long, env = "LULL_MAX_PROCESSES", default_value_t = 64)]
+    max_processes: u64,
+    /// Largest file a task may write, in bytes.
+    #[arg(long, env = "LULL_MAX_FILE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    max_file_bytes: u64,
+    /// Files a task may have open at once.
+    #[arg(long, env = "LULL_MAX_OPEN_FILES", default_value_t = 256)]
+    max_open_files: u64,
+    /// Size of a task's private /tmp (its working directory), in MB.
+    #[arg(long, env = "LULL_DISK_MB", default_value_t = 256)]
+    disk_mb: u64,
+    /// Refuse to start when this host cannot sandbox tasks at least this well:
+    /// none, basic, isolated or full.
+    #[arg(long, env = "LULL_MIN_SANDBOX_LEVEL", default_value = "none", value_parser = level)]
+    min_sandbox_level: lull_shared::SandboxLevel,
+    /// The `lull-sandbox` launcher (default: next to this executable).
+    #[arg(long, env = "LULL_SANDBOX_LAUNCHER")]
+    sandbox_launcher: Option<PathBuf>,
+    /// How tasks run: zygote (a fork of a warm Python per task; falls back to cold where it
+    /// cannot start) or cold (a new python3 per task).
+    #[arg(long, env = "LULL_EXECUTOR", default_value = "zygote", value_parser = executor_kind)]
+    executor: ExecutorKind,
+    /// Modules the zygote imports once for every task (comma-separated).
+    #[arg(long, env = "LULL_PRELOAD", value_delimiter = ',')]
+    preload: Vec<String>,
+    /// The lull-zygote binary (default: next to this executable).
+    #[arg(long, env = "LULL_ZYGOTE_BIN")]
+    zygote_bin: Option<PathBuf>,
+}
+
+fn executor_kind(value: &str) -> Result<ExecutorKind, String> {
+    ExecutorKind::parse(value)
+        .ok_or_else(|| format!("{value:?} is not an executor: zygote or cold"))
+}
+
+fn level(value: &str) -> Result<lull_shared::SandboxLevel, String> {
+    lull_shared::SandboxLevel::parse(value)
+        .ok_or_else(|| format!("{value:?} is not a level: none, basic, isolated or full"))
 }
 
 impl Cli {
@@ -76,6 +124,24 @@ impl Cli {
         if let Some(max) = self.max_output_bytes {
             config.max_output_bytes = max;
         }
+        config.sandbox = lull_agent::sandbox::SandboxSettings {
+            uid: self.sandbox_uid,
+            gid: self.sandbox_gid,
+            max_processes: self.max_processes,
+            max_file_bytes: self.max_file_bytes,
+            max_open_files: self.max_open_files,
+            disk_mb: self.disk_mb,
+            ..lull_agent::sandbox::SandboxSettings::default()
+        };
+        config.sandbox_launcher = self.sandbox_launcher;
+        config.min_sandbox_level = self.min_sandbox_level;
+        config.executor = self.executor;
+        config.preload = self
+            .preload
+            .into_iter()
+            .filter(|m| !m.trim().is_empty())
+            .collect();
+        config.zygote_bin = self.zygote_bin;
         config
     }
 }

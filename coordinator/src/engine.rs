@@ -55,6 +55,8 @@ pub struct Engine {
     /// Woken whenever work or capacity may have appeared (and for cancels), so long-polls
     /// answer at once instead of polling.
     work: Notify,
+    /// Woken by the writer after a commit that finished a task.
+    finished: Arc<Notify>,
     /// Long-polls waiting for work right now (shown in `/health`).
     waiting_pulls: AtomicUsize,
     shutdown: CancellationToken,
@@ -67,6 +69,7 @@ impl Engine {
         scheduler: Scheduler,
         store: Arc<dyn Store>,
         writer: WriterHandle,
+        finished: Arc<Notify>,
         server_id: String,
         config: EngineConfig,
         shutdown: CancellationToken,
@@ -76,6 +79,7 @@ impl Engine {
             store,
             writer,
             work: Notify::new(),
+            finished,
             waiting_pulls: AtomicUsize::new(0),
             shutdown,
             server_id,
@@ -161,6 +165,30 @@ impl Engine {
             )))
     }
 
+    /// The task once it has finished, or as it is after `wait` (a long-poll for clients
+    /// that want a result without polling).
+    pub async fn wait_finished(
+        &self,
+        task_id: TaskId,
+        wait: Duration,
+    ) -> Result<TaskRecord, EngineError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.finished.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let task = self.task(task_id).await?;
+            if task.state.status.is_terminal() {
+                return Ok(task);
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(deadline) => return Ok(task),
+                _ = self.shutdown.cancelled() => return Ok(task),
+            }
+        }
+    }
+
     pub async fn runs(&self, task_id: TaskId) -> Result<Vec<RunRecord>, EngineError> {
         Ok(self.store.runs(task_id).await?)
     }
@@ -188,6 +216,11 @@ impl Engine {
 
     pub async fn ping_store(&self) -> Result<(), EngineError> {
         Ok(self.store.ping().await?)
+    }
+
+    /// Every node as operators see it.
+    pub fn nodes(&self) -> Vec<crate::scheduler::NodeView> {
+        self.scheduler().nodes()
     }
 
     /// How many agents are long-polling for work right now.

@@ -10,6 +10,8 @@
 //!
 //! [`run`] wires them together on a listener until a shutdown token fires.
 
+#![forbid(unsafe_code)]
+
 pub mod engine;
 pub mod http;
 pub mod model;
@@ -96,13 +98,15 @@ pub async fn run(
         snapshot,
         engine::unix_now(),
     );
-    let (writer, writer_task) = Writer::spawn(store.clone());
+    let finished = Arc::new(tokio::sync::Notify::new());
+    let (writer, writer_task) = Writer::spawn(store.clone(), finished.clone());
     let server_id = format!("{:08x}", rand::random::<u32>());
     let engine_stop = CancellationToken::new();
     let engine = Arc::new(Engine::new(
         scheduler,
         store,
         writer,
+        finished,
         server_id.clone(),
         EngineConfig {
             limits: config.limits.clone(),

@@ -1,5 +1,7 @@
 //! `lull-coordinator`: parse the command line, set up logging, bind, and call [`lull_coordinator::run`].
 
+#![forbid(unsafe_code)]
+
 use anyhow::Context;
 use clap::Parser;
 use lull_coordinator::model::TaskLimits;

@@ -8,7 +8,8 @@
 
 use lull_shared::{
     Constraints, DEFAULT_CPU, DEFAULT_MAX_ATTEMPTS, DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_SECS,
-    NodeResources, NodeStatus, Resources, RunId, RunStatus, SubmitRequest, TaskId, TaskStatus,
+    NodeResources, NodeStatus, Protections, Resources, RunId, RunStatus, SubmitRequest, TaskId,
+    TaskStatus,
 };
 use std::sync::Arc;
 
@@ -188,6 +189,10 @@ pub struct NodeRecord {
     pub version: Option<String>,
     pub joined_at: f64,
     pub last_heartbeat: f64,
+    /// The protections its runs get, as the agent probed them.
+    pub sandbox: Option<Protections>,
+    /// `cold` or `zygote`.
+    pub executor: Option<String>,
 }
 
 /// One durable state change, produced by the scheduler and applied by the store in order.

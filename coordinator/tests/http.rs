@@ -819,3 +819,39 @@ async fn state_survives_a_restart_and_ids_keep_increasing() {
     assert_eq!(root["task_count"], 3);
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_can_wait_for_a_result_without_polling() {
+    let s = Server::start().await;
+    s.heartbeat("n1", 1.0, &[]).await;
+    let id = s.submit("print(6 * 7)").await;
+    // Not finished: a short wait answers with the task as it is.
+    let (status, pending) = s.get(&format!("/api/v1/tasks/{id}?wait=0.05")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(pending["status"], "pending");
+    let (status, bad) = s.get(&format!("/api/v1/tasks/{id}?wait=-1")).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+    // A long wait answers when the result lands.
+    let url = s.url(&format!("/api/v1/tasks/{id}?wait=50"));
+    let waiter = tokio::spawn(async move {
+        reqwest::get(url)
+            .await
+            .expect("wait")
+            .json::<Value>()
+            .await
+            .expect("json")
+    });
+    let a = s.pull("n1", 0.0).await["tasks"][0].clone();
+    assert_eq!(
+        s.report("n1", &a, "completed", "42\n").await.0,
+        StatusCode::OK
+    );
+    let done = tokio::time::timeout(Duration::from_secs(40), waiter)
+        .await
+        .expect("the wait answered before its 50 s ran out")
+        .expect("waiter");
+    assert_eq!(done["status"], "completed");
+    assert_eq!(done["result"], "42");
+    assert_eq!(done["runs"][0]["status"], "completed");
+    s.shutdown().await;
+}

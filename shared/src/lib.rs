@@ -7,6 +7,8 @@
 //!
 //! Architecture Invariant: no IO, no async, no dependency beyond serde.
 
+#![forbid(unsafe_code)]
+
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -268,6 +270,97 @@ pub struct Load {
     pub memory_percent: f64,
 }
 
+/// How strongly an agent isolates the runs it executes, weakest first.
+///
+/// - `none`: a process group and a clean environment only (no launcher available).
+/// - `basic`: + own session, rlimits, `no_new_privs`, seccomp filter, private working dir.
+/// - `isolated`: + PID, mount, network, IPC and UTS namespaces (no network, private `/tmp`,
+///   the whole tree dies with the run), but the code keeps the agent's user.
+/// - `full`: + an unprivileged uid/gid with no supplementary groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxLevel {
+    None,
+    Basic,
+    Isolated,
+    Full,
+}
+
+impl SandboxLevel {
+    pub const ALL: [SandboxLevel; 4] = [
+        SandboxLevel::None,
+        SandboxLevel::Basic,
+        SandboxLevel::Isolated,
+        SandboxLevel::Full,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxLevel::None => "none",
+            SandboxLevel::Basic => "basic",
+            SandboxLevel::Isolated => "isolated",
+            SandboxLevel::Full => "full",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SandboxLevel> {
+        SandboxLevel::ALL.into_iter().find(|l| l.as_str() == s)
+    }
+}
+
+impl fmt::Display for SandboxLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The protections an agent applies to every run, as found by trying them on this host.
+/// Only what was actually applied in the probe is `true`; `missing` says what was not, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Protections {
+    pub level: SandboxLevel,
+    /// A launcher process sets up each run (session, rlimits, `no_new_privs`).
+    pub launcher: bool,
+    /// PID, mount, network, IPC and UTS namespaces per run.
+    pub namespaces: bool,
+    /// Runs execute as an unprivileged uid/gid without supplementary groups.
+    pub drop_user: bool,
+    pub seccomp: bool,
+    /// Per-run cgroup memory and process limits.
+    pub cgroups: bool,
+    #[serde(default)]
+    pub missing: Vec<String>,
+}
+
+impl Protections {
+    /// Nothing applied, with the reason.
+    pub fn none(why: impl Into<String>) -> Protections {
+        Protections {
+            level: SandboxLevel::None,
+            launcher: false,
+            namespaces: false,
+            drop_user: false,
+            seccomp: false,
+            cgroups: false,
+            missing: vec![why.into()],
+        }
+    }
+
+    /// The level these flags amount to.
+    pub fn derived_level(&self) -> SandboxLevel {
+        match (
+            self.launcher && self.seccomp,
+            self.namespaces,
+            self.drop_user,
+        ) {
+            (false, _, _) => SandboxLevel::None,
+            (true, true, true) => SandboxLevel::Full,
+            (true, true, false) => SandboxLevel::Isolated,
+            (true, false, _) => SandboxLevel::Basic,
+        }
+    }
+}
+
 /// What the agent states about itself in `POST /internal/heartbeat`: `idle`/`busy` while it
 /// works, `draining` while it shuts down (place nothing more), `offline` when it leaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -304,6 +397,12 @@ pub struct HeartbeatRequest {
     /// (kept in its outbox). The coordinator must not treat these as lost.
     #[serde(default)]
     pub finished: Vec<RunId>,
+    /// The protections every run on this node gets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<Protections>,
+    /// `cold` or `zygote`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor: Option<String>,
 }
 
 fn default_agent_state() -> AgentState {
@@ -358,6 +457,9 @@ pub enum RunOutcome {
     Released,
     /// The agent killed the run because it was told to (cancel); nothing to record.
     Cancelled,
+    /// The agent lost the run to a failure of its own (its zygote died): not the code's
+    /// fault, so it is retried, but it counts against `max_attempts` like a lost node.
+    Lost,
 }
 
 /// Body of `POST /internal/result`.
@@ -434,6 +536,24 @@ mod tests {
         assert_eq!(hb.status, AgentState::Idle);
         assert_eq!(hb.resources.cpu_cores, 8.0);
         assert!(hb.running.is_empty());
+    }
+
+    #[test]
+    fn levels_order_weakest_first_and_derive_from_flags() {
+        assert!(SandboxLevel::None < SandboxLevel::Basic);
+        assert!(SandboxLevel::Isolated < SandboxLevel::Full);
+        let mut p = Protections::none("test");
+        assert_eq!(p.derived_level(), SandboxLevel::None);
+        p.launcher = true;
+        p.seccomp = true;
+        assert_eq!(p.derived_level(), SandboxLevel::Basic);
+        p.namespaces = true;
+        assert_eq!(p.derived_level(), SandboxLevel::Isolated);
+        p.drop_user = true;
+        assert_eq!(p.derived_level(), SandboxLevel::Full);
+        for l in SandboxLevel::ALL {
+            assert_eq!(SandboxLevel::parse(l.as_str()), Some(l));
+        }
     }
 
     #[test]

@@ -4,10 +4,13 @@
 //! The binaries are looked up next to the test executable (`target/<profile>/`), or in
 //! `LULL_BIN_DIR`. The test command builds them first (`cargo build --workspace --bins`).
 
+#![forbid(unsafe_code)]
+
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -37,7 +40,20 @@ fn binary(name: &str) -> PathBuf {
 }
 
 /// Polls `check` until it returns `Some`, for at most `limit`; panics with `what` otherwise.
-pub async fn wait_until<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+pub async fn wait_until<T, F, Fut>(limit: Duration, what: &str, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    match poll_until(limit, check).await {
+        Some(value) => value,
+        None => panic!("timed out waiting for {what}"),
+    }
+}
+
+/// Polls `check` until it returns `Some`, for at most `limit`; `None` if it never did (for a
+/// test that reports a hang as one failure among many instead of stopping there).
+pub async fn poll_until<T, F, Fut>(limit: Duration, mut check: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -45,9 +61,11 @@ where
     let deadline = Instant::now() + limit;
     loop {
         if let Some(value) = check().await {
-            return value;
+            return Some(value);
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() >= deadline {
+            return None;
+        }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -162,6 +180,22 @@ impl Coordinator {
         Ok(resp.json().await?)
     }
 
+    /// `POST path` with a JSON body; the answer's body, or an error for a non-2xx status.
+    pub async fn post(&self, path: &str, body: &Value) -> Result<Value> {
+        let resp = self
+            .http
+            .post(format!("{}{}", self.url, path))
+            .json(body)
+            .send()
+            .await?;
+        let status = resp.status();
+        let answer: Value = resp.json().await?;
+        if !status.is_success() {
+            bail!("POST {path} failed with {status}: {answer}");
+        }
+        Ok(answer)
+    }
+
     pub async fn submit(&self, code: &str) -> Result<i64> {
         let resp = self
             .http
@@ -200,12 +234,23 @@ impl Coordinator {
 
 /// Starts `lull-agent --coordinator URL --state-dir DIR ARGS...`.
 pub fn start_agent(coordinator_url: &str, state_dir: &Path, args: &[&str]) -> Result<Process> {
+    start_agent_with_env(coordinator_url, state_dir, args, &[])
+}
+
+/// As [`start_agent`], with extra environment variables (e.g. `TMPDIR`).
+pub fn start_agent_with_env(
+    coordinator_url: &str,
+    state_dir: &Path,
+    args: &[&str],
+    env: &[(&str, &OsStr)],
+) -> Result<Process> {
     let child = Command::new(binary("lull-agent"))
         .arg("--coordinator")
         .arg(coordinator_url)
         .arg("--state-dir")
         .arg(state_dir)
         .args(args)
+        .envs(env.iter().copied())
         .env(
             "RUST_LOG",
             std::env::var("LULL_TEST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -219,4 +264,31 @@ pub fn start_agent(coordinator_url: &str, state_dir: &Path, args: &[&str]) -> Re
         child,
         name: "lull-agent".into(),
     })
+}
+
+/// Host pids of the live processes owned by `uid` (zombies count as gone). Sandboxed runs
+/// execute as their agent's `--sandbox-uid`, so this sees a run's whole tree from outside.
+pub fn processes_of_uid(uid: u32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+                return false;
+            };
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+            };
+            let alive = field("State:").is_some_and(|s| !s.starts_with('Z') && !s.starts_with('X'));
+            let owned = field("Uid:").and_then(|v| {
+                v.split_whitespace()
+                    .next()
+                    .and_then(|u| u.parse::<u32>().ok())
+            }) == Some(uid);
+            alive && owned
+        })
+        .collect()
 }

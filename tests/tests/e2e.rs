@@ -46,17 +46,6 @@ async fn assert_each_completed_once(c: &Coordinator, expected: &HashMap<i64, Str
     }
 }
 
-/// Whether any of `pids` is still a live process (a zombie waiting to be reaped is dead).
-fn python_pids_alive(pids: &[i32]) -> bool {
-    pids.iter().any(|pid| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next()))
-            .flatten()
-            .is_some_and(|state| state != 'Z' && state != 'X')
-    })
-}
-
 #[tokio::test]
 async fn the_seed_python_client_runs_verbatim_against_the_default_setup() {
     let dir = tempfile::tempdir().expect("dir");
@@ -403,31 +392,38 @@ async fn cancel_kills_the_whole_process_tree_on_the_node() {
     let mut args = vec!["--local-agents", "0"];
     args.extend_from_slice(FAST);
     let c = Coordinator::start(&dir.path().join("coord"), &args).expect("coordinator");
-    let _a = start_agent(&c.url, &dir.path().join("a"), &agent_args("a", &[])).expect("agent");
+    // A uid of its own, so that this run's processes are found from the host by owner.
+    const UID: u32 = 64_001;
+    let _a = start_agent(
+        &c.url,
+        &dir.path().join("a"),
+        &agent_args("a", &["--sandbox-uid", "64001", "--sandbox-gid", "64001"]),
+    )
+    .expect("agent");
     c.wait_for_nodes(1).await;
-    let pidfile = dir.path().join("pids");
-    let code = format!(
-        "import os, subprocess, time\n\
-         child = subprocess.Popen(['sleep', '300'])\n\
-         open({path:?}, 'w').write(f'{{os.getpid()}} {{child.pid}}')\n\
-         time.sleep(300)\n",
-        path = pidfile.display().to_string()
+    let node = c.get("/api/v1/nodes").await.expect("nodes")["items"][0].clone();
+    assert_eq!(
+        node["sandbox"]["drop_user"], true,
+        "this test finds a run's processes by their uid: it needs an agent that can drop to one (root): {node}"
     );
-    let id = c.submit(&code).await.expect("submit");
-    let pids: Vec<i32> = wait_until(
+    // A child that makes its own session, and a grandchild: both must die with the run.
+    let code = "import subprocess, time\n\
+                subprocess.Popen(['sleep', '300'], start_new_session=True)\n\
+                subprocess.Popen(['sh', '-c', 'sleep 300 & sleep 300'])\n\
+                time.sleep(300)\n";
+    let id = c.submit(code).await.expect("submit");
+    wait_until(
         Duration::from_secs(30),
-        "the task to write its pids",
-        || async {
-            let text = std::fs::read_to_string(&pidfile).ok()?;
-            let pids: Vec<i32> = text
-                .split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect();
-            (pids.len() == 2).then_some(pids)
-        },
+        "the task to start its processes",
+        || async { (c.status(id).await.ok()?["status"] == "running").then_some(()) },
     )
     .await;
-    assert!(python_pids_alive(&pids));
+    wait_until(
+        Duration::from_secs(30),
+        "the run's tree to be up",
+        || async { (lull_tests::processes_of_uid(UID).len() >= 5).then_some(()) },
+    )
+    .await;
     let resp = c
         .http
         .post(format!("{}/api/v1/tasks/{id}/cancel", c.url))
@@ -437,8 +433,8 @@ async fn cancel_kills_the_whole_process_tree_on_the_node() {
     assert_eq!(resp.status(), 200);
     wait_until(
         Duration::from_secs(30),
-        "the task's processes to die",
-        || async { (!python_pids_alive(&pids)).then_some(()) },
+        "every process of the run to die",
+        || async { lull_tests::processes_of_uid(UID).is_empty().then_some(()) },
     )
     .await;
     assert_eq!(c.status(id).await.expect("status")["status"], "cancelled");
@@ -455,5 +451,35 @@ fn binaries_are_where_the_harness_looks() {
         Path::new(&lull_tests::bin_dir())
             .join("lull-agent")
             .exists()
+    );
+}
+
+#[tokio::test]
+async fn an_agent_below_the_required_sandbox_level_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("dir");
+    // Without its launcher an agent can only reach level `none`.
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(lull_tests::bin_dir().join("lull-agent"))
+            .args([
+                "--coordinator",
+                "http://127.0.0.1:9",
+                "--min-sandbox-level",
+                "basic",
+            ])
+            .arg("--state-dir")
+            .arg(dir.path())
+            .args(["--sandbox-launcher", "/nonexistent/lull-sandbox"])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the agent gives up at once")
+    .expect("agent runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("sandbox level is none, below the required basic"),
+        "{stderr}"
     );
 }

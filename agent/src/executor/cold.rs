@@ -11,6 +11,8 @@
 //! leave the process group with `setsid`.
 
 use super::{Execution, Executor, Job, format_seconds, unix_now};
+use crate::sandbox::{RunPolicy, SandboxSettings};
+use lull_shared::Protections;
 use lull_shared::RunOutcome;
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
@@ -19,7 +21,7 @@ use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 use tempfile::TempDir;
@@ -30,13 +32,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 /// The `PATH` runs get when the agent itself has none.
-const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+pub(super) const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// Longer timeouts are treated as this one (keeps `Instant` arithmetic far from overflow).
-const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+pub(super) const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
 /// How long output is still read after the run's process exited and its group was killed.
 /// Only a descendant that escaped the group (`setsid`) can keep a pipe open that long.
-const OUTPUT_DRAIN_GRACE: Duration = Duration::from_secs(2);
-const READ_CHUNK_BYTES: usize = 16 * 1024;
+pub(super) const OUTPUT_DRAIN_GRACE: Duration = Duration::from_secs(2);
+pub(super) const READ_CHUNK_BYTES: usize = 16 * 1024;
 /// Of a truncated stream, this much of the end is kept aside to find the error line in.
 const ERROR_TAIL_BYTES: usize = 4096;
 const MAX_ERROR_CHARS: usize = 1000;
@@ -51,7 +53,19 @@ pub struct ColdExecutor {
     python: String,
     max_output_bytes: usize,
     path: OsString,
+    sandbox: Option<ColdSandbox>,
 }
+
+/// How runs are confined: through the `lull-sandbox` launcher, with what the probe found.
+#[derive(Debug, Clone)]
+struct ColdSandbox {
+    launcher: PathBuf,
+    protections: Protections,
+    settings: SandboxSettings,
+}
+
+/// A stream that goes this many times past its cap is a flood: the run is killed.
+const FLOOD_FACTOR: u64 = 8;
 
 impl ColdExecutor {
     /// `max_output_bytes` applies to stdout and stderr separately. Runs inherit the agent's
@@ -64,6 +78,31 @@ impl ColdExecutor {
             python: python.into(),
             max_output_bytes,
             path,
+            sandbox: None,
+        }
+    }
+
+    /// Confines every run with `protections` through `launcher` (`lull-sandbox`). Without a
+    /// launcher in `protections`, runs get their own process group and a clean environment.
+    pub fn with_sandbox(
+        mut self,
+        launcher: PathBuf,
+        protections: Protections,
+        settings: SandboxSettings,
+    ) -> Self {
+        self.sandbox = protections.launcher.then_some(ColdSandbox {
+            launcher,
+            protections,
+            settings,
+        });
+        self
+    }
+
+    /// What every run of this executor gets.
+    pub fn protections(&self) -> Protections {
+        match &self.sandbox {
+            Some(s) => s.protections.clone(),
+            None => Protections::none("runs are not sandboxed (no launcher)"),
         }
     }
 
@@ -91,8 +130,59 @@ impl ColdExecutor {
         }
     }
 
-    fn command(&self, job: &Job, workdir: &Path) -> Command {
-        let mut command = Command::new(&self.python);
+    /// The interpreter's installation prefixes (`sys.base_prefix`, and `sys.prefix` in a
+    /// virtual environment): what a sandboxed run must be able to read.
+    pub async fn interpreter_prefixes(python: &str) -> Vec<PathBuf> {
+        let probe = Command::new(python)
+            .args([
+                "-I",
+                "-c",
+                "import sys; print(sys.base_prefix); print(sys.prefix)",
+            ])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output();
+        let Ok(Ok(out)) = tokio::time::timeout(Duration::from_secs(30), probe).await else {
+            return Vec::new();
+        };
+        let mut dirs: Vec<PathBuf> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| PathBuf::from(l.trim()))
+            .filter(|p| p.is_absolute())
+            .collect();
+        dirs.dedup();
+        dirs
+    }
+
+    /// The command for one run, and the name of its cgroup if it gets one.
+    fn command(&self, job: &Job, workdir: &Path) -> (Command, Option<String>) {
+        let (mut command, home, cgroup) = match &self.sandbox {
+            Some(sandbox) => {
+                let policy = RunPolicy::for_job(
+                    job.run_id,
+                    &sandbox.protections,
+                    &sandbox.settings,
+                    job.resources.memory,
+                    job.timeout,
+                    Some(workdir.to_path_buf()),
+                );
+                let mut command = Command::new(&sandbox.launcher);
+                // Serialising plain data cannot fail; an empty policy would be refused loudly.
+                command
+                    .arg("--policy")
+                    .arg(serde_json::to_string(&policy).unwrap_or_default())
+                    .arg("--")
+                    .arg(&self.python);
+                let cgroup = policy.protections.cgroups.then(|| policy.cgroup.clone());
+                (command, policy.home(), cgroup)
+            }
+            None => {
+                let mut command = Command::new(&self.python);
+                // Its own group, so the whole tree can be killed (the launcher makes a session).
+                command.process_group(0);
+                (command, workdir.to_path_buf(), None)
+            }
+        };
         command
             .args(["-I", "-u", "-c"])
             .arg(&job.code)
@@ -101,24 +191,48 @@ impl ColdExecutor {
             .env("LANG", "C.UTF-8")
             .env("PYTHONIOENCODING", "utf-8")
             .env("PYTHONUNBUFFERED", "1")
-            .env("HOME", workdir)
-            .env("TMPDIR", workdir)
+            .env("HOME", &home)
+            .env("TMPDIR", &home)
             .env("LULL_TASK_ID", job.task_id.to_string())
             .env("LULL_RUN_ID", job.run_id.to_string())
             .current_dir(workdir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .process_group(0)
             .kill_on_drop(true);
-        command
+        (command, cgroup)
+    }
+
+    /// A working directory on the host, for runs without a private `/tmp`; handed to the
+    /// sandbox's uid when runs drop to one.
+    fn make_workdir(&self) -> io::Result<TempDir> {
+        let dir = tempfile::Builder::new().prefix("lull-run-").tempdir()?;
+        if let Some(sandbox) = &self.sandbox
+            && sandbox.protections.drop_user
+        {
+            nix::unistd::chown(
+                dir.path(),
+                Some(nix::unistd::Uid::from_raw(sandbox.settings.uid)),
+                Some(nix::unistd::Gid::from_raw(sandbox.settings.gid)),
+            )
+            .map_err(io::Error::from)?;
+        }
+        Ok(dir)
     }
 }
 
 impl Executor for ColdExecutor {
+    fn kind(&self) -> &'static str {
+        "cold"
+    }
+
+    fn protections(&self) -> Protections {
+        ColdExecutor::protections(self)
+    }
+
     async fn run(&self, job: Job, cancel: CancellationToken) -> Execution {
         let started_at = unix_now();
-        let workdir = match tempfile::Builder::new().prefix("lull-run-").tempdir() {
+        let workdir = match self.make_workdir() {
             Ok(workdir) => workdir,
             Err(err) => {
                 let error = format!("could not create a working directory: {err}");
@@ -126,7 +240,8 @@ impl Executor for ColdExecutor {
             }
         };
 
-        let mut child = match self.command(&job, workdir.path()).spawn() {
+        let (mut command, cgroup) = self.command(&job, workdir.path());
+        let mut child = match command.spawn() {
             Ok(child) => child,
             Err(err) => {
                 remove_workdir(workdir).await;
@@ -157,6 +272,10 @@ impl Executor for ColdExecutor {
         group.disarm();
         let completed_at = unix_now();
         remove_workdir(workdir).await;
+        if let Some(cgroup) = &cgroup {
+            // The run's watcher removes it; this covers a watcher that was killed.
+            crate::sandbox::remove_run_cgroup(cgroup);
+        }
 
         let (outcome, exit_code, error) = verdict(ending, &stderr, job.timeout);
         Execution {
@@ -176,10 +295,12 @@ impl Executor for ColdExecutor {
 
 /// Why a supervised run stopped.
 #[derive(Debug)]
-enum Ending {
+pub(super) enum Ending {
     Exited(ExitStatus),
     TimedOut,
     Cancelled,
+    /// A stream went far past its cap; the run was killed.
+    Flooded(&'static str),
     WaitFailed(io::Error),
 }
 
@@ -208,11 +329,23 @@ async fn supervise(
         }
         tokio::select! {
             read = read_chunk(&mut out_pipe, &mut out_buf), if out_pipe.is_some() => match read {
-                Ok(n) if n > 0 => stdout.push(&out_buf[..n]),
+                Ok(n) if n > 0 => {
+                    stdout.push(&out_buf[..n]);
+                    if stdout.is_flood() && killed_because.is_none() && exited.is_none() {
+                        group.kill(child);
+                        killed_because = Some(Ending::Flooded("stdout"));
+                    }
+                }
                 _ => out_pipe = None,
             },
             read = read_chunk(&mut err_pipe, &mut err_buf), if err_pipe.is_some() => match read {
-                Ok(n) if n > 0 => stderr.push(&err_buf[..n]),
+                Ok(n) if n > 0 => {
+                    stderr.push(&err_buf[..n]);
+                    if stderr.is_flood() && killed_because.is_none() && exited.is_none() {
+                        group.kill(child);
+                        killed_because = Some(Ending::Flooded("stderr"));
+                    }
+                }
                 _ => err_pipe = None,
             },
             status = child.wait(), if exited.is_none() => {
@@ -248,7 +381,7 @@ async fn supervise(
     }
 }
 
-async fn read_chunk<R: AsyncRead + Unpin>(
+pub(super) async fn read_chunk<R: AsyncRead + Unpin>(
     pipe: &mut Option<R>,
     buf: &mut [u8],
 ) -> io::Result<usize> {
@@ -259,12 +392,20 @@ async fn read_chunk<R: AsyncRead + Unpin>(
 }
 
 /// The outcome, exit code and one-line error of a run that ended as `ending`.
-fn verdict(
+pub(super) fn verdict(
     ending: Ending,
     stderr: &Capture,
     timeout: Duration,
 ) -> (RunOutcome, Option<i32>, Option<String>) {
     match ending {
+        Ending::Flooded(stream) => (
+            RunOutcome::Failed,
+            None,
+            Some(format!(
+                "output limit exceeded: more than {} bytes on {stream}",
+                stderr.limit as u64 * FLOOD_FACTOR
+            )),
+        ),
         Ending::Cancelled => (RunOutcome::Cancelled, None, Some("cancelled".to_string())),
         Ending::TimedOut => (
             RunOutcome::Failed,
@@ -281,12 +422,26 @@ fn verdict(
             (Some(code), _) => {
                 let error = stderr
                     .last_line()
+                    .map(|line| {
+                        line.strip_prefix("lull: ")
+                            .map(str::to_string)
+                            .unwrap_or(line)
+                    })
                     .unwrap_or_else(|| format!("exit code {code}"));
                 (RunOutcome::Failed, Some(code), Some(error))
             }
             (None, Some(signal)) => {
-                let name = Signal::try_from(signal).map_or("unknown", Signal::as_str);
-                let error = format!("killed by signal {signal} ({name})");
+                // The sandbox's watcher explains limits it saw fire ("lull: memory limit ...").
+                let error = match stderr
+                    .last_line()
+                    .and_then(|l| l.strip_prefix("lull: ").map(str::to_string))
+                {
+                    Some(explained) => explained,
+                    None => {
+                        let name = Signal::try_from(signal).map_or("unknown", Signal::as_str);
+                        format!("killed by signal {signal} ({name})")
+                    }
+                };
                 (RunOutcome::Failed, None, Some(error))
             }
             (None, None) => (
@@ -335,7 +490,7 @@ fn kill_group(group: Pid) {
     }
 }
 
-async fn remove_workdir(workdir: TempDir) {
+pub(super) async fn remove_workdir(workdir: TempDir) {
     let path = workdir.path().display().to_string();
     match tokio::task::spawn_blocking(move || workdir.close()).await {
         Ok(Ok(())) => {}
@@ -347,7 +502,7 @@ async fn remove_workdir(workdir: TempDir) {
 /// One output stream: the first `limit` bytes kept, the rest counted and discarded (but for a
 /// short tail, to find the error line in).
 #[derive(Debug)]
-struct Capture {
+pub(super) struct Capture {
     limit: usize,
     kept: Vec<u8>,
     discarded: u64,
@@ -355,7 +510,7 @@ struct Capture {
 }
 
 impl Capture {
-    fn new(limit: usize) -> Self {
+    pub(super) fn new(limit: usize) -> Self {
         Capture {
             limit,
             kept: Vec::new(),
@@ -364,7 +519,7 @@ impl Capture {
         }
     }
 
-    fn push(&mut self, chunk: &[u8]) {
+    pub(super) fn push(&mut self, chunk: &[u8]) {
         let room = self.limit.saturating_sub(self.kept.len());
         let (keep, rest) = chunk.split_at(room.min(chunk.len()));
         self.kept.extend_from_slice(keep);
@@ -378,6 +533,10 @@ impl Capture {
 
     fn is_truncated(&self) -> bool {
         self.discarded > 0
+    }
+
+    pub(super) fn is_flood(&self) -> bool {
+        self.discarded > (self.limit as u64).saturating_mul(FLOOD_FACTOR - 1)
     }
 
     /// The last non-empty line (Python's exception line, when it died of one).
@@ -395,7 +554,7 @@ impl Capture {
         })
     }
 
-    fn into_text(self) -> String {
+    pub(super) fn into_text(self) -> String {
         let mut text = String::from_utf8_lossy(&self.kept).into_owned();
         if self.is_truncated() {
             let _ = write!(
@@ -600,9 +759,10 @@ mod tests {
 
     #[tokio::test]
     async fn output_over_the_cap_is_truncated_with_a_marker() {
+        // Past the cap, but short of a flood (8 times the cap).
         let code = "import sys\n\
-                    sys.stdout.write('x' * 50000)\n\
-                    sys.stderr.write('y' * 30000 + '\\nValueError: the end\\n')\n\
+                    sys.stdout.write('x' * 5000)\n\
+                    sys.stderr.write('y' * 3000 + '\\nValueError: the end\\n')\n\
                     sys.exit(2)\n";
         let execution = ColdExecutor::new("python3", 1000)
             .run(job(code, 60.0), CancellationToken::new())
@@ -613,6 +773,26 @@ mod tests {
         assert_eq!(execution.stderr, format!("{}{marker}", "y".repeat(1000)));
         assert_eq!(execution.exit_code, Some(2));
         assert_eq!(execution.error.as_deref(), Some("ValueError: the end"));
+    }
+
+    #[tokio::test]
+    async fn a_run_that_floods_its_output_is_killed() {
+        for (stream, code) in [
+            ("stdout", "while True: print('x' * 1000)"),
+            (
+                "stderr",
+                "import sys\nwhile True: sys.stderr.write('y' * 1000)",
+            ),
+        ] {
+            let execution = ColdExecutor::new("python3", 1000)
+                .run(job(code, 120.0), CancellationToken::new())
+                .await;
+            assert_eq!(execution.outcome, RunOutcome::Failed, "{stream}");
+            assert_eq!(
+                execution.error.as_deref(),
+                Some(format!("output limit exceeded: more than 8000 bytes on {stream}").as_str())
+            );
+        }
     }
 
     const SECRET_VAR: &str = "LULL_AGENT_TEST_SECRET";

@@ -7,17 +7,52 @@
 //! the agent maps an [`Execution`] to a wire `RunReport`.
 
 mod cold;
+mod zygote;
+pub mod zygote_protocol;
 
 pub use cold::ColdExecutor;
+pub use zygote::{ZygoteExecutor, ZygoteSettings};
 
 use lull_shared::{Resources, RunId, RunOutcome, TaskId};
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 
+/// Which executor runs this agent's tasks: chosen by configuration, reported to the
+/// coordinator as [`Executor::kind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExecutorKind {
+    /// `python3 -I -u -c CODE` per run, through the `lull-sandbox` launcher.
+    Cold,
+    /// A fork of a warm `lull-zygote` per run; falls back to `Cold` where it cannot start.
+    #[default]
+    Zygote,
+}
+
+impl ExecutorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutorKind::Cold => "cold",
+            ExecutorKind::Zygote => "zygote",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<ExecutorKind> {
+        [ExecutorKind::Cold, ExecutorKind::Zygote]
+            .into_iter()
+            .find(|kind| kind.as_str() == name)
+    }
+}
+
 /// Runs one job to its end. Generic rather than object-safe: the agent is generic over its
 /// executor, so `async fn` in the implementation is fine.
 pub trait Executor: Send + Sync + 'static {
+    /// `cold` or `zygote`, as reported to the coordinator.
+    fn kind(&self) -> &'static str;
+
+    /// The protections every run of this executor gets (never more than were applied).
+    fn protections(&self) -> lull_shared::Protections;
+
     /// Runs `job` until it exits, times out (`job.timeout`, enforced by the executor) or
     /// `cancel` fires; in the last case the outcome is [`RunOutcome::Cancelled`].
     fn run(&self, job: Job, cancel: CancellationToken) -> impl Future<Output = Execution> + Send;
@@ -37,7 +72,9 @@ pub struct Job {
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Execution {
-    /// `Completed`, `Failed` or `Cancelled`; never `Released` (that is the agent's verdict).
+    /// `Completed`, `Failed` or `Cancelled`; `Lost` only when the executor lost the run
+    /// through no fault of its code (the zygote died under it): it is retried, and counts
+    /// against `max_attempts`. Never `Released` (that is the agent's verdict on shutdown).
     pub outcome: RunOutcome,
     /// The process's exit code; `None` when it was killed by a signal or never started.
     pub exit_code: Option<i32>,

@@ -76,12 +76,32 @@ pub async fn list(
     })))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GetParams {
+    /// Seconds to wait for the task to finish before answering (at most 60).
+    wait: Option<f64>,
+}
+
 pub async fn get(
     State(app): State<AppState>,
     Path(raw): Path<String>,
+    QueryParams(params): QueryParams<GetParams>,
 ) -> Result<Json<Value>, ApiError> {
     let task_id = task_id_from_path(&raw)?;
-    let task = app.engine.task(task_id).await?;
+    let task = match params.wait {
+        None => app.engine.task(task_id).await?,
+        Some(w) if w.is_finite() && w >= 0.0 => {
+            app.engine
+                .wait_finished(task_id, std::time::Duration::from_secs_f64(w.min(60.0)))
+                .await?
+        }
+        Some(_) => {
+            return Err(ApiError::unprocessable(
+                "wait must be a non-negative number of seconds",
+            ));
+        }
+    };
     let runs = app.engine.runs(task_id).await?;
     Ok(Json(views::task_with_runs(&task, &runs)))
 }

@@ -2,6 +2,7 @@
 //! changes the API.
 
 use crate::model::{RunRecord, TaskRecord};
+use crate::scheduler::NodeView;
 use serde_json::{Value, json};
 
 /// A task as `/api/v1/tasks` shows it (without runs).
@@ -50,4 +51,26 @@ pub fn task_with_runs(t: &TaskRecord, runs: &[RunRecord]) -> Value {
         map.insert("runs".into(), Value::Array(runs.iter().map(run).collect()));
     }
     value
+}
+
+/// A node as `GET /api/v1/nodes` shows it.
+pub fn node(n: &NodeView) -> Value {
+    let r = &n.record;
+    json!({
+        "node_id": r.node_id,
+        "hostname": r.hostname,
+        "type": r.node_type,
+        "zone": r.zone,
+        "status": r.status.as_str(),
+        "resources": {"cpu_cores": r.resources.cpu_cores, "memory_mb": r.resources.memory_mb},
+        "reserved": {"cpu": n.reserved_cpu, "memory": n.reserved_memory},
+        "current_load": {"cpu_percent": n.load.cpu_percent, "memory_percent": n.load.memory_percent},
+        "running": n.running,
+        "meta": Value::Object(r.meta.clone()),
+        "sandbox": r.sandbox.as_ref().map(|p| serde_json::to_value(p).unwrap_or(Value::Null)),
+        "executor": r.executor,
+        "version": r.version,
+        "joined_at": r.joined_at,
+        "last_heartbeat": r.last_heartbeat,
+    })
 }

@@ -169,6 +169,16 @@ impl NodeEntry {
     }
 }
 
+/// A node as operators see it: the record plus what only memory knows.
+#[derive(Debug, Clone)]
+pub struct NodeView {
+    pub record: NodeRecord,
+    pub running: Vec<RunId>,
+    pub load: lull_shared::Load,
+    pub reserved_cpu: f64,
+    pub reserved_memory: f64,
+}
+
 /// Counts the coordinator can answer from memory.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct NodeCounts {
@@ -325,11 +335,21 @@ impl Scheduler {
         c
     }
 
-    /// The node and the runs it holds, if known.
-    pub fn node(&self, node_id: &str) -> Option<(&NodeRecord, Vec<RunId>)> {
-        self.nodes
-            .get(node_id)
-            .map(|n| (&n.record, n.runs.iter().copied().collect()))
+    /// Every node with its live view (runs, load), ordered by id.
+    pub fn nodes(&self) -> Vec<NodeView> {
+        let mut out: Vec<NodeView> = self
+            .nodes
+            .values()
+            .map(|n| NodeView {
+                record: n.record.clone(),
+                running: n.runs.iter().copied().collect(),
+                load: n.load,
+                reserved_cpu: n.reserved_cpu,
+                reserved_memory: n.reserved_memory,
+            })
+            .collect();
+        out.sort_by(|a, b| a.record.node_id.cmp(&b.record.node_id));
+        out
     }
 
     /// The state of an active run, if it is active.
@@ -427,6 +447,8 @@ impl Scheduler {
                     version: None,
                     joined_at: now,
                     last_heartbeat: now,
+                    sandbox: None,
+                    executor: None,
                 },
                 agent_state: AgentState::Offline,
                 load: lull_shared::Load::default(),
@@ -452,6 +474,12 @@ impl Scheduler {
         }
         if hb.version.is_some() {
             entry.record.version = hb.version.clone();
+        }
+        if hb.sandbox.is_some() {
+            entry.record.sandbox = hb.sandbox.clone();
+        }
+        if hb.executor.is_some() {
+            entry.record.executor = hb.executor.clone();
         }
         let rejoined = before.status == NodeStatus::Offline && hb.status != AgentState::Offline;
         if rejoined {
@@ -754,6 +782,14 @@ impl Scheduler {
                     &mut changes,
                 );
                 self.requeue(report.task_id, &mut changes);
+            }
+            RunOutcome::Lost => {
+                let why = format!(
+                    "node {} lost the run: {}",
+                    report.node_id,
+                    report.error.as_deref().unwrap_or("no reason given")
+                );
+                self.lose_run(report.run_id, &why, now, &mut changes);
             }
             RunOutcome::Completed | RunOutcome::Failed => {
                 let (run_status, task_status) = if report.outcome == RunOutcome::Completed {

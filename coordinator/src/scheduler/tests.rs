@@ -51,6 +51,8 @@ impl Harness {
             version: None,
             running: running.to_vec(),
             finished: vec![],
+            sandbox: None,
+            executor: None,
         };
         self.sched.heartbeat(&hb, self.now)
     }
@@ -315,6 +317,8 @@ fn a_run_reported_as_finished_but_unacknowledged_is_not_lost() {
         version: None,
         running: vec![],
         finished: vec![got[0].run_id],
+        sandbox: None,
+        executor: None,
     };
     let out = h.sched.heartbeat(&hb, h.now);
     assert!(
@@ -533,4 +537,31 @@ fn node_counts_follow_runs() {
     h.pull("n1", 1);
     let c = h.sched.node_counts();
     assert_eq!((c.total, c.idle, c.busy, c.offline), (2, 1, 1, 0));
+}
+
+#[test]
+fn a_run_the_agent_lost_is_retried_and_counts_against_max_attempts() {
+    let mut h = Harness::new();
+    h.node("n1", 1.0, 1024.0);
+    let t = h.submit_with(SubmitRequest {
+        code: Some("pass".into()),
+        max_attempts: Some(2),
+        ..SubmitRequest::default()
+    });
+    let first = h.pull("n1", 1);
+    let changes = h
+        .report("n1", &first[0], RunOutcome::Lost, "")
+        .expect("accepted");
+    let state = final_state(&changes, t).expect("updated");
+    assert_eq!((state.status, state.losses), (TaskStatus::Pending, 1));
+    let second = h.pull("n1", 1);
+    let changes = h
+        .report("n1", &second[0], RunOutcome::Lost, "")
+        .expect("accepted");
+    let state = final_state(&changes, t).expect("updated");
+    assert_eq!(state.status, TaskStatus::Failed);
+    assert!(
+        state.error.as_deref().unwrap_or("").contains("lost 2 of 2"),
+        "{state:?}"
+    );
 }

@@ -14,7 +14,7 @@ mod writer;
 pub use sqlite::{SqliteStore, SyncMode};
 pub use writer::{Ack, Writer, WriterHandle};
 
-use crate::model::{Change, NodeRecord, RunRecord, Snapshot, TaskRecord};
+use crate::model::{Change, RunRecord, Snapshot, TaskRecord};
 use async_trait::async_trait;
 use lull_shared::{TaskId, TaskStatus};
 
@@ -95,7 +95,6 @@ pub trait Store: Send + Sync + 'static {
         after: Option<TaskId>,
     ) -> Result<Vec<ResultRow>, StoreError>;
     async fn stats(&self, now: f64) -> Result<TaskStats, StoreError>;
-    async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
     /// A cheap liveness check for `/health`.
     async fn ping(&self) -> Result<(), StoreError>;
 }

@@ -48,7 +48,7 @@ const TASK_COLUMNS: &str = "task_id, code, timeout, cpu, memory_mb, constraints,
 const RUN_COLUMNS: &str = "run_id, task_id, node_id, attempt, status, exit_code, stdout, stderr, \
     error, started_at, completed_at, cpu_seconds, max_rss_mb";
 const NODE_COLUMNS: &str = "node_id, hostname, node_type, zone, cpu_cores, memory_mb, meta, \
-    status, version, joined_at, last_heartbeat";
+    status, version, joined_at, last_heartbeat, sandbox, executor";
 
 impl SqliteStore {
     /// Opens (creating if needed) `lull.db` in `data_dir` and brings its schema up to date.
@@ -174,6 +174,11 @@ fn node_from_row(row: &SqliteRow) -> Result<NodeRecord, StoreError> {
         version: row.try_get("version")?,
         joined_at: row.try_get("joined_at")?,
         last_heartbeat: row.try_get("last_heartbeat")?,
+        // An unreadable sandbox report is dropped, not fatal: the next heartbeat brings it.
+        sandbox: row
+            .try_get::<Option<String>, _>("sandbox")?
+            .and_then(|json| serde_json::from_str(&json).ok()),
+        executor: row.try_get("executor")?,
     })
 }
 
@@ -247,14 +252,20 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, change: &Change) -> Result<
         }
         Change::NodeSaved(n) => {
             let meta = serde_json::Value::Object(n.meta.clone()).to_string();
+            let sandbox = n
+                .sandbox
+                .as_ref()
+                .and_then(|p| serde_json::to_string(p).ok());
             sqlx::query(
                 "INSERT INTO nodes (node_id, hostname, node_type, zone, cpu_cores, memory_mb, meta, \
-                 status, version, joined_at, last_heartbeat) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 status, version, joined_at, last_heartbeat, sandbox, executor) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
                  ON CONFLICT (node_id) DO UPDATE SET hostname = excluded.hostname, \
                  node_type = excluded.node_type, zone = excluded.zone, cpu_cores = excluded.cpu_cores, \
                  memory_mb = excluded.memory_mb, meta = excluded.meta, status = excluded.status, \
                  version = excluded.version, joined_at = excluded.joined_at, \
-                 last_heartbeat = excluded.last_heartbeat",
+                 last_heartbeat = excluded.last_heartbeat, sandbox = excluded.sandbox, \
+                 executor = excluded.executor",
             )
             .bind(&n.node_id)
             .bind(&n.hostname)
@@ -267,6 +278,8 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, change: &Change) -> Result<
             .bind(&n.version)
             .bind(n.joined_at)
             .bind(n.last_heartbeat)
+            .bind(sandbox)
+            .bind(&n.executor)
             .execute(&mut **tx)
             .await?;
         }
@@ -414,15 +427,6 @@ impl Store for SqliteStore {
         stats.finished_last_hour = row.try_get::<i64, _>("last_hour")? as u64;
         stats.compute_seconds = row.try_get("compute")?;
         Ok(stats)
-    }
-
-    async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {NODE_COLUMNS} FROM nodes ORDER BY node_id"
-        ))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(node_from_row).collect()
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -7,7 +7,7 @@
 use super::{Store, StoreError};
 use crate::model::Change;
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 /// Most changes applied in one transaction; more waits for the next commit.
 const MAX_BATCH_CHANGES: usize = 4096;
@@ -61,14 +61,19 @@ pub struct Writer;
 
 impl Writer {
     /// Starts the writer task. It ends once every handle is dropped and the queue is drained.
-    pub fn spawn(store: Arc<dyn Store>) -> (WriterHandle, tokio::task::JoinHandle<()>) {
+    /// `finished` is woken after every commit that finished a task (never before: whoever
+    /// wakes reads the store and must find the task finished).
+    pub fn spawn(
+        store: Arc<dyn Store>,
+        finished: Arc<Notify>,
+    ) -> (WriterHandle, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(store, rx));
+        let task = tokio::spawn(run(store, rx, finished));
         (WriterHandle { tx }, task)
     }
 }
 
-async fn run(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Batch>) {
+async fn run(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Batch>, finished: Arc<Notify>) {
     let mut changes = Vec::new();
     let mut acks = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -89,6 +94,12 @@ async fn run(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Batch>) {
         });
         for ack in acks.drain(..) {
             let _ = ack.send(outcome.clone());
+        }
+        let any_finished = changes
+            .iter()
+            .any(|c| matches!(c, Change::TaskUpdated(s) if s.status.is_terminal()));
+        if outcome.is_ok() && any_finished {
+            finished.notify_waiters();
         }
         changes.clear();
     }

@@ -1,0 +1,109 @@
+//! Per-run latency of each executor on this host, one run at a time, with the sandbox the
+//! agent would apply here. Not a test: it prints numbers.
+//!
+//! ```text
+//! cargo build --release --workspace --bins --examples
+//! target/release/examples/executor_latency [RUNS] [--unsandboxed]     (default 200 runs)
+//! ```
+//!
+//! `--unsandboxed` measures the executors alone: no launcher, protections `none`.
+//!
+//! `lull-sandbox` and `lull-zygote` are looked up in the directory above this example's
+//! (`target/<profile>/`), or in `LULL_BIN_DIR`.
+
+use lull_agent::sandbox::{self, SandboxSettings};
+use lull_agent::{ColdExecutor, Executor, Job, ZygoteExecutor, ZygoteSettings};
+use lull_shared::{Resources, RunOutcome};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+const CODE: &str = "print(sum(range(1000)))";
+const MAX_OUTPUT: usize = 1024 * 1024;
+
+fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("LULL_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("executable path");
+    // target/<profile>/examples/<this> -> target/<profile>
+    exe.parent()
+        .and_then(|dir| dir.parent())
+        .map(PathBuf::from)
+        .expect("target directory")
+}
+
+async fn measure(name: &str, executor: &impl Executor, runs: usize) {
+    let mut latencies = Vec::with_capacity(runs);
+    let started = Instant::now();
+    for run_id in 0..runs {
+        let job = Job {
+            task_id: 1,
+            run_id: run_id as i64 + 1,
+            code: CODE.to_string(),
+            timeout: Duration::from_secs(60),
+            resources: Resources::default(),
+        };
+        let begun = Instant::now();
+        let execution = executor.run(job, CancellationToken::new()).await;
+        latencies.push(begun.elapsed());
+        assert_eq!(execution.outcome, RunOutcome::Completed, "{execution:?}");
+        assert_eq!(execution.stdout, "499500\n");
+    }
+    let total = started.elapsed();
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize];
+    println!(
+        "{name:>6}: {runs} runs, {:.0} runs/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        runs as f64 / total.as_secs_f64(),
+        at(0.50).as_secs_f64() * 1000.0,
+        at(0.99).as_secs_f64() * 1000.0,
+        at(1.0).as_secs_f64() * 1000.0,
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let unsandboxed = args.iter().any(|arg| arg == "--unsandboxed");
+    let runs: usize = args
+        .iter()
+        .find(|arg| !arg.starts_with("--"))
+        .map(|n| n.parse().expect("RUNS is a number"))
+        .unwrap_or(200);
+    let dir = bin_dir();
+    let python = ColdExecutor::resolve_interpreter("python3").await;
+    let launcher = dir.join("lull-sandbox");
+    let mut settings = SandboxSettings::default();
+    settings
+        .expose
+        .extend(ColdExecutor::interpreter_prefixes(&python).await);
+    let protections = if unsandboxed {
+        lull_shared::Protections::none("--unsandboxed")
+    } else {
+        sandbox::probe(Some(&launcher), &settings, &python).await
+    };
+    println!("python {python}, sandbox level {}", protections.level);
+
+    let cold = ColdExecutor::new(python.clone(), MAX_OUTPUT).with_sandbox(
+        launcher,
+        protections.clone(),
+        settings.clone(),
+    );
+    let zygote = ZygoteExecutor::start(
+        ZygoteSettings {
+            binary: dir.join("lull-zygote"),
+            python,
+            preload: Vec::new(),
+            protections,
+            sandbox: settings,
+            max_output_bytes: MAX_OUTPUT,
+        },
+        cold.clone(),
+    )
+    .await
+    .expect("the zygote starts");
+
+    measure("cold", &cold, runs).await;
+    measure("zygote", &zygote, runs).await;
+}

@@ -1,0 +1,151 @@
+//! Per-run cgroups: a memory limit for the whole tree of a run (RLIMIT_AS is per process, so
+//! a run that spreads its memory over children needs this) and a process count limit that is
+//! the run's own (RLIMIT_NPROC counts every process of the uid, shared by all runs).
+//!
+//! Supports cgroup v2 (a unified hierarchy at `/sys/fs/cgroup` with `cgroup.controllers`) and
+//! v1 (separate `memory` and `pids` hierarchies). Everything lives under a `lull` group.
+
+use super::SandboxError;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+const ROOT: &str = "/sys/fs/cgroup";
+
+/// The directories one run's cgroup consists of.
+#[derive(Debug, Clone)]
+pub(super) struct RunCgroup {
+    dirs: Vec<PathBuf>,
+    /// Where `memory.events` / `memory.oom_control` say whether the OOM killer struck.
+    memory_dir: PathBuf,
+    v2: bool,
+}
+
+fn is_v2() -> bool {
+    Path::new(ROOT).join("cgroup.controllers").exists()
+}
+
+fn write(path: &Path, value: &str) -> Result<(), SandboxError> {
+    fs::write(path, value).map_err(|e| SandboxError::Cgroup(format!("{}: {e}", path.display())))
+}
+
+fn run_dir_name(name: &str) -> String {
+    format!("run-{name}")
+}
+
+/// Sets a v1 memory limit and its memory+swap twin, in the order the kernel accepts
+/// (memory+swap may never be below memory).
+fn set_v1_memory(dir: &Path, bytes: u64) -> Result<(), SandboxError> {
+    let memory = dir.join("memory.limit_in_bytes");
+    let memsw = dir.join("memory.memsw.limit_in_bytes");
+    let value = bytes.to_string();
+    if write(&memory, &value).is_err() {
+        // A lower memory+swap limit is in the way: raise it first.
+        let _ = fs::write(&memsw, &value);
+        write(&memory, &value)?;
+    }
+    // Absent without swap accounting; then swap is not limited per run.
+    let _ = fs::write(&memsw, &value);
+    Ok(())
+}
+
+impl RunCgroup {
+    /// Creates the run's cgroup with its limits. The caller then joins it, before forking
+    /// the run, so every process of the run is born inside.
+    pub(super) fn create(
+        name: &str,
+        memory_bytes: u64,
+        max_processes: u64,
+    ) -> Result<RunCgroup, SandboxError> {
+        if is_v2() {
+            let parent = Path::new(ROOT).join("lull");
+            fs::create_dir_all(&parent)
+                .map_err(|e| SandboxError::Cgroup(format!("{}: {e}", parent.display())))?;
+            // Controllers must be enabled from the root down to our parent.
+            write(
+                &Path::new(ROOT).join("cgroup.subtree_control"),
+                "+memory +pids",
+            )?;
+            write(&parent.join("cgroup.subtree_control"), "+memory +pids")?;
+            let dir = parent.join(run_dir_name(name));
+            fs::create_dir_all(&dir)
+                .map_err(|e| SandboxError::Cgroup(format!("{}: {e}", dir.display())))?;
+            write(&dir.join("memory.max"), &memory_bytes.to_string())?;
+            write(&dir.join("memory.swap.max"), "0").ok();
+            write(&dir.join("pids.max"), &max_processes.to_string())?;
+            Ok(RunCgroup {
+                memory_dir: dir.clone(),
+                dirs: vec![dir],
+                v2: true,
+            })
+        } else {
+            let memory = Path::new(ROOT).join("memory/lull").join(run_dir_name(name));
+            let pids = Path::new(ROOT).join("pids/lull").join(run_dir_name(name));
+            for dir in [&memory, &pids] {
+                fs::create_dir_all(dir)
+                    .map_err(|e| SandboxError::Cgroup(format!("{}: {e}", dir.display())))?;
+            }
+            set_v1_memory(&memory, memory_bytes)?;
+            write(&pids.join("pids.max"), &max_processes.to_string())?;
+            Ok(RunCgroup {
+                memory_dir: memory.clone(),
+                dirs: vec![memory, pids],
+                v2: false,
+            })
+        }
+    }
+
+    /// Moves the calling process into the run's cgroup.
+    pub(super) fn join(&self) -> Result<(), SandboxError> {
+        let pid = std::process::id().to_string();
+        for dir in &self.dirs {
+            write(&dir.join("cgroup.procs"), &pid)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the kernel's OOM killer killed something in the run for lack of memory.
+    pub(super) fn oom_killed(&self) -> bool {
+        let (file, key) = if self.v2 {
+            ("memory.events", "oom_kill")
+        } else {
+            ("memory.oom_control", "oom_kill")
+        };
+        fs::read_to_string(self.memory_dir.join(file))
+            .ok()
+            .and_then(|text| {
+                text.lines().find_map(|l| {
+                    l.strip_prefix(key)
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                })
+            })
+            .is_some_and(|n| n > 0)
+    }
+
+    /// Leaves the cgroup (back to the hierarchy's root) so that it can be removed.
+    pub(super) fn leave(&self) {
+        let pid = std::process::id().to_string();
+        for dir in &self.dirs {
+            if let Some(root) = hierarchy_root(dir) {
+                let _ = fs::write(root.join("cgroup.procs"), &pid);
+            }
+        }
+    }
+}
+
+fn hierarchy_root(dir: &Path) -> Option<PathBuf> {
+    // .../lull/run-N -> the directory holding `lull`.
+    dir.parent().and_then(Path::parent).map(Path::to_path_buf)
+}
+
+/// Removes a run's cgroup directories (they must be empty: the run is over). Safe to call
+/// for a run that had none.
+pub fn remove_run(name: &str) {
+    let name = run_dir_name(name);
+    for dir in [
+        Path::new(ROOT).join("lull").join(&name),
+        Path::new(ROOT).join("memory/lull").join(&name),
+        Path::new(ROOT).join("pids/lull").join(&name),
+    ] {
+        let _ = fs::remove_dir(dir);
+    }
+}

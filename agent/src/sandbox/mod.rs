@@ -1,0 +1,710 @@
+//! The sandbox every run executes in. The only module of Lull with `unsafe` (one `fork`).
+//!
+//! Setup is a fixed sequence of small named steps, each failing with an error that names it
+//! ([`SandboxError`]). Two entry points, both for a **single-threaded** process:
+//!
+//! 1. [`enter_shared_namespaces`]: new network, IPC and UTS namespaces. The cold launcher
+//!    (`lull-sandbox`) calls it for every run; the zygote once, for all its runs: a network
+//!    namespace with no interface up is equally empty for every run in it.
+//! 2. [`confine_run`], per run, in the process that will run the code: own session; death
+//!    with the parent; a cgroup; new PID and mount namespaces (the process forks: the child is
+//!    PID 1 of the new namespace and runs the code, the parent waits and exits with the run's
+//!    status, so when PID 1 ends, or is killed, the kernel kills everything left in it — a
+//!    double-forked, `setsid` daemon included); private tmpfs on `/tmp` (the working directory),
+//!    `/var/tmp` and `/dev/shm`; a fresh `/proc`; rlimits; an unprivileged uid/gid without
+//!    supplementary groups; `no_new_privs`; every other fd closed; a seccomp filter last.
+//!
+//! Which steps apply is decided once, by [`probe`]: it runs the whole setup in a throwaway
+//! launcher for the strongest protections first and settles on the first that works. What
+//! the probe could not apply is reported in [`Protections::missing`], never pretended.
+//!
+//! Architecture Invariant: nothing here runs in a multi-threaded process. The agent never
+//! calls [`confine_run`] itself; it starts `lull-sandbox` or asks the zygote.
+#![allow(unsafe_code)]
+
+mod cgroup;
+mod seccomp;
+
+pub use cgroup::remove_run as remove_run_cgroup;
+
+use lull_shared::{Protections, RunId, SandboxLevel};
+use nix::mount::{MsFlags, mount};
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::resource::{Resource, setrlimit};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Gid, Pid, Uid, getpid, getppid, setresgid, setresuid, setsid};
+use serde::{Deserialize, Serialize};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// A sandbox step that failed; the message names the step.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("new session: {0}")]
+    Session(nix::Error),
+    #[error("parent-death signal: {0}")]
+    DeathSignal(nix::Error),
+    #[error("namespaces: {0}")]
+    Namespaces(nix::Error),
+    #[error("fork into the new PID namespace: {0}")]
+    Fork(nix::Error),
+    #[error("mount {what}: {source}")]
+    Mount {
+        what: &'static str,
+        source: nix::Error,
+    },
+    #[error("hostname: {0}")]
+    Hostname(nix::Error),
+    #[error("working directory {path}: {source}")]
+    WorkDir { path: String, source: nix::Error },
+    #[error("rlimit {what}: {source}")]
+    Rlimit {
+        what: &'static str,
+        source: nix::Error,
+    },
+    #[error("drop to uid {uid} gid {gid}: {source}")]
+    DropUser {
+        uid: u32,
+        gid: u32,
+        source: nix::Error,
+    },
+    #[error("dumpable: {0}")]
+    Dumpable(nix::Error),
+    #[error("no_new_privs: {0}")]
+    NoNewPrivs(nix::Error),
+    #[error("cgroup: {0}")]
+    Cgroup(String),
+    #[error("seccomp: {0}")]
+    Seccomp(String),
+    #[error("closing inherited files: {0}")]
+    CloseFds(std::io::Error),
+    #[error("signal mask: {0}")]
+    SignalMask(nix::Error),
+}
+
+/// What one run is allowed, and which protections to apply. Crosses process boundaries
+/// (agent → launcher, agent → zygote) as JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunPolicy {
+    pub run_id: RunId,
+    pub protections: Protections,
+    pub uid: u32,
+    pub gid: u32,
+    /// Address space per process, and the run's cgroup memory limit.
+    pub memory_mb: u64,
+    pub cpu_seconds: u64,
+    pub max_processes: u64,
+    pub max_file_bytes: u64,
+    pub max_open_files: u64,
+    /// Size of the run's private `/tmp` (its working directory).
+    pub disk_mb: u64,
+    /// Inodes of the run's private `/tmp`.
+    pub max_files: u64,
+    /// Working directory when there is no private `/tmp` (no namespaces): made by the agent.
+    pub workdir: Option<PathBuf>,
+    /// The run's cgroup name: unique on this host (run ids are only unique per coordinator,
+    /// and one host may run agents of several).
+    pub cgroup: String,
+    /// Directories the run must be able to read although an ancestor is closed to its uid
+    /// (the interpreter's prefix under `/root`, as pyenv installs it). See [`expose`].
+    #[serde(default)]
+    pub expose: Vec<PathBuf>,
+}
+
+/// The agent's sandbox settings (from its configuration), shared by every run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SandboxSettings {
+    /// uid/gid runs execute as when the agent is root.
+    pub uid: u32,
+    pub gid: u32,
+    /// Directories runs must read (the interpreter's prefix); see [`RunPolicy::expose`].
+    pub expose: Vec<PathBuf>,
+    pub max_processes: u64,
+    pub max_file_bytes: u64,
+    pub max_open_files: u64,
+    pub disk_mb: u64,
+    pub max_files: u64,
+}
+
+impl Default for SandboxSettings {
+    fn default() -> Self {
+        SandboxSettings {
+            uid: 65534,
+            gid: 65534,
+            expose: Vec::new(),
+            max_processes: 64,
+            max_file_bytes: 64 * 1024 * 1024,
+            max_open_files: 256,
+            disk_mb: 256,
+            max_files: 16_384,
+        }
+    }
+}
+
+impl RunPolicy {
+    /// The policy for one run: its memory from the task's resources, its CPU time from the
+    /// task's timeout (rounded up, plus one second so the wall clock usually speaks first).
+    pub fn for_job(
+        run_id: RunId,
+        protections: &Protections,
+        settings: &SandboxSettings,
+        memory_mb: f64,
+        timeout: Duration,
+        workdir: Option<PathBuf>,
+    ) -> RunPolicy {
+        RunPolicy {
+            run_id,
+            protections: protections.clone(),
+            uid: settings.uid,
+            gid: settings.gid,
+            memory_mb: memory_mb.ceil().max(16.0) as u64,
+            cpu_seconds: timeout.as_secs_f64().ceil() as u64 + 1,
+            max_processes: settings.max_processes,
+            max_file_bytes: settings.max_file_bytes,
+            max_open_files: settings.max_open_files,
+            disk_mb: settings.disk_mb,
+            max_files: settings.max_files,
+            workdir,
+            cgroup: format!("{}-{run_id}", std::process::id()),
+            expose: settings.expose.clone(),
+        }
+    }
+
+    /// Where the run's code starts and what HOME/TMPDIR are.
+    pub fn home(&self) -> PathBuf {
+        match (&self.workdir, self.protections.namespaces) {
+            (_, true) | (None, false) => PathBuf::from("/tmp"),
+            (Some(dir), false) => dir.clone(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Setup, in a single-threaded process
+// ---------------------------------------------------------------------------------------------
+
+/// Step 0 (once per launcher or zygote): network, IPC and UTS namespaces. The new network
+/// namespace has only a loopback interface, down: no network at all, not even the host's
+/// loopback services.
+pub fn enter_shared_namespaces(protections: &Protections) -> Result<(), SandboxError> {
+    if !protections.namespaces {
+        return Ok(());
+    }
+    unshare(CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
+        .map_err(SandboxError::Namespaces)?;
+    nix::unistd::sethostname("lull").map_err(SandboxError::Hostname)
+}
+
+/// Confines the calling process for one run; see the module docs. Returns only in the
+/// process that must now run the code. With namespaces, the calling process becomes the
+/// run's watcher: it never returns, and exits with the run's status.
+pub fn confine_run(policy: &RunPolicy) -> Result<(), SandboxError> {
+    let p = &policy.protections;
+    // Built first: a filter that cannot be built fails the run before anything changed.
+    let filters = if p.seccomp {
+        seccomp::programs()?
+    } else {
+        Vec::new()
+    };
+    new_session()?;
+    die_with_parent()?;
+    let cgroup = if p.cgroups {
+        let group = cgroup::RunCgroup::create(
+            &policy.cgroup,
+            policy.memory_mb.saturating_mul(1024 * 1024),
+            policy.max_processes,
+        )?;
+        group.join()?;
+        Some(group)
+    } else {
+        None
+    };
+    if p.namespaces {
+        unshare(CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS)
+            .map_err(SandboxError::Namespaces)?;
+        fork_pid_one(policy, cgroup.as_ref())?;
+        // From here on: PID 1 of the run's namespace.
+        die_with_parent()?;
+        private_mounts(policy)?;
+    }
+    enter_workdir(policy)?;
+    limit_resources(policy)?;
+    if p.drop_user {
+        drop_user(policy.uid, policy.gid)?;
+        // Changing credentials clears the parent-death signal and makes the process
+        // non-dumpable (its own /proc/self unreadable): restore both.
+        die_with_parent()?;
+        nix::sys::prctl::set_dumpable(true).map_err(SandboxError::Dumpable)?;
+    }
+    nix::sys::prctl::set_no_new_privs().map_err(SandboxError::NoNewPrivs)?;
+    close_inherited_fds()?;
+    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+        .map_err(SandboxError::SignalMask)?;
+    seccomp::install(&filters)
+}
+
+fn new_session() -> Result<(), SandboxError> {
+    match setsid() {
+        // Already a session leader (EPERM) is fine: it is its own session then.
+        Ok(_) | Err(nix::Error::EPERM) => Ok(()),
+        Err(e) => Err(SandboxError::Session(e)),
+    }
+}
+
+fn die_with_parent() -> Result<(), SandboxError> {
+    let parent = getppid();
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(SandboxError::DeathSignal)?;
+    // The parent may have died before the request took effect.
+    if getppid() != parent {
+        std::process::exit(137);
+    }
+    Ok(())
+}
+
+/// Forks the run's PID 1. The parent (the watcher) waits for it, reports what only it can
+/// see (the OOM killer, a limit's signal), cleans the cgroup and exits with the run's status.
+fn fork_pid_one(
+    policy: &RunPolicy,
+    cgroup: Option<&cgroup::RunCgroup>,
+) -> Result<(), SandboxError> {
+    // SAFETY: the sandbox's entry points are only called in single-threaded processes (the
+    // `lull-sandbox` launcher, a zygote child): no other thread can hold a lock the child
+    // would need, so the child may do anything, not only async-signal-safe calls.
+    match unsafe { nix::unistd::fork() }.map_err(SandboxError::Fork)? {
+        ForkResult::Child => Ok(()),
+        ForkResult::Parent { child } => watch_run(child, policy, cgroup),
+    }
+}
+
+fn watch_run(child: Pid, policy: &RunPolicy, cgroup: Option<&cgroup::RunCgroup>) -> ! {
+    let status = loop {
+        match waitpid(child, None) {
+            Err(nix::Error::EINTR) => continue,
+            Ok(s @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => break Some(s),
+            Ok(_) => continue,
+            Err(_) => break None,
+        }
+    };
+    // What only the watcher can tell, as the run's last line of stderr: the agent reports a
+    // run's last stderr line as its error. The memory limit fails the run even when the
+    // OOM killer chose a child and PID 1 went on to exit 0.
+    let oom = cgroup.is_some_and(cgroup::RunCgroup::oom_killed);
+    let note = if oom {
+        Some(format!("memory limit {} MB exceeded", policy.memory_mb))
+    } else {
+        match status {
+            Some(WaitStatus::Signaled(_, Signal::SIGXCPU, _)) => Some(format!(
+                "cpu time limit of {} s exceeded",
+                policy.cpu_seconds
+            )),
+            Some(WaitStatus::Signaled(_, Signal::SIGXFSZ, _)) => Some(format!(
+                "file size limit of {} bytes exceeded",
+                policy.max_file_bytes
+            )),
+            _ => None,
+        }
+    };
+    if let Some(note) = note {
+        let _ = writeln!(std::io::stderr(), "lull: {note}");
+    }
+    if let Some(group) = cgroup {
+        group.leave();
+        remove_run_cgroup(&policy.cgroup);
+    }
+    match status {
+        Some(WaitStatus::Exited(_, 0)) if oom => std::process::exit(137),
+        Some(WaitStatus::Exited(_, code)) => std::process::exit(code),
+        Some(WaitStatus::Signaled(_, signal, _)) => die_by(signal),
+        _ => std::process::exit(1),
+    }
+}
+
+/// Ends the watcher with the same signal that ended the run, so its parent sees the run's
+/// own status.
+fn die_by(signal: Signal) -> ! {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, sigaction};
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    // SAFETY: installs the default disposition, no handler code: nothing can run in a
+    // signal context as a result.
+    let _ = unsafe { sigaction(signal, &default) };
+    let mut only = SigSet::empty();
+    only.add(signal);
+    let _ = sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&only), None);
+    let _ = kill(getpid(), signal);
+    // A signal whose default is to continue (SIGCHLD, SIGWINCH, ...) lands here.
+    std::process::exit(128 + signal as i32)
+}
+
+fn private_mounts(policy: &RunPolicy) -> Result<(), SandboxError> {
+    let m = |what: &'static str| move |source| SandboxError::Mount { what, source };
+    // Nothing we mount here may propagate back to the host.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(m("/ private"))?;
+    let tmpfs_opts = format!(
+        "size={}m,nr_inodes={},mode=1777",
+        policy.disk_mb, policy.max_files
+    );
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mount(
+        Some("tmpfs"),
+        "/tmp",
+        Some("tmpfs"),
+        flags,
+        Some(tmpfs_opts.as_str()),
+    )
+    .map_err(m("/tmp"))?;
+    for dir in ["/var/tmp", "/dev/shm"] {
+        if Path::new(dir).is_dir() {
+            mount(
+                Some("tmpfs"),
+                dir,
+                Some("tmpfs"),
+                flags,
+                Some(tmpfs_opts.as_str()),
+            )
+            .map_err(m("tmpfs"))?;
+        }
+    }
+    if policy.protections.drop_user {
+        for dir in &policy.expose {
+            expose(dir)?;
+        }
+    }
+    mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(m("/proc"))?;
+    // The host's files read-only at most: world-writable corners (`/run/lock`, a directory
+    // someone left 0777) included. Only the run's own tmpfs mounts above stay writable.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(m("/ read-only"))
+}
+
+/// Makes `dir` reachable for an unprivileged uid when an ancestor is closed to others (as
+/// `/root`, mode 0700, is to the interpreter pyenv installs under it): the ancestor is covered
+/// by an empty tmpfs — so the run sees nothing else of it — and `dir` alone is put back,
+/// read-only. Runs in the run's private mount namespace, after `/tmp` is mounted.
+fn expose(dir: &Path) -> Result<(), SandboxError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let m = |what: &'static str| move |source| SandboxError::Mount { what, source };
+    let closed = dir
+        .ancestors()
+        .skip(1)
+        .filter(|a| a.parent().is_some())
+        .find(|a| std::fs::metadata(a).is_ok_and(|md| md.permissions().mode() & 0o001 == 0));
+    let Some(closed) = closed.map(Path::to_path_buf) else {
+        return Ok(());
+    };
+    let io = |source: std::io::Error| SandboxError::Mount {
+        what: "expose",
+        source: nix::Error::from_raw(source.raw_os_error().unwrap_or(libc::EIO)),
+    };
+    let staging = Path::new("/tmp/.lull-expose");
+    std::fs::create_dir_all(staging).map_err(io)?;
+    mount(
+        Some(dir),
+        staging,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(m("expose: stage"))?;
+    mount(
+        Some("tmpfs"),
+        &closed,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755,size=1m"),
+    )
+    .map_err(m("expose: cover"))?;
+    std::fs::create_dir_all(dir).map_err(io)?;
+    mount(
+        Some(staging),
+        dir,
+        None::<&str>,
+        MsFlags::MS_MOVE,
+        None::<&str>,
+    )
+    .map_err(m("expose: move"))?;
+    mount(
+        None::<&str>,
+        dir,
+        None::<&str>,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .map_err(m("expose: read-only"))?;
+    std::fs::remove_dir(staging).map_err(io)?;
+    // Leave the cover read-only too: nothing of the run is to be kept there.
+    mount(
+        None::<&str>,
+        &closed,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .map_err(m("expose: cover read-only"))
+}
+
+fn enter_workdir(policy: &RunPolicy) -> Result<(), SandboxError> {
+    let dir = policy.home();
+    nix::unistd::chdir(&dir).map_err(|source| SandboxError::WorkDir {
+        path: dir.display().to_string(),
+        source,
+    })
+}
+
+fn limit_resources(policy: &RunPolicy) -> Result<(), SandboxError> {
+    let set = |what: &'static str, resource: Resource, value: u64| {
+        setrlimit(resource, value, value).map_err(|source| SandboxError::Rlimit { what, source })
+    };
+    set(
+        "address space",
+        Resource::RLIMIT_AS,
+        policy.memory_mb.saturating_mul(1024 * 1024),
+    )?;
+    set("cpu time", Resource::RLIMIT_CPU, policy.cpu_seconds)?;
+    set("file size", Resource::RLIMIT_FSIZE, policy.max_file_bytes)?;
+    set("open files", Resource::RLIMIT_NOFILE, policy.max_open_files)?;
+    set("core dumps", Resource::RLIMIT_CORE, 0)?;
+    // Per uid, so shared by every run of this agent: a backstop only when no cgroup limits
+    // the run's own process count.
+    let nproc = if policy.protections.cgroups {
+        policy.max_processes.saturating_mul(16)
+    } else {
+        policy.max_processes
+    };
+    set("processes", Resource::RLIMIT_NPROC, nproc)
+}
+
+fn drop_user(uid: u32, gid: u32) -> Result<(), SandboxError> {
+    let err = |source| SandboxError::DropUser { uid, gid, source };
+    nix::unistd::setgroups(&[]).map_err(err)?;
+    setresgid(Gid::from_raw(gid), Gid::from_raw(gid), Gid::from_raw(gid)).map_err(err)?;
+    setresuid(Uid::from_raw(uid), Uid::from_raw(uid), Uid::from_raw(uid)).map_err(err)
+}
+
+fn close_inherited_fds() -> Result<(), SandboxError> {
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map_err(SandboxError::CloseFds)?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        // The directory handle itself is among them and already closed: errors are expected.
+        let _ = nix::unistd::close(fd);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The probe, from the agent
+// ---------------------------------------------------------------------------------------------
+
+/// Candidate protections, strongest first.
+fn candidates() -> Vec<Protections> {
+    let mut out = Vec::new();
+    for (namespaces, drop_user, cgroups) in [
+        (true, true, true),
+        (true, true, false),
+        (true, false, false),
+        (false, true, true),
+        (false, true, false),
+        (false, false, false),
+    ] {
+        let mut p = Protections {
+            level: SandboxLevel::None,
+            launcher: true,
+            namespaces,
+            drop_user,
+            seccomp: true,
+            cgroups,
+            missing: Vec::new(),
+        };
+        p.level = p.derived_level();
+        out.push(p);
+    }
+    out
+}
+
+/// Finds the strongest protections this host applies, by trying each candidate in full in a
+/// throwaway `lull-sandbox --check` (which also checks from inside that they hold).
+pub async fn probe(
+    launcher: Option<&Path>,
+    settings: &SandboxSettings,
+    python: &str,
+) -> Protections {
+    let Some(launcher) = launcher.filter(|p| p.exists()) else {
+        return Protections::none(format!(
+            "the lull-sandbox launcher was not found{}; runs get a process group and a clean environment only",
+            launcher
+                .map(|p| format!(" at {}", p.display()))
+                .unwrap_or_default()
+        ));
+    };
+    let mut failures: Vec<String> = Vec::new();
+    for candidate in candidates() {
+        // A run id no coordinator hands out, so probes never meet a real run's cgroup.
+        let policy = RunPolicy::for_job(
+            -1,
+            &candidate,
+            settings,
+            256.0,
+            Duration::from_secs(5),
+            Some(std::env::temp_dir()),
+        );
+        match check(launcher, &policy, python).await {
+            Ok(()) => {
+                let mut found = candidate;
+                if !found.namespaces {
+                    found.missing.push(namespace_reason(&failures));
+                }
+                if !found.drop_user {
+                    found.missing.push(
+                        "runs keep the agent's user (dropping to an unprivileged uid needs root)"
+                            .into(),
+                    );
+                }
+                if !found.cgroups {
+                    found.missing.push(
+                        "no per-run cgroup (memory and process limits are per process only)".into(),
+                    );
+                }
+                found
+                    .missing
+                    .extend(failures.into_iter().map(|f| format!("tried: {f}")).take(3));
+                return found;
+            }
+            Err(e) => failures.push(format!("{}: {e}", describe(&candidate))),
+        }
+    }
+    let mut none = Protections::none("no sandbox setup worked on this host");
+    none.missing.extend(failures);
+    none
+}
+
+fn namespace_reason(failures: &[String]) -> String {
+    let first = failures
+        .iter()
+        .find(|f| f.contains("namespaces"))
+        .cloned()
+        .unwrap_or_default();
+    format!("no namespaces: runs share the host's network, /tmp and process table ({first})")
+}
+
+fn describe(p: &Protections) -> String {
+    format!(
+        "{} (namespaces={}, drop_user={}, cgroups={})",
+        p.level, p.namespaces, p.drop_user, p.cgroups
+    )
+}
+
+async fn check(launcher: &Path, policy: &RunPolicy, python: &str) -> Result<(), String> {
+    let json = serde_json::to_string(policy).map_err(|e| e.to_string())?;
+    let out = tokio::process::Command::new(launcher)
+        .arg("--check")
+        .arg(json)
+        .arg(python)
+        .env_clear()
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(20), out)
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    remove_run_cgroup(&policy.cgroup);
+    if out.status.success() {
+        Ok(())
+    } else {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        Err(stderr.lines().last().unwrap_or("failed").trim().to_string())
+    }
+}
+
+/// What `lull-sandbox --check` runs inside the sandbox to confirm the protections hold and
+/// that the interpreter still starts under them.
+pub fn self_check(policy: &RunPolicy, python: &str) -> Result<(), String> {
+    let started = Command::new(python)
+        .args([
+            "-I",
+            "-c",
+            "import sys, os; sys.exit(0 if os.getcwd() else 1)",
+        ])
+        .env_clear()
+        .stdin(std::process::Stdio::null())
+        .status()
+        .map_err(|e| format!("{python} does not start in the sandbox: {e}"))?;
+    if !started.success() {
+        return Err(format!("{python} does not run in the sandbox ({started})"));
+    }
+    let p = &policy.protections;
+    if p.drop_user && nix::unistd::getuid().as_raw() != policy.uid {
+        return Err("still running as the original user".into());
+    }
+    if p.namespaces {
+        if getpid().as_raw() != 1 {
+            return Err(format!("not PID 1 of a new namespace (pid {})", getpid()));
+        }
+        if std::net::TcpStream::connect_timeout(
+            &"127.0.0.1:9".parse().map_err(|_| "addr")?,
+            Duration::from_secs(1),
+        )
+        .is_ok()
+        {
+            return Err("the host network is reachable".into());
+        }
+    }
+    if p.seccomp && unshare(CloneFlags::CLONE_NEWUTS).is_ok() {
+        return Err("unshare was not refused".into());
+    }
+    let _ = std::io::stderr().flush();
+    Ok(())
+}
+
+/// Where the launcher is by default: next to the running executable.
+pub fn default_launcher() -> Option<PathBuf> {
+    std::env::current_exe()
+        .ok()?
+        .parent()
+        .map(|d| d.join("lull-sandbox"))
+}
+
+/// Runs `program` under the sandbox in the launcher: used by `lull-sandbox`.
+pub fn launch(policy: &RunPolicy, program: &str, args: &[String]) -> std::io::Error {
+    use std::os::unix::process::CommandExt as _;
+    if let Err(e) = enter_shared_namespaces(&policy.protections).and_then(|()| confine_run(policy))
+    {
+        return std::io::Error::other(e.to_string());
+    }
+    Command::new(program).args(args).exec()
+}
+
+/// Signals the whole process group of `pid` (used to stop a run that has no namespace).
+pub fn kill_group(pid: i32) {
+    let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+}

@@ -1,0 +1,260 @@
+//! The sandbox through the real `lull-sandbox` launcher: what the probe finds, and what a
+//! run sees from inside. Needs the workspace binaries built (`cargo build --workspace --bins`).
+
+use lull_agent::executor::{ColdExecutor, Executor, Job};
+use lull_agent::sandbox::{self, SandboxSettings};
+use lull_shared::{Protections, Resources, RunOutcome, SandboxLevel};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+fn launcher() -> PathBuf {
+    // target/<profile>/deps/<test> -> target/<profile>/lull-sandbox
+    let exe = std::env::current_exe().expect("test exe");
+    let path = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("lull-sandbox");
+    assert!(
+        path.exists(),
+        "{} missing: run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// What this host should reach: root with namespaces → full.
+fn host_allows_full() -> bool {
+    nix::unistd::geteuid().is_root() && std::path::Path::new("/proc/self/ns/pid").exists()
+}
+
+async fn setup() -> (ColdExecutor, Protections) {
+    let python = ColdExecutor::resolve_interpreter("python3").await;
+    let mut settings = SandboxSettings {
+        uid: 64_010,
+        gid: 64_010,
+        ..SandboxSettings::default()
+    };
+    settings.expose = ColdExecutor::interpreter_prefixes(&python).await;
+    let protections = sandbox::probe(Some(&launcher()), &settings, &python).await;
+    let executor =
+        ColdExecutor::new(python, 1 << 20).with_sandbox(launcher(), protections.clone(), settings);
+    (executor, protections)
+}
+
+fn job(run_id: i64, code: &str, memory_mb: f64) -> Job {
+    Job {
+        task_id: 1,
+        run_id,
+        code: code.to_string(),
+        timeout: Duration::from_secs(30),
+        resources: Resources {
+            cpu: 1.0,
+            memory: memory_mb,
+        },
+    }
+}
+
+#[tokio::test]
+async fn the_probe_reaches_the_level_the_host_allows() {
+    let (_, p) = setup().await;
+    if host_allows_full() {
+        assert_eq!(p.level, SandboxLevel::Full, "{p:?}");
+        assert!(
+            p.namespaces && p.drop_user && p.seccomp && p.launcher,
+            "{p:?}"
+        );
+    } else {
+        assert!(p.level < SandboxLevel::Full, "{p:?}");
+        assert!(!p.missing.is_empty(), "what is missing is said: {p:?}");
+    }
+    assert_eq!(p.level, p.derived_level());
+}
+
+#[tokio::test]
+async fn a_missing_launcher_is_reported_not_pretended() {
+    let p = sandbox::probe(
+        Some(std::path::Path::new("/nonexistent/lull-sandbox")),
+        &SandboxSettings::default(),
+        "python3",
+    )
+    .await;
+    assert_eq!(p.level, SandboxLevel::None);
+    assert!(p.missing[0].contains("launcher was not found"), "{p:?}");
+}
+
+#[tokio::test]
+async fn a_sandboxed_run_sees_every_protection_from_inside() {
+    let (executor, p) = setup().await;
+    if p.level != SandboxLevel::Full {
+        assert!(
+            !host_allows_full(),
+            "this host allows full but the probe found {p:?}"
+        );
+        return;
+    }
+    let code = r#"
+import ctypes, os, socket, sys
+print("uid", os.getuid(), os.getgid(), os.getgroups())
+print("pid", os.getpid())
+print("cwd", os.getcwd(), os.listdir("."))
+print("home", os.environ["HOME"], sorted(k for k in os.environ if k.startswith("LULL")))
+try:
+    socket.create_connection(("127.0.0.1", 22), timeout=1); print("net open")
+except OSError as e:
+    print("net", e.errno)
+libc = ctypes.CDLL(None, use_errno=True)
+print("ptrace", libc.ptrace(0, 0, 0, 0), ctypes.get_errno())
+print("unshare", libc.unshare(0x20000000), ctypes.get_errno())
+try:
+    open("/etc/lull-test", "w"); print("etc writable")
+except OSError as e:
+    print("etc", e.errno)
+print("root", os.listdir("/root"))
+try:
+    open("/run/lock/lull-test", "w"); print("run/lock writable")
+except OSError as e:
+    print("run/lock", e.errno)
+"#;
+    let e = executor
+        .run(job(4242, code, 512.0), CancellationToken::new())
+        .await;
+    assert_eq!(e.outcome, RunOutcome::Completed, "{e:?}");
+    let out = e.stdout;
+    assert!(out.contains("uid 64010 64010 []"), "{out}");
+    assert!(out.contains("pid 1\n"), "{out}");
+    assert!(out.contains("cwd /tmp []"), "{out}");
+    assert!(
+        out.contains("home /tmp ['LULL_RUN_ID', 'LULL_TASK_ID']"),
+        "{out}"
+    );
+    assert!(out.contains("net 101"), "ENETUNREACH: {out}");
+    assert!(out.contains("ptrace -1 1"), "EPERM: {out}");
+    assert!(out.contains("unshare -1 1"), "EPERM: {out}");
+    assert!(
+        out.contains("etc 13") || out.contains("etc 30"),
+        "EACCES or EROFS: {out}"
+    );
+    assert!(
+        out.contains("root ['.pyenv']") || out.contains("root []"),
+        "the agent's home is hidden: {out}"
+    );
+    assert!(
+        out.contains("run/lock 30"),
+        "EROFS even where the host is world-writable: {out}"
+    );
+}
+
+#[tokio::test]
+async fn the_memory_limit_is_named_when_it_fires() {
+    let (executor, p) = setup().await;
+    if !p.cgroups {
+        assert!(
+            !host_allows_full() || !std::path::Path::new("/sys/fs/cgroup/memory").exists(),
+            "{p:?}"
+        );
+        return;
+    }
+    // Several children, each under the per-process limit, together over the run's limit.
+    let code = r#"
+import os, time
+kids = []
+for i in range(6):
+    pid = os.fork()
+    if pid == 0:
+        blocks = []
+        for _ in range(60):
+            blocks.append(bytearray(1024 * 1024))
+            time.sleep(0.01)
+        time.sleep(1)
+        os._exit(0)
+    kids.append(pid)
+for pid in kids:
+    os.waitpid(pid, 0)
+"#;
+    let e = executor
+        .run(job(4243, code, 192.0), CancellationToken::new())
+        .await;
+    assert_eq!(e.outcome, RunOutcome::Failed, "{e:?}");
+    assert!(
+        e.error
+            .as_deref()
+            .is_some_and(|m| m.contains("memory limit 192 MB exceeded")),
+        "{e:?}"
+    );
+}
+
+/// Live processes owned by `uid`.
+fn processes_of_uid(uid: u32) -> usize {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+                let field = |k: &str| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix(k).map(str::trim).map(str::to_string))
+                };
+                field("Uid:").and_then(|u| u.split_whitespace().next().map(str::to_string))
+                    == Some(uid.to_string())
+                    && field("State:").is_some_and(|st| !st.starts_with('Z'))
+            })
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn a_run_dies_with_its_watcher_even_after_leaving_its_session() {
+    let (_, p) = setup().await;
+    if p.level != SandboxLevel::Full {
+        assert!(!host_allows_full(), "{p:?}");
+        return;
+    }
+    const UID: u32 = 64_012;
+    let python = ColdExecutor::resolve_interpreter("python3").await;
+    let mut settings = SandboxSettings {
+        uid: UID,
+        gid: UID,
+        ..SandboxSettings::default()
+    };
+    settings.expose = ColdExecutor::interpreter_prefixes(&python).await;
+    let policy =
+        sandbox::RunPolicy::for_job(4244, &p, &settings, 256.0, Duration::from_secs(60), None);
+    // PID 1 leaves the watcher's session, so killing the watcher's group misses it: only
+    // the parent-death signal (which dropping the uid clears, and the sandbox restores) and
+    // the PID namespace can take it down.
+    let mut watcher = tokio::process::Command::new(launcher())
+        .arg("--policy")
+        .arg(serde_json::to_string(&policy).expect("policy"))
+        .args([
+            "--",
+            &python,
+            "-I",
+            "-c",
+            "import os, time; os.setsid(); time.sleep(60)",
+        ])
+        .env_clear()
+        .kill_on_drop(true)
+        .spawn()
+        .expect("launcher");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while processes_of_uid(UID) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    watcher.start_kill().expect("kill the watcher");
+    let _ = watcher.wait().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while processes_of_uid(UID) != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run outlived its watcher"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,624 @@
+//! The zygote executor against the real `lull-zygote`, with the sandbox this host allows, and
+//! compared with the cold executor on the same code.
+//!
+//! The binaries are looked up next to this test's target directory (`target/<profile>/`) or
+//! in `LULL_BIN_DIR`; the test command builds them first (`cargo build --workspace --bins`).
+//! Runs are watched from outside through `/proc`: a task renames itself (`/proc/self/comm`) to
+//! a name unique to the test, which survives PID namespaces.
+
+#[allow(dead_code)]
+mod fake;
+
+use fake::FakeCoordinator;
+use lull_agent::sandbox::{self, SandboxSettings};
+use lull_agent::{
+    AgentConfig, ColdExecutor, Execution, Executor, ExecutorKind, Job, ZygoteExecutor,
+    ZygoteSettings,
+};
+use lull_shared::{Assignment, Protections, Resources, RunOutcome};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+const MAX_OUTPUT: usize = 1024 * 1024;
+/// Hang guard for every wait below; never an assertion about speed.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("LULL_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // target/<profile>/deps/<test-binary> -> target/<profile>
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .expect("target directory")
+}
+
+fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it first with `cargo build --workspace --bins`",
+        path.display()
+    );
+    path
+}
+
+/// What this host gives runs, found once (as the agent finds it at start).
+struct Host {
+    python: String,
+    launcher: PathBuf,
+    protections: Protections,
+    settings: SandboxSettings,
+}
+
+async fn host() -> &'static Host {
+    static HOST: OnceCell<Host> = OnceCell::const_new();
+    HOST.get_or_init(|| async {
+        let python = ColdExecutor::resolve_interpreter("python3").await;
+        let launcher = binary("lull-sandbox");
+        let mut settings = SandboxSettings::default();
+        settings
+            .expose
+            .extend(ColdExecutor::interpreter_prefixes(&python).await);
+        let protections = sandbox::probe(Some(&launcher), &settings, &python).await;
+        eprintln!("sandbox level for these tests: {}", protections.level);
+        Host {
+            python,
+            launcher,
+            protections,
+            settings,
+        }
+    })
+    .await
+}
+
+fn cold(host: &Host) -> ColdExecutor {
+    ColdExecutor::new(host.python.clone(), MAX_OUTPUT).with_sandbox(
+        host.launcher.clone(),
+        host.protections.clone(),
+        host.settings.clone(),
+    )
+}
+
+fn zygote_settings(host: &Host) -> ZygoteSettings {
+    ZygoteSettings {
+        binary: binary("lull-zygote"),
+        python: host.python.clone(),
+        preload: Vec::new(),
+        protections: host.protections.clone(),
+        sandbox: host.settings.clone(),
+        max_output_bytes: MAX_OUTPUT,
+    }
+}
+
+async fn zygote() -> ZygoteExecutor {
+    let host = host().await;
+    ZygoteExecutor::start(zygote_settings(host), cold(host))
+        .await
+        .expect("the zygote starts")
+}
+
+fn job(code: &str, timeout_secs: f64) -> Job {
+    static NEXT_RUN: AtomicU32 = AtomicU32::new(1);
+    Job {
+        task_id: 7,
+        run_id: i64::from(NEXT_RUN.fetch_add(1, Ordering::SeqCst)),
+        code: code.to_string(),
+        timeout: Duration::from_secs_f64(timeout_secs),
+        resources: Resources::default(),
+    }
+}
+
+async fn run(executor: &impl Executor, code: &str) -> Execution {
+    executor
+        .run(job(code, 60.0), CancellationToken::new())
+        .await
+}
+
+/// What a user sees of an execution (times excepted).
+fn seen(execution: &Execution) -> (RunOutcome, Option<i32>, &str, &str, Option<&str>) {
+    (
+        execution.outcome,
+        execution.exit_code,
+        &execution.stdout,
+        &execution.stderr,
+        execution.error.as_deref(),
+    )
+}
+
+/// Runs each program through both executors and asserts they report the same.
+async fn assert_same_as_cold(programs: &[&str]) {
+    let cold = cold(host().await);
+    let zygote = zygote().await;
+    for code in programs {
+        let (from_cold, from_zygote) = (run(&cold, code).await, run(&zygote, code).await);
+        assert_eq!(seen(&from_zygote), seen(&from_cold), "for {code:?}");
+    }
+}
+
+/// A process name (`comm`, at most 15 bytes) no other test uses.
+fn unique_name(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}{}-{}",
+        std::process::id() % 100_000,
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// Python that renames the current process to `name`.
+fn rename_to(name: &str) -> String {
+    format!("open('/proc/self/comm', 'w').write({name:?})")
+}
+
+/// Python lines that start a child process named `name` that sleeps, and return once it has
+/// its name (so that a test that finds no such process afterwards has really seen it die).
+fn start_named_sleeper(name: &str) -> Vec<String> {
+    vec![
+        "import os as _os, subprocess as _subprocess, sys as _sys, time as _time".to_string(),
+        format!(
+            "_subprocess.Popen([_sys.executable, '-c', {:?}])",
+            format!("{}; import time; time.sleep(300)", rename_to(name))
+        ),
+        "def _named(pid):".to_string(),
+        "    try:".to_string(),
+        format!("        return open(f'/proc/{{pid}}/comm').read().strip() == {name:?}"),
+        "    except OSError:".to_string(),
+        "        return False".to_string(),
+        "while not any(_named(p) for p in _os.listdir('/proc') if p.isdigit()):".to_string(),
+        "    _time.sleep(0.01)".to_string(),
+    ]
+}
+
+/// Live (not zombie) processes named `name`, by host pid.
+fn processes_named(name: &str) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim_end() == name)
+                && is_running(pid)
+        })
+        .collect()
+}
+
+fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(String::from).collect())
+}
+
+/// True while `pid` exists and is not a zombie.
+fn is_running(pid: i32) -> bool {
+    stat_fields(pid)
+        .and_then(|fields| fields.first().cloned())
+        .is_some_and(|state| state != "Z" && state != "X")
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    stat_fields(pid)?.get(1)?.parse().ok()
+}
+
+async fn wait_until<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn hello_world_completes_with_its_output() {
+    let execution = run(&zygote().await, "print('Hello World')").await;
+
+    assert_eq!(execution.outcome, RunOutcome::Completed, "{execution:?}");
+    assert_eq!(execution.stdout, "Hello World\n");
+    assert_eq!(execution.exit_code, Some(0));
+    assert_eq!(execution.error, None);
+    assert!(execution.started_at <= execution.completed_at);
+}
+
+#[tokio::test]
+async fn runs_are_forks_of_the_zygote_with_the_real_python_as_sys_executable() {
+    let host = host().await;
+    let code = "import os, sys\nprint(os.readlink('/proc/self/exe'))\nprint(sys.executable)";
+    let execution = run(&zygote().await, code).await;
+
+    assert_eq!(execution.outcome, RunOutcome::Completed, "{execution:?}");
+    let lines: Vec<&str> = execution.stdout.lines().collect();
+    assert!(lines[0].ends_with("/lull-zygote"), "{lines:?}");
+    assert_eq!(lines[1], host.python);
+}
+
+#[tokio::test]
+async fn exit_codes_and_exceptions_are_reported_as_cold_reports_them() {
+    assert_same_as_cold(&[
+        "import sys; sys.exit(3)",
+        "import os; os._exit(7)",
+        "1/0",
+        "def f():\n    raise ValueError('deep')\n\ndef g():\n    f()\n\ng()",
+        "try:\n    1/0\nexcept Exception as e:\n    raise KeyError('k') from e",
+        "1 +",
+        "import missing_module_xyz",
+        "import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
+        "import sys; print('out'); print('err', file=sys.stderr); sys.exit(2)",
+        "import sys\nsys.excepthook = lambda *a: print('hooked', a[0].__name__, file=sys.stderr)\n1/0",
+        "import atexit; atexit.register(lambda: print('at exit'))\nprint('body')",
+        "import threading, time\nt = threading.Thread(target=lambda: (time.sleep(0.2), print('thread done')))\nt.start()\nprint('main done')",
+        "raise KeyboardInterrupt",
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn system_exit_variants_match_cold() {
+    assert_same_as_cold(&[
+        "import sys; sys.exit()",
+        "import sys; sys.exit(None)",
+        "import sys; sys.exit(0)",
+        "import sys; sys.exit(5)",
+        "import sys; sys.exit('a message')",
+        "import sys; sys.exit(256)",
+        "import sys; sys.exit(-1)",
+        "import sys; sys.exit(2**70)",
+        "raise SystemExit(True)",
+        "raise SystemExit(3, 'two args')",
+        "exit(4)",
+        "quit()",
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn unicode_and_binary_output_match_cold() {
+    assert_same_as_cold(&[
+        "print('héllo wörld ✓ 日本語 🐍')",
+        "import sys; sys.stdout.buffer.write(b'\\xff\\xfe raw \\x00 bytes\\n')",
+        "import sys; sys.stderr.buffer.write(b'\\xff err\\n'); sys.exit(1)",
+        "print('\\udcff surrogate')",
+        "import sys; sys.stderr.write('\\udcff on stderr\\n')",
+        "import sys; print(sys.stdout.encoding, sys.stdout.errors, sys.stderr.errors, sys.stdout.line_buffering, sys.stdout.write_through)",
+        "import sys; print(sys.argv, sys.stdin.read() == '', __name__, sorted(globals()))",
+        "import os; print(sorted(k for k in os.environ if k not in ('HOME', 'TMPDIR', 'LULL_RUN_ID')))",
+        "import locale, sys; print(locale.getpreferredencoding(False), sys.getfilesystemencoding())",
+        "import sys; print(sys.path)",
+        "print(__builtins__.__name__, __doc__, __package__, __spec__)",
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn output_written_before_a_kill_is_kept() {
+    let execution = zygote()
+        .await
+        .run(
+            job(
+                "import sys, time\nprint('before')\nsys.stderr.write('err before\\n')\ntime.sleep(60)",
+                1.0,
+            ),
+            CancellationToken::new(),
+        )
+        .await;
+
+    assert_eq!(execution.outcome, RunOutcome::Failed);
+    assert_eq!(execution.exit_code, None);
+    assert_eq!(execution.error.as_deref(), Some("timed out after 1 s"));
+    assert_eq!(execution.stdout, "before\n");
+    assert_eq!(execution.stderr, "err before\n");
+}
+
+#[tokio::test]
+async fn cancel_kills_the_run_and_its_grandchild() {
+    let executor = zygote().await;
+    let name = unique_name("zc");
+    let code = format!(
+        "import subprocess, sys, time\n\
+         subprocess.Popen([sys.executable, '-c', {:?}])\n\
+         time.sleep(300)\n",
+        format!("{}; import time; time.sleep(300)", rename_to(&name))
+    );
+    let cancel = CancellationToken::new();
+    let running = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { executor.run(job(&code, 120.0), cancel).await }
+    });
+
+    let grandchild = wait_until("the grandchild is running", || {
+        processes_named(&name).first().copied()
+    })
+    .await;
+    cancel.cancel();
+    let execution = running.await.expect("the run's task");
+
+    assert_eq!(execution.outcome, RunOutcome::Cancelled);
+    assert_eq!(execution.exit_code, None);
+    assert_eq!(execution.error.as_deref(), Some("cancelled"));
+    wait_until("the grandchild is dead", || {
+        (!is_running(grandchild)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_run_that_left_its_process_group_dies_at_its_timeout() {
+    let name = unique_name("zs");
+    let code = format!(
+        "import os, signal, time\n\
+         os.setsid()\n\
+         signal.signal(signal.SIGTERM, signal.SIG_IGN)\n\
+         {}\n\
+         time.sleep(300)\n",
+        rename_to(&name)
+    );
+    let executor = zygote().await;
+    let running = tokio::spawn(async move {
+        executor
+            .run(job(&code, 3.0), CancellationToken::new())
+            .await
+    });
+
+    let run_pid = wait_until("the run is running", || {
+        processes_named(&name).first().copied()
+    })
+    .await;
+    let execution = running.await.expect("the run's task");
+
+    assert_eq!(execution.error.as_deref(), Some("timed out after 3 s"));
+    wait_until("the run is dead", || (!is_running(run_pid)).then_some(())).await;
+}
+
+#[tokio::test]
+async fn a_grandchild_left_behind_dies_when_the_run_ends() {
+    let name = unique_name("zl");
+    let mut code = start_named_sleeper(&name);
+    code.push("print('started')".to_string());
+    let code = code.join("\n");
+    let execution = run(&zygote().await, &code).await;
+
+    assert_eq!(execution.outcome, RunOutcome::Completed, "{execution:?}");
+    assert_eq!(execution.stdout, "started\n");
+    wait_until("nothing of the run is left", || {
+        processes_named(&name).is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn multiprocessing_and_subprocess_use_the_real_python() {
+    let host = host().await;
+    let code = [
+        "import multiprocessing as mp, os, subprocess, sys",
+        "if __name__ == '__main__':",
+        "    with mp.Pool(2) as pool:",
+        "        print(pool.map(abs, [-1, -2, -3]))",
+        // What a spawned worker runs must be importable: a `-c` program's own functions are not.
+        "    with mp.get_context('spawn').Pool(2) as pool:",
+        "        print(set(pool.map(os.readlink, ['/proc/self/exe'] * 4)))",
+        "    done = subprocess.run([sys.executable, '-c', 'print(1)'], capture_output=True, text=True)",
+        "    print(done.stdout.strip())",
+    ]
+    .join("\n");
+    let execution = run(&zygote().await, &code).await;
+
+    assert_eq!(execution.outcome, RunOutcome::Completed, "{execution:?}");
+    let lines: Vec<&str> = execution.stdout.lines().collect();
+    assert_eq!(lines[0], "[1, 2, 3]");
+    // Spawned workers exec sys.executable: the real interpreter, never the zygote.
+    let real = std::fs::canonicalize(&host.python).expect("python path");
+    assert_eq!(lines[1], format!("{{'{}'}}", real.display()));
+    assert_eq!(lines[2], "1");
+}
+
+#[tokio::test]
+async fn a_dead_zygote_hands_its_runs_back_and_a_new_one_takes_the_next() {
+    let executor = std::sync::Arc::new(zygote().await);
+    let name = unique_name("zk");
+    let code = format!("{}\nimport time\ntime.sleep(300)", rename_to(&name));
+    let running = tokio::spawn({
+        let executor = std::sync::Arc::clone(&executor);
+        async move {
+            executor
+                .run(job(&code, 120.0), CancellationToken::new())
+                .await
+        }
+    });
+
+    let run_pid = wait_until("the run is running", || {
+        processes_named(&name).first().copied()
+    })
+    .await;
+    // Up the tree from the run to the zygote: the ancestor this test process started.
+    let mut zygote_pid = run_pid;
+    while let Some(parent) = parent_of(zygote_pid) {
+        if parent == std::process::id() as i32 {
+            break;
+        }
+        assert!(
+            parent > 1,
+            "the run {run_pid} is not below this test's zygote"
+        );
+        zygote_pid = parent;
+    }
+    kill(Pid::from_raw(zygote_pid), Signal::SIGKILL).expect("kill the zygote");
+    let execution = running.await.expect("the run's task");
+
+    assert_eq!(execution.outcome, RunOutcome::Lost, "{execution:?}");
+    assert_eq!(
+        execution.error.as_deref(),
+        Some("zygote died; run handed back")
+    );
+    assert_eq!(execution.exit_code, None);
+    wait_until("the orphaned run is dead", || {
+        (!is_running(run_pid)).then_some(())
+    })
+    .await;
+
+    let next = run(
+        &*executor,
+        "import os; print(os.readlink('/proc/self/exe'))",
+    )
+    .await;
+    assert_eq!(next.outcome, RunOutcome::Completed, "{next:?}");
+    assert!(
+        next.stdout.trim_end().ends_with("/lull-zygote"),
+        "the next run went to a new zygote: {next:?}"
+    );
+}
+
+#[tokio::test]
+async fn without_namespaces_runs_get_a_private_workdir_and_their_group_dies_with_them() {
+    let host = host().await;
+    let mut settings = zygote_settings(host);
+    settings.protections = Protections::none("this test: no sandbox");
+    let executor = ZygoteExecutor::start(settings, cold(host))
+        .await
+        .expect("the zygote starts");
+    let name = unique_name("zn");
+    let mut code = start_named_sleeper(&name);
+    code.push("import json, os".to_string());
+    code.push("print(json.dumps({'env': dict(os.environ), 'cwd': os.getcwd()}))".to_string());
+    let code = code.join("\n");
+
+    let execution = run(&executor, &code).await;
+    assert_eq!(execution.outcome, RunOutcome::Completed, "{execution:?}");
+    let seen: serde_json::Value =
+        serde_json::from_str(&execution.stdout).expect("the task printed json");
+    let cwd = PathBuf::from(seen["cwd"].as_str().expect("cwd"));
+    let env = seen["env"].as_object().expect("env");
+    assert_eq!(env["HOME"].as_str().map(PathBuf::from), Some(cwd.clone()));
+    assert_eq!(env["TMPDIR"].as_str().map(PathBuf::from), Some(cwd.clone()));
+    assert_eq!(env["LULL_TASK_ID"], "7");
+    let dir_name = cwd.file_name().map(|n| n.to_string_lossy().into_owned());
+    assert!(
+        dir_name.is_some_and(|n| n.starts_with("lull-run-")),
+        "{cwd:?}"
+    );
+    assert!(
+        !cwd.exists(),
+        "the working directory {cwd:?} outlived the run"
+    );
+    wait_until("the run's leftover is dead", || {
+        processes_named(&name).is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn preloaded_modules_are_there_and_a_missing_one_is_not_fatal() {
+    let host = host().await;
+    let mut settings = zygote_settings(host);
+    settings.preload = vec!["decimal".into(), "no_such_module_xyz".into()];
+    let executor = ZygoteExecutor::start(settings, cold(host))
+        .await
+        .expect("the zygote starts despite a missing preload");
+
+    let code = "import sys; print('decimal' in sys.modules)";
+    let execution = run(&executor, code).await;
+    assert_eq!(execution.stdout, "True\n", "{execution:?}");
+    let execution = run(&executor, "import no_such_module_xyz").await;
+    assert_eq!(
+        execution.error.as_deref(),
+        Some("ModuleNotFoundError: No module named 'no_such_module_xyz'")
+    );
+}
+
+#[tokio::test]
+async fn a_missing_zygote_binary_is_refused_at_start() {
+    let host = host().await;
+    let mut settings = zygote_settings(host);
+    settings.binary = PathBuf::from("/nonexistent/lull-zygote");
+
+    let err = ZygoteExecutor::start(settings, cold(host))
+        .await
+        .expect_err("no zygote without its binary");
+    assert!(
+        err.starts_with("could not start /nonexistent/lull-zygote: "),
+        "{err}"
+    );
+}
+
+/// The agent as an operator starts it, against a fake coordinator.
+async fn agent_runs_one_task(
+    executor: ExecutorKind,
+    zygote_bin: PathBuf,
+) -> (Option<String>, lull_shared::RunReport) {
+    let fake = FakeCoordinator::start().await;
+    let state = tempfile::tempdir().expect("state dir");
+    let mut config = AgentConfig::new(fake.url.clone(), state.path().to_path_buf());
+    config.heartbeat_interval = Duration::from_millis(100);
+    config.pull_wait = Duration::from_secs(1);
+    config.python = host().await.python.clone();
+    config.sandbox_launcher = Some(binary("lull-sandbox"));
+    config.executor = executor;
+    config.zygote_bin = Some(zygote_bin);
+    let shutdown = CancellationToken::new();
+    let agent = tokio::spawn(lull_agent::run(config, shutdown.clone()));
+
+    wait_until("the agent registered", || {
+        fake.heartbeats().first().map(|_| ())
+    })
+    .await;
+    fake.assign(Assignment {
+        task_id: 1,
+        run_id: 10,
+        attempt: 1,
+        code: "import os; print(os.readlink('/proc/self/exe'))".to_string(),
+        timeout: 30.0,
+        resources: Resources::default(),
+    });
+    let report = wait_until("the result arrived", || {
+        fake.results().into_iter().find(|r| r.run_id == 10)
+    })
+    .await;
+    shutdown.cancel();
+    tokio::time::timeout(PATIENCE, agent)
+        .await
+        .expect("the agent stopped in time")
+        .expect("the agent task")
+        .expect("the agent stopped cleanly");
+    let executor = fake.heartbeats().first().and_then(|h| h.executor.clone());
+    (executor, report)
+}
+
+#[tokio::test]
+async fn the_agent_runs_tasks_on_the_zygote_by_default() {
+    let (executor, report) =
+        agent_runs_one_task(ExecutorKind::default(), binary("lull-zygote")).await;
+
+    assert_eq!(executor.as_deref(), Some("zygote"));
+    assert_eq!(report.outcome, RunOutcome::Completed, "{report:?}");
+    assert!(
+        report.stdout.trim_end().ends_with("/lull-zygote"),
+        "{report:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_agent_falls_back_to_cold_without_a_zygote() {
+    let (executor, report) = agent_runs_one_task(
+        ExecutorKind::Zygote,
+        PathBuf::from("/nonexistent/lull-zygote"),
+    )
+    .await;
+
+    assert_eq!(executor.as_deref(), Some("cold"));
+    assert_eq!(report.outcome, RunOutcome::Completed, "{report:?}");
+    assert!(
+        !report.stdout.trim_end().ends_with("/lull-zygote"),
+        "{report:?}"
+    );
+}

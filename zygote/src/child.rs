@@ -1,0 +1,111 @@
+//! One run's process, from the moment `os.fork()` returned 0 in it: wire its pipes, confine it
+//! with `lull_agent::sandbox::confine_run`, run the code as `python3 -I -u -c` would, exit.
+//!
+//! Architecture Invariant: this path never returns to the zygote's loop. Every way out, a
+//! panic included, ends in `os._exit`.
+
+use crate::interpreter::Interpreter;
+use lull_agent::sandbox::{self, RunPolicy};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
+use nix::unistd::{Pid, getppid};
+use pyo3::prelude::*;
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::os::fd::RawFd;
+use std::panic::AssertUnwindSafe;
+
+/// The exit status of a run whose sandbox could not be set up (as `lull-sandbox` uses).
+pub(crate) const SETUP_FAILED: i32 = 125;
+
+/// A file descriptor received over the socket; closed when dropped.
+///
+/// Received descriptors arrive as plain numbers (`SCM_RIGHTS`); turning one into an `OwnedFd`
+/// needs `unsafe`, so the zygote keeps the number and is careful to close it exactly once.
+#[derive(Debug)]
+pub(crate) struct ReceivedFd(RawFd);
+
+impl ReceivedFd {
+    pub(crate) fn new(fd: RawFd) -> Self {
+        ReceivedFd(fd)
+    }
+
+    pub(crate) fn raw(&self) -> RawFd {
+        self.0
+    }
+}
+
+impl Drop for ReceivedFd {
+    fn drop(&mut self) {
+        let _ = nix::unistd::close(self.0);
+    }
+}
+
+/// Everything a run's process needs, received in one `run` message.
+#[derive(Debug)]
+pub(crate) struct RunRequest {
+    pub(crate) policy: RunPolicy,
+    pub(crate) code: String,
+    pub(crate) env: BTreeMap<String, String>,
+    pub(crate) stdout: ReceivedFd,
+    pub(crate) stderr: ReceivedFd,
+}
+
+/// Runs `request` in this freshly forked child of the zygote (`zygote` is its pid) and exits
+/// with the code's exit status.
+pub(crate) fn run(
+    py: Python<'_>,
+    interpreter: &Interpreter,
+    request: &RunRequest,
+    zygote: Pid,
+) -> ! {
+    let status = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        match prepare(py, interpreter, request, zygote) {
+            Ok(globals) => interpreter.run_main(py, &request.code, &globals),
+            Err(err) => {
+                // fd 2 is the run's stderr once redirected (the zygote's log before that).
+                let _ = writeln!(std::io::stderr(), "lull: sandbox setup failed: {err}");
+                SETUP_FAILED
+            }
+        }
+    }))
+    .unwrap_or(SETUP_FAILED);
+    interpreter.exit(py, status)
+}
+
+/// The setup steps, in order; each error names its step.
+fn prepare<'py>(
+    py: Python<'py>,
+    interpreter: &Interpreter,
+    request: &RunRequest,
+    zygote: Pid,
+) -> Result<Bound<'py, pyo3::types::PyDict>, String> {
+    // The zygote blocks SIGCHLD (it reads it from a signalfd); the run must not inherit that.
+    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+        .map_err(|err| format!("signal mask: {err}"))?;
+    // At once, before the sandbox does it too: a zygote that dies takes its runs with it.
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+        .map_err(|err| format!("parent-death signal: {err}"))?;
+    if getppid() != zygote {
+        return Err("the zygote exited before the run started".to_string());
+    }
+    interpreter
+        .redirect_stdio(py, request.stdout.raw(), request.stderr.raw())
+        .map_err(|err| format!("standard streams: {err}"))?;
+    interpreter
+        .set_environment(py, &request.env)
+        .map_err(|err| format!("environment: {err}"))?;
+    sandbox::confine_run(&request.policy).map_err(|err| err.to_string())?;
+    if request.policy.protections.drop_user {
+        // Changing uid cleared the parent-death signal (the kernel does so on any credential
+        // change): without it again, a run that left its process group would outlive a killed
+        // watcher.
+        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+            .map_err(|err| format!("parent-death signal after dropping the user: {err}"))?;
+        // It also made the process non-dumpable: its /proc/self would be root's and closed to
+        // it. A cold run gets dumpable back by exec'ing python; this one never execs.
+        nix::sys::prctl::set_dumpable(true).map_err(|err| format!("dumpable: {err}"))?;
+    }
+    interpreter
+        .enter(py, &request.code)
+        .map_err(|err| format!("interpreter state: {err}"))
+}

@@ -1,0 +1,242 @@
+//! The embedded CPython: set up once in the zygote, and driven by a forked child around the
+//! user's code. The Python half lives in `run.py`.
+
+use pyo3::exceptions::{PyKeyboardInterrupt, PySystemExit};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::fd::RawFd;
+use std::process::{Command, Stdio};
+
+const RUN_PY: &str = include_str!("run.py");
+const PATH_FALLBACK: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// What `--python` says about itself; the zygote must match it.
+#[derive(Debug, Deserialize)]
+pub(crate) struct TargetPython {
+    /// `major.minor.micro`.
+    pub(crate) version: String,
+    /// Its `sys.path` under `-I`: what a cold run can import.
+    pub(crate) path: Vec<String>,
+}
+
+/// Asks `python` (the interpreter cold runs use) for its version and `sys.path`, with the
+/// environment a run has.
+pub(crate) fn ask_target_python(python: &str) -> Result<TargetPython, String> {
+    let script = "import json, platform, sys\n\
+                  print(json.dumps({'version': platform.python_version(), 'path': sys.path}))";
+    let output = Command::new(python)
+        .args(["-I", "-c", script])
+        .env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| PATH_FALLBACK.into()),
+        )
+        .env("LANG", "C.UTF-8")
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|err| format!("could not start {python}: {err}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "{python} could not describe itself ({})",
+            output.status
+        ));
+    }
+    serde_json::from_slice(&output.stdout)
+        .map_err(|err| format!("{python} described itself oddly: {err}"))
+}
+
+/// The zygote's interpreter, initialised and ready to fork.
+pub(crate) struct Interpreter {
+    /// `run.py`, loaded as a module that is not in `sys.modules`.
+    helper: Py<PyModule>,
+    os: Py<PyModule>,
+    builtins: Py<PyModule>,
+    /// The target python's path, for `sys.orig_argv`.
+    python: String,
+    pub(crate) version: String,
+}
+
+impl Interpreter {
+    /// Points the interpreter at `target` (executable, version check, `sys.path`) and imports
+    /// `preload`. Returns the interpreter and the preloads that failed (they are not fatal:
+    /// the run that imports one fails the way it would cold).
+    pub(crate) fn prepare(
+        py: Python<'_>,
+        python: &str,
+        target: &TargetPython,
+        preload: &[String],
+    ) -> Result<(Interpreter, Vec<String>), String> {
+        let failed = |what: &'static str| move |err: PyErr| format!("{what}: {err}");
+        let sys = py.import("sys").map_err(failed("import sys"))?;
+        let info = sys
+            .getattr("version_info")
+            .map_err(failed("python version"))?;
+        let part = |i: usize| -> Result<u32, String> {
+            info.get_item(i)
+                .and_then(|n| n.extract())
+                .map_err(failed("python version"))
+        };
+        let (major, minor, micro) = (part(0)?, part(1)?, part(2)?);
+        let version = format!("{major}.{minor}.{micro}");
+        if major_minor(&version) != major_minor(&target.version) {
+            return Err(format!(
+                "this zygote embeds Python {version}, but {python} is Python {}",
+                target.version
+            ));
+        }
+        sys.setattr(
+            "path",
+            PyList::new(py, &target.path).map_err(failed("sys.path"))?,
+        )
+        .map_err(failed("sys.path"))?;
+
+        let source = CString::new(RUN_PY).map_err(|err| format!("run.py: {err}"))?;
+        let helper = PyModule::from_code(py, &source, c"<lull-zygote>", c"_lull_zygote")
+            .map_err(failed("loading the run helper"))?;
+        // Not importable by runs: it is the zygote's, not theirs.
+        sys.getattr("modules")
+            .and_then(|modules| modules.del_item("_lull_zygote"))
+            .map_err(failed("hiding the run helper"))?;
+        let failed_preloads: Vec<String> = helper
+            .call_method1("prepare", (python, preload.to_vec()))
+            .and_then(|failed| failed.extract())
+            .map_err(failed("preparing the interpreter"))?;
+
+        let interpreter = Interpreter {
+            helper: helper.unbind(),
+            os: py.import("os").map_err(failed("import os"))?.unbind(),
+            builtins: py
+                .import("builtins")
+                .map_err(failed("import builtins"))?
+                .unbind(),
+            python: python.to_string(),
+            version,
+        };
+        Ok((interpreter, failed_preloads))
+    }
+
+    /// `os.fork()`: 0 in the child, the child's pid in the parent. CPython's own fork runs its
+    /// before/after-fork hooks (import lock, thread state, `random` reseeding, ...).
+    pub(crate) fn fork(&self, py: Python<'_>) -> PyResult<i32> {
+        self.os.bind(py).call_method0("fork")?.extract()
+    }
+
+    /// `os.wait4(pid, 0)`: reaps `pid` and returns its (cpu seconds, max rss MB).
+    pub(crate) fn reap(&self, py: Python<'_>, pid: i32) -> PyResult<(f64, f64)> {
+        let (_pid, _status, usage): (i32, i32, Bound<'_, PyAny>) = self
+            .os
+            .bind(py)
+            .call_method1("wait4", (pid, 0))?
+            .extract()?;
+        let seconds = |field: &str| -> PyResult<f64> { usage.getattr(field)?.extract() };
+        let cpu = seconds("ru_utime")? + seconds("ru_stime")?;
+        let max_rss_kb: f64 = usage.getattr("ru_maxrss")?.extract()?;
+        Ok((cpu, max_rss_kb / 1024.0))
+    }
+
+    /// In a run's process: its pipes on fds 1 and 2, `/dev/null` on 0, every other fd closed.
+    pub(crate) fn redirect_stdio(
+        &self,
+        py: Python<'_>,
+        stdout: RawFd,
+        stderr: RawFd,
+    ) -> PyResult<()> {
+        self.helper
+            .bind(py)
+            .call_method1("redirect", (stdout, stderr))?;
+        Ok(())
+    }
+
+    pub(crate) fn set_environment(
+        &self,
+        py: Python<'_>,
+        env: &BTreeMap<String, String>,
+    ) -> PyResult<()> {
+        self.helper
+            .bind(py)
+            .call_method1("set_environment", (env.clone(),))?;
+        Ok(())
+    }
+
+    /// In the confined run's process, right before the code: the interpreter state of a fresh
+    /// `python3 -I -u -c code` (signals, standard streams, `sys.argv`). Returns the globals of
+    /// a new `__main__`.
+    pub(crate) fn enter<'py>(&self, py: Python<'py>, code: &str) -> PyResult<Bound<'py, PyDict>> {
+        let argv = [self.python.as_str(), "-I", "-u", "-c", code];
+        let globals = self
+            .helper
+            .bind(py)
+            .call_method1("enter", (argv.to_vec(),))?;
+        Ok(globals.cast_into::<PyDict>()?)
+    }
+
+    /// Runs `code` in `globals` as `python3 -I -u -c code` would, including what the interpreter does at
+    /// exit, and returns the process's exit status. Never returns an error: every failure is
+    /// the code's, and is printed the way CPython prints it.
+    pub(crate) fn run_main(&self, py: Python<'_>, code: &str, globals: &Bound<'_, PyDict>) -> i32 {
+        let helper = self.helper.bind(py);
+        let (status, interrupted) = match self.execute(py, code, globals) {
+            Ok(()) => (0, false),
+            Err(err) if err.is_instance_of::<PySystemExit>(py) => {
+                let status = helper
+                    .call_method1("system_exit_status", (err.value(py),))
+                    .and_then(|status| status.extract())
+                    .unwrap_or(1);
+                (status, false)
+            }
+            Err(err) => {
+                let interrupted = err.is_instance_of::<PyKeyboardInterrupt>(py);
+                // PyErr_PrintEx(1), as `python -c` does: sys.excepthook, sys.last_*.
+                err.print_and_set_sys_last_vars(py);
+                (1, interrupted)
+            }
+        };
+        match helper
+            .call_method1("finish", (status, interrupted))
+            .and_then(|status| status.extract())
+        {
+            Ok(status) => status,
+            Err(err) => {
+                err.print(py);
+                120
+            }
+        }
+    }
+
+    /// Compiles and executes `code` in `globals`, called from Rust so that the traceback of an
+    /// uncaught exception starts at the code's own `<module>` frame.
+    fn execute(&self, py: Python<'_>, code: &str, globals: &Bound<'_, PyDict>) -> PyResult<()> {
+        let builtins = self.builtins.bind(py);
+        let compiled = builtins.call_method1("compile", (code, "<string>", "exec"))?;
+        builtins.call_method1("exec", (compiled, globals))?;
+        Ok(())
+    }
+
+    /// `os._exit(status)`: no Rust destructor, no second finalisation.
+    pub(crate) fn exit(&self, py: Python<'_>, status: i32) -> ! {
+        let _ = self.os.bind(py).call_method1("_exit", (status,));
+        // os._exit does not return; if it somehow failed, end without running anything else.
+        std::process::abort()
+    }
+}
+
+fn major_minor(version: &str) -> Option<(&str, &str)> {
+    let mut parts = version.split('.');
+    Some((parts.next()?, parts.next()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_compare_by_major_and_minor() {
+        assert_eq!(major_minor("3.11.7"), major_minor("3.11.2"));
+        assert_ne!(major_minor("3.11.7"), major_minor("3.12.0"));
+        assert_eq!(major_minor("3"), None);
+    }
+}

@@ -1,0 +1,127 @@
+//! `lull-zygote`: a warm CPython that forks one sandboxed process per run for the Lull agent.
+//!
+//! ```text
+//! lull-zygote --python /usr/bin/python3.11 [--protections JSON] [--preload mod1,mod2]
+//! ```
+//!
+//! The agent starts it with one end of a Unix socket as stdin and speaks the protocol of
+//! `lull_agent::executor::zygote_protocol` over it. The zygote:
+//!
+//! 1. asks `--python` for its version and `sys.path` (a run must import exactly what
+//!    `python3 -I` would), and refuses to start if its own embedded CPython is another version;
+//! 2. enters the network, IPC and UTS namespaces all its runs share, when the protections say so;
+//! 3. initialises CPython once, points `sys.executable` at `--python` (so `multiprocessing` and
+//!    `subprocess.run([sys.executable, ...])` never start a zygote) and imports `--preload`;
+//! 4. serves ([`server`]): waits on the socket and on child exits, forks a child per `run`
+//!    ([`child`]), kills on `kill`, reaps and reports every exit. It exits when the socket closes,
+//!    killing the runs it still has.
+//!
+//! Architecture Invariant: the zygote never runs user code, and stays single-threaded: it checks
+//! before every fork. It has no `unsafe`: it forks with Python's own `os.fork()` (which runs
+//! CPython's before/after-fork hooks) and the sandbox lives in `lull_agent::sandbox`.
+#![forbid(unsafe_code)]
+
+mod child;
+mod interpreter;
+mod server;
+
+use lull_shared::Protections;
+use std::process::ExitCode;
+
+/// Arguments, as the agent passes them.
+#[derive(Debug)]
+struct Args {
+    python: String,
+    protections: Protections,
+    preload: Vec<String>,
+}
+
+const USAGE: &str =
+    "usage: lull-zygote --python PATH [--protections JSON] [--preload MODULE[,MODULE...]]";
+
+impl Args {
+    fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
+        let mut python = None;
+        let mut protections =
+            Protections::none("no protections were given to the zygote".to_string());
+        let mut preload = Vec::new();
+        while let Some(flag) = args.next() {
+            let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+            match flag.as_str() {
+                "--python" => python = Some(value()?),
+                "--protections" => {
+                    protections = serde_json::from_str(&value()?)
+                        .map_err(|err| format!("--protections is not valid: {err}"))?;
+                }
+                "--preload" => preload.extend(
+                    value()?
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|name| !name.is_empty())
+                        .map(String::from),
+                ),
+                other => return Err(format!("unknown argument {other:?}")),
+            }
+        }
+        Ok(Args {
+            python: python.ok_or("--python is required")?,
+            protections,
+            preload,
+        })
+    }
+}
+
+/// One line to stderr, which the agent passes through to its own log.
+macro_rules! log {
+    ($($arg:tt)*) => {
+        eprintln!("lull-zygote[{}]: {}", std::process::id(), format_args!($($arg)*))
+    };
+}
+pub(crate) use log;
+
+fn main() -> ExitCode {
+    let args = match Args::parse(std::env::args().skip(1)) {
+        Ok(args) => args,
+        Err(err) => {
+            log!("{err}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match server::serve(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            log!("{err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, String> {
+        Args::parse(args.iter().map(|a| a.to_string()))
+    }
+
+    #[test]
+    fn flags_parse_with_preloads_split_on_commas() {
+        let args =
+            parse(&["--python", "/usr/bin/python3", "--preload", "json, re,,csv"]).expect("valid");
+
+        assert_eq!(args.python, "/usr/bin/python3");
+        assert_eq!(args.preload, ["json", "re", "csv"]);
+        assert!(!args.protections.namespaces);
+    }
+
+    #[test]
+    fn python_is_required_and_unknown_flags_are_refused() {
+        assert_eq!(
+            parse(&[]).expect_err("no python").as_str(),
+            "--python is required"
+        );
+        assert!(parse(&["--python", "p", "--fast"]).is_err());
+        assert!(parse(&["--python"]).is_err());
+        assert!(parse(&["--python", "p", "--protections", "{"]).is_err());
+    }
+}

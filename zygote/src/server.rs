@@ -1,0 +1,421 @@
+//! The zygote's loop: one thread, blocked in `poll` on the agent's socket and on a signalfd
+//! for SIGCHLD; forks a child per `run`, kills on `kill`, reaps and reports every exit.
+
+use crate::child::{self, ReceivedFd, RunRequest};
+use crate::interpreter::{self, Interpreter};
+use crate::{Args, log};
+use lull_agent::executor::zygote_protocol::{FromZygote, RUN_FDS, ToZygote};
+use lull_agent::sandbox;
+use lull_shared::RunId;
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, Signal, kill, killpg};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, RecvMsg, UnixAddr, recvmsg, send, sockopt};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+use nix::unistd::{Pid, getpid};
+use pyo3::prelude::*;
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
+use std::io::IoSliceMut;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+const READ_BYTES: usize = 64 * 1024;
+/// Room for more descriptors than a message may carry, so that a wrong sender cannot make
+/// the kernel truncate (and leak) what it sent.
+const MAX_FDS_PER_READ: usize = 16;
+
+/// Starts the zygote and serves until the agent closes the socket.
+pub(crate) fn serve(args: &Args) -> Result<(), String> {
+    let target = interpreter::ask_target_python(&args.python)?;
+    let socket = take_socket_from_stdin()?;
+    sandbox::enter_shared_namespaces(&args.protections)
+        .map_err(|err| format!("could not enter the runs' shared namespaces: {err}"))?;
+    let child_exits = child_exit_signals()?;
+
+    Python::initialize();
+    Python::attach(|py| {
+        let (interpreter, failed_preloads) =
+            Interpreter::prepare(py, &args.python, &target, &args.preload)?;
+        for failure in &failed_preloads {
+            log!("could not preload {failure}");
+        }
+        threads_are_single()?;
+        let mut server = Server {
+            socket,
+            child_exits,
+            interpreter,
+            inbox: Inbox::default(),
+            runs: BTreeMap::new(),
+            pid: getpid(),
+        };
+        server.send(&FromZygote::Ready {
+            python_version: server.interpreter.version.clone(),
+        })?;
+        let served = server.serve(py);
+        server.kill_all_and_reap(py);
+        served
+    })
+}
+
+/// The agent's socket arrives as stdin; keep it on a close-on-exec fd and put `/dev/null` on
+/// 0, so that nothing reading stdin (Python's `sys.stdin`) can consume the protocol.
+fn take_socket_from_stdin() -> Result<OwnedFd, String> {
+    let socket = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|err| format!("could not take the socket from stdin: {err}"))?;
+    nix::sys::socket::getsockopt(&socket, sockopt::SockType)
+        .map_err(|_| "stdin must be the agent's Unix socket".to_string())?;
+    let null = File::open("/dev/null").map_err(|err| format!("/dev/null: {err}"))?;
+    nix::unistd::dup2_stdin(&null).map_err(|err| format!("/dev/null on stdin: {err}"))?;
+    Ok(socket)
+}
+
+/// Blocks SIGCHLD and returns a signalfd that becomes readable when a child exits.
+fn child_exit_signals() -> Result<SignalFd, String> {
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGCHLD);
+    mask.thread_block()
+        .map_err(|err| format!("could not block SIGCHLD: {err}"))?;
+    SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(|err| format!("could not open a signalfd: {err}"))
+}
+
+/// Forking a multi-threaded process copies only the forking thread: locks held by the others
+/// stay locked forever in the child. Refuse rather than risk it.
+fn threads_are_single() -> Result<(), String> {
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(|err| format!("could not read /proc/self/status: {err}"))?;
+    let threads = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Threads:"))
+        .map(str::trim)
+        .ok_or("/proc/self/status has no Threads: line")?;
+    match threads {
+        "1" => Ok(()),
+        n => Err(format!(
+            "the zygote has {n} threads (a preloaded module started some?); refusing to fork"
+        )),
+    }
+}
+
+struct Server {
+    socket: OwnedFd,
+    child_exits: SignalFd,
+    interpreter: Interpreter,
+    inbox: Inbox,
+    /// The runs' processes (the zygote's direct children), by run id.
+    runs: BTreeMap<RunId, Pid>,
+    pid: Pid,
+}
+
+impl Server {
+    /// Until the agent closes the socket (`Ok`) or the socket fails (`Err`).
+    fn serve(&mut self, py: Python<'_>) -> Result<(), String> {
+        loop {
+            let (socket_ready, children_ready) = {
+                let wanted = PollFlags::POLLIN;
+                let mut fds = [
+                    PollFd::new(self.socket.as_fd(), wanted),
+                    PollFd::new(self.child_exits.as_fd(), wanted),
+                ];
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) => {}
+                    Err(Errno::EINTR) => continue,
+                    Err(err) => return Err(format!("poll: {err}")),
+                }
+                let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
+                (ready(&fds[0]), ready(&fds[1]))
+            };
+            if children_ready {
+                // Signals coalesce: drain them all, then reap whatever has exited.
+                while let Ok(Some(_)) = self.child_exits.read_signal() {}
+                self.reap_exited(py)?;
+            }
+            if socket_ready {
+                if !self.receive()? {
+                    return Ok(());
+                }
+                while let Some((line, fds)) = self.inbox.next_line() {
+                    self.handle(py, &line, fds)?;
+                }
+            }
+        }
+    }
+
+    /// Reads what the socket has. False when the agent has closed it.
+    fn receive(&mut self) -> Result<bool, String> {
+        let mut buf = vec![0u8; READ_BYTES];
+        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; MAX_FDS_PER_READ]);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
+        let received: RecvMsg<'_, '_, UnixAddr> =
+            match recvmsg(self.socket.as_raw_fd(), &mut iov, Some(&mut cmsg), flags) {
+                Ok(received) => received,
+                Err(Errno::EAGAIN | Errno::EINTR) => return Ok(true),
+                Err(Errno::ECONNRESET) => return Ok(false),
+                Err(err) => return Err(format!("reading the socket: {err}")),
+            };
+        let bytes = received.bytes;
+        let mut fds = Vec::new();
+        match received.cmsgs() {
+            Ok(cmsgs) => {
+                for cmsg in cmsgs {
+                    if let ControlMessageOwned::ScmRights(rights) = cmsg {
+                        fds.extend(rights.into_iter().map(ReceivedFd::new));
+                    }
+                }
+            }
+            Err(err) => log!("file descriptors were lost in transit: {err}"),
+        }
+        if bytes == 0 && fds.is_empty() {
+            return Ok(false);
+        }
+        self.inbox.push(&buf[..bytes], fds);
+        Ok(true)
+    }
+
+    fn handle(&mut self, py: Python<'_>, line: &[u8], fds: Vec<ReceivedFd>) -> Result<(), String> {
+        let message: ToZygote = match serde_json::from_slice(line) {
+            Ok(message) => message,
+            Err(err) => {
+                log!("unreadable message from the agent: {err}");
+                return self.send(&FromZygote::Error {
+                    run_id: None,
+                    message: format!("unreadable message: {err}"),
+                });
+            }
+        };
+        match message {
+            ToZygote::Run { policy, code, env } => {
+                let run_id = policy.run_id;
+                match self.start(py, *policy, code, env, fds) {
+                    Ok(pid) => {
+                        self.runs.insert(run_id, pid);
+                        self.send(&FromZygote::Started {
+                            run_id,
+                            pid: pid.as_raw(),
+                        })
+                    }
+                    Err(message) => self.send(&FromZygote::Error {
+                        run_id: Some(run_id),
+                        message,
+                    }),
+                }
+            }
+            ToZygote::Kill { run_id } => {
+                // A kill for a run that has already exited crosses its `exited` report.
+                if let Some(&pid) = self.runs.get(&run_id) {
+                    kill_run(pid);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Forks the run's process. Returns its pid; the child never returns from here.
+    fn start(
+        &mut self,
+        py: Python<'_>,
+        policy: lull_agent::sandbox::RunPolicy,
+        code: String,
+        env: BTreeMap<String, String>,
+        fds: Vec<ReceivedFd>,
+    ) -> Result<Pid, String> {
+        let run_id = policy.run_id;
+        if self.runs.contains_key(&run_id) {
+            return Err(format!("run {run_id} is already running"));
+        }
+        let [stdout, stderr]: [ReceivedFd; RUN_FDS] = fds.try_into().map_err(|fds: Vec<_>| {
+            format!(
+                "a run needs {RUN_FDS} file descriptors (stdout, stderr); {} came",
+                fds.len()
+            )
+        })?;
+        threads_are_single()?;
+        let request = RunRequest {
+            policy,
+            code,
+            env,
+            stdout,
+            stderr,
+        };
+        match self.interpreter.fork(py) {
+            Ok(0) => child::run(py, &self.interpreter, &request, self.pid),
+            // The parent: the child has its own copies of the pipes; ours close with `request`.
+            Ok(pid) => Ok(Pid::from_raw(pid)),
+            Err(err) => Err(format!("could not fork: {err}")),
+        }
+    }
+
+    /// Reaps every child that has exited and reports the runs among them.
+    fn reap_exited(&mut self, py: Python<'_>) -> Result<(), String> {
+        loop {
+            // WNOWAIT: look without reaping, so that the pid (and so the run's process group
+            // id) cannot be reused while we kill what is left of the group.
+            let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+            let status = match waitid(Id::All, flags) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return Ok(()),
+                Ok(status) => status,
+                Err(Errno::EINTR) => continue,
+                Err(err) => return Err(format!("waitid: {err}")),
+            };
+            let Some(pid) = status.pid() else {
+                return Ok(());
+            };
+            // Whatever the run left in its group (without a PID namespace) dies with it.
+            let _ = killpg(pid, Signal::SIGKILL);
+            let usage = self.interpreter.reap(py, pid.as_raw());
+            let Some(run_id) = self
+                .runs
+                .iter()
+                .find_map(|(&run_id, &run_pid)| (run_pid == pid).then_some(run_id))
+            else {
+                continue;
+            };
+            self.runs.remove(&run_id);
+            let (exit_code, signal) = match status {
+                WaitStatus::Exited(_, code) => (Some(code), None),
+                WaitStatus::Signaled(_, signal, _) => (None, Some(signal as i32)),
+                other => {
+                    log!("run {run_id} ended oddly: {other:?}");
+                    (None, None)
+                }
+            };
+            let (cpu_seconds, max_rss_mb) = match usage {
+                Ok((cpu, rss)) => (Some(cpu), Some(rss)),
+                Err(err) => {
+                    log!("could not read run {run_id}'s resource usage: {err}");
+                    (None, None)
+                }
+            };
+            self.send(&FromZygote::Exited {
+                run_id,
+                exit_code,
+                signal,
+                cpu_seconds,
+                max_rss_mb,
+            })?;
+        }
+    }
+
+    /// The agent is gone: nothing may outlive it.
+    fn kill_all_and_reap(&mut self, py: Python<'_>) {
+        for (_, pid) in std::mem::take(&mut self.runs) {
+            kill_run(pid);
+            let _ = self.interpreter.reap(py, pid.as_raw());
+        }
+    }
+
+    fn send(&self, message: &FromZygote) -> Result<(), String> {
+        let line = message.to_line();
+        let mut sent = 0;
+        while sent < line.len() {
+            match send(
+                self.socket.as_raw_fd(),
+                &line[sent..],
+                MsgFlags::MSG_NOSIGNAL,
+            ) {
+                Ok(n) => sent += n,
+                Err(Errno::EINTR) => {}
+                Err(err) => return Err(format!("writing to the agent: {err}")),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// SIGKILL to the run's process and its process group (the sandbox made it a session leader);
+/// with a PID namespace, the kernel takes everything else in it.
+fn kill_run(pid: Pid) {
+    let _ = killpg(pid, Signal::SIGKILL);
+    let _ = kill(pid, Signal::SIGKILL);
+}
+
+/// Bytes read from the socket, cut into lines, with the file descriptors that arrived with
+/// each line's first byte.
+#[derive(Debug, Default)]
+struct Inbox {
+    buf: Vec<u8>,
+    /// Stream offset of `buf[0]`.
+    start: u64,
+    /// Descriptors by the stream offset of the byte they arrived with.
+    fds: VecDeque<(u64, ReceivedFd)>,
+}
+
+impl Inbox {
+    fn push(&mut self, bytes: &[u8], fds: Vec<ReceivedFd>) {
+        let at = self.start + self.buf.len() as u64;
+        self.fds.extend(fds.into_iter().map(|fd| (at, fd)));
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete line (without its newline) and the descriptors that came with it.
+    fn next_line(&mut self) -> Option<(Vec<u8>, Vec<ReceivedFd>)> {
+        let newline = self.buf.iter().position(|&b| b == b'\n')?;
+        let line_start = self.start;
+        let line_end = self.start + newline as u64 + 1;
+        let line: Vec<u8> = self.buf.drain(..=newline).take(newline).collect();
+        self.start = line_end;
+        let mut fds = Vec::new();
+        while let Some((at, _)) = self.fds.front() {
+            if *at >= line_end {
+                break;
+            }
+            let (at, fd) = self.fds.pop_front()?;
+            if at >= line_start {
+                fds.push(fd);
+            }
+            // Else it came with an earlier line that did not take it: dropping closes it.
+        }
+        Some((line, fds))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fd() -> ReceivedFd {
+        use std::os::fd::IntoRawFd;
+        ReceivedFd::new(File::open("/dev/null").expect("/dev/null").into_raw_fd())
+    }
+
+    #[test]
+    fn lines_take_the_descriptors_that_came_with_them() {
+        let mut inbox = Inbox::default();
+        inbox.push(b"{\"a\":1}\n{\"b\"", vec![fd(), fd()]);
+        inbox.push(b":2}\n", vec![]);
+        inbox.push(b"{\"c\":3}\n", vec![fd()]);
+
+        let (line, fds) = inbox.next_line().expect("first line");
+        assert_eq!(line, b"{\"a\":1}");
+        assert_eq!(fds.len(), 2);
+        let (line, fds) = inbox.next_line().expect("second line");
+        assert_eq!(line, b"{\"b\":2}");
+        assert!(fds.is_empty());
+        let (line, fds) = inbox.next_line().expect("third line");
+        assert_eq!(line, b"{\"c\":3}");
+        assert_eq!(fds.len(), 1);
+        assert!(inbox.next_line().is_none());
+    }
+
+    #[test]
+    fn a_partial_line_waits_for_the_rest() {
+        let mut inbox = Inbox::default();
+        inbox.push(b"{\"op\":", vec![fd()]);
+        assert!(inbox.next_line().is_none());
+        inbox.push(b"\"kill\"}\n", vec![]);
+        let (line, fds) = inbox.next_line().expect("the line");
+        assert_eq!(line, b"{\"op\":\"kill\"}");
+        assert_eq!(fds.len(), 1);
+    }
+
+    #[test]
+    fn this_test_process_is_not_single_threaded() {
+        // The test harness runs tests on threads; the check must see them.
+        let spawned = std::thread::spawn(threads_are_single);
+        assert!(spawned.join().expect("thread").is_err());
+    }
+}

@@ -38,13 +38,13 @@ def call(method, url, body=None, timeout=120):
 class Cluster:
     """A coordinator (no local agent) and one agent with 2 slots, in a temp dir."""
 
-    def __init__(self, bin_dir, executor, cpus):
+    def __init__(self, bin_dir, executor, cpus, sync):
         self.dir = tempfile.mkdtemp(prefix="lull-bench-")
         self.procs = []
         coord = subprocess.Popen(
             [os.path.join(bin_dir, "lull-coordinator"), "--listen", "127.0.0.1:0",
              "--data-dir", os.path.join(self.dir, "coord"), "--local-agents", "0",
-             "--heartbeat-interval", "1", "--node-ttl", "5"],
+             "--heartbeat-interval", "1", "--node-ttl", "5", "--sync", sync],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.procs.append(coord)
         line = coord.stdout.readline().strip()
@@ -136,12 +136,13 @@ def main():
     ap.add_argument("--closed-loop", type=int, default=200, help="tasks per client in the closed loop")
     ap.add_argument("--executors", default="cold,zygote")
     ap.add_argument("--cpus", type=float, default=2)
+    ap.add_argument("--sync", default="full", choices=["full", "normal"], help="the coordinator's SQLite durability")
     ap.add_argument("--bin-dir", default=os.path.join(os.path.dirname(__file__), "..", "target", "release"))
     args = ap.parse_args()
 
     rows = []
     for executor in args.executors.split(","):
-        cluster = Cluster(args.bin_dir, executor, args.cpus)
+        cluster = Cluster(args.bin_dir, executor, args.cpus, args.sync)
         try:
             used = cluster.node.get("executor")
             level = (cluster.node.get("sandbox") or {}).get("level", "unknown")
@@ -156,7 +157,8 @@ def main():
                      "closed_p50_ms": p50, "closed_p99_ms": p99})
         print(json.dumps(rows[-1]), file=sys.stderr)
 
-    print(f"\n{args.tasks} tasks of `{CODE}`, one agent with {args.cpus:g} slots, {os.cpu_count()} cores\n")
+    print(f"\n{args.tasks} tasks of `{CODE}`, one agent with {args.cpus:g} slots, {os.cpu_count()} cores, "
+          f"coordinator --sync {args.sync}\n")
     print("| executor | sandbox | batch tasks/s (median, min-max) | closed loop p50 | p99 |")
     print("|---|---|---|---|---|")
     for r in rows:

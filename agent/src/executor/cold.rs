@@ -277,19 +277,15 @@ impl Executor for ColdExecutor {
             crate::sandbox::remove_run_cgroup(cgroup);
         }
 
-        let (outcome, exit_code, error) = verdict(ending, &stderr, job.timeout);
-        Execution {
-            outcome,
-            exit_code,
-            stdout: stdout.into_text(),
-            stderr: stderr.into_text(),
-            error,
-            started_at,
-            completed_at,
-            // Per-run accounting arrives with the sandbox (cgroups / wait4 rusage).
-            cpu_seconds: None,
-            max_rss_mb: None,
-        }
+        // Per-run CPU and memory accounting: the zygote has it (wait4); cold has not yet.
+        finished(
+            ending,
+            stdout,
+            stderr,
+            job.timeout,
+            (started_at, completed_at),
+            (None, None),
+        )
     }
 }
 
@@ -391,8 +387,32 @@ pub(super) async fn read_chunk<R: AsyncRead + Unpin>(
     }
 }
 
+/// The execution of a run that ended as `ending`, with what it wrote and the usage known of
+/// it (CPU seconds, peak RSS in MB). Shared by both executors, so both report alike.
+pub(super) fn finished(
+    ending: Ending,
+    stdout: Capture,
+    stderr: Capture,
+    timeout: Duration,
+    (started_at, completed_at): (f64, f64),
+    (cpu_seconds, max_rss_mb): (Option<f64>, Option<f64>),
+) -> Execution {
+    let (outcome, exit_code, error) = verdict(ending, &stderr, timeout);
+    Execution {
+        outcome,
+        exit_code,
+        stdout: stdout.into_text(),
+        stderr: stderr.into_text(),
+        error,
+        started_at,
+        completed_at,
+        cpu_seconds,
+        max_rss_mb,
+    }
+}
+
 /// The outcome, exit code and one-line error of a run that ended as `ending`.
-pub(super) fn verdict(
+fn verdict(
     ending: Ending,
     stderr: &Capture,
     timeout: Duration,

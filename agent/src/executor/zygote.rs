@@ -18,8 +18,8 @@
 //! is gone (a process group's id cannot be reused while any member lives).
 
 use super::cold::{
-    Capture, DEFAULT_PATH, Ending, MAX_TIMEOUT, OUTPUT_DRAIN_GRACE, READ_CHUNK_BYTES, read_chunk,
-    remove_workdir, verdict,
+    Capture, DEFAULT_PATH, Ending, MAX_TIMEOUT, OUTPUT_DRAIN_GRACE, READ_CHUNK_BYTES, finished,
+    read_chunk, remove_workdir,
 };
 use super::zygote_protocol::{FromZygote, ToZygote};
 use super::{ColdExecutor, Execution, Executor, ExecutorKind, Job, unix_now};
@@ -812,18 +812,14 @@ async fn supervise_run(
             return Execution::not_started(started_at, error);
         }
     };
-    let (outcome, exit_code, error) = verdict(ending, &stderr, job.timeout);
-    Execution {
-        outcome,
-        exit_code,
-        stdout: stdout.into_text(),
-        stderr: stderr.into_text(),
-        error,
-        started_at,
-        completed_at,
-        cpu_seconds,
-        max_rss_mb,
-    }
+    finished(
+        ending,
+        stdout,
+        stderr,
+        job.timeout,
+        (started_at, completed_at),
+        (cpu_seconds, max_rss_mb),
+    )
 }
 
 /// A run the zygote took down with it: lost to the system, not failed.

@@ -1,7 +1,7 @@
 //! `lull-zygote`: a warm CPython that forks one sandboxed process per run for the Lull agent.
 //!
 //! ```text
-//! lull-zygote --python /usr/bin/python3.11 [--protections JSON] [--preload mod1,mod2]
+//! lull-zygote --python /usr/bin/python3.11 [--preload mod1,mod2]
 //! ```
 //!
 //! The agent starts it with one end of a Unix socket as stdin and speaks the protocol of
@@ -9,10 +9,9 @@
 //!
 //! 1. asks `--python` for its version and `sys.path` (a run must import exactly what
 //!    `python3 -I` would), and refuses to start if its own embedded CPython is another version;
-//! 2. enters the network, IPC and UTS namespaces all its runs share, when the protections say so;
-//! 3. initialises CPython once, points `sys.executable` at `--python` (so `multiprocessing` and
+//! 2. initialises CPython once, points `sys.executable` at `--python` (so `multiprocessing` and
 //!    `subprocess.run([sys.executable, ...])` never start a zygote) and imports `--preload`;
-//! 4. serves ([`server`]): waits on the socket and on child exits, forks a child per `run`
+//! 3. serves ([`server`]): waits on the socket and on child exits, forks a child per `run`
 //!    ([`child`]), kills on `kill`, reaps and reports every exit. It exits when the socket closes,
 //!    killing the runs it still has.
 //!
@@ -25,34 +24,25 @@ mod child;
 mod interpreter;
 mod server;
 
-use lull_shared::Protections;
 use std::process::ExitCode;
 
 /// Arguments, as the agent passes them.
 #[derive(Debug)]
 struct Args {
     python: String,
-    protections: Protections,
     preload: Vec<String>,
 }
 
-const USAGE: &str =
-    "usage: lull-zygote --python PATH [--protections JSON] [--preload MODULE[,MODULE...]]";
+const USAGE: &str = "usage: lull-zygote --python PATH [--preload MODULE[,MODULE...]]";
 
 impl Args {
     fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         let mut python = None;
-        let mut protections =
-            Protections::none("no protections were given to the zygote".to_string());
         let mut preload = Vec::new();
         while let Some(flag) = args.next() {
             let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
             match flag.as_str() {
                 "--python" => python = Some(value()?),
-                "--protections" => {
-                    protections = serde_json::from_str(&value()?)
-                        .map_err(|err| format!("--protections is not valid: {err}"))?;
-                }
                 "--preload" => preload.extend(
                     value()?
                         .split(',')
@@ -65,7 +55,6 @@ impl Args {
         }
         Ok(Args {
             python: python.ok_or("--python is required")?,
-            protections,
             preload,
         })
     }
@@ -111,7 +100,6 @@ mod tests {
 
         assert_eq!(args.python, "/usr/bin/python3");
         assert_eq!(args.preload, ["json", "re", "csv"]);
-        assert!(!args.protections.namespaces);
     }
 
     #[test]
@@ -122,6 +110,9 @@ mod tests {
         );
         assert!(parse(&["--python", "p", "--fast"]).is_err());
         assert!(parse(&["--python"]).is_err());
-        assert!(parse(&["--python", "p", "--protections", "{"]).is_err());
+        assert!(
+            parse(&["--python", "p", "--protections", "{}"]).is_err(),
+            "runs bring their own"
+        );
     }
 }

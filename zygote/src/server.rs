@@ -5,7 +5,6 @@ use crate::child::{self, ReceivedFd, RunRequest};
 use crate::interpreter::{self, Interpreter};
 use crate::{Args, log};
 use lull_agent::executor::zygote_protocol::{FromZygote, RUN_FDS, ToZygote};
-use lull_agent::sandbox;
 use lull_shared::RunId;
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -29,8 +28,6 @@ const MAX_FDS_PER_READ: usize = 16;
 pub(crate) fn serve(args: &Args) -> Result<(), String> {
     let target = interpreter::ask_target_python(&args.python)?;
     let socket = take_socket_from_stdin()?;
-    sandbox::enter_shared_namespaces(&args.protections)
-        .map_err(|err| format!("could not enter the runs' shared namespaces: {err}"))?;
     let child_exits = child_exit_signals()?;
 
     Python::initialize();
@@ -345,8 +342,16 @@ struct Inbox {
 }
 
 impl Inbox {
+    /// Adds one read. A read ends right after the segment that carried descriptors (the
+    /// kernel does not read past one), and the agent sends every message as one `sendmsg`
+    /// starting at a line boundary: so the descriptors belong to the last line that starts
+    /// inside this read — fd-less lines may come before it in the same read.
     fn push(&mut self, bytes: &[u8], fds: Vec<ReceivedFd>) {
-        let at = self.start + self.buf.len() as u64;
+        let last_line_start = bytes[..bytes.len().saturating_sub(1)]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        let at = self.start + (self.buf.len() + last_line_start) as u64;
         self.fds.extend(fds.into_iter().map(|fd| (at, fd)));
         self.buf.extend_from_slice(bytes);
     }
@@ -385,20 +390,37 @@ mod tests {
     #[test]
     fn lines_take_the_descriptors_that_came_with_them() {
         let mut inbox = Inbox::default();
+        // An fd-less line and the first part of a line with descriptors, in one read.
         inbox.push(b"{\"a\":1}\n{\"b\"", vec![fd(), fd()]);
         inbox.push(b":2}\n", vec![]);
         inbox.push(b"{\"c\":3}\n", vec![fd()]);
 
         let (line, fds) = inbox.next_line().expect("first line");
         assert_eq!(line, b"{\"a\":1}");
-        assert_eq!(fds.len(), 2);
+        assert!(fds.is_empty());
         let (line, fds) = inbox.next_line().expect("second line");
         assert_eq!(line, b"{\"b\":2}");
-        assert!(fds.is_empty());
+        assert_eq!(fds.len(), 2);
         let (line, fds) = inbox.next_line().expect("third line");
         assert_eq!(line, b"{\"c\":3}");
         assert_eq!(fds.len(), 1);
         assert!(inbox.next_line().is_none());
+    }
+
+    #[test]
+    fn a_kill_read_together_with_the_next_run_leaves_the_run_its_descriptors() {
+        // What the kernel does when a fd-less `kill` is followed by a `run` with 2 fds.
+        let mut inbox = Inbox::default();
+        inbox.push(
+            b"{\"op\":\"kill\",\"run_id\":1}\n{\"op\":\"run\"}\n",
+            vec![fd(), fd()],
+        );
+        let (line, fds) = inbox.next_line().expect("kill");
+        assert_eq!(line, b"{\"op\":\"kill\",\"run_id\":1}");
+        assert!(fds.is_empty(), "the kill takes none");
+        let (line, fds) = inbox.next_line().expect("run");
+        assert_eq!(line, b"{\"op\":\"run\"}");
+        assert_eq!(fds.len(), 2, "the run keeps its own");
     }
 
     #[test]

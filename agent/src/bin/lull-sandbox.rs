@@ -51,8 +51,7 @@ fn parse(json: &str) -> Result<RunPolicy, ExitCode> {
 }
 
 fn check(policy: &RunPolicy, python: &str) -> ExitCode {
-    let applied = sandbox::enter_shared_namespaces(&policy.protections)
-        .and_then(|()| sandbox::confine_run(policy));
+    let applied = sandbox::confine_run(policy);
     if let Err(e) = applied {
         eprintln!("{e}");
         return ExitCode::from(SETUP_FAILED);

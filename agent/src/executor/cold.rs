@@ -479,14 +479,13 @@ struct GroupKiller(Option<Pid>);
 
 impl GroupKiller {
     fn kill(&self, child: &mut Child) {
-        match self.0 {
-            Some(group) => kill_group(group),
-            // No pid means tokio already reaped the child; only its group could be left, and
-            // without its id there is nothing more to do than make sure of the child.
-            None => {
-                let _ = child.start_kill();
-            }
+        if let Some(group) = self.0 {
+            kill_group(group);
         }
+        // The child itself too: with a launcher, the group only exists once the launcher has
+        // called setsid, and a kill that lands before would otherwise be lost. (Safe against
+        // pid reuse: tokio has not reaped the child while it holds it.)
+        let _ = child.start_kill();
     }
 
     fn disarm(mut self) {

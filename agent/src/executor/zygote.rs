@@ -333,14 +333,8 @@ impl Zygote {
             .set_nonblocking(true)
             .and_then(|()| UnixStream::from_std(ours))
             .map_err(|err| format!("could not use the zygote's socket: {err}"))?;
-        let protections = serde_json::to_string(&settings.protections)
-            .map_err(|err| format!("protections: {err}"))?;
         let mut command = Command::new(&settings.binary);
-        command
-            .arg("--python")
-            .arg(&settings.python)
-            .arg("--protections")
-            .arg(protections);
+        command.arg("--python").arg(&settings.python);
         if !settings.preload.is_empty() {
             command.arg("--preload").arg(settings.preload.join(","));
         }
@@ -760,10 +754,10 @@ async fn supervise_run(
                 }
                 None => {
                     guard.running = false;
-                    // The zygote's death took the run's watcher; take whatever it left.
-                    if let Some(pid) = pid {
-                        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-                    }
+                    // The zygote's death took the run's watcher (parent-death signal) and with
+                    // it PID 1 and its namespace. No kill by pid here: the watcher has been
+                    // reaped by now and its pid may belong to another process.
+                    let _ = pid;
                     break ZygoteEnding::Lost;
                 }
             },

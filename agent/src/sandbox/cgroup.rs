@@ -32,6 +32,41 @@ fn run_dir_name(name: &str) -> String {
     format!("run-{name}")
 }
 
+/// Creates a run's cgroup directory anew. A left-over one of the same name (an agent killed
+/// mid-run, a pid reused in a container) is removed first: its counters (an old OOM kill)
+/// must not be read as this run's.
+fn fresh_dir(dir: &Path) -> Result<(), SandboxError> {
+    let err = |e: std::io::Error| SandboxError::Cgroup(format!("{}: {e}", dir.display()));
+    if let Some(parent) = dir.parent() {
+        fs::create_dir_all(parent).map_err(err)?;
+    }
+    let _ = fs::remove_dir(dir);
+    fs::create_dir(dir).map_err(err)
+}
+
+/// Removes the empty run cgroups agents that are gone left behind (named `run-{pid}-{run}`).
+pub fn sweep_stale() {
+    for parent in ["lull", "memory/lull", "pids/lull"] {
+        let Ok(entries) = fs::read_dir(Path::new(ROOT).join(parent)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("run-"))
+                .and_then(|n| n.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = fs::remove_dir(entry.path());
+            }
+        }
+    }
+}
+
 /// Sets a v1 memory limit and its memory+swap twin, in the order the kernel accepts
 /// (memory+swap may never be below memory).
 fn set_v1_memory(dir: &Path, bytes: u64) -> Result<(), SandboxError> {
@@ -67,8 +102,7 @@ impl RunCgroup {
             )?;
             write(&parent.join("cgroup.subtree_control"), "+memory +pids")?;
             let dir = parent.join(run_dir_name(name));
-            fs::create_dir_all(&dir)
-                .map_err(|e| SandboxError::Cgroup(format!("{}: {e}", dir.display())))?;
+            fresh_dir(&dir)?;
             write(&dir.join("memory.max"), &memory_bytes.to_string())?;
             write(&dir.join("memory.swap.max"), "0").ok();
             write(&dir.join("pids.max"), &max_processes.to_string())?;
@@ -81,8 +115,7 @@ impl RunCgroup {
             let memory = Path::new(ROOT).join("memory/lull").join(run_dir_name(name));
             let pids = Path::new(ROOT).join("pids/lull").join(run_dir_name(name));
             for dir in [&memory, &pids] {
-                fs::create_dir_all(dir)
-                    .map_err(|e| SandboxError::Cgroup(format!("{}: {e}", dir.display())))?;
+                fresh_dir(dir)?;
             }
             set_v1_memory(&memory, memory_bytes)?;
             write(&pids.join("pids.max"), &max_processes.to_string())?;

@@ -1,18 +1,16 @@
 //! The sandbox every run executes in. The only module of Lull with `unsafe` (one `fork`).
 //!
 //! Setup is a fixed sequence of small named steps, each failing with an error that names it
-//! ([`SandboxError`]). Two entry points, both for a **single-threaded** process:
-//!
-//! 1. [`enter_shared_namespaces`]: new network, IPC and UTS namespaces. The cold launcher
-//!    (`lull-sandbox`) calls it for every run; the zygote once, for all its runs: a network
-//!    namespace with no interface up is equally empty for every run in it.
-//! 2. [`confine_run`], per run, in the process that will run the code: own session; death
-//!    with the parent; a cgroup; new PID and mount namespaces (the process forks: the child is
-//!    PID 1 of the new namespace and runs the code, the parent waits and exits with the run's
-//!    status, so when PID 1 ends, or is killed, the kernel kills everything left in it — a
-//!    double-forked, `setsid` daemon included); private tmpfs on `/tmp` (the working directory),
-//!    `/var/tmp` and `/dev/shm`; a fresh `/proc`; rlimits; an unprivileged uid/gid without
-//!    supplementary groups; `no_new_privs`; every other fd closed; a seccomp filter last.
+//! ([`SandboxError`]). One entry point, [`confine_run`], for a **single-threaded** process (the
+//! cold launcher `lull-sandbox`, or a zygote child), per run: own session; death with the
+//! parent; a cgroup; new PID, mount, network, IPC and UTS namespaces (the process forks: the
+//! child is PID 1 of the new namespace and runs the code, the parent waits and exits with the
+//! run's status, so when PID 1 ends, or is killed, the kernel kills everything left in it — a
+//! double-forked, `setsid` daemon included; no network, no SysV IPC or abstract socket shared
+//! with any other run); private tmpfs on `/tmp` (the working directory), `/var/tmp`,
+//! `/dev/shm` and `/run`; a minimal `/dev`; a fresh `/proc`; the host read-only; rlimits; an
+//! unprivileged uid/gid without supplementary groups; `no_new_privs`; every other fd closed;
+//! a seccomp filter last.
 //!
 //! Which steps apply is decided once, by [`probe`]: it runs the whole setup in a throwaway
 //! launcher for the strongest protections first and settles on the first that works. What
@@ -25,7 +23,7 @@
 mod cgroup;
 mod seccomp;
 
-pub use cgroup::remove_run as remove_run_cgroup;
+pub use cgroup::{remove_run as remove_run_cgroup, sweep_stale as sweep_stale_cgroups};
 
 use lull_shared::{Protections, RunId, SandboxLevel};
 use nix::mount::{MsFlags, mount};
@@ -144,6 +142,16 @@ impl Default for SandboxSettings {
     }
 }
 
+/// A cgroup name no other run on this host has: the agent's pid (run ids are unique only per
+/// coordinator, and one host may run agents of several), the run id (for people reading
+/// `/sys/fs/cgroup`), and a sequence number (within one agent, probes and warm-up runs reuse
+/// run ids).
+fn cgroup_name(run_id: RunId) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{run_id}-{seq}", std::process::id())
+}
+
 impl RunPolicy {
     /// The policy for one run: its memory from the task's resources, its CPU time from the
     /// task's timeout (rounded up, plus one second so the wall clock usually speaks first).
@@ -168,7 +176,7 @@ impl RunPolicy {
             disk_mb: settings.disk_mb,
             max_files: settings.max_files,
             workdir,
-            cgroup: format!("{}-{run_id}", std::process::id()),
+            cgroup: cgroup_name(run_id),
             expose: settings.expose.clone(),
         }
     }
@@ -185,18 +193,6 @@ impl RunPolicy {
 // ---------------------------------------------------------------------------------------------
 // Setup, in a single-threaded process
 // ---------------------------------------------------------------------------------------------
-
-/// Step 0 (once per launcher or zygote): network, IPC and UTS namespaces. The new network
-/// namespace has only a loopback interface, down: no network at all, not even the host's
-/// loopback services.
-pub fn enter_shared_namespaces(protections: &Protections) -> Result<(), SandboxError> {
-    if !protections.namespaces {
-        return Ok(());
-    }
-    unshare(CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
-        .map_err(SandboxError::Namespaces)?;
-    nix::unistd::sethostname("lull").map_err(SandboxError::Hostname)
-}
 
 /// Confines the calling process for one run; see the module docs. Returns only in the
 /// process that must now run the code. With namespaces, the calling process becomes the
@@ -223,12 +219,23 @@ pub fn confine_run(policy: &RunPolicy) -> Result<(), SandboxError> {
         None
     };
     if p.namespaces {
-        unshare(CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS)
-            .map_err(SandboxError::Namespaces)?;
+        unshare(
+            CloneFlags::CLONE_NEWPID
+                | CloneFlags::CLONE_NEWNS
+                | CloneFlags::CLONE_NEWNET
+                | CloneFlags::CLONE_NEWIPC
+                | CloneFlags::CLONE_NEWUTS,
+        )
+        .map_err(SandboxError::Namespaces)?;
+        // The watcher must not be what the OOM killer picks in the run's cgroup (in a zygote it
+        // is as big as the zygote): it reports the kill and cleans up. PID 1 goes back to 0.
+        let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
         fork_pid_one(policy, cgroup.as_ref())?;
         // From here on: PID 1 of the run's namespace.
+        let _ = std::fs::write("/proc/self/oom_score_adj", "0");
         die_with_parent()?;
         private_mounts(policy)?;
+        nix::unistd::sethostname("lull").map_err(SandboxError::Hostname)?;
     }
     enter_workdir(policy)?;
     limit_resources(policy)?;
@@ -259,7 +266,7 @@ fn die_with_parent() -> Result<(), SandboxError> {
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(SandboxError::DeathSignal)?;
     // The parent may have died before the request took effect.
     if getppid() != parent {
-        std::process::exit(137);
+        exit_now(137);
     }
     Ok(())
 }
@@ -315,10 +322,10 @@ fn watch_run(child: Pid, policy: &RunPolicy, cgroup: Option<&cgroup::RunCgroup>)
         remove_run_cgroup(&policy.cgroup);
     }
     match status {
-        Some(WaitStatus::Exited(_, 0)) if oom => std::process::exit(137),
-        Some(WaitStatus::Exited(_, code)) => std::process::exit(code),
+        Some(WaitStatus::Exited(_, 0)) if oom => exit_now(137),
+        Some(WaitStatus::Exited(_, code)) => exit_now(code),
         Some(WaitStatus::Signaled(_, signal, _)) => die_by(signal),
-        _ => std::process::exit(1),
+        _ => exit_now(1),
     }
 }
 
@@ -335,7 +342,15 @@ fn die_by(signal: Signal) -> ! {
     let _ = sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&only), None);
     let _ = kill(getpid(), signal);
     // A signal whose default is to continue (SIGCHLD, SIGWINCH, ...) lands here.
-    std::process::exit(128 + signal as i32)
+    exit_now(128 + signal as i32)
+}
+
+/// Exits without running the atexit handlers or flushing the stdio of the process it was
+/// forked from (a zygote's, whose buffers must not reach the run's stderr).
+fn exit_now(code: i32) -> ! {
+    // SAFETY: `_exit` takes a plain integer and never returns; it touches no memory of ours,
+    // which is the point (no destructors, no atexit handlers, no stdio flush).
+    unsafe { libc::_exit(code) }
 }
 
 fn private_mounts(policy: &RunPolicy) -> Result<(), SandboxError> {
@@ -362,18 +377,29 @@ fn private_mounts(policy: &RunPolicy) -> Result<(), SandboxError> {
         Some(tmpfs_opts.as_str()),
     )
     .map_err(m("/tmp"))?;
-    for dir in ["/var/tmp", "/dev/shm"] {
-        if Path::new(dir).is_dir() {
-            mount(
-                Some("tmpfs"),
-                dir,
-                Some("tmpfs"),
-                flags,
-                Some(tmpfs_opts.as_str()),
-            )
-            .map_err(m("tmpfs"))?;
-        }
+    if Path::new("/var/tmp").is_dir() {
+        mount(
+            Some("tmpfs"),
+            "/var/tmp",
+            Some("tmpfs"),
+            flags,
+            Some(tmpfs_opts.as_str()),
+        )
+        .map_err(m("/var/tmp"))?;
     }
+    // The host's sockets live under /run (databases, D-Bus, the resolver): a network
+    // namespace does not hide path-bound Unix sockets, an empty /run does.
+    if Path::new("/run").is_dir() {
+        mount(
+            Some("tmpfs"),
+            "/run",
+            Some("tmpfs"),
+            flags | MsFlags::MS_NOEXEC,
+            Some("size=1m,mode=0755"),
+        )
+        .map_err(m("/run"))?;
+    }
+    minimal_dev(&tmpfs_opts)?;
     if policy.protections.drop_user {
         for dir in &policy.expose {
             expose(dir)?;
@@ -397,6 +423,79 @@ fn private_mounts(policy: &RunPolicy) -> Result<(), SandboxError> {
         None::<&str>,
     )
     .map_err(m("/ read-only"))
+}
+
+/// A `/dev` with only what programs expect (null, zero, full, random, urandom, tty, the fd
+/// links and a private shm), instead of the host's, which holds its devices and `/dev/log`.
+fn minimal_dev(shm_opts: &str) -> Result<(), SandboxError> {
+    use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+    let m = |what: &'static str| move |source| SandboxError::Mount { what, source };
+    // Device nodes need a mount without `nodev`; nothing but these nodes is created in it.
+    mount(
+        Some("tmpfs"),
+        "/dev",
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("size=64k,mode=0755"),
+    )
+    .map_err(m("/dev"))?;
+    for (name, major, minor) in [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ] {
+        let path = Path::new("/dev").join(name);
+        mknod(
+            &path,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(major, minor),
+        )
+        .map_err(m("/dev node"))?;
+        // The mode given to mknod is filtered by the umask.
+        nix::sys::stat::fchmodat(
+            nix::fcntl::AT_FDCWD,
+            &path,
+            Mode::from_bits_truncate(0o666),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+        .map_err(m("/dev node mode"))?;
+    }
+    for (link, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(target, Path::new("/dev").join(link)).map_err(|e| {
+            SandboxError::Mount {
+                what: "/dev link",
+                source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+            }
+        })?;
+    }
+    let shm = Path::new("/dev/shm");
+    nix::unistd::mkdir(shm, Mode::from_bits_truncate(0o1777)).map_err(m("/dev/shm"))?;
+    mount(
+        Some("tmpfs"),
+        shm,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(shm_opts),
+    )
+    .map_err(m("/dev/shm"))?;
+    // The tmpfs itself read-only: no new nodes or files in /dev.
+    mount(
+        None::<&str>,
+        "/dev",
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("size=64k,mode=0755"),
+    )
+    .map_err(m("/dev read-only"))
 }
 
 /// Makes `dir` reachable for an unprivileged uid when an ancestor is closed to others (as
@@ -530,7 +629,8 @@ fn candidates() -> Vec<Protections> {
     for (namespaces, drop_user, cgroups) in [
         (true, true, true),
         (true, true, false),
-        (true, false, false),
+        // No "namespaces but the agent's own user": with root that would be root with every
+        // capability inside the run, and without root there are no namespaces anyway.
         (false, true, true),
         (false, true, false),
         (false, false, false),
@@ -565,6 +665,7 @@ pub async fn probe(
                 .unwrap_or_default()
         ));
     };
+    sweep_stale_cgroups();
     let mut failures: Vec<String> = Vec::new();
     for candidate in candidates() {
         // A run id no coordinator hands out, so probes never meet a real run's cgroup.
@@ -669,13 +770,18 @@ pub fn self_check(policy: &RunPolicy, python: &str) -> Result<(), String> {
         if getpid().as_raw() != 1 {
             return Err(format!("not PID 1 of a new namespace (pid {})", getpid()));
         }
-        if std::net::TcpStream::connect_timeout(
-            &"127.0.0.1:9".parse().map_err(|_| "addr")?,
-            Duration::from_secs(1),
-        )
-        .is_ok()
-        {
-            return Err("the host network is reachable".into());
+        // A refused connection proves nothing (the host would refuse it too): the run's
+        // namespace must hold no interface but loopback.
+        let interfaces = std::fs::read_to_string("/proc/self/net/dev")
+            .map_err(|e| format!("/proc/self/net/dev: {e}"))?;
+        let names: Vec<&str> = interfaces
+            .lines()
+            .skip(2)
+            .filter_map(|l| l.split(':').next())
+            .map(str::trim)
+            .collect();
+        if names != ["lo"] {
+            return Err(format!("the run sees network interfaces {names:?}"));
         }
     }
     if p.seccomp && unshare(CloneFlags::CLONE_NEWUTS).is_ok() {
@@ -696,8 +802,7 @@ pub fn default_launcher() -> Option<PathBuf> {
 /// Runs `program` under the sandbox in the launcher: used by `lull-sandbox`.
 pub fn launch(policy: &RunPolicy, program: &str, args: &[String]) -> std::io::Error {
     use std::os::unix::process::CommandExt as _;
-    if let Err(e) = enter_shared_namespaces(&policy.protections).and_then(|()| confine_run(policy))
-    {
+    if let Err(e) = confine_run(policy) {
         return std::io::Error::other(e.to_string());
     }
     Command::new(program).args(args).exec()

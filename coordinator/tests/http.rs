@@ -855,3 +855,46 @@ async fn a_client_can_wait_for_a_result_without_polling() {
     assert_eq!(done["runs"][0]["status"], "completed");
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn nodes_are_listed_with_their_sandbox_and_filtered_by_type_and_status() {
+    let s = Server::start().await;
+    let (status, _) = s
+        .post(
+            "/internal/heartbeat",
+            json!({"node_id": "g1", "status": "idle", "type": "gpu", "zone": "z1",
+                   "resources": {"cpu_cores": 4, "memory_mb": 8192}, "executor": "zygote",
+                   "sandbox": {"level": "full", "launcher": true, "namespaces": true, "drop_user": true,
+                               "seccomp": true, "cgroups": true, "missing": []}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    s.heartbeat("c1", 2.0, &[]).await;
+    s.submit("print(1)").await;
+    s.pull("c1", 0.0).await;
+
+    let (status, all) = s.get("/api/v1/nodes").await;
+    assert_eq!(status, StatusCode::OK);
+    let items = all["items"].as_array().expect("items");
+    assert_eq!(items.len(), 2);
+    let g1 = &items[1];
+    assert_eq!(g1["node_id"], "g1");
+    assert_eq!(g1["type"], "gpu");
+    assert_eq!(g1["zone"], "z1");
+    assert_eq!(g1["sandbox"]["level"], "full");
+    assert_eq!(g1["executor"], "zygote");
+    assert_eq!(
+        g1["resources"],
+        json!({"cpu_cores": 4.0, "memory_mb": 8192.0})
+    );
+    let (_, gpus) = s.get("/api/v1/nodes?type=gpu").await;
+    assert_eq!(gpus["items"].as_array().map(Vec::len), Some(1));
+    let (_, busy) = s.get("/api/v1/nodes?status=busy").await;
+    assert_eq!(busy["items"][0]["node_id"], "c1");
+    assert_eq!(
+        busy["items"][0]["running"].as_array().map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(busy["items"].as_array().map(Vec::len), Some(1));
+    s.shutdown().await;
+}

@@ -76,3 +76,27 @@ pub fn task_id_from_path(raw: &str) -> Result<i64, ApiError> {
     raw.parse::<i64>()
         .map_err(|_| ApiError::unprocessable(format!("task_id must be an integer, got {raw:?}")))
 }
+
+/// A `status=` filter: absent or empty means no filter; anything else must be one of `all`
+/// (a closed enum's values, by name), or the answer is a 422 that lists them.
+pub fn status_filter<T: Copy>(
+    raw: Option<&str>,
+    all: &[T],
+    name: impl Fn(T) -> &'static str,
+) -> Result<Option<T>, ApiError> {
+    match raw {
+        None | Some("") => Ok(None),
+        Some(s) => all
+            .iter()
+            .copied()
+            .find(|v| name(*v) == s)
+            .map(Some)
+            .ok_or_else(|| {
+                let names: Vec<&str> = all.iter().map(|v| name(*v)).collect();
+                ApiError::unprocessable(format!(
+                    "unknown status {s:?}; expected one of {}",
+                    names.join(", ")
+                ))
+            }),
+    }
+}

@@ -2,7 +2,7 @@
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::QueryParams;
+use super::extract::{QueryParams, status_filter};
 use super::views;
 use axum::Json;
 use axum::extract::State;
@@ -22,14 +22,11 @@ pub async fn list(
     State(app): State<AppState>,
     QueryParams(params): QueryParams<ListParams>,
 ) -> Result<Json<Value>, ApiError> {
-    let status = match params.status.as_deref() {
-        None | Some("") => None,
-        Some(s) => Some(NodeStatus::parse(s).ok_or_else(|| {
-            ApiError::unprocessable(format!(
-                "unknown status {s:?}; expected one of idle, busy, paused, draining, drained, offline, removed"
-            ))
-        })?),
-    };
+    let status = status_filter(
+        params.status.as_deref(),
+        &NodeStatus::ALL,
+        NodeStatus::as_str,
+    )?;
     let node_type = params.node_type.filter(|t| !t.is_empty());
     let items: Vec<Value> = app
         .engine

@@ -2,7 +2,7 @@
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::{JsonBody, QueryParams, task_id_from_path};
+use super::extract::{JsonBody, QueryParams, status_filter, task_id_from_path};
 use super::seed::{DEFAULT_PAGE, MAX_PAGE};
 use super::views;
 use crate::store::TaskQuery;
@@ -36,14 +36,11 @@ pub async fn list(
     State(app): State<AppState>,
     QueryParams(params): QueryParams<ListParams>,
 ) -> Result<Json<Value>, ApiError> {
-    let status = match params.status.as_deref() {
-        None | Some("") => None,
-        Some(s) => Some(TaskStatus::parse(s).ok_or_else(|| {
-            ApiError::unprocessable(format!(
-                "unknown status {s:?}; expected one of pending, assigned, running, completed, failed, cancelled"
-            ))
-        })?),
-    };
+    let status = status_filter(
+        params.status.as_deref(),
+        &TaskStatus::ALL,
+        TaskStatus::as_str,
+    )?;
     let limit = match params.limit {
         None => DEFAULT_PAGE,
         Some(n) if (1..=MAX_PAGE).contains(&n) => n,

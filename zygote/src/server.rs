@@ -30,6 +30,9 @@ pub(crate) fn serve(args: &Args) -> Result<(), String> {
     let socket = take_socket_from_stdin()?;
     let child_exits = child_exit_signals()?;
 
+    // What every run's sandbox setup would otherwise redo on the fork path.
+    lull_agent::sandbox::prepare()
+        .map_err(|err| format!("could not prepare the sandbox: {err}"))?;
     Python::initialize();
     Python::attach(|py| {
         let (interpreter, failed_preloads) =

@@ -194,17 +194,19 @@ impl RunPolicy {
 // Setup, in a single-threaded process
 // ---------------------------------------------------------------------------------------------
 
+/// Does once, in a long-lived process that forks runs (the zygote), the setup work that is
+/// the same for every run, so that its children inherit it instead of repeating it.
+pub fn prepare() -> Result<(), SandboxError> {
+    seccomp::programs().map(|_| ())
+}
+
 /// Confines the calling process for one run; see the module docs. Returns only in the
 /// process that must now run the code. With namespaces, the calling process becomes the
 /// run's watcher: it never returns, and exits with the run's status.
 pub fn confine_run(policy: &RunPolicy) -> Result<(), SandboxError> {
     let p = &policy.protections;
     // Built first: a filter that cannot be built fails the run before anything changed.
-    let filters = if p.seccomp {
-        seccomp::programs()?
-    } else {
-        Vec::new()
-    };
+    let filters: &[seccompiler::BpfProgram] = if p.seccomp { seccomp::programs()? } else { &[] };
     new_session()?;
     die_with_parent()?;
     let cgroup = if p.cgroups {
@@ -250,7 +252,7 @@ pub fn confine_run(policy: &RunPolicy) -> Result<(), SandboxError> {
     close_inherited_fds()?;
     sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
         .map_err(SandboxError::SignalMask)?;
-    seccomp::install(&filters)
+    seccomp::install(filters)
 }
 
 fn new_session() -> Result<(), SandboxError> {
@@ -353,6 +355,17 @@ fn exit_now(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
+/// Mounts a fresh tmpfs at `path`; a failure names the step as `what`.
+fn tmpfs<P: ?Sized + nix::NixPath>(
+    what: &'static str,
+    path: &P,
+    flags: MsFlags,
+    options: &str,
+) -> Result<(), SandboxError> {
+    mount(Some("tmpfs"), path, Some("tmpfs"), flags, Some(options))
+        .map_err(|source| SandboxError::Mount { what, source })
+}
+
 fn private_mounts(policy: &RunPolicy) -> Result<(), SandboxError> {
     let m = |what: &'static str| move |source| SandboxError::Mount { what, source };
     // Nothing we mount here may propagate back to the host.
@@ -369,35 +382,19 @@ fn private_mounts(policy: &RunPolicy) -> Result<(), SandboxError> {
         policy.disk_mb, policy.max_files
     );
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    mount(
-        Some("tmpfs"),
-        "/tmp",
-        Some("tmpfs"),
-        flags,
-        Some(tmpfs_opts.as_str()),
-    )
-    .map_err(m("/tmp"))?;
+    tmpfs("/tmp", "/tmp", flags, tmpfs_opts.as_str())?;
     if Path::new("/var/tmp").is_dir() {
-        mount(
-            Some("tmpfs"),
-            "/var/tmp",
-            Some("tmpfs"),
-            flags,
-            Some(tmpfs_opts.as_str()),
-        )
-        .map_err(m("/var/tmp"))?;
+        tmpfs("/var/tmp", "/var/tmp", flags, tmpfs_opts.as_str())?;
     }
     // The host's sockets live under /run (databases, D-Bus, the resolver): a network
     // namespace does not hide path-bound Unix sockets, an empty /run does.
     if Path::new("/run").is_dir() {
-        mount(
-            Some("tmpfs"),
+        tmpfs(
             "/run",
-            Some("tmpfs"),
+            "/run",
             flags | MsFlags::MS_NOEXEC,
-            Some("size=1m,mode=0755"),
-        )
-        .map_err(m("/run"))?;
+            "size=1m,mode=0755",
+        )?;
     }
     minimal_dev(&tmpfs_opts)?;
     if policy.protections.drop_user {
@@ -431,14 +428,12 @@ fn minimal_dev(shm_opts: &str) -> Result<(), SandboxError> {
     use nix::sys::stat::{Mode, SFlag, makedev, mknod};
     let m = |what: &'static str| move |source| SandboxError::Mount { what, source };
     // Device nodes need a mount without `nodev`; nothing but these nodes is created in it.
-    mount(
-        Some("tmpfs"),
+    tmpfs(
         "/dev",
-        Some("tmpfs"),
+        "/dev",
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("size=64k,mode=0755"),
-    )
-    .map_err(m("/dev"))?;
+        "size=64k,mode=0755",
+    )?;
     for (name, major, minor) in [
         ("null", 1, 3),
         ("zero", 1, 5),
@@ -479,14 +474,12 @@ fn minimal_dev(shm_opts: &str) -> Result<(), SandboxError> {
     }
     let shm = Path::new("/dev/shm");
     nix::unistd::mkdir(shm, Mode::from_bits_truncate(0o1777)).map_err(m("/dev/shm"))?;
-    mount(
-        Some("tmpfs"),
+    tmpfs(
+        "/dev/shm",
         shm,
-        Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some(shm_opts),
-    )
-    .map_err(m("/dev/shm"))?;
+        shm_opts,
+    )?;
     // The tmpfs itself read-only: no new nodes or files in /dev.
     mount(
         None::<&str>,
@@ -527,14 +520,12 @@ fn expose(dir: &Path) -> Result<(), SandboxError> {
         None::<&str>,
     )
     .map_err(m("expose: stage"))?;
-    mount(
-        Some("tmpfs"),
+    tmpfs(
+        "expose: cover",
         &closed,
-        Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=0755,size=1m"),
-    )
-    .map_err(m("expose: cover"))?;
+        "mode=0755,size=1m",
+    )?;
     std::fs::create_dir_all(dir).map_err(io)?;
     mount(
         Some(staging),

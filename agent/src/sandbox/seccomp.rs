@@ -82,9 +82,19 @@ fn compile(
         .map_err(|e: seccompiler::BackendError| SandboxError::Seccomp(e.to_string()))
 }
 
-/// The programs to install, in order. Built before anything else so that a build failure is
-/// reported before the run is half set up.
-pub(super) fn programs() -> Result<Vec<BpfProgram>, SandboxError> {
+/// The programs to install, in order, built once per process: a zygote builds them before
+/// it forks (see [`super::prepare`]), so its runs inherit them instead of building them on
+/// the fork path.
+pub(super) fn programs() -> Result<&'static [BpfProgram], SandboxError> {
+    static PROGRAMS: std::sync::OnceLock<Result<Vec<BpfProgram>, String>> =
+        std::sync::OnceLock::new();
+    PROGRAMS
+        .get_or_init(|| build().map_err(|e| e.to_string()))
+        .as_deref()
+        .map_err(|e| SandboxError::Seccomp(e.clone()))
+}
+
+fn build() -> Result<Vec<BpfProgram>, SandboxError> {
     let mut deny: BTreeMap<i64, Vec<SeccompRule>> =
         DENIED.iter().map(|nr| (*nr, Vec::new())).collect();
     let clone_rules = NAMESPACE_FLAGS

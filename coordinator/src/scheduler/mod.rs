@@ -459,7 +459,6 @@ impl Scheduler {
                 cancel_pulled: BTreeSet::new(),
             });
         let before = entry.record.clone();
-        entry.record.last_heartbeat = now;
         entry.load = hb.current_load;
         entry.agent_state = hb.status;
         entry.record.resources = hb.resources;
@@ -538,10 +537,8 @@ impl Scheduler {
         entry.refresh_busy();
         // Heartbeat times alone are not saved: they are frequent, and after a restart every
         // node gets a fresh TTL anyway. Anything else that changed is.
-        let changed = NodeRecord {
-            last_heartbeat: before.last_heartbeat,
-            ..entry.record.clone()
-        } != before;
+        let changed = entry.record != before;
+        entry.record.last_heartbeat = now;
         if changed {
             out.changes.push(Change::NodeSaved(entry.record.clone()));
         }

@@ -13,6 +13,7 @@ it asserts nothing about speed.
 """
 
 import argparse
+import http.client
 import json
 import os
 import shutil
@@ -22,17 +23,41 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
+import urllib.parse
 
 CODE = "print(sum(range(1000)))"
 EXPECTED = str(sum(range(1000)))
 
 
+_local = threading.local()
+
+
 def call(method, url, body=None, timeout=120):
+    """One request on this thread's keep-alive connection (as a real client would keep one)."""
+    parts = urllib.parse.urlsplit(url)
+    conns = getattr(_local, "conns", None)
+    if conns is None:
+        conns = _local.conns = {}
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
+    path = parts.path + ("?" + parts.query if parts.query else "")
+    for attempt in (1, 2):
+        conn = conns.get(parts.netloc)
+        reused = conn is not None
+        if conn is None:
+            conn = conns[parts.netloc] = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            payload = resp.read()
+        except (http.client.HTTPException, OSError):
+            conn.close()
+            del conns[parts.netloc]
+            if attempt == 2 or not reused:
+                raise
+            continue
+        if resp.status >= 400:
+            raise RuntimeError(f"{method} {url}: {resp.status} {payload[:200]!r}")
+        return json.loads(payload)
 
 
 class Cluster:

@@ -3,10 +3,11 @@
 //!
 //! ```text
 //! cargo build --release --workspace --bins --examples
-//! target/release/examples/executor_latency [RUNS] [--unsandboxed]     (default 200 runs)
+//! target/release/examples/executor_latency [RUNS] [--unsandboxed] [--zygote-only]
 //! ```
 //!
-//! `--unsandboxed` measures the executors alone: no launcher, protections `none`.
+//! RUNS defaults to 200. `--unsandboxed` measures the executors alone: no launcher,
+//! protections `none`. `--zygote-only` skips the (slow) cold executor.
 //!
 //! `lull-sandbox` and `lull-zygote` are looked up in the directory above this example's
 //! (`target/<profile>/`), or in `LULL_BIN_DIR`.
@@ -66,6 +67,7 @@ async fn measure(name: &str, executor: &impl Executor, runs: usize) {
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let unsandboxed = args.iter().any(|arg| arg == "--unsandboxed");
+    let zygote_only = args.iter().any(|arg| arg == "--zygote-only");
     let runs: usize = args
         .iter()
         .find(|arg| !arg.starts_with("--"))
@@ -104,6 +106,8 @@ async fn main() {
     .await
     .expect("the zygote starts");
 
-    measure("cold", &cold, runs).await;
+    if !zygote_only {
+        measure("cold", &cold, runs).await;
+    }
     measure("zygote", &zygote, runs).await;
 }

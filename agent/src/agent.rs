@@ -12,6 +12,7 @@ use crate::executor::{
 use crate::heartbeat::{LoadMeter, heartbeat_until_stopped, send_heartbeat};
 use crate::outbox::Outbox;
 use crate::retry::{Backoff, FailureLog};
+use crate::slots::Slots;
 use crate::{AgentConfig, AgentError, resolve_node_id};
 use lull_shared::{
     AgentState, Assignment, DEFAULT_TIMEOUT_SECS, NodeResources, RunId, RunOutcome, RunReport,
@@ -137,6 +138,7 @@ pub async fn run_with_executor<E: Executor>(
         capacity,
         client,
         runs: Runs::default(),
+        slots: Slots::new(capacity),
         outbox,
         draining: AtomicBool::new(false),
         load: Mutex::new(meter),
@@ -217,6 +219,8 @@ pub(crate) struct Shared {
     pub(crate) capacity: NodeResources,
     pub(crate) client: CoordinatorClient,
     pub(crate) runs: Runs,
+    /// Where runs wait for capacity: the coordinator may lease a few more than fit at once.
+    slots: Arc<Slots>,
     pub(crate) outbox: Outbox,
     draining: AtomicBool,
     pub(crate) load: Mutex<LoadMeter>,
@@ -259,8 +263,14 @@ async fn farewell(shared: &Shared, status: AgentState) {
     }
 }
 
-/// Lets the running runs finish within the grace period, then releases the rest.
+/// Hands back at once the runs still waiting for a slot (another node may start them
+/// sooner), lets the running ones finish within the grace period, then releases the rest.
 async fn drain_runs(shared: &Shared) {
+    for run_id in shared.slots.waiting_runs() {
+        if shared.runs.stop(run_id, StopReason::Released) {
+            info!(run_id, "handing back a run that had not started");
+        }
+    }
     if shared.runs.is_empty() {
         return;
     }
@@ -417,14 +427,25 @@ async fn execute<E: Executor>(
         timeout,
         resources: assignment.resources,
     };
-    info!(
-        task_id,
-        run_id,
-        attempt = assignment.attempt,
-        timeout_secs = format_seconds(timeout),
-        "run started"
-    );
-    let execution = executor.run(job, cancel).await;
+    let capacity = tokio::select! {
+        share = shared.slots.acquire(run_id, assignment.resources) => Some(share),
+        () = cancel.cancelled() => None,
+    };
+    let execution = match capacity {
+        Some(share) => {
+            info!(
+                task_id,
+                run_id,
+                attempt = assignment.attempt,
+                timeout_secs = format_seconds(timeout),
+                "run started"
+            );
+            let execution = executor.run(job, cancel).await;
+            drop(share);
+            execution
+        }
+        None => Execution::cancelled_before_start(),
+    };
 
     let stopped_because = shared.runs.stop_reason(run_id);
     let report = report(&shared.node_id, task_id, run_id, execution, stopped_because);

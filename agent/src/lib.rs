@@ -44,6 +44,7 @@ mod node_id;
 mod outbox;
 mod retry;
 pub mod sandbox;
+mod slots;
 
 pub use agent::{run, run_with_executor};
 pub use config::AgentConfig;

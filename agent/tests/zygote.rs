@@ -19,6 +19,7 @@ use lull_shared::{Assignment, Protections, Resources, RunOutcome};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 use tokio::sync::OnceCell;
@@ -621,4 +622,129 @@ async fn the_agent_falls_back_to_cold_without_a_zygote() {
         !report.stdout.trim_end().ends_with("/lull-zygote"),
         "{report:?}"
     );
+}
+
+#[tokio::test]
+async fn the_memory_limit_is_named_when_it_fires_in_a_zygote_run() {
+    let host = host().await;
+    if !host.protections.cgroups {
+        eprintln!("no cgroups on this host: the memory limit is RLIMIT_AS alone");
+        assert!(
+            !std::path::Path::new("/sys/fs/cgroup/memory").exists()
+                && !std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists(),
+            "{:?}",
+            host.protections
+        );
+        return;
+    }
+    // Several children, each under the per-process limit, together over the run's limit:
+    // only the cgroup catches them, and only the zygote (the run's watcher) can say so.
+    let code = r#"
+import os, time
+kids = []
+for i in range(6):
+    pid = os.fork()
+    if pid == 0:
+        blocks = []
+        for _ in range(60):
+            blocks.append(bytearray(1024 * 1024))
+            time.sleep(0.01)
+        time.sleep(1)
+        os._exit(0)
+    kids.append(pid)
+for pid in kids:
+    os.waitpid(pid, 0)
+"#;
+    let limited = |code: &str| {
+        let mut job = job(code, 60.0);
+        job.resources.memory = 192.0;
+        job
+    };
+    // The zygote reuses run cgroups: a kill in one run must not be read as the next one's.
+    let executor = zygote().await;
+    for round in ["first", "after a run that stayed within its limit"] {
+        let e = executor.run(limited(code), CancellationToken::new()).await;
+        assert_eq!(e.outcome, RunOutcome::Failed, "{round}: {e:?}");
+        assert!(
+            e.error
+                .as_deref()
+                .is_some_and(|m| m.contains("memory limit 192 MB exceeded")),
+            "{round}: {e:?}"
+        );
+        let e = executor
+            .run(limited("print('fine')"), CancellationToken::new())
+            .await;
+        assert_eq!(e.outcome, RunOutcome::Completed, "{round}: {e:?}");
+        assert_eq!(e.error, None, "{round}");
+    }
+}
+
+#[tokio::test]
+async fn a_run_may_start_its_own_session_and_has_no_terminal() {
+    // As under `python3 -c`: the run's process is not a group leader, so setsid works; and
+    // whatever terminal the agent was started from is out of its reach.
+    let code = "import os\n\
+                os.setsid()\n\
+                try:\n    open('/dev/tty', 'rb')\n    print('tty reachable')\n\
+                except OSError as e:\n    print('no tty', e.errno)\n";
+    let execution = run(&zygote().await, code).await;
+    assert_eq!(execution.outcome, RunOutcome::Completed, "{execution:?}");
+    assert!(
+        execution.stdout.starts_with("no tty"),
+        "{:?}",
+        execution.stdout
+    );
+}
+
+#[tokio::test]
+async fn runs_share_no_socket_and_nothing_of_one_run_is_left_for_the_next() {
+    let host = host().await;
+    if !host.protections.namespaces {
+        eprintln!("no namespaces on this host: runs share the host's network");
+        return;
+    }
+    let name = unique_name("ns");
+    // A holds an abstract Unix socket (network-namespace scoped) and SysV shared memory
+    // (IPC-namespace scoped) while B, running at the same time, looks for both; C, after A
+    // has ended, looks again.
+    let holder = format!(
+        "import socket, sys, time, ctypes\n\
+         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+         s.bind('\\0{name}')\n\
+         s.listen()\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         shm = libc.shmget(0x4c554c4c, 4096, 0o1666)\n\
+         print('holding', shm >= 0, flush=True)\n\
+         open('/proc/self/comm', 'w').write({name:?})\n\
+         time.sleep(30)\n"
+    );
+    let looker = format!(
+        "import socket, ctypes\n\
+         c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+         try:\n    c.connect('\\0{name}')\n    print('socket reachable')\n\
+         except OSError as e:\n    print('no socket', e.errno)\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         print('shm', libc.shmget(0x4c554c4c, 0, 0) >= 0)\n"
+    );
+    let executor = Arc::new(zygote().await);
+    let cancel = CancellationToken::new();
+    let holding = tokio::spawn({
+        let executor = Arc::clone(&executor);
+        let cancel = cancel.clone();
+        async move { executor.run(job(&holder, 60.0), cancel).await }
+    });
+    wait_until("the holder has its socket", || {
+        (!processes_named(&name).is_empty()).then_some(())
+    })
+    .await;
+    let during = run(executor.as_ref(), &looker).await;
+    cancel.cancel();
+    let held = holding.await.expect("the holder's task");
+    assert!(held.stdout.starts_with("holding True"), "{held:?}");
+    assert!(during.stdout.starts_with("no socket"), "{during:?}");
+    assert!(during.stdout.contains("shm False"), "{during:?}");
+
+    let after = run(executor.as_ref(), &looker).await;
+    assert!(after.stdout.starts_with("no socket"), "{after:?}");
+    assert!(after.stdout.contains("shm False"), "{after:?}");
 }

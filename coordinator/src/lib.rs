@@ -44,6 +44,9 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// The interpreter local agents run tasks with.
     pub python: String,
+    /// Runs a node may hold beyond its capacity, waiting for a slot there (see
+    /// [`SchedulerConfig::prefetch`]).
+    pub prefetch: usize,
 }
 
 impl Config {
@@ -58,6 +61,7 @@ impl Config {
             limits: TaskLimits::default(),
             max_body_bytes: 8 * 1024 * 1024,
             python: "python3".into(),
+            prefetch: scheduler::DEFAULT_PREFETCH,
         }
     }
 }
@@ -93,6 +97,7 @@ pub async fn run(
         SchedulerConfig {
             node_ttl: config.node_ttl,
             reconcile_grace: (2.0 * config.heartbeat_interval).max(5.0),
+            prefetch: config.prefetch,
             ..SchedulerConfig::default()
         },
         snapshot,

@@ -45,6 +45,10 @@ struct Cli {
     /// Python interpreter for the local agents.
     #[arg(long, env = "LULL_PYTHON", default_value = "python3")]
     python: String,
+    /// Runs a full node may hold beyond its capacity, to start the moment a slot frees
+    /// (only tasks no other node has room for; 0 turns prefetching off).
+    #[arg(long, env = "LULL_PREFETCH", default_value_t = lull_coordinator::scheduler::DEFAULT_PREFETCH)]
+    prefetch: usize,
 }
 
 #[tokio::main]
@@ -75,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
         },
         max_body_bytes: cli.max_body_bytes,
         python: cli.python,
+        prefetch: cli.prefetch,
         ..Config::new(cli.data_dir)
     };
     let listener = tokio::net::TcpListener::bind(cli.listen)

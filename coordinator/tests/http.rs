@@ -27,6 +27,9 @@ impl Server {
     async fn start_in(data_dir: &Path, tweak: impl FnOnce(&mut Config)) -> Server {
         let mut config = Config::new(data_dir.to_path_buf());
         config.local_agents = 0;
+        // These tests play the agent by hand and count what fits; prefetching has its own
+        // tests (the scheduler's, and end to end with real agents).
+        config.prefetch = 0;
         tweak(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

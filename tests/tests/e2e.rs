@@ -483,3 +483,112 @@ async fn an_agent_below_the_required_sandbox_level_refuses_to_start() {
         "{stderr}"
     );
 }
+
+/// Code that sleeps and prints when it started and ended (Unix seconds).
+const TIMED_SLEEP: &str =
+    "import time\nstart = time.time()\ntime.sleep(1.5)\nprint(start, time.time())";
+
+#[tokio::test]
+async fn a_full_node_holds_prefetched_runs_but_never_runs_more_than_its_capacity() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut args = vec!["--local-agents", "0", "--prefetch", "2"];
+    args.extend_from_slice(FAST);
+    let c = Coordinator::start(&dir.path().join("coord"), &args).expect("coordinator");
+    let _agent = start_agent(
+        &c.url,
+        &dir.path().join("a"),
+        &agent_args("one-slot", &["--cpus", "1"]),
+    )
+    .expect("agent");
+    c.wait_for_nodes(1).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(c.submit(TIMED_SLEEP).await.expect("submit"));
+    }
+    // One slot, three runs handed to the node: one running, two waiting there.
+    wait_until(
+        Duration::from_secs(30),
+        "all three to be on the node",
+        || async {
+            let mut on_node = 0;
+            for id in &ids {
+                on_node += usize::from(c.status(*id).await.ok()?["status"] == "running");
+            }
+            (on_node == 3).then_some(())
+        },
+    )
+    .await;
+    let mut spans = Vec::new();
+    for id in &ids {
+        let task = wait_terminal(&c, *id, Duration::from_secs(60)).await;
+        assert_eq!(task["status"], "completed", "{task}");
+        let times: Vec<f64> = task["result"]
+            .as_str()
+            .expect("result")
+            .split_whitespace()
+            .map(|t| t.parse().expect("a time"))
+            .collect();
+        spans.push((times[0], times[1]));
+    }
+    spans.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for pair in spans.windows(2) {
+        assert!(
+            pair[1].0 >= pair[0].1,
+            "a 1-cpu node ran two tasks at once: {spans:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_stopping_agent_hands_back_at_once_the_runs_that_had_not_started() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut args = vec!["--local-agents", "0", "--prefetch", "2"];
+    args.extend_from_slice(FAST);
+    let c = Coordinator::start(&dir.path().join("coord"), &args).expect("coordinator");
+    let mut agent = start_agent(
+        &c.url,
+        &dir.path().join("a"),
+        &agent_args("leaving", &["--cpus", "1", "--shutdown-grace", "30"]),
+    )
+    .expect("agent");
+    c.wait_for_nodes(1).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(c.submit(TIMED_SLEEP).await.expect("submit"));
+    }
+    wait_until(
+        Duration::from_secs(30),
+        "all three to be on the node",
+        || async {
+            let mut on_node = 0;
+            for id in &ids {
+                on_node += usize::from(c.status(*id).await.ok()?["status"] == "running");
+            }
+            (on_node == 3).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        agent.terminate(Duration::from_secs(60)),
+        "the agent exits cleanly on SIGTERM"
+    );
+    // The running one finished within the grace period; the waiting ones were handed back
+    // without waiting for it, and count as no attempt.
+    let states: Vec<Value> = {
+        let mut out = Vec::new();
+        for id in &ids {
+            out.push(c.task(*id).await.expect("task"));
+        }
+        out
+    };
+    let completed = states.iter().filter(|t| t["status"] == "completed").count();
+    assert_eq!(completed, 1, "{states:?}");
+    for task in states.iter().filter(|t| t["status"] != "completed") {
+        assert_eq!(task["status"], "pending", "{task}");
+        assert_eq!(task["runs"][0]["status"], "released", "{task}");
+        assert!(
+            task["runs"][0]["exit_code"].is_null(),
+            "it never ran: {task}"
+        );
+    }
+}

@@ -1,11 +1,12 @@
 //! One run's process, from the moment `os.fork()` returned 0 in it: wire its pipes, confine it
-//! with `lull_agent::sandbox::confine_run`, run the code as `python3 -I -u -c` would, exit.
+//! with `lull_agent::sandbox::ForkedRun::confine` (it was born PID 1 of the run's own PID
+//! namespace, where the host allows one), run the code as `python3 -I -u -c` would, exit.
 //!
 //! Architecture Invariant: this path never returns to the zygote's loop. Every way out, a
 //! panic included, ends in `os._exit`.
 
 use crate::interpreter::Interpreter;
-use lull_agent::sandbox::{self, RunPolicy};
+use lull_agent::sandbox::{ForkedRun, RunPolicy};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
 use nix::unistd::{Pid, getppid};
 use pyo3::prelude::*;
@@ -50,16 +51,17 @@ pub(crate) struct RunRequest {
     pub(crate) stderr: ReceivedFd,
 }
 
-/// Runs `request` in this freshly forked child of the zygote (`zygote` is its pid) and exits
-/// with the code's exit status.
+/// Runs `request` in this freshly forked child of the zygote (`zygote` is its pid, `launch`
+/// what the zygote prepared for it) and exits with the code's exit status.
 pub(crate) fn run(
     py: Python<'_>,
     interpreter: &Interpreter,
     request: &RunRequest,
     zygote: Pid,
+    launch: &ForkedRun,
 ) -> ! {
     let status = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        match prepare(py, interpreter, request, zygote) {
+        match prepare(py, interpreter, request, zygote, launch) {
             Ok(globals) => interpreter.run_main(py, &request.code, &globals),
             Err(err) => {
                 // fd 2 is the run's stderr once redirected (the zygote's log before that).
@@ -78,6 +80,7 @@ fn prepare<'py>(
     interpreter: &Interpreter,
     request: &RunRequest,
     zygote: Pid,
+    launch: &ForkedRun,
 ) -> Result<Bound<'py, pyo3::types::PyDict>, String> {
     // The zygote blocks SIGCHLD (it reads it from a signalfd); the run must not inherit that.
     sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
@@ -85,7 +88,9 @@ fn prepare<'py>(
     // At once, before the sandbox does it too: a zygote that dies takes its runs with it.
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
         .map_err(|err| format!("parent-death signal: {err}"))?;
-    if getppid() != zygote {
+    // PID 1 of a new namespace sees no parent (0). If the zygote died before the death
+    // signal was set, the agent kills the run's process group, which it knows by this pid.
+    if !request.policy.protections.namespaces && getppid() != zygote {
         return Err("the zygote exited before the run started".to_string());
     }
     interpreter
@@ -94,17 +99,10 @@ fn prepare<'py>(
     interpreter
         .set_environment(py, &request.env)
         .map_err(|err| format!("environment: {err}"))?;
-    sandbox::confine_run(&request.policy).map_err(|err| err.to_string())?;
-    if request.policy.protections.drop_user {
-        // Changing uid cleared the parent-death signal (the kernel does so on any credential
-        // change): without it again, a run that left its process group would outlive a killed
-        // watcher.
-        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
-            .map_err(|err| format!("parent-death signal after dropping the user: {err}"))?;
-        // It also made the process non-dumpable: its /proc/self would be root's and closed to
-        // it. A cold run gets dumpable back by exec'ing python; this one never execs.
-        nix::sys::prctl::set_dumpable(true).map_err(|err| format!("dumpable: {err}"))?;
-    }
+    // Restores the death signal and dumpable after the uid drop (this process never execs).
+    launch
+        .confine(&request.policy)
+        .map_err(|err| err.to_string())?;
     interpreter
         .enter(py, &request.code)
         .map_err(|err| format!("interpreter state: {err}"))

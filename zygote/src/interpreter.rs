@@ -138,7 +138,25 @@ impl Interpreter {
         Ok((cpu, max_rss_kb / 1024.0))
     }
 
-    /// In a run's process: its pipes on fds 1 and 2, `/dev/null` on 0, every other fd closed.
+    /// One non-blocking `os.write(fd, bytes)` (a received fd is a plain number to the zygote),
+    /// so that a pipe nobody drains cannot stall the zygote. Errors on a short write.
+    pub(crate) fn write_fd(&self, py: Python<'_>, fd: RawFd, bytes: &[u8]) -> PyResult<()> {
+        let os = self.os.bind(py);
+        os.call_method1("set_blocking", (fd, false))?;
+        let written: usize = os
+            .call_method1("write", (fd, pyo3::types::PyBytes::new(py, bytes)))?
+            .extract()?;
+        if written < bytes.len() {
+            return Err(pyo3::exceptions::PyBlockingIOError::new_err(format!(
+                "wrote {written} of {} bytes",
+                bytes.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// In a run's process: its pipes on fds 1 and 2, `/dev/null` on 0 (the sandbox closes
+    /// every other fd as its last steps).
     pub(crate) fn redirect_stdio(
         &self,
         py: Python<'_>,

@@ -51,13 +51,14 @@ def prepare(python, preload):
 
 
 def redirect(stdout_fd, stderr_fd):
-    """In the run's process: its pipes on 1 and 2, /dev/null on 0, nothing else open."""
+    """In the run's process: its pipes on 1 and 2, /dev/null on 0. Every other descriptor is
+    closed by the sandbox's last steps (some are still needed until then)."""
     os.dup2(stdout_fd, 1)
     os.dup2(stderr_fd, 2)
     null = os.open(os.devnull, os.O_RDONLY)
     if null != 0:
         os.dup2(null, 0)
-    os.closerange(3, 2**31 - 1)
+        os.close(null)
 
 
 def set_environment(env):

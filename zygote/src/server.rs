@@ -5,6 +5,7 @@ use crate::child::{self, ReceivedFd, RunRequest};
 use crate::interpreter::{self, Interpreter};
 use crate::{Args, log};
 use lull_agent::executor::zygote_protocol::{FromZygote, RUN_FDS, ToZygote};
+use lull_agent::sandbox::{ForkedRun, RunPolicy, RunPools};
 use lull_shared::RunId;
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -29,6 +30,12 @@ pub(crate) fn serve(args: &Args) -> Result<(), String> {
     let target = interpreter::ask_target_python(&args.python)?;
     let socket = take_socket_from_stdin()?;
     let child_exits = child_exit_signals()?;
+    // A session of its own, without a controlling terminal: runs forked into their own PID
+    // namespace stay in it, and must not reach the terminal the agent was started from.
+    match nix::unistd::setsid() {
+        Ok(_) | Err(Errno::EPERM) => {}
+        Err(err) => return Err(format!("could not start a session: {err}")),
+    }
 
     // What every run's sandbox setup would otherwise redo on the fork path.
     lull_agent::sandbox::prepare()
@@ -47,6 +54,7 @@ pub(crate) fn serve(args: &Args) -> Result<(), String> {
             interpreter,
             inbox: Inbox::default(),
             runs: BTreeMap::new(),
+            pools: RunPools::default(),
             pid: getpid(),
         };
         server.send(&FromZygote::Ready {
@@ -106,8 +114,27 @@ struct Server {
     interpreter: Interpreter,
     inbox: Inbox,
     /// The runs' processes (the zygote's direct children), by run id.
-    runs: BTreeMap<RunId, Pid>,
+    runs: BTreeMap<RunId, RunProcess>,
+    /// Cgroups and network namespaces runs reuse, one run at a time each.
+    pools: RunPools,
     pid: Pid,
+}
+
+/// A run's process, as the zygote (its watcher) keeps it until it is reaped.
+struct RunProcess {
+    pid: Pid,
+    policy: RunPolicy,
+    launch: ForkedRun,
+    /// The run's stderr, for what only the watcher can tell (a limit the run hit); closed
+    /// when the run is reaped, so the agent's EOF comes after that line.
+    stderr: ReceivedFd,
+}
+
+/// Why a run could not be started: its own problem (reported for that run), or one that
+/// leaves the zygote unable to start any other (it exits, and the agent starts another).
+enum StartError {
+    Run(String),
+    Fatal(String),
 }
 
 impl Server {
@@ -191,23 +218,21 @@ impl Server {
             ToZygote::Run { policy, code, env } => {
                 let run_id = policy.run_id;
                 match self.start(py, *policy, code, env, fds) {
-                    Ok(pid) => {
-                        self.runs.insert(run_id, pid);
-                        self.send(&FromZygote::Started {
-                            run_id,
-                            pid: pid.as_raw(),
-                        })
-                    }
-                    Err(message) => self.send(&FromZygote::Error {
+                    Ok(pid) => self.send(&FromZygote::Started {
+                        run_id,
+                        pid: pid.as_raw(),
+                    }),
+                    Err(StartError::Run(message)) => self.send(&FromZygote::Error {
                         run_id: Some(run_id),
                         message,
                     }),
+                    Err(StartError::Fatal(message)) => Err(message),
                 }
             }
             ToZygote::Kill { run_id } => {
                 // A kill for a run that has already exited crosses its `exited` report.
-                if let Some(&pid) = self.runs.get(&run_id) {
-                    kill_run(pid);
+                if let Some(run) = self.runs.get(&run_id) {
+                    kill_run(run.pid);
                 }
                 Ok(())
             }
@@ -218,22 +243,24 @@ impl Server {
     fn start(
         &mut self,
         py: Python<'_>,
-        policy: lull_agent::sandbox::RunPolicy,
+        policy: RunPolicy,
         code: String,
         env: BTreeMap<String, String>,
         fds: Vec<ReceivedFd>,
-    ) -> Result<Pid, String> {
+    ) -> Result<Pid, StartError> {
         let run_id = policy.run_id;
         if self.runs.contains_key(&run_id) {
-            return Err(format!("run {run_id} is already running"));
+            return Err(StartError::Run(format!("run {run_id} is already running")));
         }
         let [stdout, stderr]: [ReceivedFd; RUN_FDS] = fds.try_into().map_err(|fds: Vec<_>| {
-            format!(
+            StartError::Run(format!(
                 "a run needs {RUN_FDS} file descriptors (stdout, stderr); {} came",
                 fds.len()
-            )
+            ))
         })?;
-        threads_are_single()?;
+        threads_are_single().map_err(StartError::Fatal)?;
+        let mut launch = ForkedRun::prepare(&policy, &mut self.pools)
+            .map_err(|err| StartError::Run(format!("sandbox setup failed: {err}")))?;
         let request = RunRequest {
             policy,
             code,
@@ -241,12 +268,38 @@ impl Server {
             stdout,
             stderr,
         };
-        match self.interpreter.fork(py) {
-            Ok(0) => child::run(py, &self.interpreter, &request, self.pid),
-            // The parent: the child has its own copies of the pipes; ours close with `request`.
-            Ok(pid) => Ok(Pid::from_raw(pid)),
-            Err(err) => Err(format!("could not fork: {err}")),
+        let forked = self.interpreter.fork(py);
+        if let Ok(0) = forked {
+            child::run(py, &self.interpreter, &request, self.pid, &launch);
         }
+        // The parent. Its later children must be born in its own PID namespace again.
+        if let Err(err) = launch.restore() {
+            if let Ok(pid) = forked {
+                kill_run(Pid::from_raw(pid));
+            }
+            return Err(StartError::Fatal(format!(
+                "could not return to the zygote's PID namespace: {err}"
+            )));
+        }
+        let pid = match forked {
+            Ok(pid) => Pid::from_raw(pid),
+            Err(err) => {
+                let _ = launch.finish(&request.policy, WaitStatus::StillAlive, &mut self.pools);
+                return Err(StartError::Run(format!("could not fork: {err}")));
+            }
+        };
+        // The child has its own copies of the pipes; the zygote keeps stderr until the reap.
+        let RunRequest { policy, stderr, .. } = request;
+        self.runs.insert(
+            run_id,
+            RunProcess {
+                pid,
+                policy,
+                launch,
+                stderr,
+            },
+        );
+        Ok(pid)
     }
 
     /// Reaps every child that has exited and reports the runs among them.
@@ -270,11 +323,25 @@ impl Server {
             let Some(run_id) = self
                 .runs
                 .iter()
-                .find_map(|(&run_id, &run_pid)| (run_pid == pid).then_some(run_id))
+                .find_map(|(&run_id, run)| (run.pid == pid).then_some(run_id))
             else {
                 continue;
             };
-            self.runs.remove(&run_id);
+            let Some(run) = self.runs.remove(&run_id) else {
+                continue;
+            };
+            let (status, note) = run.launch.finish(&run.policy, status, &mut self.pools);
+            if let Some(note) = note {
+                // The run's last stderr line, which the agent reports as its error.
+                let line = format!("lull: {note}\n");
+                if let Err(err) = self
+                    .interpreter
+                    .write_fd(py, run.stderr.raw(), line.as_bytes())
+                {
+                    log!("could not tell run {run_id} why it ended: {err}");
+                }
+            }
+            drop(run.stderr);
             let (exit_code, signal) = match status {
                 WaitStatus::Exited(_, code) => (Some(code), None),
                 WaitStatus::Signaled(_, signal, _) => (None, Some(signal as i32)),
@@ -302,9 +369,12 @@ impl Server {
 
     /// The agent is gone: nothing may outlive it.
     fn kill_all_and_reap(&mut self, py: Python<'_>) {
-        for (_, pid) in std::mem::take(&mut self.runs) {
-            kill_run(pid);
-            let _ = self.interpreter.reap(py, pid.as_raw());
+        for (_, run) in std::mem::take(&mut self.runs) {
+            kill_run(run.pid);
+            let _ = self.interpreter.reap(py, run.pid.as_raw());
+            let _ = run
+                .launch
+                .finish(&run.policy, WaitStatus::StillAlive, &mut self.pools);
         }
     }
 

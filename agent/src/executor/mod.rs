@@ -90,6 +90,22 @@ pub struct Execution {
 }
 
 impl Execution {
+    /// A run stopped while it waited for a slot: it never started.
+    pub(crate) fn cancelled_before_start() -> Self {
+        let now = unix_now();
+        Execution {
+            outcome: RunOutcome::Cancelled,
+            exit_code: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            error: Some("cancelled before it started".to_string()),
+            started_at: now,
+            completed_at: now,
+            cpu_seconds: None,
+            max_rss_mb: None,
+        }
+    }
+
     /// A run that never got as far as a process (no working directory, no interpreter).
     pub(crate) fn not_started(started_at: f64, error: String) -> Self {
         Execution {

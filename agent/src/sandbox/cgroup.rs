@@ -91,7 +91,7 @@ impl RunCgroup {
         memory_bytes: u64,
         max_processes: u64,
     ) -> Result<RunCgroup, SandboxError> {
-        if is_v2() {
+        let group = if is_v2() {
             let parent = Path::new(ROOT).join("lull");
             fs::create_dir_all(&parent)
                 .map_err(|e| SandboxError::Cgroup(format!("{}: {e}", parent.display())))?;
@@ -103,41 +103,79 @@ impl RunCgroup {
             write(&parent.join("cgroup.subtree_control"), "+memory +pids")?;
             let dir = parent.join(run_dir_name(name));
             fresh_dir(&dir)?;
-            write(&dir.join("memory.max"), &memory_bytes.to_string())?;
-            write(&dir.join("memory.swap.max"), "0").ok();
-            write(&dir.join("pids.max"), &max_processes.to_string())?;
-            Ok(RunCgroup {
+            RunCgroup {
                 memory_dir: dir.clone(),
                 dirs: vec![dir],
                 v2: true,
-            })
+            }
         } else {
             let memory = Path::new(ROOT).join("memory/lull").join(run_dir_name(name));
             let pids = Path::new(ROOT).join("pids/lull").join(run_dir_name(name));
             for dir in [&memory, &pids] {
                 fresh_dir(dir)?;
             }
-            set_v1_memory(&memory, memory_bytes)?;
-            write(&pids.join("pids.max"), &max_processes.to_string())?;
-            Ok(RunCgroup {
+            RunCgroup {
                 memory_dir: memory.clone(),
                 dirs: vec![memory, pids],
                 v2: false,
-            })
+            }
+        };
+        if let Err(err) = group.set_limits(memory_bytes, max_processes) {
+            group.remove();
+            return Err(err);
+        }
+        Ok(group)
+    }
+
+    /// Sets the memory (and memory+swap) and process-count limits: at creation, and again
+    /// for each run that reuses the group.
+    pub(super) fn set_limits(
+        &self,
+        memory_bytes: u64,
+        max_processes: u64,
+    ) -> Result<(), SandboxError> {
+        if self.v2 {
+            let dir = &self.memory_dir;
+            write(&dir.join("memory.max"), &memory_bytes.to_string())?;
+            write(&dir.join("memory.swap.max"), "0").ok();
+            write(&dir.join("pids.max"), &max_processes.to_string())
+        } else {
+            set_v1_memory(&self.memory_dir, memory_bytes)?;
+            let pids = self.dirs.last().unwrap_or(&self.memory_dir);
+            write(&pids.join("pids.max"), &max_processes.to_string())
         }
     }
 
-    /// Moves the calling process into the run's cgroup.
-    pub(super) fn join(&self) -> Result<(), SandboxError> {
-        let pid = std::process::id().to_string();
+    /// Whether nothing runs in the group any more (so it may be reused or removed).
+    pub(super) fn is_empty(&self) -> bool {
+        self.dirs.iter().all(|dir| {
+            fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|procs| procs.trim().is_empty())
+        })
+    }
+
+    /// Removes the group's directories (it must be empty).
+    pub(super) fn remove(&self) {
         for dir in &self.dirs {
-            write(&dir.join("cgroup.procs"), &pid)?;
+            let _ = fs::remove_dir(dir);
+        }
+    }
+
+    /// Moves the calling process into the run's cgroup ("0" is the writer, whatever PID
+    /// namespace it is in).
+    pub(super) fn join(&self) -> Result<(), SandboxError> {
+        for dir in &self.dirs {
+            write(&dir.join("cgroup.procs"), "0")?;
         }
         Ok(())
     }
 
     /// Whether the kernel's OOM killer killed something in the run for lack of memory.
     pub(super) fn oom_killed(&self) -> bool {
+        self.oom_kills() > 0
+    }
+
+    /// How many processes the OOM killer has killed in this group since it was made.
+    pub(super) fn oom_kills(&self) -> u64 {
         let (file, key) = if self.v2 {
             ("memory.events", "oom_kill")
         } else {
@@ -151,7 +189,7 @@ impl RunCgroup {
                         .and_then(|n| n.trim().parse::<u64>().ok())
                 })
             })
-            .is_some_and(|n| n > 0)
+            .unwrap_or(0)
     }
 
     /// Leaves the cgroup (back to the hierarchy's root) so that it can be removed.

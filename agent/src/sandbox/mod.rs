@@ -197,8 +197,16 @@ impl RunPolicy {
 /// Does once, in a long-lived process that forks runs (the zygote), the setup work that is
 /// the same for every run, so that its children inherit it instead of repeating it.
 pub fn prepare() -> Result<(), SandboxError> {
+    // What an earlier zygote that was killed left behind.
+    cgroup::sweep_stale();
     seccomp::programs().map(|_| ())
 }
+
+/// The namespaces a run gets besides its PID namespace.
+const RUN_NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWNS
+    .union(CloneFlags::CLONE_NEWNET)
+    .union(CloneFlags::CLONE_NEWIPC)
+    .union(CloneFlags::CLONE_NEWUTS);
 
 /// Confines the calling process for one run; see the module docs. Returns only in the
 /// process that must now run the code. With namespaces, the calling process becomes the
@@ -221,16 +229,9 @@ pub fn confine_run(policy: &RunPolicy) -> Result<(), SandboxError> {
         None
     };
     if p.namespaces {
-        unshare(
-            CloneFlags::CLONE_NEWPID
-                | CloneFlags::CLONE_NEWNS
-                | CloneFlags::CLONE_NEWNET
-                | CloneFlags::CLONE_NEWIPC
-                | CloneFlags::CLONE_NEWUTS,
-        )
-        .map_err(SandboxError::Namespaces)?;
-        // The watcher must not be what the OOM killer picks in the run's cgroup (in a zygote it
-        // is as big as the zygote): it reports the kill and cleans up. PID 1 goes back to 0.
+        unshare(CloneFlags::CLONE_NEWPID | RUN_NAMESPACES).map_err(SandboxError::Namespaces)?;
+        // The watcher must not be what the OOM killer picks in the run's cgroup: it reports
+        // the kill and cleans up. PID 1 goes back to 0.
         let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
         fork_pid_one(policy, cgroup.as_ref())?;
         // From here on: PID 1 of the run's namespace.
@@ -239,9 +240,18 @@ pub fn confine_run(policy: &RunPolicy) -> Result<(), SandboxError> {
         private_mounts(policy)?;
         nix::unistd::sethostname("lull").map_err(SandboxError::Hostname)?;
     }
+    confine_process(policy, filters)
+}
+
+/// The steps every run's process takes last, after its namespaces and mounts: working
+/// directory, rlimits, the uid drop, `no_new_privs`, no inherited fds, seccomp.
+fn confine_process(
+    policy: &RunPolicy,
+    filters: &[seccompiler::BpfProgram],
+) -> Result<(), SandboxError> {
     enter_workdir(policy)?;
     limit_resources(policy)?;
-    if p.drop_user {
+    if policy.protections.drop_user {
         drop_user(policy.uid, policy.gid)?;
         // Changing credentials clears the parent-death signal and makes the process
         // non-dumpable (its own /proc/self unreadable): restore both.
@@ -253,6 +263,268 @@ pub fn confine_run(policy: &RunPolicy) -> Result<(), SandboxError> {
     sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
         .map_err(SandboxError::SignalMask)?;
     seccomp::install(filters)
+}
+
+/// One run forked by a long-lived, single-threaded parent (the zygote) that is the run's
+/// watcher itself: one fork per run instead of [`confine_run`]'s two. The parent makes the
+/// run's cgroup and a fresh PID namespace for its next child ([`ForkedRun::prepare`]), forks,
+/// takes its own PID namespace back for later children ([`ForkedRun::restore`]); the child,
+/// born PID 1 of the new namespace, confines itself ([`ForkedRun::confine`]); once the parent
+/// has reaped it, [`ForkedRun::finish`] says what only the parent could see and removes the
+/// cgroup. When PID 1 ends, the kernel kills everything else in its namespace.
+#[derive(Debug)]
+pub struct ForkedRun {
+    cgroup: Option<LentCgroup>,
+    /// A network namespace lent by the pool (see [`NetworkPool`]), which the child enters.
+    network: Option<std::fs::File>,
+    /// The parent's own PID namespace, while its next child is to be born in a new one.
+    parent_pid_ns: Option<std::fs::File>,
+}
+
+/// What a long-lived parent keeps for its runs between them: see [`CgroupPool`] and
+/// [`NetworkPool`].
+#[derive(Debug, Default)]
+pub struct RunPools {
+    cgroups: CgroupPool,
+    networks: NetworkPool,
+}
+
+/// Empty network namespaces a long-lived parent (the zygote, as root) reuses, one run at a
+/// time each: making one and tearing it down costs more CPU than any other step of a run's
+/// sandbox. A network namespace has nothing of a run left in it once the run's PID namespace
+/// is gone: sockets (abstract Unix ones included) close with the last process holding them,
+/// loopback stays down (TCP cannot even leave `TIME_WAIT` behind), and a run, unprivileged,
+/// can change none of its settings. So only runs that drop to an unprivileged user share the
+/// pool; the others get a namespace of their own. Each run still has its own mount, IPC,
+/// UTS and PID namespaces.
+#[derive(Debug, Default)]
+pub struct NetworkPool {
+    free: Vec<std::fs::File>,
+}
+
+impl NetworkPool {
+    fn lend(&mut self) -> Result<std::fs::File, SandboxError> {
+        if let Some(namespace) = self.free.pop() {
+            return Ok(namespace);
+        }
+        let io = |e: std::io::Error| {
+            SandboxError::Namespaces(nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
+        };
+        let own = std::fs::File::open("/proc/self/ns/net").map_err(io)?;
+        unshare(CloneFlags::CLONE_NEWNET).map_err(SandboxError::Namespaces)?;
+        let made = std::fs::File::open("/proc/self/ns/net").map_err(io);
+        // Back to its own, whatever happened: a parent left in the new namespace would hand
+        // it to every later run.
+        nix::sched::setns(&own, CloneFlags::CLONE_NEWNET).map_err(SandboxError::Namespaces)?;
+        made
+    }
+
+    fn take_back(&mut self, namespace: std::fs::File) {
+        self.free.push(namespace);
+    }
+}
+
+/// A run's cgroup, lent by a [`CgroupPool`] for one run.
+#[derive(Debug)]
+struct LentCgroup {
+    group: cgroup::RunCgroup,
+    /// The group's OOM kills before this run: the kernel's counter only ever grows.
+    oom_kills_before: u64,
+    reusable: bool,
+}
+
+/// The run cgroups a long-lived parent (the zygote) reuses: making and removing a memory and a
+/// pids cgroup costs about as much CPU as the rest of a run's sandbox. A group is lent to one
+/// run at a time, and taken back only when the run had its own PID namespace (so nothing of
+/// it can be left inside once PID 1 is reaped) and the group is empty; its limits are set
+/// anew for each run, and an OOM kill counts for a run only if it happened during it. Runs
+/// without namespaces get a fresh group each, removed after them. Dropping the pool removes
+/// the groups it holds; groups of a pool whose process died are swept as stale (their names
+/// carry its pid).
+#[derive(Debug, Default)]
+pub struct CgroupPool {
+    free: Vec<cgroup::RunCgroup>,
+    made: u64,
+}
+
+impl CgroupPool {
+    fn lend(&mut self, policy: &RunPolicy) -> Result<LentCgroup, SandboxError> {
+        let memory = policy.memory_mb.saturating_mul(1024 * 1024);
+        let reusable = policy.protections.namespaces;
+        let group = if reusable {
+            self.reuse(memory, policy.max_processes)?
+        } else {
+            cgroup::RunCgroup::create(&policy.cgroup, memory, policy.max_processes)?
+        };
+        Ok(LentCgroup {
+            oom_kills_before: group.oom_kills(),
+            group,
+            reusable,
+        })
+    }
+
+    fn reuse(&mut self, memory: u64, processes: u64) -> Result<cgroup::RunCgroup, SandboxError> {
+        while let Some(group) = self.free.pop() {
+            match group.set_limits(memory, processes) {
+                Ok(()) => return Ok(group),
+                // Memory it cannot give back under the new limit: start afresh.
+                Err(_) => group.remove(),
+            }
+        }
+        self.made += 1;
+        let name = format!("{}-pool-{}", std::process::id(), self.made);
+        cgroup::RunCgroup::create(&name, memory, processes)
+    }
+
+    fn take_back(&mut self, lent: LentCgroup) {
+        if lent.reusable && lent.group.is_empty() {
+            self.free.push(lent.group);
+        } else {
+            lent.group.remove();
+        }
+    }
+}
+
+impl Drop for CgroupPool {
+    fn drop(&mut self) {
+        for group in self.free.drain(..) {
+            group.remove();
+        }
+    }
+}
+
+impl ForkedRun {
+    /// In the parent, right before it forks the run.
+    pub fn prepare(policy: &RunPolicy, pools: &mut RunPools) -> Result<ForkedRun, SandboxError> {
+        let p = &policy.protections;
+        let cgroup = if p.cgroups {
+            Some(pools.cgroups.lend(policy)?)
+        } else {
+            None
+        };
+        let mut run = ForkedRun {
+            cgroup,
+            network: None,
+            parent_pid_ns: None,
+        };
+        if p.namespaces && p.drop_user {
+            match pools.networks.lend() {
+                Ok(namespace) => run.network = Some(namespace),
+                Err(err) => {
+                    run.give_back(pools);
+                    return Err(err);
+                }
+            }
+        }
+        if p.namespaces {
+            let entered = std::fs::File::open("/proc/self/ns/pid")
+                .map_err(|e| nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
+                .and_then(|own| unshare(CloneFlags::CLONE_NEWPID).map(|()| own));
+            match entered {
+                Ok(own) => run.parent_pid_ns = Some(own),
+                Err(err) => {
+                    run.give_back(pools);
+                    return Err(SandboxError::Namespaces(err));
+                }
+            }
+        }
+        Ok(run)
+    }
+
+    /// In the parent, right after the fork (whether it worked or not): its later children are
+    /// born in its own PID namespace again. An error here is fatal to the parent: every later
+    /// run would land in this run's namespace, or fail to make its own.
+    pub fn restore(&mut self) -> Result<(), SandboxError> {
+        match self.parent_pid_ns.take() {
+            Some(own) => {
+                nix::sched::setns(&own, CloneFlags::CLONE_NEWPID).map_err(SandboxError::Namespaces)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// In the forked child: the rest of the sandbox. Returns in the process that must now run
+    /// the code (this one: it is PID 1 of the run's namespace when there are namespaces).
+    pub fn confine(&self, policy: &RunPolicy) -> Result<(), SandboxError> {
+        let p = &policy.protections;
+        let filters: &[seccompiler::BpfProgram] =
+            if p.seccomp { seccomp::programs()? } else { &[] };
+        if !p.namespaces {
+            // Its own process group, which the parent kills as a whole. PID 1 of a namespace
+            // needs none (everything in the namespace dies with it) and must not be a group
+            // leader, or the code could not `setsid()` as it can under `python3 -c`; it stays
+            // in the parent's session, which has no controlling terminal (the zygote's own).
+            new_session()?;
+        }
+        die_with_parent()?;
+        if let Some(lent) = &self.cgroup {
+            lent.group.join()?;
+        }
+        if p.namespaces {
+            match &self.network {
+                Some(namespace) => {
+                    nix::sched::setns(namespace, CloneFlags::CLONE_NEWNET)
+                        .map_err(SandboxError::Namespaces)?;
+                    unshare(RUN_NAMESPACES.difference(CloneFlags::CLONE_NEWNET))
+                }
+                None => unshare(RUN_NAMESPACES),
+            }
+            .map_err(SandboxError::Namespaces)?;
+            private_mounts(policy)?;
+            nix::unistd::sethostname("lull").map_err(SandboxError::Hostname)?;
+        }
+        confine_process(policy, filters)
+    }
+
+    /// In the parent, once the run's process is reaped (`status` is how it ended): what only
+    /// the parent can tell, as a line for the run's stderr, and the status to report — a run
+    /// the OOM killer hit fails even when PID 1 went on to exit 0. Gives the cgroup back.
+    pub fn finish(
+        self,
+        policy: &RunPolicy,
+        status: WaitStatus,
+        pools: &mut RunPools,
+    ) -> (WaitStatus, Option<String>) {
+        let oom = self
+            .cgroup
+            .as_ref()
+            .is_some_and(|lent| lent.group.oom_kills() > lent.oom_kills_before);
+        let note = limit_note(policy, oom, Some(&status));
+        self.give_back(pools);
+        let status = match status {
+            WaitStatus::Exited(pid, 0) if oom => WaitStatus::Exited(pid, 137),
+            other => other,
+        };
+        (status, note)
+    }
+
+    /// Only once the run's process is reaped: with it, everything of the run is gone.
+    fn give_back(self, pools: &mut RunPools) {
+        if let Some(lent) = self.cgroup {
+            pools.cgroups.take_back(lent);
+        }
+        if let Some(namespace) = self.network {
+            pools.networks.take_back(namespace);
+        }
+    }
+}
+
+/// What a run's end says about the limits it hit, that the run itself could not print.
+fn limit_note(policy: &RunPolicy, oom: bool, status: Option<&WaitStatus>) -> Option<String> {
+    if oom {
+        return Some(format!("memory limit {} MB exceeded", policy.memory_mb));
+    }
+    match status {
+        Some(WaitStatus::Signaled(_, Signal::SIGXCPU, _)) => Some(format!(
+            "cpu time limit of {} s exceeded",
+            policy.cpu_seconds
+        )),
+        Some(WaitStatus::Signaled(_, Signal::SIGXFSZ, _)) => Some(format!(
+            "file size limit of {} bytes exceeded",
+            policy.max_file_bytes
+        )),
+        _ => None,
+    }
 }
 
 fn new_session() -> Result<(), SandboxError> {
@@ -301,21 +573,7 @@ fn watch_run(child: Pid, policy: &RunPolicy, cgroup: Option<&cgroup::RunCgroup>)
     // run's last stderr line as its error. The memory limit fails the run even when the
     // OOM killer chose a child and PID 1 went on to exit 0.
     let oom = cgroup.is_some_and(cgroup::RunCgroup::oom_killed);
-    let note = if oom {
-        Some(format!("memory limit {} MB exceeded", policy.memory_mb))
-    } else {
-        match status {
-            Some(WaitStatus::Signaled(_, Signal::SIGXCPU, _)) => Some(format!(
-                "cpu time limit of {} s exceeded",
-                policy.cpu_seconds
-            )),
-            Some(WaitStatus::Signaled(_, Signal::SIGXFSZ, _)) => Some(format!(
-                "file size limit of {} bytes exceeded",
-                policy.max_file_bytes
-            )),
-            _ => None,
-        }
-    };
+    let note = limit_note(policy, oom, status.as_ref());
     if let Some(note) = note {
         let _ = writeln!(std::io::stderr(), "lull: {note}");
     }

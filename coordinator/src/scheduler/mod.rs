@@ -35,6 +35,10 @@ pub struct SchedulerConfig {
     pub reconcile_grace: f64,
     /// Extra seconds past a task's timeout before a legacy `/get_task` lease expires.
     pub legacy_lease_grace: f64,
+    /// How many runs a node may hold beyond its capacity, waiting there for a slot (the
+    /// agent starts them in lease order as runs end), so that a slot does not sit idle for
+    /// the round trip that refills it. Only tasks no other node has room for are prefetched.
+    pub prefetch: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -43,9 +47,13 @@ impl Default for SchedulerConfig {
             node_ttl: 10.0,
             reconcile_grace: 5.0,
             legacy_lease_grace: 30.0,
+            prefetch: DEFAULT_PREFETCH,
         }
     }
 }
+
+/// Runs a node may hold beyond its capacity unless configured otherwise.
+pub const DEFAULT_PREFETCH: usize = 2;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SchedulerError {
@@ -134,6 +142,13 @@ impl NodeEntry {
     fn fits(&self, resources: &Resources, constraints: &Constraints) -> bool {
         self.reserved_cpu + resources.cpu <= self.record.resources.cpu_cores + EPSILON
             && self.reserved_memory + resources.memory <= self.record.resources.memory_mb + EPSILON
+            && self.matches(constraints)
+    }
+
+    /// Whether the task could run here once the node's current runs are over.
+    fn fits_when_free(&self, resources: &Resources, constraints: &Constraints) -> bool {
+        resources.cpu <= self.record.resources.cpu_cores + EPSILON
+            && resources.memory <= self.record.resources.memory_mb + EPSILON
             && self.matches(constraints)
     }
 
@@ -623,10 +638,7 @@ impl Scheduler {
             return Ok(out);
         }
         while out.assignments.len() < max {
-            let Some(node) = self.nodes.get(node_id) else {
-                break;
-            };
-            let Some(task_id) = self.queue.pop_first(|res, cons| node.fits(res, cons)) else {
+            let Some(task_id) = self.next_for(node_id) else {
                 break;
             };
             let (run, assignment) = self.start_run(task_id, Some(node_id), now, &mut out.changes);
@@ -643,6 +655,46 @@ impl Scheduler {
             out.changes.push(Change::NodeSaved(node.record.clone()));
         }
         Ok(out)
+    }
+
+    /// The oldest pending task for the node: one that fits its free capacity, or else, while
+    /// fewer than `prefetch` of its runs wait there for a slot, one that will fit when its
+    /// runs are over and that no other node has room for now.
+    fn next_for(&mut self, node_id: &str) -> Option<TaskId> {
+        let node = self.nodes.get(node_id)?;
+        if let Some(task_id) = self.queue.pop_first(|res, cons| node.fits(res, cons)) {
+            return Some(task_id);
+        }
+        if self.config.prefetch == 0 || self.waiting_runs(node) >= self.config.prefetch {
+            return None;
+        }
+        let nodes = &self.nodes;
+        self.queue.pop_first(|res, cons| {
+            node.fits_when_free(res, cons)
+                && !nodes.iter().any(|(id, other)| {
+                    id != node_id && other.accepts_work() && other.fits(res, cons)
+                })
+        })
+    }
+
+    /// How many of the node's runs wait there for a slot: those past the longest prefix, in
+    /// lease order, that fits its capacity (the agent starts them in that order).
+    fn waiting_runs(&self, node: &NodeEntry) -> usize {
+        let capacity = &node.record.resources;
+        let (mut cpu, mut memory) = (0.0, 0.0);
+        let mut waiting = 0;
+        for run in node.runs.iter().filter_map(|id| self.runs.get(id)) {
+            let (c, m) = (cpu + run.resources.cpu, memory + run.resources.memory);
+            if waiting == 0
+                && c <= capacity.cpu_cores + EPSILON
+                && m <= capacity.memory_mb + EPSILON
+            {
+                (cpu, memory) = (c, m);
+            } else {
+                waiting += 1;
+            }
+        }
+        waiting
     }
 
     /// Leases the oldest unconstrained pending task to a legacy `/get_task` worker.

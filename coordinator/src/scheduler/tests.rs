@@ -17,6 +17,7 @@ impl Harness {
                 node_ttl: 10.0,
                 reconcile_grace: 5.0,
                 legacy_lease_grace: 30.0,
+                prefetch: 0,
             }),
             now: 1000.0,
         }
@@ -483,7 +484,14 @@ fn restore_rebuilds_queue_reservations_and_ids() {
         max_run_id: got[0].run_id,
         total_tasks: 2,
     };
-    let mut after = Scheduler::restore(SchedulerConfig::default(), snapshot, 5000.0);
+    let mut after = Scheduler::restore(
+        SchedulerConfig {
+            prefetch: 0,
+            ..SchedulerConfig::default()
+        },
+        snapshot,
+        5000.0,
+    );
     assert_eq!(after.pending_count(), 1);
     // n1 is still full with the restored run; its result is still accepted.
     assert!(
@@ -563,5 +571,76 @@ fn a_run_the_agent_lost_is_retried_and_counts_against_max_attempts() {
     assert!(
         state.error.as_deref().unwrap_or("").contains("lost 2 of 2"),
         "{state:?}"
+    );
+}
+
+fn prefetching(prefetch: usize) -> Harness {
+    let mut h = Harness::new();
+    h.sched.config.prefetch = prefetch;
+    h
+}
+
+#[test]
+fn a_full_node_gets_up_to_prefetch_runs_to_hold_until_a_slot_frees() {
+    let mut h = prefetching(2);
+    h.node("n1", 2.0, 4096.0);
+    let tasks: Vec<TaskId> = (0..6).map(|i| h.submit(&format!("print({i})"))).collect();
+
+    let got = h.pull("n1", 64);
+    let ids: Vec<TaskId> = got.iter().map(|a| a.task_id).collect();
+    assert_eq!(ids, tasks[..4], "two that fit, two waiting, oldest first");
+    assert!(h.pull("n1", 64).is_empty(), "no more while two wait");
+
+    // One run ends: the first waiting one takes its slot, so one more may wait.
+    h.report("n1", &got[0], RunOutcome::Completed, "0\n")
+        .expect("report");
+    let more = h.pull("n1", 64);
+    assert_eq!(
+        more.iter().map(|a| a.task_id).collect::<Vec<_>>(),
+        vec![tasks[4]]
+    );
+}
+
+#[test]
+fn nothing_is_prefetched_while_another_node_has_room() {
+    let mut h = prefetching(2);
+    h.node("n1", 1.0, 4096.0);
+    h.node("n2", 1.0, 4096.0);
+    let tasks: Vec<TaskId> = (0..3).map(|i| h.submit(&format!("print({i})"))).collect();
+
+    let first = h.pull("n1", 64);
+    assert_eq!(
+        first.iter().map(|a| a.task_id).collect::<Vec<_>>(),
+        vec![tasks[0]],
+        "n2 has room: n1 keeps nothing waiting"
+    );
+    assert_eq!(h.pull("n2", 1).len(), 1);
+    // Now both are full: the last task may wait on whichever node asks.
+    assert_eq!(
+        h.pull("n1", 64)
+            .iter()
+            .map(|a| a.task_id)
+            .collect::<Vec<_>>(),
+        vec![tasks[2]]
+    );
+}
+
+#[test]
+fn a_task_larger_than_the_node_is_never_prefetched_there() {
+    let mut h = prefetching(2);
+    h.node("n1", 2.0, 1024.0);
+    h.submit("print(1)");
+    h.submit_with(SubmitRequest {
+        code: Some("print('big')".into()),
+        resources: Some(Resources {
+            cpu: 4.0,
+            memory: 100.0,
+        }),
+        ..SubmitRequest::default()
+    });
+    assert_eq!(
+        h.pull("n1", 64).len(),
+        1,
+        "only the one that can ever run here"
     );
 }

@@ -8,6 +8,7 @@
 //! Architecture Invariant: a client is answered only after what it was told is durable: an
 //! accepted task, a handed-out lease, a recorded result.
 
+use crate::feed::Feed;
 use crate::model::{Change, RunRecord, TaskLimits, TaskRecord, TaskSpec, ValidationError};
 use crate::scheduler::{LegacyAssignment, NodeCounts, Scheduler, SchedulerError};
 use crate::store::{ResultRow, Store, StoreError, TaskQuery, TaskStats, WriterHandle};
@@ -38,6 +39,8 @@ pub struct EngineConfig {
     pub heartbeat_interval: f64,
     /// How often silent nodes and lapsed leases are looked for.
     pub tick_interval: Duration,
+    /// This process's identity, shown to clients (`server_id`).
+    pub server_id: String,
 }
 
 /// Unix time in seconds.
@@ -57,10 +60,11 @@ pub struct Engine {
     work: Notify,
     /// Woken by the writer after a commit that finished a task.
     finished: Arc<Notify>,
+    /// The live feed; the writer publishes to it, WebSocket clients subscribe.
+    feed: Arc<Feed>,
     /// Long-polls waiting for work right now (shown in `/health`).
     waiting_pulls: AtomicUsize,
     shutdown: CancellationToken,
-    server_id: String,
     config: EngineConfig,
 }
 
@@ -70,7 +74,7 @@ impl Engine {
         store: Arc<dyn Store>,
         writer: WriterHandle,
         finished: Arc<Notify>,
-        server_id: String,
+        feed: Arc<Feed>,
         config: EngineConfig,
         shutdown: CancellationToken,
     ) -> Engine {
@@ -80,19 +84,29 @@ impl Engine {
             writer,
             work: Notify::new(),
             finished,
+            feed,
             waiting_pulls: AtomicUsize::new(0),
             shutdown,
-            server_id,
             config,
         }
     }
 
     pub fn server_id(&self) -> &str {
-        &self.server_id
+        &self.config.server_id
     }
 
     pub fn config(&self) -> &EngineConfig {
         &self.config
+    }
+
+    pub fn feed(&self) -> &Arc<Feed> {
+        &self.feed
+    }
+
+    /// Cancelled when the coordinator stops serving (after local agents have stopped):
+    /// long-lived connections such as feed subscribers end then.
+    pub fn stopping(&self) -> &CancellationToken {
+        &self.shutdown
     }
 
     /// The scheduler, for one synchronous call. A panic inside the scheduler is a bug; the
@@ -304,7 +318,7 @@ impl Engine {
             node_id: hb.node_id,
             cancel,
             heartbeat_interval: self.config.heartbeat_interval,
-            server_id: self.server_id.clone(),
+            server_id: self.config.server_id.clone(),
         })
     }
 

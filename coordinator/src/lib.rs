@@ -6,6 +6,7 @@
 //! - [`model`]: the records and [`model::Change`]s shared by the scheduler and the store.
 //! - [`store`]: the storage trait, the SQLite backend and the group-commit writer.
 //! - [`engine`]: joins scheduler, store and time; the only holder of the scheduler lock.
+//! - [`feed`]: the live feed: events published after commit, a replay ring, bounded fan-out.
 //! - [`http`]: the axum router, extractors and the `{"detail"}` error type.
 //!
 //! [`run`] wires them together on a listener until a shutdown token fires.
@@ -13,12 +14,14 @@
 #![forbid(unsafe_code)]
 
 pub mod engine;
+pub mod feed;
 pub mod http;
 pub mod model;
 pub mod scheduler;
 pub mod store;
 
 use engine::{Engine, EngineConfig};
+use feed::{Feed, FeedConfig};
 use model::TaskLimits;
 use scheduler::{Scheduler, SchedulerConfig};
 use std::net::SocketAddr;
@@ -47,6 +50,8 @@ pub struct Config {
     /// Runs a node may hold beyond its capacity, waiting for a slot there (see
     /// [`SchedulerConfig::prefetch`]).
     pub prefetch: usize,
+    /// The live feed's replay ring and per-subscriber buffer.
+    pub feed: FeedConfig,
 }
 
 impl Config {
@@ -62,6 +67,7 @@ impl Config {
             max_body_bytes: 8 * 1024 * 1024,
             python: "python3".into(),
             prefetch: scheduler::DEFAULT_PREFETCH,
+            feed: FeedConfig::default(),
         }
     }
 }
@@ -93,6 +99,10 @@ pub async fn run(
         nodes = snapshot.nodes.len(),
         "state loaded"
     );
+    let feed = Arc::new(Feed::new(
+        &config.feed,
+        snapshot.nodes.iter().map(|n| (n.node_id.clone(), n.status)),
+    ));
     let scheduler = Scheduler::restore(
         SchedulerConfig {
             node_ttl: config.node_ttl,
@@ -104,7 +114,7 @@ pub async fn run(
         engine::unix_now(),
     );
     let finished = Arc::new(tokio::sync::Notify::new());
-    let (writer, writer_task) = Writer::spawn(store.clone(), finished.clone());
+    let (writer, writer_task) = Writer::spawn(store.clone(), finished.clone(), feed.clone());
     let server_id = format!("{:08x}", rand::random::<u32>());
     let engine_stop = CancellationToken::new();
     let engine = Arc::new(Engine::new(
@@ -112,11 +122,12 @@ pub async fn run(
         store,
         writer,
         finished,
-        server_id.clone(),
+        feed,
         EngineConfig {
             limits: config.limits.clone(),
             heartbeat_interval: config.heartbeat_interval,
             tick_interval: Duration::from_millis(500),
+            server_id: server_id.clone(),
         },
         engine_stop.clone(),
     ));

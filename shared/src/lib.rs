@@ -513,6 +513,123 @@ pub fn result_from_stdout(stdout: &str) -> String {
     s.to_string()
 }
 
+// ---------------------------------------------------------------------------------------------
+// Live feed (`WS /ws/updates`)
+// ---------------------------------------------------------------------------------------------
+
+/// What a live-feed message reports. Every kind but `lagged` is an event a client may ask for
+/// with `?events=`; `lagged` is a notice about the feed itself, sent whatever the filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeedEventKind {
+    TaskCreated,
+    TaskStarted,
+    /// Back to `pending` after its run was lost or handed back; it will start again.
+    TaskRequeued,
+    TaskCompleted,
+    TaskFailed,
+    TaskCancelled,
+    NodeJoined,
+    NodeLeft,
+    NodeUpdated,
+    /// Reserved for operations (bulk actions on nodes and tasks), which arrive later.
+    OperationUpdated,
+    Lagged,
+}
+
+impl FeedEventKind {
+    pub const ALL: [FeedEventKind; 11] = [
+        FeedEventKind::TaskCreated,
+        FeedEventKind::TaskStarted,
+        FeedEventKind::TaskRequeued,
+        FeedEventKind::TaskCompleted,
+        FeedEventKind::TaskFailed,
+        FeedEventKind::TaskCancelled,
+        FeedEventKind::NodeJoined,
+        FeedEventKind::NodeLeft,
+        FeedEventKind::NodeUpdated,
+        FeedEventKind::OperationUpdated,
+        FeedEventKind::Lagged,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FeedEventKind::TaskCreated => "task_created",
+            FeedEventKind::TaskStarted => "task_started",
+            FeedEventKind::TaskRequeued => "task_requeued",
+            FeedEventKind::TaskCompleted => "task_completed",
+            FeedEventKind::TaskFailed => "task_failed",
+            FeedEventKind::TaskCancelled => "task_cancelled",
+            FeedEventKind::NodeJoined => "node_joined",
+            FeedEventKind::NodeLeft => "node_left",
+            FeedEventKind::NodeUpdated => "node_updated",
+            FeedEventKind::OperationUpdated => "operation_updated",
+            FeedEventKind::Lagged => "lagged",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<FeedEventKind> {
+        FeedEventKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl fmt::Display for FeedEventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One live-feed message: `{"event", "data", "seq", "ts"}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeedMessage {
+    pub event: FeedEventKind,
+    /// [`TaskEventData`], [`NodeEventData`] or [`LaggedData`], by `event`.
+    pub data: serde_json::Value,
+    /// The event's place in the feed (1, 2, 3, ... in the order the changes became durable;
+    /// it starts again at 1 when the coordinator restarts). For `lagged`, the last seq
+    /// before the gap.
+    pub seq: u64,
+    /// Unix seconds when it was published (just after its commit).
+    pub ts: f64,
+}
+
+/// `data` of the `task_*` events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskEventData {
+    pub task_id: TaskId,
+    pub status: TaskStatus,
+    /// The node running it (`null` before it starts, after a requeue, and for a task leased
+    /// through `/get_task`).
+    pub node_id: Option<String>,
+    /// Runs started so far.
+    pub attempts: u32,
+    /// Why it failed or was cancelled (at most 1000 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `data` of the `node_*` events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeEventData {
+    pub node_id: String,
+    pub status: NodeStatus,
+    /// `null` the first time the coordinator sees the node.
+    pub previous_status: Option<NodeStatus>,
+    pub hostname: String,
+    #[serde(rename = "type")]
+    pub node_type: String,
+    pub zone: Option<String>,
+}
+
+/// `data` of a `lagged` notice: events the client will never receive on this connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LaggedData {
+    /// Feed events dropped after `seq` (counted whatever the filter); `null` when unknown
+    /// (the client's `since` is ahead of the feed: the coordinator restarted).
+    pub missed: Option<u64>,
+    pub detail: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,7 @@
 
 mod error;
 mod extract;
+mod feed;
 mod nodes;
 mod seed;
 mod tasks;
@@ -50,6 +51,7 @@ pub fn router(engine: Arc<Engine>, config: &HttpConfig) -> Router {
         .route("/api/v1/tasks/{task_id}", get(tasks::get))
         .route("/api/v1/tasks/{task_id}/cancel", post(tasks::cancel))
         .route("/api/v1/nodes", get(nodes::list))
+        .route("/ws/updates", get(feed::updates))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(config.max_body_bytes))

@@ -173,6 +173,7 @@ pub async fn results(
 
 pub async fn health(State(app): State<AppState>) -> (axum::http::StatusCode, Json<Value>) {
     let store_ok = app.engine.ping_store().await.is_ok();
+    let feed = app.engine.feed();
     let status = if store_ok { "healthy" } else { "unhealthy" };
     let code = if store_ok {
         axum::http::StatusCode::OK
@@ -192,6 +193,12 @@ pub async fn health(State(app): State<AppState>) -> (axum::http::StatusCode, Jso
                 "database": status,
             },
             "waiting_pulls": app.engine.waiting_pulls(),
+            "feed": {
+                "subscribers": feed.subscribers(),
+                "newest_seq": feed.newest_seq(),
+                "slowest_backlog": feed.slowest_backlog(),
+                "buffer": feed.buffer(),
+            },
         })),
     )
 }

@@ -12,7 +12,7 @@ mod sqlite;
 mod writer;
 
 pub use sqlite::{SqliteStore, SyncMode};
-pub use writer::{Ack, Writer, WriterHandle};
+pub use writer::{Ack, CommitObserver, Writer, WriterHandle};
 
 use crate::model::{Change, RunRecord, Snapshot, TaskRecord};
 use async_trait::async_trait;

@@ -3,6 +3,10 @@
 //!
 //! Senders enqueue while holding the scheduler's lock (the send never blocks), so the durable
 //! order is the scheduler's order; they await the acknowledgement after releasing the lock.
+//!
+//! After each successful commit, and before anyone is acknowledged, the [`CommitObserver`]
+//! (the live feed) is shown the committed changes: what it publishes is durable, in commit
+//! order.
 
 use super::{Store, StoreError};
 use crate::model::Change;
@@ -57,23 +61,36 @@ impl WriterHandle {
     }
 }
 
+/// Told about every batch of changes once it is durable, in commit order, before any
+/// sender is acknowledged. It runs on the writer's task: it must not block or wait.
+pub trait CommitObserver: Send + Sync + 'static {
+    fn committed(&self, changes: &[Change]);
+}
+
 pub struct Writer;
 
 impl Writer {
     /// Starts the writer task. It ends once every handle is dropped and the queue is drained.
     /// `finished` is woken after every commit that finished a task (never before: whoever
-    /// wakes reads the store and must find the task finished).
+    /// wakes reads the store and must find the task finished). `observer` sees every
+    /// committed batch.
     pub fn spawn(
         store: Arc<dyn Store>,
         finished: Arc<Notify>,
+        observer: Arc<dyn CommitObserver>,
     ) -> (WriterHandle, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(store, rx, finished));
+        let task = tokio::spawn(run(store, rx, finished, observer));
         (WriterHandle { tx }, task)
     }
 }
 
-async fn run(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Batch>, finished: Arc<Notify>) {
+async fn run(
+    store: Arc<dyn Store>,
+    mut rx: mpsc::UnboundedReceiver<Batch>,
+    finished: Arc<Notify>,
+    observer: Arc<dyn CommitObserver>,
+) {
     let mut changes = Vec::new();
     let mut acks = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -92,6 +109,9 @@ async fn run(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Batch>, fini
             tracing::error!(error = %e, changes = changes.len(), "commit failed");
             e.to_string()
         });
+        if outcome.is_ok() {
+            observer.committed(&changes);
+        }
         for ack in acks.drain(..) {
             let _ = ack.send(outcome.clone());
         }

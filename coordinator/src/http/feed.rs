@@ -1,0 +1,209 @@
+//! `WS /ws/updates`: the live feed over WebSocket.
+//!
+//! The query is checked and the subscription taken before the upgrade is answered, so a bad
+//! parameter is an ordinary `{"detail"}` error, and a client whose handshake completed is
+//! already subscribed (it misses nothing published after its `101`).
+//!
+//! Each connection is one task: it sends the gap notice and backlog, then forwards what the
+//! feed broadcasts. When it cannot keep up, the broadcast drops the oldest events for it
+//! alone and it sends `lagged` with the count. Client messages are read only to notice a
+//! close; pings are answered by the WebSocket layer.
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::QueryParams;
+use crate::feed::{Event, Filter, Gap, Subscription, lagged_message};
+use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
+use axum::response::Response;
+use bytes::Bytes;
+use lull_shared::{FeedEventKind, TaskId};
+use serde::Deserialize;
+use std::sync::Arc;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedParams {
+    /// Comma-separated event kinds.
+    events: Option<String>,
+    task_id: Option<String>,
+    node_id: Option<String>,
+    /// Replay what was published after this seq.
+    since: Option<String>,
+}
+
+impl FeedParams {
+    fn filter(&self) -> Result<Filter, ApiError> {
+        let events = match self.events.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(list) => Some(
+                list.split(',')
+                    .map(str::trim)
+                    .filter(|name| !name.is_empty())
+                    .map(|name| {
+                        FeedEventKind::parse(name).ok_or_else(|| {
+                            let known: Vec<&str> =
+                                FeedEventKind::ALL.iter().map(|k| k.as_str()).collect();
+                            ApiError::unprocessable(format!(
+                                "unknown event {name:?} in events; expected a comma-separated list of {}",
+                                known.join(", ")
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        let task_id = match self.task_id.as_deref() {
+            None | Some("") => None,
+            Some(raw) => Some(raw.parse::<TaskId>().map_err(|_| {
+                ApiError::unprocessable(format!("task_id must be an integer, got {raw:?}"))
+            })?),
+        };
+        let node_id = self.node_id.clone().filter(|id| !id.is_empty());
+        Ok(Filter {
+            events,
+            task_id,
+            node_id,
+        })
+    }
+
+    fn since(&self) -> Result<Option<u64>, ApiError> {
+        match self.since.as_deref() {
+            None | Some("") => Ok(None),
+            Some(raw) => raw.parse::<u64>().map(Some).map_err(|_| {
+                ApiError::unprocessable(format!(
+                    "since must be a non-negative integer (the seq of the last event received), got {raw:?}"
+                ))
+            }),
+        }
+    }
+}
+
+pub async fn updates(
+    State(app): State<AppState>,
+    QueryParams(params): QueryParams<FeedParams>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let filter = params.filter()?;
+    let since = params.since()?;
+    let upgrade = upgrade.map_err(|rejection| {
+        ApiError::new(
+            rejection.status(),
+            format!(
+                "/ws/updates is a WebSocket endpoint; connect with a WebSocket client ({rejection})"
+            ),
+        )
+    })?;
+    let subscription = app.engine.feed().subscribe(since);
+    let stopping = app.engine.stopping().clone();
+    Ok(upgrade.on_upgrade(move |socket| serve(socket, subscription, filter, stopping)))
+}
+
+/// Why a connection's loop ended early.
+enum Ended {
+    /// The client went away (or the socket failed).
+    Gone,
+    /// The coordinator is stopping.
+    Stopping,
+}
+
+async fn serve(
+    mut socket: WebSocket,
+    subscription: Subscription,
+    filter: Filter,
+    stopping: CancellationToken,
+) {
+    let Subscription {
+        gap,
+        backlog,
+        mut live,
+        newest,
+    } = subscription;
+    let outcome: Result<(), Ended> = async {
+        if let Some(gap) = gap {
+            let (after, missed, detail) = match gap {
+                Gap::Missed { after, missed } => (
+                    after,
+                    Some(missed),
+                    format!(
+                        "since={after} is older than the replay buffer holds: {missed} events are gone; refetch state over HTTP"
+                    ),
+                ),
+                Gap::Ahead { since, newest } => (
+                    newest,
+                    None,
+                    format!(
+                        "since={since} is ahead of this coordinator's newest event ({newest}): it restarted and its feed began again at 1; refetch state over HTTP"
+                    ),
+                ),
+            };
+            send(&mut socket, lagged_message(after, missed, detail), &stopping).await?;
+        }
+        let mut last_seen = newest;
+        for event in backlog {
+            forward(&mut socket, &event, &filter, &stopping).await?;
+        }
+        loop {
+            tokio::select! {
+                _ = stopping.cancelled() => return Err(Ended::Stopping),
+                incoming = socket.recv() => match incoming {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Err(Ended::Gone),
+                    Some(Ok(_)) => {}
+                },
+                received = live.recv() => match received {
+                    Ok(event) => {
+                        last_seen = event.seq;
+                        forward(&mut socket, &event, &filter, &stopping).await?;
+                    }
+                    Err(RecvError::Lagged(missed)) => {
+                        tracing::debug!(missed, after = last_seen, "feed subscriber lagged");
+                        let detail = format!(
+                            "this connection fell behind: {missed} events after seq {last_seen} were dropped for it; refetch state over HTTP"
+                        );
+                        send(&mut socket, lagged_message(last_seen, Some(missed), detail), &stopping).await?;
+                        last_seen += missed;
+                    }
+                    Err(RecvError::Closed) => return Err(Ended::Stopping),
+                },
+            }
+        }
+    }
+    .await;
+    if let Err(Ended::Stopping) = outcome {
+        let close = Message::Close(Some(CloseFrame {
+            code: close_code::AWAY,
+            reason: Utf8Bytes::from_static("coordinator stopping"),
+        }));
+        // Best effort, and never wait on a stuck client.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), socket.send(close)).await;
+    }
+}
+
+async fn forward(
+    socket: &mut WebSocket,
+    event: &Arc<Event>,
+    filter: &Filter,
+    stopping: &CancellationToken,
+) -> Result<(), Ended> {
+    if filter.matches(event) {
+        send(socket, event.json.clone(), stopping).await?;
+    }
+    Ok(())
+}
+
+/// Sends one text frame; gives up when the coordinator stops, even if the client is stuck.
+async fn send(
+    socket: &mut WebSocket,
+    json: Bytes,
+    stopping: &CancellationToken,
+) -> Result<(), Ended> {
+    // Built by `serde_json`, so always UTF-8; the check is a cheap scan.
+    let text = Utf8Bytes::try_from(json).map_err(|_| Ended::Gone)?;
+    tokio::select! {
+        sent = socket.send(Message::Text(text)) => sent.map_err(|_| Ended::Gone),
+        _ = stopping.cancelled() => Err(Ended::Stopping),
+    }
+}

@@ -12,6 +12,10 @@
 //! unprivileged uid/gid without supplementary groups; `no_new_privs`; every other fd closed;
 //! a seccomp filter last.
 //!
+//! The zygote takes the same steps through [`ForkedRun`], as the watcher of its runs itself:
+//! it forks each run straight into a new PID namespace (one fork instead of two) and lends it
+//! a cgroup and a network namespace from [`RunPools`].
+//!
 //! Which steps apply is decided once, by [`probe`]: it runs the whole setup in a throwaway
 //! launcher for the strongest protections first and settles on the first that works. What
 //! the probe could not apply is reported in [`Protections::missing`], never pretended.

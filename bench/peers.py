@@ -1,0 +1,382 @@
+#!/usr/bin/env python3
+"""Lull side by side with Celery, RQ and Ray: the same N trivial tasks on the same machine, in one run.
+
+    cargo build --release --bins && python3 bench/peers.py [--tasks 1000] [--repeat 3] [--closed-loop 200]
+
+Workload: the code string `print(sum(range(1000)))`; the result is its stdout.
+For every system: batch (submit all, then collect; tasks/s = N / (first submit .. last result),
+median of --repeat with min-max) and closed loop (2 clients, one task in flight each;
+latency submit -> result, p50/p99).
+
+  - Lull: coordinator (--sync full) + one agent with 2 slots, over HTTP, zygote executor with
+    the strongest sandbox this host allows (printed), and cold with --cold-tasks.
+  - Celery 5 + Redis broker and result backend, --pool=prefork --concurrency=2, a task that
+    exec()s the code with stdout captured.
+  - RQ with 2 workers (each forks per job), the same function.
+  - Ray with num_cpus=2, a remote function that exec()s the code.
+
+The peers are installed by this script into a virtualenv (bench/.venv-peers, from PyPI) and
+started on 127.0.0.1 only: a private redis-server on a free port (no persistence), Celery and
+RQ workers, a local Ray instance. Everything is stopped afterwards. Not a test: it asserts only
+that every result is right.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CODE = "print(sum(range(1000)))"
+EXPECTED = str(sum(range(1000))) + "\n"
+VENV = os.path.join(HERE, ".venv-peers")
+PEER_PACKAGES = ["celery[redis]>=5,<6", "redis>=5", "rq>=2", "ray>=2.40"]
+
+JOB_MODULE = '''
+import contextlib, io
+
+def run_code(code):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(code, {"__name__": "__main__"})
+    return out.getvalue()
+'''
+
+CELERY_MODULE = '''
+import os
+from celery import Celery
+from lull_bench_job import run_code
+
+url = os.environ["LULL_BENCH_REDIS"]
+app = Celery("lull_bench", broker=url, backend=url)
+app.conf.update(broker_connection_retry_on_startup=True, worker_hijack_root_logger=False)
+
+@app.task(name="run")
+def run(code):
+    return run_code(code)
+'''
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(sorted_values, q):
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def measure(submit_all, one, n, repeat, per_client):
+    """submit_all(n) -> seconds for a batch; one() -> runs one task and checks it."""
+    for _ in range(20):  # warm-up
+        one()
+    rates = [n / submit_all(n) for _ in range(repeat)]
+    latencies = []
+    lock = threading.Lock()
+
+    def client():
+        mine = []
+        for _ in range(per_client):
+            t0 = time.perf_counter()
+            one()
+            mine.append(time.perf_counter() - t0)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    latencies.sort()
+    return {
+        "batch_median": statistics.median(rates),
+        "batch_min": min(rates),
+        "batch_max": max(rates),
+        "closed_p50_ms": percentile(latencies, 0.50) * 1000,
+        "closed_p99_ms": percentile(latencies, 0.99) * 1000,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Peers, each run inside the virtualenv by `peers.py --peer NAME`
+# ---------------------------------------------------------------------------------------------
+
+
+def peer_celery(args, workdir, redis_url):
+    env = dict(os.environ, LULL_BENCH_REDIS=redis_url, PYTHONPATH=workdir)
+    worker = subprocess.Popen(
+        [os.path.join(VENV, "bin", "celery"), "-A", "lull_bench_celery", "worker",
+         "--pool=prefork", "--concurrency=2", "--loglevel=WARNING", "--without-gossip",
+         "--without-mingle", "--without-heartbeat"],
+        cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        sys.path.insert(0, workdir)
+        os.environ["LULL_BENCH_REDIS"] = redis_url
+        import lull_bench_celery as bench_app
+
+        deadline = time.time() + 60
+        while not bench_app.app.control.ping(timeout=0.5):
+            if time.time() > deadline:
+                raise RuntimeError("the Celery worker did not come up")
+
+        def check(out):
+            if out != EXPECTED:
+                raise RuntimeError(f"celery returned {out!r}")
+
+        def one():
+            check(bench_app.run.delay(CODE).get(timeout=60))
+
+        def batch(n):
+            t0 = time.perf_counter()
+            results = [bench_app.run.delay(CODE) for _ in range(n)]
+            for r in results:
+                check(r.get(timeout=120))
+            return time.perf_counter() - t0
+
+        return measure(batch, one, args.tasks, args.repeat, args.closed_loop)
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+
+
+def peer_rq(args, workdir, redis_url):
+    env = dict(os.environ, PYTHONPATH=workdir)
+    workers = [
+        subprocess.Popen(
+            [os.path.join(VENV, "bin", "rq"), "worker", "--url", redis_url, "--path", workdir,
+             "--quiet", "lull_bench"],
+            cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(2)
+    ]
+    try:
+        sys.path.insert(0, workdir)
+        from redis import Redis
+        from rq import Queue, Worker
+        from lull_bench_job import run_code
+
+        conn = Redis.from_url(redis_url)
+        queue = Queue("lull_bench", connection=conn)
+        deadline = time.time() + 60
+        while len(Worker.all(connection=conn)) < 2:
+            if time.time() > deadline:
+                raise RuntimeError("the RQ workers did not come up")
+            time.sleep(0.1)
+
+        def result_of(job):
+            result = job.latest_result(timeout=120)
+            if result is None or result.type != result.Type.SUCCESSFUL or result.return_value != EXPECTED:
+                raise RuntimeError(f"rq returned {result and result.return_value!r}")
+
+        def one():
+            result_of(queue.enqueue(run_code, CODE))
+
+        def batch(n):
+            t0 = time.perf_counter()
+            jobs = [queue.enqueue(run_code, CODE) for _ in range(n)]
+            for job in jobs:
+                result_of(job)
+            return time.perf_counter() - t0
+
+        return measure(batch, one, args.tasks, args.repeat, args.closed_loop)
+    finally:
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            try:
+                w.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                w.kill()
+
+
+def peer_ray(args, workdir, _redis_url):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+             _temp_dir=os.path.join(workdir, "ray"), configure_logging=False)
+    try:
+        namespace = {}
+        exec(JOB_MODULE, namespace)  # defined here, so that Ray ships the function by value
+        remote = ray.remote(namespace["run_code"])
+
+        def check(out):
+            if out != EXPECTED:
+                raise RuntimeError(f"ray returned {out!r}")
+
+        def one():
+            check(ray.get(remote.remote(CODE)))
+
+        def batch(n):
+            t0 = time.perf_counter()
+            for out in ray.get([remote.remote(CODE) for _ in range(n)]):
+                check(out)
+            return time.perf_counter() - t0
+
+        return measure(batch, one, args.tasks, args.repeat, args.closed_loop)
+    finally:
+        ray.shutdown()
+
+
+PEERS = {"celery": peer_celery, "rq": peer_rq, "ray": peer_ray}
+
+
+def run_peer_here(args):
+    """Inside the virtualenv: one peer, printed as one JSON line."""
+    workdir = args.workdir
+    result = PEERS[args.peer](args, workdir, args.redis_url)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------
+
+
+def ensure_venv():
+    python = os.path.join(VENV, "bin", "python")
+    if not os.path.exists(python):
+        subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
+    subprocess.run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *PEER_PACKAGES],
+                   check=True)
+    return python
+
+
+def versions(python):
+    code = ("import importlib.metadata as m\n"
+            "print(' '.join(f'{p} {m.version(p)}' for p in ('celery', 'rq', 'ray', 'redis')))")
+    return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def run_peer(python, name, args, workdir, redis_url):
+    cmd = [python, os.path.abspath(__file__), "--peer", name, "--workdir", workdir, "--redis-url", redis_url,
+           "--tasks", str(args.tasks), "--repeat", str(args.repeat), "--closed-loop", str(args.closed_loop)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"{name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+
+
+def run_lull(args, executor, tasks):
+    sys.path.insert(0, HERE)
+    import executors as lull  # bench/executors.py
+
+    cluster = lull.Cluster(args.bin_dir, executor, 2, "full")
+    try:
+        level = (cluster.node.get("sandbox") or {}).get("level", "unknown")
+        used = cluster.node.get("executor")
+
+        def one():
+            cluster.wait(cluster.submit())
+
+        def batch(n):
+            return n / lull.batch(cluster, n)
+
+        result = measure(batch, one, tasks, args.repeat, args.closed_loop)
+        result["sandbox"] = level
+        result["executor"] = used
+        return result
+    finally:
+        cluster.close()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", type=int, default=1000)
+    ap.add_argument("--cold-tasks", type=int, default=200, help="tasks per batch for Lull's cold executor")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--closed-loop", type=int, default=200, help="tasks per client in the closed loop")
+    ap.add_argument("--systems", default="lull-zygote,lull-cold,celery,rq,ray")
+    ap.add_argument("--bin-dir", default=os.path.join(HERE, "..", "target", "release"))
+    ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--peer", help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    ap.add_argument("--redis-url", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.peer:
+        return run_peer_here(args)
+
+    systems = args.systems.split(",")
+    rows = []
+    workdir = tempfile.mkdtemp(prefix="lull-peers-")
+    redis = None
+    try:
+        peers = [s for s in systems if s in PEERS]
+        python = ensure_venv() if peers else None
+        if python:
+            print(f"peers: {versions(python)}", file=sys.stderr)
+        with open(os.path.join(workdir, "lull_bench_job.py"), "w") as f:
+            f.write(JOB_MODULE)
+        with open(os.path.join(workdir, "lull_bench_celery.py"), "w") as f:
+            f.write(CELERY_MODULE)
+        if "celery" in peers or "rq" in peers:
+            port = free_port()
+            redis = subprocess.Popen(
+                ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+                 "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.time() + 30
+            while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).stdout.strip() != b"PONG":
+                if time.time() > deadline:
+                    raise RuntimeError("redis-server did not start")
+                time.sleep(0.05)
+            redis_url = f"redis://127.0.0.1:{port}/0"
+        else:
+            redis_url = ""
+        for system in systems:
+            if system == "lull-zygote":
+                row = run_lull(args, "zygote", args.tasks)
+                row["system"] = f"Lull, zygote ({row['sandbox']} sandbox, a fresh process per task)"
+            elif system == "lull-cold":
+                row = run_lull(args, "cold", args.cold_tasks)
+                row["system"] = f"Lull, cold ({row['sandbox']} sandbox, a new python3 per task)"
+            elif system in PEERS:
+                if redis is not None:
+                    subprocess.run(["redis-cli", "-p", str(port), "flushall"], capture_output=True)
+                row = run_peer(python, system, args, workdir, redis_url)
+                row["system"] = {
+                    "celery": "Celery + Redis, prefork 2 (warm worker, no isolation)",
+                    "rq": "RQ, 2 workers (a fork per job, no sandbox)",
+                    "ray": "Ray, num_cpus=2 (warm worker, no isolation)",
+                }[system]
+            else:
+                raise SystemExit(f"unknown system {system!r}")
+            row["key"] = system
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    finally:
+        if redis is not None:
+            redis.send_signal(signal.SIGTERM)
+            try:
+                redis.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                redis.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    lull_row = next((r for r in rows if r["key"] == "lull-zygote"), None)
+    print(f"\n`{CODE}`, {args.tasks} tasks per batch (Lull cold: {args.cold_tasks}), median of {args.repeat}; "
+          f"closed loop: 2 clients x {args.closed_loop}; {os.cpu_count()} cores\n")
+    print("| system | batch tasks/s (median, min-max) | closed loop p50 | p99 | Lull zygote / it (batch) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{lull_row['batch_median'] / r['batch_median']:.2f}" if lull_row else ""
+        print(f"| {r['system']} | {r['batch_median']:.0f} ({r['batch_min']:.0f}-{r['batch_max']:.0f}) "
+              f"| {r['closed_p50_ms']:.1f} ms | {r['closed_p99_ms']:.1f} ms | {ratio} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -70,15 +70,32 @@ fn generate_node_id() -> String {
 
 /// Writes `dir/name` so that a crash leaves either the old file or the new one, never half.
 pub(crate) fn write_atomically(dir: &Path, name: &str, contents: &str) -> io::Result<()> {
+    write_replacing(dir, name, contents, true)
+}
+
+/// Writes `dir/name` through a temp file and a rename, so a reader never sees half of it;
+/// with `sync`, also flushed to disk (file and directory) before returning, so it survives
+/// a power loss too, not only a killed process.
+pub(crate) fn write_replacing(
+    dir: &Path,
+    name: &str,
+    contents: &str,
+    sync: bool,
+) -> io::Result<()> {
     use std::io::Write;
     let mut tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}."))
         .suffix(".tmp")
         .tempfile_in(dir)?;
     tmp.write_all(contents.as_bytes())?;
-    tmp.as_file().sync_all()?;
+    if sync {
+        tmp.as_file().sync_all()?;
+    }
     tmp.persist(dir.join(name)).map_err(|e| e.error)?;
-    std::fs::File::open(dir)?.sync_all()
+    if sync {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 
 use crate::AgentError;
 use crate::client::{CoordinatorClient, Delivery};
-use crate::node_id::write_atomically;
+use crate::node_id::write_replacing;
 use crate::retry::{Backoff, FailureLog};
 use lull_shared::{RunId, RunReport};
 use std::collections::BTreeMap;
@@ -74,7 +74,10 @@ impl Outbox {
         self.pending.borrow().len()
     }
 
-    /// Saves `report` (temp file, fsync, rename) and queues it for delivery.
+    /// Saves `report` (temp file, rename) and queues it for delivery. Not fsync'd: the file
+    /// survives the agent being killed (it is in the kernel's page cache), and what a power
+    /// loss takes away costs a rerun, never a double completion — the coordinator never saw
+    /// the result, so it counts the run as lost and retries the task.
     pub(crate) async fn store(&self, report: RunReport) {
         let run_id = report.run_id;
         let report = Arc::new(report);
@@ -82,7 +85,7 @@ impl Outbox {
             Ok(json) => {
                 let dir = self.dir.clone();
                 tokio::task::spawn_blocking(move || {
-                    write_atomically(&dir, &file_name(run_id), &json)
+                    write_replacing(&dir, &file_name(run_id), &json, false)
                 })
                 .await
                 .map_err(io::Error::other)

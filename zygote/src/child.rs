@@ -74,6 +74,15 @@ pub(crate) fn run(
     interpreter.exit(py, status)
 }
 
+/// Whether `pid` (in the host's PID namespace) exists and has not exited.
+fn process_is_alive(pid: Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
 /// The setup steps, in order; each error names its step.
 fn prepare<'py>(
     py: Python<'py>,
@@ -88,9 +97,15 @@ fn prepare<'py>(
     // At once, before the sandbox does it too: a zygote that dies takes its runs with it.
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
         .map_err(|err| format!("parent-death signal: {err}"))?;
-    // PID 1 of a new namespace sees no parent (0). If the zygote died before the death
-    // signal was set, the agent kills the run's process group, which it knows by this pid.
-    if !request.policy.protections.namespaces && getppid() != zygote {
+    // Did the zygote die before the death signal was set? PID 1 of a new namespace sees no
+    // parent (getppid() is 0), so it looks the zygote up in the host's /proc, still mounted
+    // here (the run's own /proc comes with its mount namespace, later).
+    let zygote_alive = if request.policy.protections.namespaces {
+        process_is_alive(zygote)
+    } else {
+        getppid() == zygote
+    };
+    if !zygote_alive {
         return Err("the zygote exited before the run started".to_string());
     }
     interpreter

@@ -274,8 +274,9 @@ fn confine_process(
 /// run's cgroup and a fresh PID namespace for its next child ([`ForkedRun::prepare`]), forks,
 /// takes its own PID namespace back for later children ([`ForkedRun::restore`]); the child,
 /// born PID 1 of the new namespace, confines itself ([`ForkedRun::confine`]); once the parent
-/// has reaped it, [`ForkedRun::finish`] says what only the parent could see and removes the
-/// cgroup. When PID 1 ends, the kernel kills everything else in its namespace.
+/// has reaped it, [`ForkedRun::finish`] says what only the parent could see and gives the
+/// cgroup and network namespace back to the [`RunPools`]. When PID 1 ends, the kernel kills
+/// everything else in its namespace.
 #[derive(Debug)]
 pub struct ForkedRun {
     cgroup: Option<LentCgroup>,
@@ -317,8 +318,7 @@ impl NetworkPool {
         let own = std::fs::File::open("/proc/self/ns/net").map_err(io)?;
         unshare(CloneFlags::CLONE_NEWNET).map_err(SandboxError::Namespaces)?;
         let made = std::fs::File::open("/proc/self/ns/net").map_err(io);
-        // Back to its own, whatever happened: a parent left in the new namespace would hand
-        // it to every later run.
+        // Back to its own, whatever happened: the parent stays out of its runs' namespaces.
         nix::sched::setns(&own, CloneFlags::CLONE_NEWNET).map_err(SandboxError::Namespaces)?;
         made
     }

@@ -488,24 +488,25 @@ async fn an_agent_below_the_required_sandbox_level_refuses_to_start() {
 const TIMED_SLEEP: &str =
     "import time\nstart = time.time()\ntime.sleep(1.5)\nprint(start, time.time())";
 
-#[tokio::test]
-async fn a_full_node_holds_prefetched_runs_but_never_runs_more_than_its_capacity() {
-    let dir = tempfile::tempdir().expect("dir");
+/// A coordinator with `--prefetch 2` and one agent with 1 cpu (`extra` agent flags) holding
+/// three `TIMED_SLEEP` tasks: one running, two waiting on the node for its slot.
+async fn one_slot_holding_three(
+    dir: &Path,
+    node_id: &str,
+    extra: &[&str],
+) -> (Coordinator, lull_tests::Process, Vec<i64>) {
     let mut args = vec!["--local-agents", "0", "--prefetch", "2"];
     args.extend_from_slice(FAST);
-    let c = Coordinator::start(&dir.path().join("coord"), &args).expect("coordinator");
-    let _agent = start_agent(
-        &c.url,
-        &dir.path().join("a"),
-        &agent_args("one-slot", &["--cpus", "1"]),
-    )
-    .expect("agent");
+    let c = Coordinator::start(&dir.join("coord"), &args).expect("coordinator");
+    let mut agent_extra = vec!["--cpus", "1"];
+    agent_extra.extend_from_slice(extra);
+    let agent =
+        start_agent(&c.url, &dir.join("a"), &agent_args(node_id, &agent_extra)).expect("agent");
     c.wait_for_nodes(1).await;
     let mut ids = Vec::new();
     for _ in 0..3 {
         ids.push(c.submit(TIMED_SLEEP).await.expect("submit"));
     }
-    // One slot, three runs handed to the node: one running, two waiting there.
     wait_until(
         Duration::from_secs(30),
         "all three to be on the node",
@@ -518,6 +519,13 @@ async fn a_full_node_holds_prefetched_runs_but_never_runs_more_than_its_capacity
         },
     )
     .await;
+    (c, agent, ids)
+}
+
+#[tokio::test]
+async fn a_full_node_holds_prefetched_runs_but_never_runs_more_than_its_capacity() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (c, _agent, ids) = one_slot_holding_three(dir.path(), "one-slot", &[]).await;
     let mut spans = Vec::new();
     for id in &ids {
         let task = wait_terminal(&c, *id, Duration::from_secs(60)).await;
@@ -542,32 +550,8 @@ async fn a_full_node_holds_prefetched_runs_but_never_runs_more_than_its_capacity
 #[tokio::test]
 async fn a_stopping_agent_hands_back_at_once_the_runs_that_had_not_started() {
     let dir = tempfile::tempdir().expect("dir");
-    let mut args = vec!["--local-agents", "0", "--prefetch", "2"];
-    args.extend_from_slice(FAST);
-    let c = Coordinator::start(&dir.path().join("coord"), &args).expect("coordinator");
-    let mut agent = start_agent(
-        &c.url,
-        &dir.path().join("a"),
-        &agent_args("leaving", &["--cpus", "1", "--shutdown-grace", "30"]),
-    )
-    .expect("agent");
-    c.wait_for_nodes(1).await;
-    let mut ids = Vec::new();
-    for _ in 0..3 {
-        ids.push(c.submit(TIMED_SLEEP).await.expect("submit"));
-    }
-    wait_until(
-        Duration::from_secs(30),
-        "all three to be on the node",
-        || async {
-            let mut on_node = 0;
-            for id in &ids {
-                on_node += usize::from(c.status(*id).await.ok()?["status"] == "running");
-            }
-            (on_node == 3).then_some(())
-        },
-    )
-    .await;
+    let (c, mut agent, ids) =
+        one_slot_holding_three(dir.path(), "leaving", &["--shutdown-grace", "30"]).await;
     assert!(
         agent.terminate(Duration::from_secs(60)),
         "the agent exits cleanly on SIGTERM"

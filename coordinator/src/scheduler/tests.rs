@@ -18,6 +18,7 @@ impl Harness {
                 reconcile_grace: 5.0,
                 legacy_lease_grace: 30.0,
                 prefetch: 0,
+                command_ttl: 60.0,
             }),
             now: 1000.0,
         }
@@ -54,6 +55,7 @@ impl Harness {
             finished: vec![],
             sandbox: None,
             executor: None,
+            command_results: vec![],
         };
         self.sched.heartbeat(&hb, self.now)
     }
@@ -320,6 +322,7 @@ fn a_run_reported_as_finished_but_unacknowledged_is_not_lost() {
         finished: vec![got[0].run_id],
         sandbox: None,
         executor: None,
+            command_results: vec![],
     };
     let out = h.sched.heartbeat(&hb, h.now);
     assert!(
@@ -483,6 +486,7 @@ fn restore_rebuilds_queue_reservations_and_ids() {
         max_task_id: pending,
         max_run_id: got[0].run_id,
         total_tasks: 2,
+        ..Snapshot::default()
     };
     let mut after = Scheduler::restore(
         SchedulerConfig {

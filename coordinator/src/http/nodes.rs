@@ -12,7 +12,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use lull_shared::{CommandStatus, NodeStatus};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -82,16 +82,25 @@ pub async fn drain(
     node_and_command(&app, &command)
 }
 
-/// Body of the actions that take no arguments (seed 004's `NodeActionRequest`): empty or `{}`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NoArgs {}
+/// The body of an action that takes no arguments (seed 004's `NodeActionRequest` has only
+/// the path's id): empty or `{}`; anything else is a 422 naming what was not expected.
+fn no_args(body: &Map<String, Value>) -> Result<(), ApiError> {
+    if body.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = body.keys().map(String::as_str).collect();
+    Err(ApiError::unprocessable(format!(
+        "this action takes no arguments, got {}",
+        names.join(", ")
+    )))
+}
 
 pub async fn undrain(
     State(app): State<AppState>,
     Path(node_id): Path<String>,
-    OptionalJsonBody(NoArgs {}): OptionalJsonBody<NoArgs>,
+    OptionalJsonBody(body): OptionalJsonBody<Map<String, Value>>,
 ) -> Result<Json<Value>, ApiError> {
+    no_args(&body)?;
     let command = app.engine.undrain(&node_id).await?;
     node_and_command(&app, &command)
 }
@@ -100,8 +109,9 @@ pub async fn undrain(
 pub async fn restart(
     State(app): State<AppState>,
     Path(node_id): Path<String>,
-    OptionalJsonBody(NoArgs {}): OptionalJsonBody<NoArgs>,
+    OptionalJsonBody(body): OptionalJsonBody<Map<String, Value>>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    no_args(&body)?;
     let command = app.engine.restart(&node_id).await?;
     Ok((StatusCode::ACCEPTED, node_and_command(&app, &command)?))
 }

@@ -7,9 +7,9 @@
 //! Architecture Invariant: no IO; validation here is pure and answers with the seed's words.
 
 use lull_shared::{
-    CommandId, CommandKind, CommandStatus, Constraints, DEFAULT_CPU, DEFAULT_MAX_ATTEMPTS, DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_SECS,
-    NodeResources, NodeStatus, Protections, Resources, RunId, RunStatus, SubmitRequest, TaskId,
-    TaskStatus,
+    CommandId, CommandKind, CommandStatus, Constraints, DEFAULT_CPU, DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_SECS, NodeResources, NodeStatus, Protections, Resources,
+    RunId, RunStatus, SubmitRequest, TaskId, TaskStatus,
 };
 use std::sync::Arc;
 

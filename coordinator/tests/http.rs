@@ -940,9 +940,24 @@ async fn the_node_list_carries_every_field_of_the_node_entity() {
     s.heartbeat("n1", 2.0, &[]).await;
     let n = s.node("n1").await;
     for field in [
-        "node_id", "hostname", "type", "zone", "status", "resources", "current_load",
-        "owner_load", "running", "meta", "sandbox", "sandbox_level", "executor", "version",
-        "joined_at", "last_heartbeat", "drain", "reserved",
+        "node_id",
+        "hostname",
+        "type",
+        "zone",
+        "status",
+        "resources",
+        "current_load",
+        "owner_load",
+        "running",
+        "meta",
+        "sandbox",
+        "sandbox_level",
+        "executor",
+        "version",
+        "joined_at",
+        "last_heartbeat",
+        "drain",
+        "reserved",
     ] {
         assert!(n.get(field).is_some(), "{field} missing from {n}");
     }
@@ -961,7 +976,9 @@ async fn drain_holds_back_work_and_undrain_returns_the_node_and_both_survive_a_r
     let first = s.pull("n1", 0.0).await;
     let a1 = first["tasks"][0].clone();
 
-    let (status, body) = s.post("/api/v1/nodes/n1/drain", json!({"timeout": 300})).await;
+    let (status, body) = s
+        .post("/api/v1/nodes/n1/drain", json!({"timeout": 300}))
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["node"]["status"], "draining");
     assert_eq!(body["command"]["command"], "drain");
@@ -970,7 +987,11 @@ async fn drain_holds_back_work_and_undrain_returns_the_node_and_both_survive_a_r
     assert!(body["node"]["drain"]["deadline"].is_number());
 
     s.submit("print(2)").await;
-    assert_eq!(s.pull("n1", 0.0).await["tasks"], json!([]), "no new runs while draining");
+    assert_eq!(
+        s.pull("n1", 0.0).await["tasks"],
+        json!([]),
+        "no new runs while draining"
+    );
     let (status, _) = s.report("n1", &a1, "completed", "1\n").await;
     assert_eq!(status, StatusCode::OK, "the running run may finish");
     s.wait_status(t1, |b| b["status"] == "completed").await;
@@ -994,7 +1015,10 @@ async fn drain_holds_back_work_and_undrain_returns_the_node_and_both_survive_a_r
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["node"]["status"], "idle");
     assert_eq!(body["command"]["command"], "undrain");
-    assert_eq!(s.pull("n1", 0.0).await["tasks"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        s.pull("n1", 0.0).await["tasks"].as_array().map(Vec::len),
+        Some(1)
+    );
     s.shutdown().await;
 }
 
@@ -1005,7 +1029,9 @@ async fn a_drain_deadline_stops_the_run_requeues_it_and_tells_the_agent() {
     let t = s.submit("import time; time.sleep(600)").await;
     let a = s.pull("n1", 0.0).await["tasks"][0].clone();
     let run_id = a["run_id"].as_i64().expect("run id");
-    let (status, body) = s.post("/api/v1/nodes/n1/drain", json!({"timeout": 0})).await;
+    let (status, body) = s
+        .post("/api/v1/nodes/n1/drain", json!({"timeout": 0}))
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["node"]["status"], "drained");
     let task = s.wait_status(t, |b| b["status"] == "pending").await;
@@ -1039,7 +1065,11 @@ async fn meta_is_read_replaced_persisted_and_steers_placement() {
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
-    assert_eq!(s.pull("n1", 0.0).await["tasks"], json!([]), "no matching meta yet");
+    assert_eq!(
+        s.pull("n1", 0.0).await["tasks"],
+        json!([]),
+        "no matching meta yet"
+    );
 
     let meta = json!({"gpu": "a100", "rack": 7, "notes": {"owner": "lab"}});
     let (status, body) = s.put("/api/v1/nodes/n1/meta", json!({"meta": meta})).await;
@@ -1054,7 +1084,11 @@ async fn meta_is_read_replaced_persisted_and_steers_placement() {
 
     s.shutdown().await;
     let s = Server::start_in(dir.path(), |_| {}).await;
-    assert_eq!(s.get("/api/v1/nodes/n1/meta").await.1["meta"], meta, "persisted");
+    assert_eq!(
+        s.get("/api/v1/nodes/n1/meta").await.1["meta"],
+        meta,
+        "persisted"
+    );
     s.shutdown().await;
 }
 
@@ -1068,7 +1102,10 @@ async fn commands_go_pending_delivered_succeeded_through_heartbeats_and_are_list
     assert_eq!(s.commands().await[0]["status"], "pending");
 
     let hb = s.heartbeat("n1", 2.0, &[]).await;
-    assert_eq!(hb["commands"], json!([{"id": id, "command": "restart", "args": {}}]));
+    assert_eq!(
+        hb["commands"],
+        json!([{"id": id, "command": "restart", "args": {}}])
+    );
     let listed = s.commands().await;
     assert_eq!(listed[0]["status"], "delivered");
     assert!(listed[0]["delivered_at"].is_number());
@@ -1117,7 +1154,11 @@ async fn commands_nobody_answers_expire() {
     loop {
         let listed = s.commands().await;
         if listed[0]["status"] == "expired" {
-            assert!(listed[0]["error"].as_str().is_some_and(|e| e.contains("never delivered")));
+            assert!(
+                listed[0]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("never delivered"))
+            );
             break;
         }
         assert!(Instant::now() < deadline, "never expired: {listed:?}");
@@ -1144,25 +1185,66 @@ async fn node_api_errors_are_404_400_422_with_a_detail() {
         };
         let (status, body) = decode(req.send().await.expect("request")).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}: {body}");
-        assert_eq!(body, json!({"detail": "Node ghost not found"}), "{method} {path}");
+        assert_eq!(
+            body,
+            json!({"detail": "Node ghost not found"}),
+            "{method} {path}"
+        );
     }
     let bad = [
-        ("/api/v1/nodes/n1/drain", "{not json", StatusCode::BAD_REQUEST),
-        ("/api/v1/nodes/n1/drain", r#"{"timeout": -1}"#, StatusCode::UNPROCESSABLE_ENTITY),
-        ("/api/v1/nodes/n1/drain", r#"{"timeout": "soon"}"#, StatusCode::UNPROCESSABLE_ENTITY),
-        ("/api/v1/nodes/n1/drain", r#"{"deadline": 5}"#, StatusCode::UNPROCESSABLE_ENTITY),
-        ("/api/v1/nodes/n1/drain", r#"{"timeout": 1e300}"#, StatusCode::UNPROCESSABLE_ENTITY),
-        ("/api/v1/nodes/n1/undrain", r#"{"force": true}"#, StatusCode::UNPROCESSABLE_ENTITY),
-        ("/api/v1/nodes/n1/restart", "[1]", StatusCode::UNPROCESSABLE_ENTITY),
+        (
+            "/api/v1/nodes/n1/drain",
+            "{not json",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/api/v1/nodes/n1/drain",
+            r#"{"timeout": -1}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "/api/v1/nodes/n1/drain",
+            r#"{"timeout": "soon"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "/api/v1/nodes/n1/drain",
+            r#"{"deadline": 5}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "/api/v1/nodes/n1/drain",
+            r#"{"timeout": 1e300}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "/api/v1/nodes/n1/undrain",
+            r#"{"force": true}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "/api/v1/nodes/n1/restart",
+            "[1]",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
     ];
     for (path, body, want) in bad {
         let (status, answer) = s.post_raw(path, body).await;
         assert_eq!(status, want, "{path} {body}: {answer}");
-        assert!(answer["detail"].as_str().is_some_and(|d| !d.is_empty()), "{answer}");
+        assert!(
+            answer["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{answer}"
+        );
     }
     for (body, want) in [
-        (json!({"meta": [1, 2]}), "meta must be a JSON object, got an array"),
-        (json!({"meta": "x"}), "meta must be a JSON object, got a string"),
+        (
+            json!({"meta": [1, 2]}),
+            "meta must be a JSON object, got an array",
+        ),
+        (
+            json!({"meta": "x"}),
+            "meta must be a JSON object, got a string",
+        ),
         (json!({}), "meta is required: a JSON object ({} clears it)"),
     ] {
         let (status, answer) = s.put("/api/v1/nodes/n1/meta", body).await;
@@ -1179,7 +1261,11 @@ async fn node_api_errors_are_404_400_422_with_a_detail() {
     assert_eq!(decode(resp).await.0, StatusCode::BAD_REQUEST);
     for query in ["status=bogus", "limit=0", "limit=5000", "colour=red"] {
         let (status, answer) = s.get(&format!("/api/v1/nodes/commands?{query}")).await;
-        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{query}: {answer}");
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{query}: {answer}"
+        );
     }
     let (status, body) = s.get("/api/v1/tasks/999/explain").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
@@ -1208,13 +1294,23 @@ async fn explain_says_why_a_task_waits_and_what_a_started_one_does() {
     let (_, e) = s.get(&format!("/api/v1/tasks/{big}/explain")).await;
     assert_eq!(e["nodes"][0]["verdict"], "too_small");
     assert_eq!(e["nodes"][0]["short"], json!(["cpu"]));
-    assert!(e["reason"].as_str().is_some_and(|r| r.contains("big enough")), "{e}");
+    assert!(
+        e["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("big enough")),
+        "{e}"
+    );
 
     let small = s.submit("print(2)").await;
     s.post("/api/v1/nodes/n1/drain", json!({})).await;
     let (_, e) = s.get(&format!("/api/v1/tasks/{small}/explain")).await;
     assert_eq!(e["nodes"][0]["verdict"], "unavailable");
-    assert!(e["reason"].as_str().is_some_and(|r| r.contains("n1 drained")), "{e}");
+    assert!(
+        e["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("n1 drained")),
+        "{e}"
+    );
 
     s.post("/api/v1/nodes/n1/undrain", json!({})).await;
     let a = s.pull("n1", 0.0).await["tasks"][0].clone();
@@ -1225,6 +1321,11 @@ async fn explain_says_why_a_task_waits_and_what_a_started_one_does() {
     s.wait_status(small, |b| b["status"] == "completed").await;
     let (_, e) = s.get(&format!("/api/v1/tasks/{small}/explain")).await;
     assert_eq!(e["status"], "completed");
-    assert!(e["reason"].as_str().is_some_and(|r| r.contains("completed")), "{e}");
+    assert!(
+        e["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("completed")),
+        "{e}"
+    );
     s.shutdown().await;
 }

@@ -445,7 +445,11 @@ pub enum CommandKind {
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 3] = [CommandKind::Drain, CommandKind::Undrain, CommandKind::Restart];
+    pub const ALL: [CommandKind; 3] = [
+        CommandKind::Drain,
+        CommandKind::Undrain,
+        CommandKind::Restart,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {

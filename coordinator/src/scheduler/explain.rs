@@ -74,7 +74,9 @@ impl Scheduler {
             nodes: Vec::new(),
         };
         if state.status != TaskStatus::Pending {
-            let run = task.current_run.map_or(String::new(), |r| format!(" (run {r})"));
+            let run = task
+                .current_run
+                .map_or(String::new(), |r| format!(" (run {r})"));
             out.reason = match &state.node_id {
                 Some(node) => format!("it is running on node {node}{run}"),
                 None => format!("it is leased to a /get_task worker{run}"),

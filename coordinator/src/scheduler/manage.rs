@@ -92,7 +92,8 @@ impl Scheduler {
             node.refresh_busy();
             changes.push(Change::NodeSaved(node.record.clone()));
         }
-        let command = self.new_command(node_id, CommandKind::Undrain, Map::new(), now, &mut changes);
+        let command =
+            self.new_command(node_id, CommandKind::Undrain, Map::new(), now, &mut changes);
         Ok((command, changes))
     }
 
@@ -106,7 +107,8 @@ impl Scheduler {
     ) -> Result<(CommandRecord, Vec<Change>), SchedulerError> {
         self.managed_node(node_id)?;
         let mut changes = Vec::new();
-        let command = self.new_command(node_id, CommandKind::Restart, Map::new(), now, &mut changes);
+        let command =
+            self.new_command(node_id, CommandKind::Restart, Map::new(), now, &mut changes);
         Ok((command, changes))
     }
 
@@ -199,10 +201,10 @@ impl Scheduler {
         changes: &mut Vec<Change>,
     ) {
         for result in results {
-            if !self
+            if self
                 .commands
                 .get(&result.id)
-                .is_some_and(|c| c.node_id == node_id)
+                .is_none_or(|c| c.node_id != node_id)
             {
                 continue;
             }
@@ -239,9 +241,15 @@ impl Scheduler {
             if let Some(mut command) = self.commands.remove(&id) {
                 command.error = Some(match command.status {
                     CommandStatus::Pending => {
-                        format!("never delivered: node {} did not heartbeat within {ttl} s", command.node_id)
+                        format!(
+                            "never delivered: node {} did not heartbeat within {ttl} s",
+                            command.node_id
+                        )
                     }
-                    _ => format!("delivered, but node {} reported no outcome within {ttl} s", command.node_id),
+                    _ => format!(
+                        "delivered, but node {} reported no outcome within {ttl} s",
+                        command.node_id
+                    ),
                 });
                 command.status = CommandStatus::Expired;
                 command.completed_at = Some(now);
@@ -301,7 +309,13 @@ impl Scheduler {
         let Some(task_id) = self.runs.get(&run_id).map(|r| r.record.task_id) else {
             return;
         };
-        self.end_run(run_id, RunStatus::Released, Some(why.to_string()), now, changes);
+        self.end_run(
+            run_id,
+            RunStatus::Released,
+            Some(why.to_string()),
+            now,
+            changes,
+        );
         self.requeue(task_id, changes);
         if let Some(node) = self.nodes.get_mut(node_id) {
             node.to_cancel.insert(run_id);

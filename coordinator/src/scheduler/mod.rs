@@ -23,8 +23,8 @@ use crate::model::{
     Change, CommandRecord, NodeRecord, RunRecord, Snapshot, TaskRecord, TaskSpec, TaskState,
 };
 use lull_shared::{
-    AgentCommand, AgentState, Assignment, CommandId, Constraints, HeartbeatRequest, NodeStatus, Resources, RunId,
-    RunOutcome, RunReport, RunStatus, TaskId, TaskStatus, result_from_stdout,
+    AgentCommand, AgentState, Assignment, CommandId, Constraints, HeartbeatRequest, NodeStatus,
+    Resources, RunId, RunOutcome, RunReport, RunStatus, TaskId, TaskStatus, result_from_stdout,
 };
 use queue::PendingQueue;
 use std::collections::{BTreeMap, BTreeSet, HashMap};

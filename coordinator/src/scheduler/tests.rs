@@ -322,7 +322,7 @@ fn a_run_reported_as_finished_but_unacknowledged_is_not_lost() {
         finished: vec![got[0].run_id],
         sandbox: None,
         executor: None,
-            command_results: vec![],
+        command_results: vec![],
     };
     let out = h.sched.heartbeat(&hb, h.now);
     assert!(
@@ -676,7 +676,10 @@ fn a_drained_node_takes_no_new_runs_and_its_running_run_may_finish() {
     assert_eq!(status_of(&h, "n1"), NodeStatus::Draining);
 
     h.submit("print(2)");
-    assert!(h.pull("n1", 10).is_empty(), "a draining node gets nothing new");
+    assert!(
+        h.pull("n1", 10).is_empty(),
+        "a draining node gets nothing new"
+    );
     // Heartbeats from the agent do not undo the drain.
     h.heartbeat("n1", 2.0, 4096.0, &[got[0].run_id]);
     assert_eq!(status_of(&h, "n1"), NodeStatus::Draining);
@@ -684,13 +687,28 @@ fn a_drained_node_takes_no_new_runs_and_its_running_run_may_finish() {
     let changes = h
         .report("n1", &got[0], RunOutcome::Completed, "1\n")
         .expect("the running run may finish");
-    assert_eq!(final_state(&changes, first).map(|s| s.status), Some(TaskStatus::Completed));
-    assert_eq!(status_of(&h, "n1"), NodeStatus::Drained, "drained when its last run ends");
-    assert!(changes.iter().any(|c| matches!(c, Change::NodeSaved(n) if n.status == NodeStatus::Drained)));
+    assert_eq!(
+        final_state(&changes, first).map(|s| s.status),
+        Some(TaskStatus::Completed)
+    );
+    assert_eq!(
+        status_of(&h, "n1"),
+        NodeStatus::Drained,
+        "drained when its last run ends"
+    );
+    assert!(
+        changes
+            .iter()
+            .any(|c| matches!(c, Change::NodeSaved(n) if n.status == NodeStatus::Drained))
+    );
 
     let (_, changes) = h.sched.undrain("n1", h.now).expect("known node");
     assert_eq!(status_of(&h, "n1"), NodeStatus::Idle);
-    assert!(changes.iter().any(|c| matches!(c, Change::NodeSaved(n) if n.drain.is_none())));
+    assert!(
+        changes
+            .iter()
+            .any(|c| matches!(c, Change::NodeSaved(n) if n.drain.is_none()))
+    );
     assert_eq!(h.pull("n1", 10).len(), 1, "back in service");
     assert_eq!(status_of(&h, "n1"), NodeStatus::Busy);
 }
@@ -708,18 +726,31 @@ fn at_the_drain_deadline_what_remains_is_stopped_and_requeued_without_counting_a
     h.sched.drain("n1", Some(30.0), h.now).expect("known node");
     h.advance(10.0);
     h.heartbeat("n1", 2.0, 4096.0, &[got[0].run_id]);
-    assert!(h.sched.tick(h.now).is_empty(), "nothing happens before the deadline");
+    assert!(
+        h.sched.tick(h.now).is_empty(),
+        "nothing happens before the deadline"
+    );
 
     h.advance(21.0);
     h.heartbeat("n1", 2.0, 4096.0, &[got[0].run_id]);
     let changes = h.sched.tick(h.now);
-    assert_eq!(run_status(&changes, got[0].run_id), Some(RunStatus::Released));
+    assert_eq!(
+        run_status(&changes, got[0].run_id),
+        Some(RunStatus::Released)
+    );
     let state = final_state(&changes, t).expect("task requeued");
     assert_eq!(state.status, TaskStatus::Pending);
-    assert_eq!(state.losses, 0, "a drain is not the code's fault nor a lost node");
+    assert_eq!(
+        state.losses, 0,
+        "a drain is not the code's fault nor a lost node"
+    );
     assert_eq!(status_of(&h, "n1"), NodeStatus::Drained);
     let answer = h.heartbeat("n1", 2.0, 4096.0, &[got[0].run_id]);
-    assert_eq!(answer.cancel, vec![got[0].run_id], "the agent is told to kill it");
+    assert_eq!(
+        answer.cancel,
+        vec![got[0].run_id],
+        "the agent is told to kill it"
+    );
 
     // It completes elsewhere, once; the stopped run's late result is refused.
     h.node("n2", 2.0, 4096.0);
@@ -729,8 +760,13 @@ fn at_the_drain_deadline_what_remains_is_stopped_and_requeued_without_counting_a
         h.report("n1", &got[0], RunOutcome::Completed, ""),
         Err(SchedulerError::StaleLease { .. })
     ));
-    let changes = h.report("n2", &again[0], RunOutcome::Completed, "").expect("current run");
-    assert_eq!(final_state(&changes, t).map(|s| s.status), Some(TaskStatus::Completed));
+    let changes = h
+        .report("n2", &again[0], RunOutcome::Completed, "")
+        .expect("current run");
+    assert_eq!(
+        final_state(&changes, t).map(|s| s.status),
+        Some(TaskStatus::Completed)
+    );
 }
 
 #[test]
@@ -741,7 +777,10 @@ fn a_drain_with_timeout_zero_stops_runs_at_once_and_an_idle_node_is_drained_at_o
     h.submit("pass");
     let got = h.pull("n1", 1);
     let (_, changes) = h.sched.drain("n1", Some(0.0), h.now).expect("known node");
-    assert_eq!(run_status(&changes, got[0].run_id), Some(RunStatus::Released));
+    assert_eq!(
+        run_status(&changes, got[0].run_id),
+        Some(RunStatus::Released)
+    );
     assert_eq!(status_of(&h, "n1"), NodeStatus::Drained);
     h.sched.drain("n2", None, h.now).expect("known node");
     assert_eq!(status_of(&h, "n2"), NodeStatus::Drained);
@@ -761,23 +800,41 @@ fn drain_state_survives_a_restart_and_an_offline_spell() {
     h2.now = h.now;
     assert_eq!(status_of(&h2, "n1"), NodeStatus::Drained);
     h2.node("n1", 2.0, 4096.0);
-    assert_eq!(status_of(&h2, "n1"), NodeStatus::Drained, "a heartbeat does not undrain");
+    assert_eq!(
+        status_of(&h2, "n1"),
+        NodeStatus::Drained,
+        "a heartbeat does not undrain"
+    );
     h2.advance(60.0);
     h2.sched.tick(h2.now);
     assert_eq!(status_of(&h2, "n1"), NodeStatus::Offline);
     h2.node("n1", 2.0, 4096.0);
-    assert_eq!(status_of(&h2, "n1"), NodeStatus::Drained, "back from offline, still drained");
+    assert_eq!(
+        status_of(&h2, "n1"),
+        NodeStatus::Drained,
+        "back from offline, still drained"
+    );
 }
 
 #[test]
 fn unknown_nodes_are_not_found_for_every_node_operation() {
     let mut h = Harness::new();
     let missing = |e: SchedulerError| matches!(e, SchedulerError::NodeNotFound(n) if n == "ghost");
-    assert!(h.sched.drain("ghost", None, h.now).err().is_some_and(missing));
+    assert!(
+        h.sched
+            .drain("ghost", None, h.now)
+            .err()
+            .is_some_and(missing)
+    );
     assert!(h.sched.undrain("ghost", h.now).err().is_some_and(missing));
     assert!(h.sched.restart("ghost", h.now).err().is_some_and(missing));
     assert!(h.sched.meta("ghost").err().is_some_and(missing));
-    assert!(h.sched.set_meta("ghost", serde_json::Map::new()).err().is_some_and(missing));
+    assert!(
+        h.sched
+            .set_meta("ghost", serde_json::Map::new())
+            .err()
+            .is_some_and(missing)
+    );
 }
 
 #[test]
@@ -794,7 +851,11 @@ fn commands_are_delivered_in_heartbeats_until_the_agent_reports_and_expire_other
     assert_eq!(h.node("n1", 2.0, 4096.0).commands.len(), 1);
 
     let hb = HeartbeatRequest {
-        command_results: vec![CommandResult { id: restart.command_id, ok: true, error: None }],
+        command_results: vec![CommandResult {
+            id: restart.command_id,
+            ok: true,
+            error: None,
+        }],
         ..heartbeat_request("n1")
     };
     let out = h.sched.heartbeat(&hb, h.now);
@@ -856,7 +917,11 @@ fn operator_meta_steers_placement_from_the_next_pull_and_heartbeats_keep_it() {
     let changes = h.sched.set_meta("n1", meta.clone()).expect("known node");
     assert!(matches!(&changes[..], [Change::NodeSaved(n)] if n.meta == meta));
     h.node("n1", 2.0, 4096.0);
-    assert_eq!(h.sched.meta("n1").expect("known"), meta, "a heartbeat leaves meta alone");
+    assert_eq!(
+        h.sched.meta("n1").expect("known"),
+        meta,
+        "a heartbeat leaves meta alone"
+    );
     assert_eq!(h.pull("n1", 1)[0].task_id, t);
 }
 
@@ -889,7 +954,11 @@ fn explain_names_what_keeps_a_task_pending() {
 
     let running = h.sched.explain(t).expect("active");
     assert_eq!(running.status, TaskStatus::Running);
-    assert!(running.reason.contains("running on node n1"), "{}", running.reason);
+    assert!(
+        running.reason.contains("running on node n1"),
+        "{}",
+        running.reason
+    );
 
     let mut want = std::collections::BTreeMap::new();
     want.insert("rack".to_string(), serde_json::json!(7));
@@ -903,6 +972,14 @@ fn explain_names_what_keeps_a_task_pending() {
     });
     let e = h.sched.explain(picky).expect("active");
     assert!(e.nodes.iter().all(|n| n.verdict == Verdict::Mismatch));
-    assert!(e.reason.contains("no node matches its constraints"), "{}", e.reason);
-    assert!(e.nodes[0].detail.contains("meta.rack is not set"), "{}", e.nodes[0].detail);
+    assert!(
+        e.reason.contains("no node matches its constraints"),
+        "{}",
+        e.reason
+    );
+    assert!(
+        e.nodes[0].detail.contains("meta.rack is not set"),
+        "{}",
+        e.nodes[0].detail
+    );
 }

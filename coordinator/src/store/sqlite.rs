@@ -7,7 +7,8 @@ use crate::model::{
 };
 use async_trait::async_trait;
 use lull_shared::{
-    CommandKind, CommandStatus, Constraints, NodeResources, NodeStatus, Resources, RunStatus, TaskId, TaskStatus,
+    CommandKind, CommandStatus, Constraints, NodeResources, NodeStatus, Resources, RunStatus,
+    TaskId, TaskStatus,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -199,12 +200,8 @@ fn node_from_row(row: &SqliteRow) -> Result<NodeRecord, StoreError> {
 fn command_from_row(row: &SqliteRow) -> Result<CommandRecord, StoreError> {
     let command_id: i64 = row.try_get("command_id")?;
     let kind: String = row.try_get("command")?;
-    let kind = CommandKind::parse(&kind).ok_or_else(|| {
-        corrupt(
-            "node_commands",
-            format!("command {command_id} is {kind:?}"),
-        )
-    })?;
+    let kind = CommandKind::parse(&kind)
+        .ok_or_else(|| corrupt("node_commands", format!("command {command_id} is {kind:?}")))?;
     let status: String = row.try_get("status")?;
     let status = CommandStatus::parse(&status).ok_or_else(|| {
         corrupt(

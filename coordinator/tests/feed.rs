@@ -39,6 +39,9 @@ impl Server {
         config.local_agents = 0;
         // Durability is not what these tests are about; `normal` keeps them quick.
         config.sync = SyncMode::Normal;
+        // The test plays each agent with one heartbeat; a loaded machine must not turn a
+        // long test's node offline under it (no test here waits for the TTL).
+        config.node_ttl = 3600.0;
         config.feed = feed;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

@@ -5,6 +5,7 @@
 //! table of runs ([`Runs`]) is what heartbeats report as `running` and what cancels act on.
 
 use crate::client::{CallError, CoordinatorClient};
+use crate::commands::{Commands, Stopped};
 use crate::executor::{
     ColdExecutor, Execution, Executor, ExecutorKind, Job, ZygoteExecutor, ZygoteSettings,
     format_seconds,
@@ -43,7 +44,24 @@ const RELEASED_ERROR: &str = "agent shutting down";
 /// Runs the agent with the executor its configuration chooses (the zygote, unless it cannot
 /// start here or `cold` is asked for) until `shutdown` is cancelled, then shuts down
 /// gracefully (see the crate docs) and returns `Ok`. Errors only when it cannot start.
+///
+/// A `restart` command from the coordinator is carried out in this process: the agent
+/// shuts down gracefully and starts again (new executor, same node id). `lull-agent`
+/// uses [`run_once`] instead and re-executes itself.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    loop {
+        match run_once(config.clone(), shutdown.clone()).await? {
+            Stopped::Shutdown => return Ok(()),
+            Stopped::Restart => info!("restarting the agent in process"),
+        }
+    }
+}
+
+/// [`run`] until shutdown or until a `restart` command, saying which: the caller restarts.
+pub async fn run_once(
+    config: AgentConfig,
+    shutdown: CancellationToken,
+) -> Result<Stopped, AgentError> {
     let python = ColdExecutor::resolve_interpreter(&config.python).await;
     tracing::info!(python = %python, "interpreter resolved");
     let launcher = config
@@ -102,7 +120,7 @@ pub async fn run_with_executor<E: Executor>(
     config: AgentConfig,
     executor: E,
     shutdown: CancellationToken,
-) -> Result<(), AgentError> {
+) -> Result<Stopped, AgentError> {
     validate(&config)?;
     let protections = executor.protections();
     if protections.level < config.min_sandbox_level {
@@ -131,7 +149,11 @@ pub async fn run_with_executor<E: Executor>(
         "agent starting"
     );
 
+    // Stopped by shutdown, or by a `restart` command.
+    let stop_pulling = shutdown.child_token();
+    let commands = Commands::open(&config.state_dir, stop_pulling.clone());
     let shared = Arc::new(Shared {
+        commands,
         config,
         node_id,
         hostname,
@@ -164,7 +186,7 @@ pub async fn run_with_executor<E: Executor>(
         }
     });
 
-    pull_until_stopped(&shared, &executor, &shutdown).await;
+    pull_until_stopped(&shared, &executor, &stop_pulling).await;
 
     // Graceful shutdown, in order: say we are leaving, let runs finish, release the rest,
     // post what we can, say goodbye.
@@ -190,8 +212,13 @@ pub async fn run_with_executor<E: Executor>(
         }
     }
     farewell(&shared, AgentState::Offline).await;
-    info!("agent stopped");
-    Ok(())
+    let stopped = if shutdown.is_cancelled() {
+        Stopped::Shutdown
+    } else {
+        shared.commands.finish_restart()
+    };
+    info!(?stopped, "agent stopped");
+    Ok(stopped)
 }
 
 fn validate(config: &AgentConfig) -> Result<(), AgentError> {
@@ -212,6 +239,8 @@ fn validate(config: &AgentConfig) -> Result<(), AgentError> {
 
 /// What the agent's tasks share.
 pub(crate) struct Shared {
+    /// Node commands from heartbeat answers, and their outcomes for the next ones.
+    pub(crate) commands: Commands,
     pub(crate) config: AgentConfig,
     pub(crate) node_id: String,
     pub(crate) hostname: String,

@@ -64,9 +64,11 @@ pub(crate) async fn send_heartbeat(
 ) -> Result<HeartbeatResponse, CallError> {
     let request = heartbeat_request(shared, status);
     let response = shared.client.heartbeat(&request).await?;
+    shared.commands.delivered(&request.command_results);
     for run_id in &response.cancel {
         shared.cancel_run(*run_id);
     }
+    shared.commands.handle(&response.commands);
     Ok(response)
 }
 
@@ -92,6 +94,7 @@ fn heartbeat_request(shared: &Shared, status: AgentState) -> HeartbeatRequest {
         finished,
         sandbox: Some(shared.protections.clone()),
         executor: Some(shared.executor_name.to_string()),
+        command_results: shared.commands.outcomes(),
     }
 }
 

@@ -15,6 +15,7 @@
 //! | `node_id` | [`resolve_node_id`]: the node id that survives restarts (`state_dir/node_id`) |
 //! | `agent` | the supervisor: the pull loop, the table of runs, cancels, graceful shutdown |
 //! | `heartbeat` | the heartbeat ticker and the host's load as `sysinfo` measures it |
+//! | `commands` | node commands from heartbeat answers (drain, undrain, restart) and their outcomes |
 //! | `outbox` | results written to `state_dir/outbox/{run_id}.json` and posted until acknowledged |
 //! | `client` | the HTTP calls to the coordinator and what each answer means (ack, refuse, retry) |
 //! | `retry` | backoff and the rate-limited logging of repeated failures |
@@ -36,6 +37,7 @@
 
 mod agent;
 mod client;
+mod commands;
 mod config;
 mod error;
 pub mod executor;
@@ -46,7 +48,8 @@ mod retry;
 pub mod sandbox;
 mod slots;
 
-pub use agent::{run, run_with_executor};
+pub use agent::{run, run_once, run_with_executor};
+pub use commands::Stopped;
 pub use config::AgentConfig;
 pub use error::AgentError;
 pub use executor::{

@@ -5,7 +5,7 @@
 
 use anyhow::Context as _;
 use clap::Parser;
-use lull_agent::{AgentConfig, ExecutorKind};
+use lull_agent::{AgentConfig, ExecutorKind, Stopped};
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -180,7 +180,8 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Runs the agent until SIGTERM or SIGINT asks it to shut down.
+/// Runs the agent until SIGTERM or SIGINT asks it to shut down. A `restart` command from the
+/// coordinator ends in [`reexec`]: the same binary, arguments and environment, same pid.
 async fn run_until_signalled(config: AgentConfig) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let mut terminate =
@@ -204,7 +205,28 @@ async fn run_until_signalled(config: AgentConfig) -> anyhow::Result<()> {
         }
     });
 
-    lull_agent::run(config, shutdown)
+    match lull_agent::run_once(config, shutdown)
         .await
-        .context("the agent could not start")
+        .context("the agent could not start")?
+    {
+        Stopped::Shutdown => Ok(()),
+        Stopped::Restart => Err(reexec()),
+    }
+}
+
+/// Replaces this process with a fresh start of the same binary (same arguments, same
+/// environment, same pid). Only returns if that failed. The agent has shut down cleanly
+/// by now: its runs are over or handed back, its executor is gone, its results are in the
+/// outbox on disk, and every descriptor it holds is close-on-exec.
+fn reexec() -> anyhow::Error {
+    use std::os::unix::process::CommandExt as _;
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(err) => return anyhow::Error::new(err).context("finding this executable to restart"),
+    };
+    info!(exe = %exe.display(), "restarting");
+    let err = std::process::Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    anyhow::Error::new(err).context(format!("restarting {}", exe.display()))
 }

@@ -9,9 +9,13 @@
 //! accepted task, a handed-out lease, a recorded result.
 
 use crate::feed::Feed;
-use crate::model::{Change, RunRecord, TaskLimits, TaskRecord, TaskSpec, ValidationError};
-use crate::scheduler::{LegacyAssignment, NodeCounts, Scheduler, SchedulerError};
-use crate::store::{ResultRow, Store, StoreError, TaskQuery, TaskStats, WriterHandle};
+use crate::model::{
+    Change, CommandRecord, RunRecord, TaskLimits, TaskRecord, TaskSpec, ValidationError,
+};
+use crate::scheduler::{Explanation, LegacyAssignment, NodeCounts, Scheduler, SchedulerError};
+use crate::store::{
+    CommandQuery, ResultRow, Store, StoreError, TaskQuery, TaskStats, WriterHandle,
+};
 use lull_shared::{
     HeartbeatRequest, HeartbeatResponse, PullResponse, RunId, RunReport, RunReportAck,
     SubmitRequest, TaskId, TaskStatus,
@@ -237,6 +241,120 @@ impl Engine {
         self.scheduler().nodes()
     }
 
+    // -------------------------------------------------------------------------------------------
+    // Node management (seed 004)
+    // -------------------------------------------------------------------------------------------
+
+    /// Runs one node command on the scheduler, wakes pulls (placement or cancels changed),
+    /// and answers once it is durable.
+    async fn node_command(
+        &self,
+        f: impl FnOnce(&mut Scheduler, f64) -> Result<(CommandRecord, Vec<Change>), SchedulerError>,
+    ) -> Result<CommandRecord, EngineError> {
+        let now = unix_now();
+        let (outcome, ack) = self.mutate(|s| match f(s, now) {
+            Ok((command, changes)) => (Ok(command), changes),
+            Err(e) => (Err(e), Vec::new()),
+        });
+        let command = outcome?;
+        self.work.notify_waiters();
+        ack.durable().await?;
+        tracing::info!(
+            node_id = %command.node_id,
+            command_id = command.command_id,
+            command = %command.kind,
+            "node command issued"
+        );
+        Ok(command)
+    }
+
+    /// `POST /api/v1/nodes/{id}/drain`.
+    pub async fn drain(
+        &self,
+        node_id: &str,
+        timeout: Option<f64>,
+    ) -> Result<CommandRecord, EngineError> {
+        self.node_command(|s, now| s.drain(node_id, timeout, now))
+            .await
+    }
+
+    /// `POST /api/v1/nodes/{id}/undrain`.
+    pub async fn undrain(&self, node_id: &str) -> Result<CommandRecord, EngineError> {
+        self.node_command(|s, now| s.undrain(node_id, now)).await
+    }
+
+    /// `POST /api/v1/nodes/{id}/restart`.
+    pub async fn restart(&self, node_id: &str) -> Result<CommandRecord, EngineError> {
+        self.node_command(|s, now| s.restart(node_id, now)).await
+    }
+
+    /// One node as operators see it.
+    pub fn node(&self, node_id: &str) -> Result<crate::scheduler::NodeView, EngineError> {
+        self.scheduler()
+            .nodes()
+            .into_iter()
+            .find(|n| n.record.node_id == node_id)
+            .ok_or_else(|| SchedulerError::NodeNotFound(node_id.to_string()).into())
+    }
+
+    pub fn node_meta(
+        &self,
+        node_id: &str,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, EngineError> {
+        Ok(self.scheduler().meta(node_id)?)
+    }
+
+    /// Replaces a node's metadata; durable before it answers, used from the next placement.
+    pub async fn set_node_meta(
+        &self,
+        node_id: &str,
+        meta: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, EngineError> {
+        let (outcome, ack) = self.mutate(|s| match s.set_meta(node_id, meta.clone()) {
+            Ok(changes) => (Ok(()), changes),
+            Err(e) => (Err(e), Vec::new()),
+        });
+        outcome?;
+        // New metadata may match waiting constrained tasks.
+        self.work.notify_waiters();
+        ack.durable().await?;
+        tracing::info!(node_id, "node metadata replaced");
+        Ok(meta)
+    }
+
+    /// `GET /api/v1/nodes/commands`: newest first.
+    pub async fn commands(&self, query: &CommandQuery) -> Result<Vec<CommandRecord>, EngineError> {
+        Ok(self.store.commands(query).await?)
+    }
+
+    /// Why a task is (not) running. Finished tasks are read from the store.
+    pub async fn explain(&self, task_id: TaskId) -> Result<Explanation, EngineError> {
+        if let Some(e) = self.scheduler().explain(task_id) {
+            return Ok(e);
+        }
+        let task = self.task(task_id).await?;
+        let status = task.state.status;
+        let reason = match status {
+            TaskStatus::Completed => "it has completed; nothing to wait for".to_string(),
+            TaskStatus::Failed => format!(
+                "it has failed ({}); it will not run again",
+                task.state.error.as_deref().unwrap_or("no error recorded")
+            ),
+            TaskStatus::Cancelled => "it was cancelled; it will not run".to_string(),
+            // Active tasks are in memory; one that just finished may race this read.
+            other => format!("it is {other}"),
+        };
+        Ok(Explanation {
+            task_id,
+            status,
+            reason,
+            node_id: task.state.node_id,
+            run_id: None,
+            queued_ahead: None,
+            nodes: Vec::new(),
+        })
+    }
+
     /// How many agents are long-polling for work right now.
     pub fn waiting_pulls(&self) -> usize {
         self.waiting_pulls.load(Ordering::Relaxed)
@@ -305,9 +423,9 @@ impl Engine {
 
     pub async fn heartbeat(&self, hb: HeartbeatRequest) -> Result<HeartbeatResponse, EngineError> {
         let now = unix_now();
-        let ((cancel, wake), ack) = self.mutate(|s| {
+        let ((cancel, commands, wake), ack) = self.mutate(|s| {
             let out = s.heartbeat(&hb, now);
-            ((out.cancel, out.wake_pullers), out.changes)
+            ((out.cancel, out.commands, out.wake_pullers), out.changes)
         });
         if wake {
             self.work.notify_waiters();
@@ -319,6 +437,7 @@ impl Engine {
             cancel,
             heartbeat_interval: self.config.heartbeat_interval,
             server_id: self.config.server_id.clone(),
+            commands,
         })
     }
 

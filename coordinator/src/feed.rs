@@ -278,7 +278,11 @@ impl CommitObserver for Feed {
                         self.push(&mut state, ts, kind, None, Some(node.node_id.clone()), data);
                     }
                 }
-                Change::RunSaved(_) => {}
+                // A run's progress shows in its task's events. A node command's status is
+                // not a node status: what a command does to the node (draining, drained,
+                // offline and back for a restart) arrives as `node_updated`; the command
+                // itself is read from `GET /api/v1/nodes/commands`.
+                Change::RunSaved(_) | Change::CommandSaved(_) => {}
             }
         }
     }
@@ -409,6 +413,7 @@ mod tests {
             last_heartbeat: 0.0,
             sandbox: None,
             executor: None,
+            drain: None,
         })
     }
 

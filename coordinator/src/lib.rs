@@ -52,6 +52,8 @@ pub struct Config {
     pub prefetch: usize,
     /// The live feed's replay ring and per-subscriber buffer.
     pub feed: FeedConfig,
+    /// Seconds a node command may wait for its outcome before it is `expired`.
+    pub command_ttl: f64,
 }
 
 impl Config {
@@ -68,6 +70,7 @@ impl Config {
             python: "python3".into(),
             prefetch: scheduler::DEFAULT_PREFETCH,
             feed: FeedConfig::default(),
+            command_ttl: scheduler::DEFAULT_COMMAND_TTL,
         }
     }
 }
@@ -108,6 +111,7 @@ pub async fn run(
             node_ttl: config.node_ttl,
             reconcile_grace: (2.0 * config.heartbeat_interval).max(5.0),
             prefetch: config.prefetch,
+            command_ttl: config.command_ttl,
             ..SchedulerConfig::default()
         },
         snapshot,

@@ -49,6 +49,10 @@ struct Cli {
     /// (only tasks no other node has room for; 0 turns prefetching off).
     #[arg(long, env = "LULL_PREFETCH", default_value_t = lull_coordinator::scheduler::DEFAULT_PREFETCH)]
     prefetch: usize,
+    /// Seconds a node command (drain, undrain, restart) may wait for its agent's outcome
+    /// before it is marked expired.
+    #[arg(long, env = "LULL_COMMAND_TTL", default_value_t = lull_coordinator::scheduler::DEFAULT_COMMAND_TTL)]
+    command_ttl: f64,
 }
 
 #[tokio::main]
@@ -67,6 +71,11 @@ async fn main() -> anyhow::Result<()> {
         cli.node_ttl,
         cli.heartbeat_interval
     );
+    anyhow::ensure!(
+        cli.command_ttl.is_finite() && cli.command_ttl > 0.0,
+        "--command-ttl must be a positive number of seconds (got {})",
+        cli.command_ttl
+    );
     let config = Config {
         local_agents: cli.local_agents,
         sync: cli.sync,
@@ -80,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
         max_body_bytes: cli.max_body_bytes,
         python: cli.python,
         prefetch: cli.prefetch,
+        command_ttl: cli.command_ttl,
         ..Config::new(cli.data_dir)
     };
     let listener = tokio::net::TcpListener::bind(cli.listen)

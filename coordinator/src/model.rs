@@ -7,9 +7,9 @@
 //! Architecture Invariant: no IO; validation here is pure and answers with the seed's words.
 
 use lull_shared::{
-    Constraints, DEFAULT_CPU, DEFAULT_MAX_ATTEMPTS, DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_SECS,
-    NodeResources, NodeStatus, Protections, Resources, RunId, RunStatus, SubmitRequest, TaskId,
-    TaskStatus,
+    CommandId, CommandKind, CommandStatus, Constraints, DEFAULT_CPU, DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_SECS, NodeResources, NodeStatus, Protections, Resources,
+    RunId, RunStatus, SubmitRequest, TaskId, TaskStatus,
 };
 use std::sync::Arc;
 
@@ -193,6 +193,32 @@ pub struct NodeRecord {
     pub sandbox: Option<Protections>,
     /// `cold` or `zygote`.
     pub executor: Option<String>,
+    /// Set while an operator has the node drained (or draining); cleared by undrain.
+    pub drain: Option<Drain>,
+}
+
+/// An operator's drain of a node: no new runs; at `deadline` what still runs is stopped
+/// and requeued.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Drain {
+    pub requested_at: f64,
+    /// `None`: running runs may take as long as they need.
+    pub deadline: Option<f64>,
+}
+
+/// A command to a node, as stored (`GET /api/v1/nodes/commands`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandRecord {
+    pub command_id: CommandId,
+    pub node_id: String,
+    pub kind: CommandKind,
+    /// What the command was given (`{"timeout": 60}` for a drain), always an object.
+    pub args: serde_json::Map<String, serde_json::Value>,
+    pub status: CommandStatus,
+    pub created_at: f64,
+    pub delivered_at: Option<f64>,
+    pub completed_at: Option<f64>,
+    pub error: Option<String>,
 }
 
 /// One durable state change, produced by the scheduler and applied by the store in order.
@@ -202,6 +228,7 @@ pub enum Change {
     TaskUpdated(TaskState),
     RunSaved(RunRecord),
     NodeSaved(NodeRecord),
+    CommandSaved(CommandRecord),
 }
 
 /// The state the coordinator restarts from: everything not yet finished.
@@ -212,6 +239,9 @@ pub struct Snapshot {
     /// Runs that are assigned or running.
     pub active_runs: Vec<RunRecord>,
     pub nodes: Vec<NodeRecord>,
+    /// Commands not yet succeeded, failed or expired.
+    pub active_commands: Vec<CommandRecord>,
+    pub max_command_id: CommandId,
     pub max_task_id: TaskId,
     pub max_run_id: RunId,
     pub total_tasks: u64,

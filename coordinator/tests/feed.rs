@@ -39,6 +39,9 @@ impl Server {
         config.local_agents = 0;
         // Durability is not what these tests are about; `normal` keeps them quick.
         config.sync = SyncMode::Normal;
+        // The test plays each agent with one heartbeat; a loaded machine must not turn a
+        // long test's node offline under it (no test here waits for the TTL).
+        config.node_ttl = 3600.0;
         config.feed = feed;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -783,4 +786,36 @@ async fn subscribers_are_closed_when_the_coordinator_stops() {
         .await
         .expect("coordinator stops in time")
         .expect("coordinator task");
+}
+
+#[tokio::test]
+async fn drain_and_undrain_are_announced_as_node_status_changes() {
+    let s = Server::start().await;
+    s.heartbeat("n7", 1.0).await;
+    let mut feed = s.connect("?node_id=n7&events=node_updated").await;
+    s.submit().await;
+    let run = s.pull_one("n7").await;
+    let (status, body) = s.post("/api/v1/nodes/n7/drain", json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    s.report("n7", &run, "completed", None).await;
+    let (status, body) = s.post("/api/v1/nodes/n7/undrain", json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let seen = feed
+        .until(|m| m.data["status"] == "idle" && m.data["previous_status"] == "drained")
+        .await;
+    let got: Vec<(Value, Value)> = seen
+        .iter()
+        .map(|m| (m.data["status"].clone(), m.data["previous_status"].clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (json!("busy"), json!("idle")),
+            (json!("draining"), json!("busy")),
+            (json!("drained"), json!("draining")),
+            (json!("idle"), json!("drained")),
+        ]
+    );
+    feed.close().await;
+    s.shutdown().await;
 }

@@ -901,3 +901,431 @@ async fn nodes_are_listed_with_their_sandbox_and_filtered_by_type_and_status() {
     assert_eq!(busy["items"].as_array().map(Vec::len), Some(1));
     s.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Node API (seed 004)
+// ---------------------------------------------------------------------------------------------
+
+impl Server {
+    async fn put(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .put(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        decode(resp).await
+    }
+
+    async fn node(&self, node: &str) -> Value {
+        let (status, body) = self.get("/api/v1/nodes").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["items"]
+            .as_array()
+            .and_then(|items| items.iter().find(|n| n["node_id"] == node).cloned())
+            .unwrap_or_else(|| panic!("node {node} not listed: {body}"))
+    }
+
+    async fn commands(&self) -> Vec<Value> {
+        let (status, body) = self.get("/api/v1/nodes/commands").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["items"].as_array().cloned().expect("items")
+    }
+}
+
+#[tokio::test]
+async fn the_node_list_carries_every_field_of_the_node_entity() {
+    let s = Server::start().await;
+    s.heartbeat("n1", 2.0, &[]).await;
+    let n = s.node("n1").await;
+    for field in [
+        "node_id",
+        "hostname",
+        "type",
+        "zone",
+        "status",
+        "resources",
+        "current_load",
+        "owner_load",
+        "running",
+        "meta",
+        "sandbox",
+        "sandbox_level",
+        "executor",
+        "version",
+        "joined_at",
+        "last_heartbeat",
+        "drain",
+        "reserved",
+    ] {
+        assert!(n.get(field).is_some(), "{field} missing from {n}");
+    }
+    assert_eq!(n["current_load"]["cpu_percent"], 1.0);
+    assert_eq!(n["meta"], json!({}));
+    assert_eq!(n["drain"], Value::Null);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn drain_holds_back_work_and_undrain_returns_the_node_and_both_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("dir");
+    let s = Server::start_in(dir.path(), |_| {}).await;
+    s.heartbeat("n1", 2.0, &[]).await;
+    let t1 = s.submit("print(1)").await;
+    let first = s.pull("n1", 0.0).await;
+    let a1 = first["tasks"][0].clone();
+
+    let (status, body) = s
+        .post("/api/v1/nodes/n1/drain", json!({"timeout": 300}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["node"]["status"], "draining");
+    assert_eq!(body["command"]["command"], "drain");
+    assert_eq!(body["command"]["status"], "pending");
+    assert_eq!(body["command"]["args"], json!({"timeout": 300.0}));
+    assert!(body["node"]["drain"]["deadline"].is_number());
+
+    s.submit("print(2)").await;
+    assert_eq!(
+        s.pull("n1", 0.0).await["tasks"],
+        json!([]),
+        "no new runs while draining"
+    );
+    let (status, _) = s.report("n1", &a1, "completed", "1\n").await;
+    assert_eq!(status, StatusCode::OK, "the running run may finish");
+    s.wait_status(t1, |b| b["status"] == "completed").await;
+    assert_eq!(s.node("n1").await["status"], "drained");
+
+    // Drained survives a coordinator restart and the agent's heartbeats.
+    s.shutdown().await;
+    let s = Server::start_in(dir.path(), |_| {}).await;
+    assert_eq!(s.node("n1").await["status"], "drained");
+    s.heartbeat("n1", 2.0, &[]).await;
+    assert_eq!(s.node("n1").await["status"], "drained");
+
+    // Undrain with no body at all (seed 004's NodeActionRequest has only the path id).
+    let resp = s
+        .http
+        .post(s.url("/api/v1/nodes/n1/undrain"))
+        .send()
+        .await
+        .expect("request");
+    let (status, body) = decode(resp).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["node"]["status"], "idle");
+    assert_eq!(body["command"]["command"], "undrain");
+    assert_eq!(
+        s.pull("n1", 0.0).await["tasks"].as_array().map(Vec::len),
+        Some(1)
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_drain_deadline_stops_the_run_requeues_it_and_tells_the_agent() {
+    let s = Server::start().await;
+    s.heartbeat("n1", 2.0, &[]).await;
+    let t = s.submit("import time; time.sleep(600)").await;
+    let a = s.pull("n1", 0.0).await["tasks"][0].clone();
+    let run_id = a["run_id"].as_i64().expect("run id");
+    let (status, body) = s
+        .post("/api/v1/nodes/n1/drain", json!({"timeout": 0}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["node"]["status"], "drained");
+    let task = s.wait_status(t, |b| b["status"] == "pending").await;
+    assert_eq!(task["node_id"], Value::Null);
+    let hb = s.heartbeat("n1", 2.0, &[run_id]).await;
+    assert_eq!(hb["cancel"], json!([run_id]), "the agent kills it");
+    let (_, full) = s.get(&format!("/api/v1/tasks/{t}")).await;
+    assert_eq!(full["runs"][0]["status"], "released");
+    // A second node picks it up; the old run's result is refused.
+    s.heartbeat("n2", 2.0, &[]).await;
+    let again = s.pull("n2", 0.0).await["tasks"][0].clone();
+    assert_eq!(again["task_id"], t);
+    let (status, _) = s.report("n1", &a, "completed", "").await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn meta_is_read_replaced_persisted_and_steers_placement() {
+    let dir = tempfile::tempdir().expect("dir");
+    let s = Server::start_in(dir.path(), |_| {}).await;
+    s.heartbeat("n1", 2.0, &[]).await;
+    let (status, body) = s.get("/api/v1/nodes/n1/meta").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, json!({"meta": {}}));
+
+    let (status, created) = s
+        .post(
+            "/api/v1/tasks",
+            json!({"code": "print(1)", "constraints": {"meta": {"gpu": "a100", "rack": 7}}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(
+        s.pull("n1", 0.0).await["tasks"],
+        json!([]),
+        "no matching meta yet"
+    );
+
+    let meta = json!({"gpu": "a100", "rack": 7, "notes": {"owner": "lab"}});
+    let (status, body) = s.put("/api/v1/nodes/n1/meta", json!({"meta": meta})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["meta"], meta);
+    // A heartbeat does not overwrite what the operator set.
+    s.heartbeat("n1", 2.0, &[]).await;
+    assert_eq!(s.get("/api/v1/nodes/n1/meta").await.1["meta"], meta);
+    assert_eq!(s.node("n1").await["meta"], meta);
+    let got = s.pull("n1", 0.0).await;
+    assert_eq!(got["tasks"][0]["task_id"], created["task_id"]);
+
+    s.shutdown().await;
+    let s = Server::start_in(dir.path(), |_| {}).await;
+    assert_eq!(
+        s.get("/api/v1/nodes/n1/meta").await.1["meta"],
+        meta,
+        "persisted"
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn commands_go_pending_delivered_succeeded_through_heartbeats_and_are_listed() {
+    let s = Server::start().await;
+    s.heartbeat("n1", 2.0, &[]).await;
+    let (status, body) = s.post("/api/v1/nodes/n1/restart", json!({})).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let id = body["command"]["id"].as_i64().expect("id");
+    assert_eq!(s.commands().await[0]["status"], "pending");
+
+    let hb = s.heartbeat("n1", 2.0, &[]).await;
+    assert_eq!(
+        hb["commands"],
+        json!([{"id": id, "command": "restart", "args": {}}])
+    );
+    let listed = s.commands().await;
+    assert_eq!(listed[0]["status"], "delivered");
+    assert!(listed[0]["delivered_at"].is_number());
+
+    let (status, _) = s
+        .post(
+            "/internal/heartbeat",
+            json!({"node_id": "n1", "resources": {"cpu_cores": 2, "memory_mb": 4096},
+                   "command_results": [{"id": id, "ok": false, "error": "disk full"}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let listed = s.commands().await;
+    assert_eq!(listed[0]["status"], "failed");
+    assert_eq!(listed[0]["error"], "disk full");
+    assert!(listed[0]["completed_at"].is_number());
+
+    s.post("/api/v1/nodes/n1/drain", json!({})).await;
+    let hb = s.heartbeat("n1", 2.0, &[]).await;
+    let drain_id = hb["commands"][0]["id"].as_i64().expect("drain delivered");
+    s.post(
+        "/internal/heartbeat",
+        json!({"node_id": "n1", "resources": {"cpu_cores": 2, "memory_mb": 4096},
+               "command_results": [{"id": drain_id, "ok": true}]}),
+    )
+    .await;
+    let listed = s.commands().await;
+    assert_eq!(listed.len(), 2, "newest first: {listed:?}");
+    assert_eq!(listed[0]["command"], "drain");
+    assert_eq!(listed[0]["status"], "succeeded");
+    assert_eq!(listed[0]["node_id"], "n1");
+    let (_, failed) = s.get("/api/v1/nodes/commands?status=failed").await;
+    assert_eq!(failed["items"].as_array().map(Vec::len), Some(1));
+    let (_, none) = s.get("/api/v1/nodes/commands?node_id=other").await;
+    assert_eq!(none["items"], json!([]));
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn commands_nobody_answers_expire() {
+    let dir = tempfile::tempdir().expect("dir");
+    let s = Server::start_in(dir.path(), |c| c.command_ttl = 0.2).await;
+    s.heartbeat("n1", 2.0, &[]).await;
+    s.post("/api/v1/nodes/n1/undrain", json!({})).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = s.commands().await;
+        if listed[0]["status"] == "expired" {
+            assert!(
+                listed[0]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("never delivered"))
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "never expired: {listed:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn node_api_errors_are_404_400_422_with_a_detail() {
+    let s = Server::start().await;
+    s.heartbeat("n1", 2.0, &[]).await;
+    for (method, path) in [
+        ("POST", "/api/v1/nodes/ghost/drain"),
+        ("POST", "/api/v1/nodes/ghost/undrain"),
+        ("POST", "/api/v1/nodes/ghost/restart"),
+        ("GET", "/api/v1/nodes/ghost/meta"),
+        ("PUT", "/api/v1/nodes/ghost/meta"),
+    ] {
+        let req = match method {
+            "GET" => s.http.get(s.url(path)),
+            "PUT" => s.http.put(s.url(path)).json(&json!({"meta": {}})),
+            _ => s.http.post(s.url(path)).json(&json!({})),
+        };
+        let (status, body) = decode(req.send().await.expect("request")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}: {body}");
+        assert_eq!(
+            body,
+            json!({"detail": "Node ghost not found"}),
+            "{method} {path}"
+        );
+    }
+    let bad = [
+        (
+            "/api/v1/nodes/n1/drain",
+            "{not json",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/api/v1/nodes/n1/drain",
+            r#"{"timeout": -1}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "/api/v1/nodes/n1/drain",
+            r#"{"timeout": "soon"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "/api/v1/nodes/n1/drain",
+            r#"{"deadline": 5}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "/api/v1/nodes/n1/drain",
+            r#"{"timeout": 1e300}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "/api/v1/nodes/n1/undrain",
+            r#"{"force": true}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "/api/v1/nodes/n1/restart",
+            "[1]",
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+    ];
+    for (path, body, want) in bad {
+        let (status, answer) = s.post_raw(path, body).await;
+        assert_eq!(status, want, "{path} {body}: {answer}");
+        assert!(
+            answer["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{answer}"
+        );
+    }
+    for (body, want) in [
+        (
+            json!({"meta": [1, 2]}),
+            "meta must be a JSON object, got an array",
+        ),
+        (
+            json!({"meta": "x"}),
+            "meta must be a JSON object, got a string",
+        ),
+        (json!({}), "meta is required: a JSON object ({} clears it)"),
+    ] {
+        let (status, answer) = s.put("/api/v1/nodes/n1/meta", body).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+        assert_eq!(answer["detail"], want);
+    }
+    let resp = s
+        .http
+        .put(s.url("/api/v1/nodes/n1/meta"))
+        .body("")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(decode(resp).await.0, StatusCode::BAD_REQUEST);
+    for query in ["status=bogus", "limit=0", "limit=5000", "colour=red"] {
+        let (status, answer) = s.get(&format!("/api/v1/nodes/commands?{query}")).await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{query}: {answer}"
+        );
+    }
+    let (status, body) = s.get("/api/v1/tasks/999/explain").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["detail"], "Task 999 not found");
+    let (status, _) = s.get("/api/v1/tasks/abc/explain").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn explain_says_why_a_task_waits_and_what_a_started_one_does() {
+    let s = Server::start().await;
+    let (_, created) = s
+        .post(
+            "/api/v1/tasks",
+            json!({"code": "print(1)", "resources": {"cpu": 4, "memory": 512}}),
+        )
+        .await;
+    let big = created["task_id"].as_i64().expect("id");
+    let (status, e) = s.get(&format!("/api/v1/tasks/{big}/explain")).await;
+    assert_eq!(status, StatusCode::OK, "{e}");
+    assert_eq!(e["status"], "pending");
+    assert_eq!(e["reason"], "no node has joined the pool");
+
+    s.heartbeat("n1", 2.0, &[]).await;
+    let (_, e) = s.get(&format!("/api/v1/tasks/{big}/explain")).await;
+    assert_eq!(e["nodes"][0]["verdict"], "too_small");
+    assert_eq!(e["nodes"][0]["short"], json!(["cpu"]));
+    assert!(
+        e["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("big enough")),
+        "{e}"
+    );
+
+    let small = s.submit("print(2)").await;
+    s.post("/api/v1/nodes/n1/drain", json!({})).await;
+    let (_, e) = s.get(&format!("/api/v1/tasks/{small}/explain")).await;
+    assert_eq!(e["nodes"][0]["verdict"], "unavailable");
+    assert!(
+        e["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("n1 drained")),
+        "{e}"
+    );
+
+    s.post("/api/v1/nodes/n1/undrain", json!({})).await;
+    let a = s.pull("n1", 0.0).await["tasks"][0].clone();
+    let (_, e) = s.get(&format!("/api/v1/tasks/{small}/explain")).await;
+    assert_eq!(e["status"], "running");
+    assert_eq!(e["node_id"], "n1");
+    s.report("n1", &a, "completed", "2\n").await;
+    s.wait_status(small, |b| b["status"] == "completed").await;
+    let (_, e) = s.get(&format!("/api/v1/tasks/{small}/explain")).await;
+    assert_eq!(e["status"], "completed");
+    assert!(
+        e["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("completed")),
+        "{e}"
+    );
+    s.shutdown().await;
+}

@@ -403,6 +403,10 @@ pub struct HeartbeatRequest {
     /// `cold` or `zygote`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub executor: Option<String>,
+    /// Outcomes of node commands the agent carried out (or refused) since its last
+    /// acknowledged heartbeat. Repeating one is harmless: the coordinator keeps the first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command_results: Vec<CommandResult>,
 }
 
 fn default_agent_state() -> AgentState {
@@ -421,6 +425,120 @@ pub struct HeartbeatResponse {
     #[serde(default)]
     pub heartbeat_interval: f64,
     pub server_id: String,
+    /// Node commands for the agent to carry out, oldest first. Repeated in every answer
+    /// until the agent reports an outcome, so the agent must ignore ids it already handled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub commands: Vec<AgentCommand>,
+}
+
+/// What an operator asks of a node (`POST /api/v1/nodes/{id}/drain`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandKind {
+    /// Take no new runs; the coordinator stops what remains at the deadline.
+    Drain,
+    /// Back into service after a drain.
+    Undrain,
+    /// Stop taking work, let runs finish (bounded by the shutdown grace), restart the
+    /// executor and the agent itself, rejoin with the same node id.
+    Restart,
+}
+
+impl CommandKind {
+    pub const ALL: [CommandKind; 3] = [
+        CommandKind::Drain,
+        CommandKind::Undrain,
+        CommandKind::Restart,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandKind::Drain => "drain",
+            CommandKind::Undrain => "undrain",
+            CommandKind::Restart => "restart",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<CommandKind> {
+        CommandKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl fmt::Display for CommandKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The life of a node command: `pending` (queued) → `delivered` (in a heartbeat answer)
+/// → `succeeded` | `failed` (the agent's outcome), or `expired` (no outcome in time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandStatus {
+    Pending,
+    Delivered,
+    Succeeded,
+    Failed,
+    Expired,
+}
+
+impl CommandStatus {
+    pub const ALL: [CommandStatus; 5] = [
+        CommandStatus::Pending,
+        CommandStatus::Delivered,
+        CommandStatus::Succeeded,
+        CommandStatus::Failed,
+        CommandStatus::Expired,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandStatus::Pending => "pending",
+            CommandStatus::Delivered => "delivered",
+            CommandStatus::Succeeded => "succeeded",
+            CommandStatus::Failed => "failed",
+            CommandStatus::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<CommandStatus> {
+        CommandStatus::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            CommandStatus::Succeeded | CommandStatus::Failed | CommandStatus::Expired
+        )
+    }
+}
+
+impl fmt::Display for CommandStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A command's identifier (increasing).
+pub type CommandId = i64;
+
+/// One command in a heartbeat answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentCommand {
+    pub id: CommandId,
+    pub command: CommandKind,
+    #[serde(default)]
+    pub args: serde_json::Value,
+}
+
+/// How the agent says a command ended, in its next heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandResult {
+    pub id: CommandId,
+    /// `true`: `succeeded`; `false`: `failed` with `error`.
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// One run handed to an agent by `GET /internal/task`.

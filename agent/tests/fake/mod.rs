@@ -116,6 +116,7 @@ async fn heartbeat(
         cancel: lock(&state.cancels).iter().copied().collect(),
         heartbeat_interval: 1.0,
         server_id: "fake".to_string(),
+        commands: Vec::new(),
     })
 }
 

@@ -58,7 +58,8 @@ impl From<EngineError> for ApiError {
                     SchedulerError::StaleLease { .. }
                     | SchedulerError::AlreadyFinished { .. }
                     | SchedulerError::NoLegacyLease(_)
-                    | SchedulerError::NodeUnavailable(..) => StatusCode::CONFLICT,
+                    | SchedulerError::NodeUnavailable(..)
+                    | SchedulerError::NodeRemoved(_) => StatusCode::CONFLICT,
                 };
                 ApiError::new(status, s.to_string())
             }

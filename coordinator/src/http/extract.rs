@@ -43,6 +43,36 @@ where
     }
 }
 
+/// A JSON body that may be left out entirely (an empty body is `T::default()`), for
+/// actions whose every field is optional (`POST /api/v1/nodes/{id}/drain`).
+pub struct OptionalJsonBody<T>(pub T);
+
+impl<S, T> FromRequest<S> for OptionalJsonBody<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned + Default,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            let status = rejection.status();
+            if status == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(status, "request body too large")
+            } else {
+                ApiError::bad_request(format!("could not read the request body: {rejection}"))
+            }
+        })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJsonBody(T::default()));
+        }
+        let mut de = serde_json::Deserializer::from_slice(&bytes);
+        let value = T::deserialize(&mut de).map_err(json_error)?;
+        de.end().map_err(json_error)?;
+        Ok(OptionalJsonBody(value))
+    }
+}
+
 fn json_error(e: serde_json::Error) -> ApiError {
     use serde_json::error::Category;
     match e.classify() {

@@ -50,7 +50,17 @@ pub fn router(engine: Arc<Engine>, config: &HttpConfig) -> Router {
         .route("/api/v1/tasks", post(tasks::create).get(tasks::list))
         .route("/api/v1/tasks/{task_id}", get(tasks::get))
         .route("/api/v1/tasks/{task_id}/cancel", post(tasks::cancel))
+        .route("/api/v1/tasks/{task_id}/explain", get(tasks::explain))
         .route("/api/v1/nodes", get(nodes::list))
+        // Before `{node_id}` routes would shadow it: "commands" is not a node id.
+        .route("/api/v1/nodes/commands", get(nodes::commands))
+        .route("/api/v1/nodes/{node_id}/drain", post(nodes::drain))
+        .route("/api/v1/nodes/{node_id}/undrain", post(nodes::undrain))
+        .route("/api/v1/nodes/{node_id}/restart", post(nodes::restart))
+        .route(
+            "/api/v1/nodes/{node_id}/meta",
+            get(nodes::get_meta).put(nodes::put_meta),
+        )
         .route("/ws/updates", get(feed::updates))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -112,3 +112,14 @@ pub async fn cancel(
     let runs = app.engine.runs(task_id).await?;
     Ok(Json(views::task_with_runs(&task, &runs)))
 }
+
+/// `GET /api/v1/tasks/{id}/explain`: why a pending task is not running (each node's verdict
+/// and one sentence), or what an active or finished task is doing.
+pub async fn explain(
+    State(app): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let task_id = task_id_from_path(&raw)?;
+    let explanation = app.engine.explain(task_id).await?;
+    Ok(Json(views::explanation(&explanation)))
+}

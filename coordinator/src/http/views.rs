@@ -1,8 +1,8 @@
 //! How records look on the wire. Kept apart from the records so a rename inside never
 //! changes the API.
 
-use crate::model::{RunRecord, TaskRecord};
-use crate::scheduler::NodeView;
+use crate::model::{CommandRecord, RunRecord, TaskRecord};
+use crate::scheduler::{Explanation, NodeView};
 use serde_json::{Value, json};
 
 /// A task as `/api/v1/tasks` shows it (without runs).
@@ -65,12 +65,51 @@ pub fn node(n: &NodeView) -> Value {
         "resources": {"cpu_cores": r.resources.cpu_cores, "memory_mb": r.resources.memory_mb},
         "reserved": {"cpu": n.reserved_cpu, "memory": n.reserved_memory},
         "current_load": {"cpu_percent": n.load.cpu_percent, "memory_percent": n.load.memory_percent},
+        // The owner's own load (everything on the host that is not ours) arrives with the
+        // owner-first idle policy; until agents measure it, it is null.
+        "owner_load": Value::Null,
         "running": n.running,
         "meta": Value::Object(r.meta.clone()),
+        "drain": r.drain.map(|d| json!({"requested_at": d.requested_at, "deadline": d.deadline})),
         "sandbox": r.sandbox.as_ref().map(|p| serde_json::to_value(p).unwrap_or(Value::Null)),
+        "sandbox_level": r.sandbox.as_ref().map(|p| p.level.as_str()),
         "executor": r.executor,
         "version": r.version,
         "joined_at": r.joined_at,
         "last_heartbeat": r.last_heartbeat,
+    })
+}
+
+/// A node command as `GET /api/v1/nodes/commands` shows it (seed 004's `NodeCommand`).
+pub fn command(c: &CommandRecord) -> Value {
+    json!({
+        "id": c.command_id,
+        "node_id": c.node_id,
+        "command": c.kind.as_str(),
+        "args": Value::Object(c.args.clone()),
+        "status": c.status.as_str(),
+        "created_at": c.created_at,
+        "delivered_at": c.delivered_at,
+        "completed_at": c.completed_at,
+        "error": c.error,
+    })
+}
+
+/// `GET /api/v1/tasks/{id}/explain`.
+pub fn explanation(e: &Explanation) -> Value {
+    json!({
+        "task_id": e.task_id,
+        "status": e.status.as_str(),
+        "reason": e.reason,
+        "node_id": e.node_id,
+        "run_id": e.run_id,
+        "queued_ahead": e.queued_ahead,
+        "nodes": e.nodes.iter().map(|n| json!({
+            "node_id": n.node_id,
+            "status": n.status.as_str(),
+            "verdict": n.verdict.as_str(),
+            "short": n.short,
+            "detail": n.detail,
+        })).collect::<Vec<_>>(),
     })
 }

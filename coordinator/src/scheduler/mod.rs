@@ -11,17 +11,23 @@
 //! Architecture Invariant: only unfinished tasks live here. A task that reaches a terminal
 //! status is dropped at once; reads of finished work go to the store.
 
+mod explain;
+mod manage;
 mod queue;
 #[cfg(test)]
 mod tests;
 
-use crate::model::{Change, NodeRecord, RunRecord, Snapshot, TaskRecord, TaskSpec, TaskState};
+pub use explain::{Explanation, NodeVerdict, Verdict};
+
+use crate::model::{
+    Change, CommandRecord, NodeRecord, RunRecord, Snapshot, TaskRecord, TaskSpec, TaskState,
+};
 use lull_shared::{
-    AgentState, Assignment, Constraints, HeartbeatRequest, NodeStatus, Resources, RunId,
-    RunOutcome, RunReport, RunStatus, TaskId, TaskStatus, result_from_stdout,
+    AgentCommand, AgentState, Assignment, CommandId, Constraints, HeartbeatRequest, NodeStatus,
+    Resources, RunId, RunOutcome, RunReport, RunStatus, TaskId, TaskStatus, result_from_stdout,
 };
 use queue::PendingQueue;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Tolerance for floating-point capacity sums.
 const EPSILON: f64 = 1e-9;
@@ -39,6 +45,8 @@ pub struct SchedulerConfig {
     /// agent starts them in lease order as runs end), so that a slot does not sit idle for
     /// the round trip that refills it. Only tasks no other node has room for are prefetched.
     pub prefetch: usize,
+    /// A node command with no outcome this many seconds after it was issued is `expired`.
+    pub command_ttl: f64,
 }
 
 impl Default for SchedulerConfig {
@@ -48,12 +56,16 @@ impl Default for SchedulerConfig {
             reconcile_grace: 5.0,
             legacy_lease_grace: 30.0,
             prefetch: DEFAULT_PREFETCH,
+            command_ttl: DEFAULT_COMMAND_TTL,
         }
     }
 }
 
 /// Runs a node may hold beyond its capacity unless configured otherwise.
 pub const DEFAULT_PREFETCH: usize = 2;
+
+/// Seconds a node command may wait for its outcome unless configured otherwise.
+pub const DEFAULT_COMMAND_TTL: f64 = 300.0;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SchedulerError {
@@ -73,12 +85,16 @@ pub enum SchedulerError {
     NoLegacyLease(TaskId),
     #[error("node {0} is {1}: it takes no work")]
     NodeUnavailable(String, NodeStatus),
+    #[error("node {0} is removed: it takes no commands")]
+    NodeRemoved(String),
 }
 
 /// What a heartbeat produced.
 #[derive(Debug, Default)]
 pub struct HeartbeatOutcome {
     pub cancel: Vec<RunId>,
+    /// Node commands the agent has not reported on yet, oldest first.
+    pub commands: Vec<AgentCommand>,
     pub changes: Vec<Change>,
     /// Whether the node's capacity or eligibility grew, so waiting pulls should look again.
     pub wake_pullers: bool,
@@ -169,18 +185,35 @@ impl NodeEntry {
             .all(|(key, want)| self.record.meta.get(key) == Some(want))
     }
 
-    /// `idle`/`busy` follow the runs; other statuses are set explicitly.
-    fn refresh_busy(&mut self) -> bool {
-        let want = if self.runs.is_empty() {
-            NodeStatus::Idle
-        } else {
-            NodeStatus::Busy
-        };
-        if self.accepts_work() && self.record.status != want {
-            self.record.status = want;
-            return true;
+    /// The status a live node's runs and drain call for: `idle`/`busy` by its runs; under
+    /// an operator's drain `draining` until its last run ends, then `drained`; `draining`
+    /// while its agent shuts down. `None` for a status set explicitly (offline, removed,
+    /// paused), which runs do not change.
+    fn wanted_status(&self) -> Option<NodeStatus> {
+        match self.record.status {
+            NodeStatus::Offline | NodeStatus::Removed | NodeStatus::Paused => return None,
+            _ => {}
         }
-        false
+        if self.agent_state == AgentState::Draining {
+            return Some(NodeStatus::Draining);
+        }
+        Some(match (self.record.drain.is_some(), self.runs.is_empty()) {
+            (true, true) => NodeStatus::Drained,
+            (true, false) => NodeStatus::Draining,
+            (false, true) => NodeStatus::Idle,
+            (false, false) => NodeStatus::Busy,
+        })
+    }
+
+    /// Moves the node to [`NodeEntry::wanted_status`]; true if its status changed.
+    fn refresh_busy(&mut self) -> bool {
+        match self.wanted_status() {
+            Some(want) if self.record.status != want => {
+                self.record.status = want;
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -218,6 +251,9 @@ pub struct Scheduler {
     queue: PendingQueue,
     runs: HashMap<RunId, RunEntry>,
     nodes: HashMap<String, NodeEntry>,
+    next_command_id: CommandId,
+    /// Node commands still waiting for an outcome; finished ones live only in the store.
+    commands: BTreeMap<CommandId, CommandRecord>,
 }
 
 impl Scheduler {
@@ -237,6 +273,12 @@ impl Scheduler {
             queue: PendingQueue::default(),
             runs: HashMap::new(),
             nodes: HashMap::new(),
+            next_command_id: snapshot.max_command_id + 1,
+            commands: snapshot
+                .active_commands
+                .into_iter()
+                .map(|c| (c.command_id, c))
+                .collect(),
         };
         for mut record in snapshot.nodes {
             record.last_heartbeat = now;
@@ -464,6 +506,7 @@ impl Scheduler {
                     last_heartbeat: now,
                     sandbox: None,
                     executor: None,
+                    drain: None,
                 },
                 agent_state: AgentState::Offline,
                 load: lull_shared::Load::default(),
@@ -502,14 +545,8 @@ impl Scheduler {
         let leaving = hb.status == AgentState::Offline;
         entry.record.status = match hb.status {
             AgentState::Offline => NodeStatus::Offline,
-            AgentState::Draining => NodeStatus::Draining,
-            AgentState::Idle | AgentState::Busy => {
-                if entry.runs.is_empty() {
-                    NodeStatus::Idle
-                } else {
-                    NodeStatus::Busy
-                }
-            }
+            // Settled by `refresh_busy` below (runs, the agent's own drain, an operator's).
+            AgentState::Draining | AgentState::Idle | AgentState::Busy => NodeStatus::Idle,
         };
 
         // Reconcile: what the node reports against what we placed there.
@@ -549,7 +586,9 @@ impl Scheduler {
             }
         }
         out.cancel = entry.to_cancel.iter().copied().collect();
-        entry.refresh_busy();
+        if !leaving {
+            entry.refresh_busy();
+        }
         // Heartbeat times alone are not saved: they are frequent, and after a restart every
         // node gets a fresh TTL anyway. Anything else that changed is.
         let changed = entry.record != before;
@@ -559,6 +598,10 @@ impl Scheduler {
         }
         out.wake_pullers = entry.accepts_work()
             && (before.status != entry.record.status || before.resources != entry.record.resources);
+        self.command_results(&node_id, &hb.command_results, now, &mut out.changes);
+        if !leaving {
+            out.commands = self.deliver_commands(&node_id, now, &mut out.changes);
+        }
         out
     }
 
@@ -606,6 +649,8 @@ impl Scheduler {
                 &mut changes,
             );
         }
+        self.enforce_drain_deadlines(now, &mut changes);
+        self.expire_commands(now, &mut changes);
         changes
     }
 
@@ -680,18 +725,23 @@ impl Scheduler {
     /// How many of the node's runs wait there for a slot: those past the longest prefix, in
     /// lease order, that fits its capacity (the agent starts them in that order).
     fn waiting_runs(&self, node: &NodeEntry) -> usize {
+        self.waiting_run_ids(node).len()
+    }
+
+    /// The runs [`Scheduler::waiting_runs`] counts.
+    fn waiting_run_ids(&self, node: &NodeEntry) -> Vec<RunId> {
         let capacity = &node.record.resources;
         let (mut cpu, mut memory) = (0.0, 0.0);
-        let mut waiting = 0;
+        let mut waiting = Vec::new();
         for run in node.runs.iter().filter_map(|id| self.runs.get(id)) {
             let (c, m) = (cpu + run.resources.cpu, memory + run.resources.memory);
-            if waiting == 0
+            if waiting.is_empty()
                 && c <= capacity.cpu_cores + EPSILON
                 && m <= capacity.memory_mb + EPSILON
             {
                 (cpu, memory) = (c, m);
             } else {
-                waiting += 1;
+                waiting.push(run.record.run_id);
             }
         }
         waiting

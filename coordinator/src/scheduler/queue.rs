@@ -86,6 +86,14 @@ impl PendingQueue {
         }
     }
 
+    /// How many queued tasks are older than `task_id`.
+    pub fn ahead_of(&self, task_id: TaskId) -> usize {
+        self.classes
+            .values()
+            .map(|c| c.tasks.range(..task_id).count())
+            .sum()
+    }
+
     /// Removes and returns the oldest task among the classes `fits` accepts.
     pub fn pop_first(&mut self, fits: impl Fn(&Resources, &Constraints) -> bool) -> Option<TaskId> {
         let task_id = self

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::model::{TaskLimits, TaskSpec};
-use lull_shared::{Load, NodeResources, SubmitRequest};
+use lull_shared::{CommandKind, CommandResult, CommandStatus, Load, NodeResources, SubmitRequest};
 
 /// A scheduler plus a clock, and shorthand for the calls tests make.
 struct Harness {
@@ -18,6 +18,7 @@ impl Harness {
                 reconcile_grace: 5.0,
                 legacy_lease_grace: 30.0,
                 prefetch: 0,
+                command_ttl: 60.0,
             }),
             now: 1000.0,
         }
@@ -54,6 +55,7 @@ impl Harness {
             finished: vec![],
             sandbox: None,
             executor: None,
+            command_results: vec![],
         };
         self.sched.heartbeat(&hb, self.now)
     }
@@ -320,6 +322,7 @@ fn a_run_reported_as_finished_but_unacknowledged_is_not_lost() {
         finished: vec![got[0].run_id],
         sandbox: None,
         executor: None,
+        command_results: vec![],
     };
     let out = h.sched.heartbeat(&hb, h.now);
     assert!(
@@ -483,6 +486,7 @@ fn restore_rebuilds_queue_reservations_and_ids() {
         max_task_id: pending,
         max_run_id: got[0].run_id,
         total_tasks: 2,
+        ..Snapshot::default()
     };
     let mut after = Scheduler::restore(
         SchedulerConfig {
@@ -642,5 +646,340 @@ fn a_task_larger_than_the_node_is_never_prefetched_there() {
         h.pull("n1", 64).len(),
         1,
         "only the one that can ever run here"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Node management (seed 004)
+// ---------------------------------------------------------------------------------------------
+
+fn status_of(h: &Harness, node: &str) -> NodeStatus {
+    h.sched.nodes[node].record.status
+}
+
+fn run_status(changes: &[Change], run_id: RunId) -> Option<RunStatus> {
+    changes.iter().rev().find_map(|c| match c {
+        Change::RunSaved(r) if r.run_id == run_id => Some(r.status),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_drained_node_takes_no_new_runs_and_its_running_run_may_finish() {
+    let mut h = Harness::new();
+    h.node("n1", 2.0, 4096.0);
+    let first = h.submit("print(1)");
+    let got = h.pull("n1", 1);
+    let (command, _) = h.sched.drain("n1", Some(60.0), h.now).expect("known node");
+    assert_eq!(command.kind, CommandKind::Drain);
+    assert_eq!(command.status, CommandStatus::Pending);
+    assert_eq!(status_of(&h, "n1"), NodeStatus::Draining);
+
+    h.submit("print(2)");
+    assert!(
+        h.pull("n1", 10).is_empty(),
+        "a draining node gets nothing new"
+    );
+    // Heartbeats from the agent do not undo the drain.
+    h.heartbeat("n1", 2.0, 4096.0, &[got[0].run_id]);
+    assert_eq!(status_of(&h, "n1"), NodeStatus::Draining);
+
+    let changes = h
+        .report("n1", &got[0], RunOutcome::Completed, "1\n")
+        .expect("the running run may finish");
+    assert_eq!(
+        final_state(&changes, first).map(|s| s.status),
+        Some(TaskStatus::Completed)
+    );
+    assert_eq!(
+        status_of(&h, "n1"),
+        NodeStatus::Drained,
+        "drained when its last run ends"
+    );
+    assert!(
+        changes
+            .iter()
+            .any(|c| matches!(c, Change::NodeSaved(n) if n.status == NodeStatus::Drained))
+    );
+
+    let (_, changes) = h.sched.undrain("n1", h.now).expect("known node");
+    assert_eq!(status_of(&h, "n1"), NodeStatus::Idle);
+    assert!(
+        changes
+            .iter()
+            .any(|c| matches!(c, Change::NodeSaved(n) if n.drain.is_none()))
+    );
+    assert_eq!(h.pull("n1", 10).len(), 1, "back in service");
+    assert_eq!(status_of(&h, "n1"), NodeStatus::Busy);
+}
+
+#[test]
+fn at_the_drain_deadline_what_remains_is_stopped_and_requeued_without_counting_a_loss() {
+    let mut h = Harness::new();
+    h.node("n1", 2.0, 4096.0);
+    let t = h.submit_with(SubmitRequest {
+        code: Some("import time; time.sleep(600)".into()),
+        max_attempts: Some(1),
+        ..SubmitRequest::default()
+    });
+    let got = h.pull("n1", 1);
+    h.sched.drain("n1", Some(30.0), h.now).expect("known node");
+    h.advance(10.0);
+    h.heartbeat("n1", 2.0, 4096.0, &[got[0].run_id]);
+    assert!(
+        h.sched.tick(h.now).is_empty(),
+        "nothing happens before the deadline"
+    );
+
+    h.advance(21.0);
+    h.heartbeat("n1", 2.0, 4096.0, &[got[0].run_id]);
+    let changes = h.sched.tick(h.now);
+    assert_eq!(
+        run_status(&changes, got[0].run_id),
+        Some(RunStatus::Released)
+    );
+    let state = final_state(&changes, t).expect("task requeued");
+    assert_eq!(state.status, TaskStatus::Pending);
+    assert_eq!(
+        state.losses, 0,
+        "a drain is not the code's fault nor a lost node"
+    );
+    assert_eq!(status_of(&h, "n1"), NodeStatus::Drained);
+    let answer = h.heartbeat("n1", 2.0, 4096.0, &[got[0].run_id]);
+    assert_eq!(
+        answer.cancel,
+        vec![got[0].run_id],
+        "the agent is told to kill it"
+    );
+
+    // It completes elsewhere, once; the stopped run's late result is refused.
+    h.node("n2", 2.0, 4096.0);
+    let again = h.pull("n2", 1);
+    assert_eq!(again[0].task_id, t);
+    assert!(matches!(
+        h.report("n1", &got[0], RunOutcome::Completed, ""),
+        Err(SchedulerError::StaleLease { .. })
+    ));
+    let changes = h
+        .report("n2", &again[0], RunOutcome::Completed, "")
+        .expect("current run");
+    assert_eq!(
+        final_state(&changes, t).map(|s| s.status),
+        Some(TaskStatus::Completed)
+    );
+}
+
+#[test]
+fn a_drain_with_timeout_zero_stops_runs_at_once_and_an_idle_node_is_drained_at_once() {
+    let mut h = Harness::new();
+    h.node("n1", 2.0, 4096.0);
+    h.node("n2", 2.0, 4096.0);
+    h.submit("pass");
+    let got = h.pull("n1", 1);
+    let (_, changes) = h.sched.drain("n1", Some(0.0), h.now).expect("known node");
+    assert_eq!(
+        run_status(&changes, got[0].run_id),
+        Some(RunStatus::Released)
+    );
+    assert_eq!(status_of(&h, "n1"), NodeStatus::Drained);
+    h.sched.drain("n2", None, h.now).expect("known node");
+    assert_eq!(status_of(&h, "n2"), NodeStatus::Drained);
+}
+
+#[test]
+fn drain_state_survives_a_restart_and_an_offline_spell() {
+    let mut h = Harness::new();
+    h.node("n1", 2.0, 4096.0);
+    h.sched.drain("n1", None, h.now).expect("known node");
+    let snapshot = Snapshot {
+        nodes: h.sched.nodes.values().map(|n| n.record.clone()).collect(),
+        ..Snapshot::default()
+    };
+    let mut h2 = Harness::new();
+    h2.sched = Scheduler::restore(SchedulerConfig::default(), snapshot, h.now);
+    h2.now = h.now;
+    assert_eq!(status_of(&h2, "n1"), NodeStatus::Drained);
+    h2.node("n1", 2.0, 4096.0);
+    assert_eq!(
+        status_of(&h2, "n1"),
+        NodeStatus::Drained,
+        "a heartbeat does not undrain"
+    );
+    h2.advance(60.0);
+    h2.sched.tick(h2.now);
+    assert_eq!(status_of(&h2, "n1"), NodeStatus::Offline);
+    h2.node("n1", 2.0, 4096.0);
+    assert_eq!(
+        status_of(&h2, "n1"),
+        NodeStatus::Drained,
+        "back from offline, still drained"
+    );
+}
+
+#[test]
+fn unknown_nodes_are_not_found_for_every_node_operation() {
+    let mut h = Harness::new();
+    let missing = |e: SchedulerError| matches!(e, SchedulerError::NodeNotFound(n) if n == "ghost");
+    assert!(
+        h.sched
+            .drain("ghost", None, h.now)
+            .err()
+            .is_some_and(missing)
+    );
+    assert!(h.sched.undrain("ghost", h.now).err().is_some_and(missing));
+    assert!(h.sched.restart("ghost", h.now).err().is_some_and(missing));
+    assert!(h.sched.meta("ghost").err().is_some_and(missing));
+    assert!(
+        h.sched
+            .set_meta("ghost", serde_json::Map::new())
+            .err()
+            .is_some_and(missing)
+    );
+}
+
+#[test]
+fn commands_are_delivered_in_heartbeats_until_the_agent_reports_and_expire_otherwise() {
+    let mut h = Harness::new();
+    h.node("n1", 2.0, 4096.0);
+    let (restart, _) = h.sched.restart("n1", h.now).expect("known node");
+    let answer = h.node("n1", 2.0, 4096.0);
+    assert_eq!(answer.commands.len(), 1);
+    assert_eq!(answer.commands[0].id, restart.command_id);
+    assert!(answer.changes.iter().any(|c| matches!(c,
+        Change::CommandSaved(cmd) if cmd.status == CommandStatus::Delivered)));
+    // Repeated until there is an outcome.
+    assert_eq!(h.node("n1", 2.0, 4096.0).commands.len(), 1);
+
+    let hb = HeartbeatRequest {
+        command_results: vec![CommandResult {
+            id: restart.command_id,
+            ok: true,
+            error: None,
+        }],
+        ..heartbeat_request("n1")
+    };
+    let out = h.sched.heartbeat(&hb, h.now);
+    assert!(out.commands.is_empty());
+    assert!(out.changes.iter().any(|c| matches!(c,
+        Change::CommandSaved(cmd) if cmd.status == CommandStatus::Succeeded && cmd.completed_at.is_some())));
+
+    // A command for a node that never answers expires after the TTL.
+    let (lonely, _) = h.sched.undrain("n1", h.now).expect("known node");
+    h.advance(61.0);
+    let changes = h.sched.tick(h.now);
+    let expired = changes.iter().find_map(|c| match c {
+        Change::CommandSaved(cmd) if cmd.command_id == lonely.command_id => Some(cmd.clone()),
+        _ => None,
+    });
+    let expired = expired.expect("expired");
+    assert_eq!(expired.status, CommandStatus::Expired);
+    assert!(expired.error.is_some_and(|e| e.contains("never delivered")));
+}
+
+fn heartbeat_request(id: &str) -> HeartbeatRequest {
+    HeartbeatRequest {
+        node_id: id.into(),
+        status: AgentState::Idle,
+        resources: NodeResources {
+            cpu_cores: 2.0,
+            memory_mb: 4096.0,
+        },
+        current_load: Load::default(),
+        hostname: None,
+        node_type: None,
+        zone: None,
+        version: None,
+        running: vec![],
+        finished: vec![],
+        sandbox: None,
+        executor: None,
+        command_results: vec![],
+    }
+}
+
+#[test]
+fn operator_meta_steers_placement_from_the_next_pull_and_heartbeats_keep_it() {
+    let mut h = Harness::new();
+    h.node("n1", 2.0, 4096.0);
+    let mut want = std::collections::BTreeMap::new();
+    want.insert("gpu".to_string(), serde_json::json!("a100"));
+    let t = h.submit_with(SubmitRequest {
+        code: Some("pass".into()),
+        constraints: Some(Constraints {
+            meta: want,
+            ..Constraints::default()
+        }),
+        ..SubmitRequest::default()
+    });
+    assert!(h.pull("n1", 1).is_empty(), "no meta yet");
+    let mut meta = serde_json::Map::new();
+    meta.insert("gpu".into(), serde_json::json!("a100"));
+    let changes = h.sched.set_meta("n1", meta.clone()).expect("known node");
+    assert!(matches!(&changes[..], [Change::NodeSaved(n)] if n.meta == meta));
+    h.node("n1", 2.0, 4096.0);
+    assert_eq!(
+        h.sched.meta("n1").expect("known"),
+        meta,
+        "a heartbeat leaves meta alone"
+    );
+    assert_eq!(h.pull("n1", 1)[0].task_id, t);
+}
+
+#[test]
+fn explain_names_what_keeps_a_task_pending() {
+    let mut h = Harness::new();
+    let t = h.submit("pass");
+    let e = h.sched.explain(t).expect("active");
+    assert_eq!(e.reason, "no node has joined the pool");
+
+    h.node("small", 0.5, 4096.0);
+    let e = h.sched.explain(t).expect("active");
+    assert_eq!(e.nodes[0].verdict, Verdict::TooSmall);
+    assert_eq!(e.nodes[0].short, vec!["cpu"]);
+    assert!(e.reason.contains("big enough"), "{}", e.reason);
+
+    h.node("n1", 1.0, 4096.0);
+    let blocker = h.submit("pass");
+    // `t` is older, so it is placed first; then the node is full for `blocker`.
+    assert_eq!(h.pull("n1", 1)[0].task_id, t);
+    let e = h.sched.explain(blocker).expect("active");
+    let n1 = e.nodes.iter().find(|n| n.node_id == "n1").expect("n1");
+    assert_eq!(n1.verdict, Verdict::Full);
+    assert_eq!(n1.short, vec!["cpu"]);
+    assert!(e.reason.contains("full"), "{}", e.reason);
+
+    h.sched.drain("n1", None, h.now).expect("known");
+    let e = h.sched.explain(blocker).expect("active");
+    assert!(e.reason.contains("n1 draining"), "{}", e.reason);
+
+    let running = h.sched.explain(t).expect("active");
+    assert_eq!(running.status, TaskStatus::Running);
+    assert!(
+        running.reason.contains("running on node n1"),
+        "{}",
+        running.reason
+    );
+
+    let mut want = std::collections::BTreeMap::new();
+    want.insert("rack".to_string(), serde_json::json!(7));
+    let picky = h.submit_with(SubmitRequest {
+        code: Some("pass".into()),
+        constraints: Some(Constraints {
+            meta: want,
+            ..Constraints::default()
+        }),
+        ..SubmitRequest::default()
+    });
+    let e = h.sched.explain(picky).expect("active");
+    assert!(e.nodes.iter().all(|n| n.verdict == Verdict::Mismatch));
+    assert!(
+        e.reason.contains("no node matches its constraints"),
+        "{}",
+        e.reason
+    );
+    assert!(
+        e.nodes[0].detail.contains("meta.rack is not set"),
+        "{}",
+        e.nodes[0].detail
     );
 }

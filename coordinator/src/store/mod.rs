@@ -14,9 +14,9 @@ mod writer;
 pub use sqlite::{SqliteStore, SyncMode};
 pub use writer::{Ack, CommitObserver, Writer, WriterHandle};
 
-use crate::model::{Change, RunRecord, Snapshot, TaskRecord};
+use crate::model::{Change, CommandRecord, RunRecord, Snapshot, TaskRecord};
 use async_trait::async_trait;
-use lull_shared::{TaskId, TaskStatus};
+use lull_shared::{CommandStatus, TaskId, TaskStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -45,6 +45,14 @@ pub struct TaskQuery {
     pub offset: u64,
     /// Keyset paging: only tasks with a larger id.
     pub after: Option<TaskId>,
+}
+
+/// Which node commands to list: newest first, at most `limit`.
+#[derive(Debug, Clone, Default)]
+pub struct CommandQuery {
+    pub node_id: Option<String>,
+    pub status: Option<CommandStatus>,
+    pub limit: u32,
 }
 
 /// A page of results (seed 001's `/results`).
@@ -95,6 +103,8 @@ pub trait Store: Send + Sync + 'static {
         after: Option<TaskId>,
     ) -> Result<Vec<ResultRow>, StoreError>;
     async fn stats(&self, now: f64) -> Result<TaskStats, StoreError>;
+    /// Node commands, newest first.
+    async fn commands(&self, query: &CommandQuery) -> Result<Vec<CommandRecord>, StoreError>;
     /// A cheap liveness check for `/health`.
     async fn ping(&self) -> Result<(), StoreError>;
 }

@@ -1,11 +1,14 @@
 //! The SQLite backend (the embedded default): one file under the data directory, WAL
 //! journal, schema from `migrations/`.
 
-use super::{ResultRow, Store, StoreError, TaskQuery, TaskStats};
-use crate::model::{Change, NodeRecord, RunRecord, Snapshot, TaskRecord, TaskSpec, TaskState};
+use super::{CommandQuery, ResultRow, Store, StoreError, TaskQuery, TaskStats};
+use crate::model::{
+    Change, CommandRecord, Drain, NodeRecord, RunRecord, Snapshot, TaskRecord, TaskSpec, TaskState,
+};
 use async_trait::async_trait;
 use lull_shared::{
-    Constraints, NodeResources, NodeStatus, Resources, RunStatus, TaskId, TaskStatus,
+    CommandKind, CommandStatus, Constraints, NodeResources, NodeStatus, Resources, RunStatus,
+    TaskId, TaskStatus,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -48,7 +51,10 @@ const TASK_COLUMNS: &str = "task_id, code, timeout, cpu, memory_mb, constraints,
 const RUN_COLUMNS: &str = "run_id, task_id, node_id, attempt, status, exit_code, stdout, stderr, \
     error, started_at, completed_at, cpu_seconds, max_rss_mb";
 const NODE_COLUMNS: &str = "node_id, hostname, node_type, zone, cpu_cores, memory_mb, meta, \
-    status, version, joined_at, last_heartbeat, sandbox, executor";
+    status, version, joined_at, last_heartbeat, sandbox, executor, drain_requested_at, \
+    drain_deadline";
+const COMMAND_COLUMNS: &str = "command_id, node_id, command, args, status, created_at, \
+    delivered_at, completed_at, error";
 
 impl SqliteStore {
     /// Opens (creating if needed) `lull.db` in `data_dir` and brings its schema up to date.
@@ -179,6 +185,50 @@ fn node_from_row(row: &SqliteRow) -> Result<NodeRecord, StoreError> {
             .try_get::<Option<String>, _>("sandbox")?
             .and_then(|json| serde_json::from_str(&json).ok()),
         executor: row.try_get("executor")?,
+        drain: row
+            .try_get::<Option<f64>, _>("drain_requested_at")?
+            .map(|requested_at| -> Result<Drain, StoreError> {
+                Ok(Drain {
+                    requested_at,
+                    deadline: row.try_get("drain_deadline")?,
+                })
+            })
+            .transpose()?,
+    })
+}
+
+fn command_from_row(row: &SqliteRow) -> Result<CommandRecord, StoreError> {
+    let command_id: i64 = row.try_get("command_id")?;
+    let kind: String = row.try_get("command")?;
+    let kind = CommandKind::parse(&kind)
+        .ok_or_else(|| corrupt("node_commands", format!("command {command_id} is {kind:?}")))?;
+    let status: String = row.try_get("status")?;
+    let status = CommandStatus::parse(&status).ok_or_else(|| {
+        corrupt(
+            "node_commands",
+            format!("command {command_id} has status {status:?}"),
+        )
+    })?;
+    let args: String = row.try_get("args")?;
+    let args = match serde_json::from_str(&args) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => {
+            return Err(corrupt(
+                "node_commands",
+                format!("command {command_id} args are not an object"),
+            ));
+        }
+    };
+    Ok(CommandRecord {
+        command_id,
+        node_id: row.try_get("node_id")?,
+        kind,
+        args,
+        status,
+        created_at: row.try_get("created_at")?,
+        delivered_at: row.try_get("delivered_at")?,
+        completed_at: row.try_get("completed_at")?,
+        error: row.try_get("error")?,
     })
 }
 
@@ -258,14 +308,17 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, change: &Change) -> Result<
                 .and_then(|p| serde_json::to_string(p).ok());
             sqlx::query(
                 "INSERT INTO nodes (node_id, hostname, node_type, zone, cpu_cores, memory_mb, meta, \
-                 status, version, joined_at, last_heartbeat, sandbox, executor) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 status, version, joined_at, last_heartbeat, sandbox, executor, \
+                 drain_requested_at, drain_deadline) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
                  ON CONFLICT (node_id) DO UPDATE SET hostname = excluded.hostname, \
                  node_type = excluded.node_type, zone = excluded.zone, cpu_cores = excluded.cpu_cores, \
                  memory_mb = excluded.memory_mb, meta = excluded.meta, status = excluded.status, \
                  version = excluded.version, joined_at = excluded.joined_at, \
                  last_heartbeat = excluded.last_heartbeat, sandbox = excluded.sandbox, \
-                 executor = excluded.executor",
+                 executor = excluded.executor, \
+                 drain_requested_at = excluded.drain_requested_at, \
+                 drain_deadline = excluded.drain_deadline",
             )
             .bind(&n.node_id)
             .bind(&n.hostname)
@@ -280,6 +333,30 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, change: &Change) -> Result<
             .bind(n.last_heartbeat)
             .bind(sandbox)
             .bind(&n.executor)
+            .bind(n.drain.map(|d| d.requested_at))
+            .bind(n.drain.and_then(|d| d.deadline))
+            .execute(&mut **tx)
+            .await?;
+        }
+        Change::CommandSaved(c) => {
+            let args = serde_json::Value::Object(c.args.clone()).to_string();
+            sqlx::query(
+                "INSERT INTO node_commands (command_id, node_id, command, args, status, \
+                 created_at, delivered_at, completed_at, error) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (command_id) DO UPDATE SET status = excluded.status, \
+                 delivered_at = excluded.delivered_at, completed_at = excluded.completed_at, \
+                 error = excluded.error",
+            )
+            .bind(c.command_id)
+            .bind(&c.node_id)
+            .bind(c.kind.as_str())
+            .bind(args)
+            .bind(c.status.as_str())
+            .bind(c.created_at)
+            .bind(c.delivered_at)
+            .bind(c.completed_at)
+            .bind(&c.error)
             .execute(&mut **tx)
             .await?;
         }
@@ -304,8 +381,15 @@ impl Store for SqliteStore {
         let nodes = sqlx::query(&format!("SELECT {NODE_COLUMNS} FROM nodes"))
             .fetch_all(&self.pool)
             .await?;
+        let commands = sqlx::query(&format!(
+            "SELECT {COMMAND_COLUMNS} FROM node_commands \
+             WHERE status IN ('pending', 'delivered') ORDER BY command_id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
         let ids = sqlx::query(
             "SELECT (SELECT COALESCE(MAX(task_id), 0) FROM tasks) AS max_task, \
+             (SELECT COALESCE(MAX(command_id), 0) FROM node_commands) AS max_command, \
              (SELECT COALESCE(MAX(run_id), 0) FROM runs) AS max_run, \
              (SELECT COUNT(*) FROM tasks) AS total",
         )
@@ -315,6 +399,11 @@ impl Store for SqliteStore {
             active_tasks: tasks.iter().map(task_from_row).collect::<Result<_, _>>()?,
             active_runs: runs.iter().map(run_from_row).collect::<Result<_, _>>()?,
             nodes: nodes.iter().map(node_from_row).collect::<Result<_, _>>()?,
+            active_commands: commands
+                .iter()
+                .map(command_from_row)
+                .collect::<Result<_, _>>()?,
+            max_command_id: ids.try_get("max_command")?,
             max_task_id: ids.try_get("max_task")?,
             max_run_id: ids.try_get("max_run")?,
             total_tasks: ids.try_get::<i64, _>("total")? as u64,
@@ -427,6 +516,19 @@ impl Store for SqliteStore {
         stats.finished_last_hour = row.try_get::<i64, _>("last_hour")? as u64;
         stats.compute_seconds = row.try_get("compute")?;
         Ok(stats)
+    }
+
+    async fn commands(&self, query: &CommandQuery) -> Result<Vec<CommandRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COMMAND_COLUMNS} FROM node_commands WHERE (?1 IS NULL OR node_id = ?1) \
+             AND (?2 IS NULL OR status = ?2) ORDER BY command_id DESC LIMIT ?3"
+        ))
+        .bind(query.node_id.as_deref())
+        .bind(query.status.map(|s| s.as_str()))
+        .bind(query.limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(command_from_row).collect()
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -341,8 +341,9 @@ async fn completed_by_coordinator(base: &str) -> anyhow::Result<u64> {
         .context("stats without tasks.completed")
 }
 
+/// Appends `record` to the `--json` file (first, so a closed stdout cannot lose it), then
+/// prints it.
 fn write_record(path: Option<&Path>, record: &Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string(record)?);
     if let Some(path) = path {
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -351,6 +352,7 @@ fn write_record(path: Option<&Path>, record: &Value) -> anyhow::Result<()> {
             .with_context(|| format!("could not open {}", path.display()))?;
         writeln!(f, "{}", serde_json::to_string(record)?)?;
     }
+    writeln!(std::io::stdout(), "{}", serde_json::to_string(record)?).ok();
     Ok(())
 }
 
@@ -555,6 +557,12 @@ async fn memory(a: MemoryArgs, json_out: Option<&Path>) -> anyhow::Result<()> {
     // again and heartbeats for `settle` seconds.
     let (coordinator, base) = start_coordinator(dir.path(), &a.sync).await?;
     let restarted = async {
+        // The store is loaded before the coordinator serves: once it answers, it is.
+        sim::http_client()?
+            .get(format!("{base}/health"))
+            .send()
+            .await?
+            .error_for_status()?;
         let restart_rss = status_mb(&coordinator.pid.to_string(), "VmRSS")?;
         let plan = Plan {
             nodes: a.nodes,
@@ -577,7 +585,7 @@ async fn memory(a: MemoryArgs, json_out: Option<&Path>) -> anyhow::Result<()> {
     coordinator.stop().await?;
     let (restart_rss, restart_nodes_rss) = restarted?;
     println!(
-        "memory after restart with {} finished tasks stored: RSS {:.1} MB at start, {:.1} MB \
+        "memory after restart with {} finished tasks stored: RSS {:.1} MB once serving, {:.1} MB \
          after {} nodes heartbeated for {} s",
         a.tasks, restart_rss, restart_nodes_rss, a.nodes, a.settle
     );

@@ -7,11 +7,12 @@
 use crate::client::{CallError, CoordinatorClient};
 use crate::commands::{Commands, Stopped};
 use crate::executor::{
-    ColdExecutor, Execution, Executor, ExecutorKind, Job, ZygoteExecutor, ZygoteSettings,
-    format_seconds,
+    ColdExecutor, Execution, Executor, ExecutorKind, Job, PauseClock, PauseSwitch, RunControl,
+    RunProcess, ZygoteExecutor, ZygoteSettings, format_seconds,
 };
 use crate::heartbeat::{LoadMeter, heartbeat_until_stopped, send_heartbeat};
 use crate::outbox::Outbox;
+use crate::owner::OwnerLoad;
 use crate::retry::{Backoff, FailureLog};
 use crate::slots::Slots;
 use crate::{AgentConfig, AgentError, resolve_node_id};
@@ -152,6 +153,7 @@ pub async fn run_with_executor<E: Executor>(
     // Stopped by shutdown, or by a `restart` command.
     let stop_pulling = shutdown.child_token();
     let commands = Commands::open(&config.state_dir, stop_pulling.clone());
+    let (pause_switch, pause_clock) = PauseClock::new();
     let shared = Arc::new(Shared {
         commands,
         config,
@@ -163,6 +165,10 @@ pub async fn run_with_executor<E: Executor>(
         slots: Slots::new(capacity),
         outbox,
         draining: AtomicBool::new(false),
+        paused_because: Mutex::new(None),
+        pause_switch,
+        pause_clock,
+        owner_load: Mutex::new(None),
         load: Mutex::new(meter),
         protections,
         executor_name: executor.kind(),
@@ -171,6 +177,10 @@ pub async fn run_with_executor<E: Executor>(
 
     let stop_heartbeats = CancellationToken::new();
     let heartbeats = tokio::spawn(heartbeat_until_stopped(
+        Arc::clone(&shared),
+        stop_heartbeats.clone(),
+    ));
+    let owner = tokio::spawn(crate::owner::watch_owner_until_stopped(
         Arc::clone(&shared),
         stop_heartbeats.clone(),
     ));
@@ -206,7 +216,11 @@ pub async fn run_with_executor<E: Executor>(
     }
     stop_delivery.cancel();
     stop_heartbeats.cancel();
-    for (what, task) in [("result delivery", delivery), ("heartbeat", heartbeats)] {
+    for (what, task) in [
+        ("result delivery", delivery),
+        ("heartbeat", heartbeats),
+        ("owner watch", owner),
+    ] {
         if let Err(err) = task.await {
             error!(%err, "the {what} task failed");
         }
@@ -252,6 +266,13 @@ pub(crate) struct Shared {
     slots: Arc<Slots>,
     pub(crate) outbox: Outbox,
     draining: AtomicBool,
+    /// Why the node is paused for its owner (`None`: it is not).
+    pub(crate) paused_because: Mutex<Option<String>>,
+    /// Stops and restarts the runs' wall clocks with the pause.
+    pub(crate) pause_switch: PauseSwitch,
+    pub(crate) pause_clock: PauseClock,
+    /// The owner's load as last measured (`None` before the first measurement).
+    pub(crate) owner_load: Mutex<Option<OwnerLoad>>,
     pub(crate) load: Mutex<LoadMeter>,
     /// What every run gets, as reported in heartbeats.
     pub(crate) protections: lull_shared::Protections,
@@ -263,11 +284,21 @@ impl Shared {
     pub(crate) fn current_state(&self) -> AgentState {
         if self.draining.load(Ordering::SeqCst) {
             AgentState::Draining
+        } else if self.paused_reason().is_some() {
+            AgentState::Paused
         } else if self.runs.is_empty() {
             AgentState::Idle
         } else {
             AgentState::Busy
         }
+    }
+
+    /// Why the node is paused for its owner, if it is.
+    pub(crate) fn paused_reason(&self) -> Option<String> {
+        self.paused_because
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Kills a run because the coordinator said so (from a heartbeat or a pull answer).
@@ -350,7 +381,16 @@ async fn pull_until_stopped<E: Executor>(
         debug!(%err, "could not register with the coordinator yet");
     }
 
+    let mut pause = shared.pause_clock.clone();
     loop {
+        // A paused node takes no work: the owner needs the machine.
+        if pause.is_paused() {
+            debug!("paused for the owner; not pulling");
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = pause.wait_unpaused() => {}
+            }
+        }
         let answer = tokio::select! {
             () = stop.cancelled() => return,
             answer = shared.client.pull(&shared.node_id, shared.config.pull_wait, PULL_MAX) => answer,
@@ -411,7 +451,7 @@ fn start_run<E: Executor>(shared: &Arc<Shared>, executor: &Arc<E>, assignment: A
         );
         return;
     }
-    let Some(cancel) = shared.runs.insert(run_id, task_id) else {
+    let Some((cancel, process)) = shared.runs.insert(run_id, task_id) else {
         warn!(
             task_id,
             run_id, "assigned a run that is already running here; ignoring it"
@@ -420,7 +460,14 @@ fn start_run<E: Executor>(shared: &Arc<Shared>, executor: &Arc<E>, assignment: A
     };
     let span = info_span!("run", task_id, run_id);
     tokio::spawn(
-        execute(Arc::clone(shared), Arc::clone(executor), assignment, cancel).instrument(span),
+        execute(
+            Arc::clone(shared),
+            Arc::clone(executor),
+            assignment,
+            cancel,
+            process,
+        )
+        .instrument(span),
     );
 }
 
@@ -430,6 +477,7 @@ async fn execute<E: Executor>(
     executor: Arc<E>,
     assignment: Assignment,
     cancel: CancellationToken,
+    process: RunProcess,
 ) {
     let (task_id, run_id) = (assignment.task_id, assignment.run_id);
     // Takes the run off the table however this task ends, panics included.
@@ -455,9 +503,19 @@ async fn execute<E: Executor>(
         code: assignment.code,
         timeout,
         resources: assignment.resources,
+        control: RunControl {
+            process,
+            clock: shared.pause_clock.clone(),
+        },
     };
+    // A run handed out just before the node paused waits for the owner too.
+    let mut pause = shared.pause_clock.clone();
     let capacity = tokio::select! {
-        share = shared.slots.acquire(run_id, assignment.resources) => Some(share),
+        share = async {
+            let share = shared.slots.acquire(run_id, assignment.resources).await;
+            pause.wait_unpaused().await;
+            share
+        } => Some(share),
         () = cancel.cancelled() => None,
     };
     let execution = match capacity {
@@ -504,6 +562,10 @@ fn report(
         (RunOutcome::Cancelled, Some(StopReason::Released)) => {
             (RunOutcome::Released, Some(RELEASED_ERROR.to_string()))
         }
+        // Handed back like a run of a stopping agent: requeued, not counted as a loss.
+        (RunOutcome::Cancelled, Some(StopReason::Evicted(why))) => {
+            (RunOutcome::Released, Some(why))
+        }
         (outcome, _) => (outcome, execution.error),
     };
     RunReport {
@@ -523,18 +585,22 @@ fn report(
 }
 
 /// Why the agent stopped a run before it ended on its own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum StopReason {
     /// The coordinator cancelled it: report `Cancelled`.
     Cancelled,
     /// The agent is shutting down and the grace period is over: report `Released`.
     Released,
+    /// The node was paused for its owner longer than `evict_after`: report `Released` with
+    /// this reason (the task is requeued and the run does not count as a loss).
+    Evicted(String),
 }
 
 #[derive(Debug)]
 struct RunSlot {
     task_id: TaskId,
     cancel: CancellationToken,
+    process: RunProcess,
     stopped_because: Option<StopReason>,
 }
 
@@ -554,8 +620,9 @@ impl Default for Runs {
 
 impl Runs {
     /// Adds a run; `None` when it is already there.
-    fn insert(&self, run_id: RunId, task_id: TaskId) -> Option<CancellationToken> {
+    fn insert(&self, run_id: RunId, task_id: TaskId) -> Option<(CancellationToken, RunProcess)> {
         let cancel = CancellationToken::new();
+        let process = RunProcess::default();
         let added = self.slots.send_if_modified(|slots| {
             if slots.contains_key(&run_id) {
                 return false;
@@ -565,12 +632,13 @@ impl Runs {
                 RunSlot {
                     task_id,
                     cancel: cancel.clone(),
+                    process: process.clone(),
                     stopped_because: None,
                 },
             );
             true
         });
-        added.then_some(cancel)
+        added.then_some((cancel, process))
     }
 
     fn remove(&self, run_id: RunId) {
@@ -594,10 +662,10 @@ impl Runs {
         found
     }
 
-    fn stop_all(&self, reason: StopReason) {
+    pub(crate) fn stop_all(&self, reason: StopReason) {
         self.slots.send_if_modified(|slots| {
             for (run_id, slot) in slots.iter_mut() {
-                slot.stopped_because.get_or_insert(reason);
+                slot.stopped_because.get_or_insert_with(|| reason.clone());
                 slot.cancel.cancel();
                 debug!(task_id = slot.task_id, run_id, ?reason, "stopping run");
             }
@@ -609,7 +677,16 @@ impl Runs {
         self.slots
             .borrow()
             .get(&run_id)
-            .and_then(|slot| slot.stopped_because)
+            .and_then(|slot| slot.stopped_because.clone())
+    }
+
+    /// `(run_id, task_id, pid)` of every run whose process exists now.
+    pub(crate) fn processes(&self) -> Vec<(RunId, TaskId, u32)> {
+        self.slots
+            .borrow()
+            .iter()
+            .filter_map(|(run_id, slot)| Some((*run_id, slot.task_id, slot.process.pid()?)))
+            .collect()
     }
 
     pub(crate) fn ids(&self) -> Vec<RunId> {
@@ -624,7 +701,7 @@ impl Runs {
         self.slots.borrow().is_empty()
     }
 
-    fn wait_empty(&self) -> impl Future<Output = ()> + Send + 'static {
+    pub(crate) fn wait_empty(&self) -> impl Future<Output = ()> + Send + 'static {
         let mut slots = self.slots.subscribe();
         async move {
             let _ = slots.wait_for(BTreeMap::is_empty).await;

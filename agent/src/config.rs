@@ -43,6 +43,8 @@ pub struct AgentConfig {
     pub preload: Vec<String>,
     /// The `lull-zygote` binary; `None`: next to the running executable.
     pub zygote_bin: Option<PathBuf>,
+    /// Owner first: when to pause for the host's owner, resume, and evict.
+    pub owner: crate::owner::OwnerPolicy,
 }
 
 impl AgentConfig {
@@ -75,6 +77,7 @@ impl AgentConfig {
             executor: crate::executor::ExecutorKind::default(),
             preload: Vec::new(),
             zygote_bin: None,
+            owner: crate::owner::OwnerPolicy::default(),
         }
     }
 

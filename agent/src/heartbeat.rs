@@ -95,10 +95,22 @@ fn heartbeat_request(shared: &Shared, status: AgentState) -> HeartbeatRequest {
         sandbox: Some(shared.protections.clone()),
         executor: Some(shared.executor_name.to_string()),
         command_results: shared.commands.outcomes(),
+        owner_load: shared
+            .owner_load
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .map(|owner| Load {
+                cpu_percent: owner.cpu_percent,
+                memory_percent: owner.memory_percent,
+            }),
+        paused_reason: match status {
+            AgentState::Paused => shared.paused_reason(),
+            _ => None,
+        },
     }
 }
 
-/// Heartbeats every `heartbeat_interval` until `stop`, saying idle, busy or draining.
+/// Heartbeats every `heartbeat_interval` until `stop`, saying idle, busy, paused or draining.
 pub(crate) async fn heartbeat_until_stopped(shared: Arc<Shared>, stop: CancellationToken) {
     let period = shared.config.heartbeat_interval;
     // The supervisor sends the first heartbeat itself (before its first pull).

@@ -16,6 +16,7 @@
 //! | `agent` | the supervisor: the pull loop, the table of runs, cancels, graceful shutdown |
 //! | `heartbeat` | the heartbeat ticker and the host's load as `sysinfo` measures it |
 //! | `commands` | node commands from heartbeat answers (drain, undrain, restart) and their outcomes |
+//! | `owner` | owner first: the owner's load (host minus Lull), [`OwnerPolicy`] and the pure `OwnerWatch` (pause, resume, evict), suspending runs |
 //! | `outbox` | results written to `state_dir/outbox/{run_id}.json` and posted until acknowledged |
 //! | `client` | the HTTP calls to the coordinator and what each answer means (ack, refuse, retry) |
 //! | `retry` | backoff and the rate-limited logging of repeated failures |
@@ -25,6 +26,8 @@
 //!
 //! heartbeat (registers the node) → long-poll `GET /internal/task` → spawn each assignment →
 //! write its result to the outbox → `POST /internal/result` until acknowledged or refused.
+//! While the owner needs the machine: stop pulling, suspend the runs, heartbeat `paused`;
+//! resume when they are quiet, or evict (hand back) the runs after `owner.evict_after`.
 //! On shutdown: stop pulling, heartbeat `draining`, wait for the runs up to the grace period,
 //! release what is left, flush the outbox briefly, heartbeat `offline`.
 //!
@@ -44,6 +47,7 @@ pub mod executor;
 mod heartbeat;
 mod node_id;
 mod outbox;
+mod owner;
 mod retry;
 pub mod sandbox;
 mod slots;
@@ -56,3 +60,4 @@ pub use executor::{
     ColdExecutor, Execution, Executor, ExecutorKind, Job, ZygoteExecutor, ZygoteSettings,
 };
 pub use node_id::resolve_node_id;
+pub use owner::OwnerPolicy;

@@ -5,7 +5,7 @@
 
 use anyhow::Context as _;
 use clap::Parser;
-use lull_agent::{AgentConfig, ExecutorKind, Stopped};
+use lull_agent::{AgentConfig, ExecutorKind, OwnerPolicy, Stopped};
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -95,6 +95,40 @@ struct Cli {
     /// The lull-zygote binary (default: next to this executable).
     #[arg(long, env = "LULL_ZYGOTE_BIN")]
     zygote_bin: Option<PathBuf>,
+    /// Owner first: on (pause for the host's owner, resume, evict) or off (never pause).
+    #[arg(long, env = "LULL_OWNER_POLICY", default_value = "on", value_parser = on_off, action = clap::ArgAction::Set)]
+    owner_policy: bool,
+    /// The owner is busy above this share of the host's CPU (percent of all cores, not
+    /// counting Lull's own use).
+    #[arg(long, env = "LULL_OWNER_CPU_PERCENT", default_value = "50", value_parser = percent)]
+    owner_cpu_percent: f64,
+    /// ... or above this share of the host's memory (percent, not counting Lull's own use).
+    #[arg(long, env = "LULL_OWNER_MEMORY_PERCENT", default_value = "90", value_parser = percent)]
+    owner_memory_percent: f64,
+    /// Seconds the owner must stay busy before the node pauses.
+    #[arg(long, env = "LULL_OWNER_BUSY_FOR", default_value = "10", value_parser = seconds)]
+    owner_busy_for: Duration,
+    /// Seconds the owner must stay quiet before the node resumes.
+    #[arg(long, env = "LULL_OWNER_QUIET_FOR", default_value = "30", value_parser = seconds)]
+    owner_quiet_for: Duration,
+    /// Seconds a pause may last before the node's runs are evicted (killed and requeued).
+    #[arg(long, env = "LULL_OWNER_EVICT_AFTER", default_value = "600", value_parser = seconds)]
+    owner_evict_after: Duration,
+}
+
+fn on_off(value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "true" | "1" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        _ => Err(format!("{value:?} is not on or off")),
+    }
+}
+
+fn percent(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("{value:?} is not a percentage from 0 to 100")),
+    }
 }
 
 fn executor_kind(value: &str) -> Result<ExecutorKind, String> {
@@ -142,6 +176,14 @@ impl Cli {
             .filter(|m| !m.trim().is_empty())
             .collect();
         config.zygote_bin = self.zygote_bin;
+        config.owner = OwnerPolicy {
+            enabled: self.owner_policy,
+            cpu_percent: self.owner_cpu_percent,
+            memory_percent: self.owner_memory_percent,
+            busy_for: self.owner_busy_for,
+            quiet_for: self.owner_quiet_for,
+            evict_after: self.owner_evict_after,
+        };
         config
     }
 }

@@ -44,6 +44,8 @@ fn config(fake: &FakeCoordinator, state_dir: &Path) -> AgentConfig {
     config.pull_wait = Duration::from_secs(1);
     config.cpus = Some(2.0);
     config.memory_mb = Some(2048.0);
+    // Other tests' load on this host is no owner to yield to.
+    config.owner = lull_agent::OwnerPolicy::off();
     config
 }
 

@@ -53,6 +53,7 @@ fn job(run_id: i64, code: &str, memory_mb: f64) -> Job {
             cpu: 1.0,
             memory: memory_mb,
         },
+        control: Default::default(),
     }
 }
 

@@ -115,6 +115,7 @@ fn job(code: &str, timeout_secs: f64) -> Job {
         code: code.to_string(),
         timeout: Duration::from_secs_f64(timeout_secs),
         resources: Resources::default(),
+        control: Default::default(),
     }
 }
 
@@ -566,6 +567,8 @@ async fn agent_runs_one_task(
     config.sandbox_launcher = Some(binary("lull-sandbox"));
     config.executor = executor;
     config.zygote_bin = Some(zygote_bin);
+    // Other tests' load on this host is no owner to yield to.
+    config.owner = lull_agent::OwnerPolicy::off();
     let shutdown = CancellationToken::new();
     let agent = tokio::spawn(lull_agent::run(config, shutdown.clone()));
 

@@ -201,6 +201,9 @@ fn start_local_agents(
             );
             agent.python = config.python.clone();
             agent.heartbeat_interval = Duration::from_secs_f64(config.heartbeat_interval);
+            // The coordinator's host serves Lull: its other load is no owner to yield to
+            // (and several local agents would count each other as one).
+            agent.owner = lull_agent::OwnerPolicy::off();
             if n > 1 {
                 // Several local agents share this host between them.
                 agent.cpus = Some((host_cpus / f64::from(n)).max(1.0));

@@ -362,12 +362,15 @@ impl Protections {
 }
 
 /// What the agent states about itself in `POST /internal/heartbeat`: `idle`/`busy` while it
-/// works, `draining` while it shuts down (place nothing more), `offline` when it leaves.
+/// works, `paused` while the host's owner needs the machine (place nothing; its runs are
+/// suspended; `paused_reason` says why), `draining` while it shuts down (place nothing
+/// more), `offline` when it leaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AgentState {
     Idle,
     Busy,
+    Paused,
     Draining,
     Offline,
 }
@@ -407,6 +410,12 @@ pub struct HeartbeatRequest {
     /// acknowledged heartbeat. Repeating one is harmless: the coordinator keeps the first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command_results: Vec<CommandResult>,
+    /// The host's load that is not Lull's (everything but the agent and its runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_load: Option<Load>,
+    /// Why the node is `paused`, e.g. `owner CPU 87% > 50% for 10 s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_reason: Option<String>,
 }
 
 fn default_agent_state() -> AgentState {

@@ -237,7 +237,9 @@ pub fn start_agent(coordinator_url: &str, state_dir: &Path, args: &[&str]) -> Re
     start_agent_with_env(coordinator_url, state_dir, args, &[])
 }
 
-/// As [`start_agent`], with extra environment variables (e.g. `TMPDIR`).
+/// As [`start_agent`], with extra environment variables (e.g. `TMPDIR`). The owner-first
+/// policy is off (`LULL_OWNER_POLICY=off`): on a test host, the other tests' load is no
+/// owner to yield to. A test of the policy turns it on with `--owner-policy on`.
 pub fn start_agent_with_env(
     coordinator_url: &str,
     state_dir: &Path,
@@ -250,6 +252,7 @@ pub fn start_agent_with_env(
         .arg("--state-dir")
         .arg(state_dir)
         .args(args)
+        .env("LULL_OWNER_POLICY", "off")
         .envs(env.iter().copied())
         .env(
             "RUST_LOG",

@@ -10,7 +10,7 @@
 //! (`cpu_seconds` and `max_rss_mb` are reported as unknown), and catching descendants that
 //! leave the process group with `setsid`.
 
-use super::{Execution, Executor, Job, format_seconds, unix_now};
+use super::{Execution, Executor, Job, RunTimer, format_seconds, unix_now};
 use crate::sandbox::{RunPolicy, SandboxSettings};
 use lull_shared::Protections;
 use lull_shared::RunOutcome;
@@ -249,6 +249,9 @@ impl Executor for ColdExecutor {
                 return Execution::not_started(started_at, error);
             }
         };
+        if let Some(pid) = child.id() {
+            job.control.process.set(pid);
+        }
         // process_group(0) made the child the leader of a new group whose id is its pid.
         let group = GroupKiller(
             child
@@ -264,10 +267,11 @@ impl Executor for ColdExecutor {
             &group,
             &mut stdout,
             &mut stderr,
-            job.timeout,
+            job.control.clock.timer(job.timeout.min(MAX_TIMEOUT)),
             &cancel,
         )
         .await;
+        job.control.process.clear();
         // supervise killed the group; stop the drop guard from killing a recycled pgid later.
         group.disarm();
         let completed_at = unix_now();
@@ -307,14 +311,13 @@ async fn supervise(
     group: &GroupKiller,
     stdout: &mut Capture,
     stderr: &mut Capture,
-    timeout: Duration,
+    mut timer: RunTimer,
     cancel: &CancellationToken,
 ) -> Ending {
     let mut out_pipe = child.stdout.take();
     let mut err_pipe = child.stderr.take();
     let mut out_buf = vec![0u8; READ_CHUNK_BYTES];
     let mut err_buf = vec![0u8; READ_CHUNK_BYTES];
-    let deadline = Instant::now() + timeout.min(MAX_TIMEOUT);
     let mut killed_because: Option<Ending> = None;
     let mut exited: Option<io::Result<ExitStatus>> = None;
     let mut drain_deadline: Option<Instant> = None;
@@ -350,8 +353,7 @@ async fn supervise(
                 exited = Some(status);
                 drain_deadline = Some(Instant::now() + OUTPUT_DRAIN_GRACE);
             }
-            () = tokio::time::sleep_until(deadline),
-                if exited.is_none() && killed_because.is_none() => {
+            () = timer.expired(), if exited.is_none() && killed_because.is_none() => {
                 group.kill(child);
                 killed_because = Some(Ending::TimedOut);
             }
@@ -359,7 +361,7 @@ async fn supervise(
                 group.kill(child);
                 killed_because = Some(Ending::Cancelled);
             }
-            () = tokio::time::sleep_until(drain_deadline.unwrap_or(deadline)),
+            () = tokio::time::sleep_until(drain_deadline.unwrap_or_else(Instant::now)),
                 if drain_deadline.is_some() => {
                 warn!("a process that left the run's group still holds its output open; not waiting for it");
                 break;
@@ -601,6 +603,7 @@ mod tests {
             code: code.to_string(),
             timeout: Duration::from_secs_f64(timeout_secs),
             resources: Resources::default(),
+            control: Default::default(),
         }
     }
 

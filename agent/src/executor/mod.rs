@@ -7,10 +7,12 @@
 //! the agent maps an [`Execution`] to a wire `RunReport`.
 
 mod cold;
+mod control;
 mod zygote;
 pub mod zygote_protocol;
 
 pub use cold::ColdExecutor;
+pub use control::{PauseClock, PauseState, PauseSwitch, RunControl, RunProcess, RunTimer};
 pub use zygote::{ZygoteExecutor, ZygoteSettings};
 
 use lull_shared::{Resources, RunId, RunOutcome, TaskId};
@@ -67,6 +69,9 @@ pub struct Job {
     pub timeout: Duration,
     /// What the coordinator reserved for the run; the cold executor does not enforce it yet.
     pub resources: Resources,
+    /// Where the executor reports the run's process, and the clock its `timeout` runs on
+    /// (it stands still while the node is paused). `RunControl::default()` without an agent.
+    pub control: RunControl,
 }
 
 /// How a run ended.

@@ -124,6 +124,7 @@ impl ZygoteExecutor {
             code: "print(6 * 7)".to_string(),
             timeout: SMOKE_TEST_TIMEOUT,
             resources: lull_shared::Resources::default(),
+            control: Default::default(),
         };
         let execution = run_on(&first, &settings, &path, smoke, CancellationToken::new()).await;
         if execution.outcome != RunOutcome::Completed || execution.stdout != "42\n" {
@@ -699,7 +700,7 @@ async fn supervise_run(
     let mut stderr = Capture::new(settings.max_output_bytes);
     let mut out_buf = vec![0u8; READ_CHUNK_BYTES];
     let mut err_buf = vec![0u8; READ_CHUNK_BYTES];
-    let deadline = Instant::now() + job.timeout.min(MAX_TIMEOUT);
+    let mut timer = job.control.clock.timer(job.timeout.min(MAX_TIMEOUT));
     let mut pid: Option<i32> = None;
     let mut killed_because: Option<Ending> = None;
     let mut kill_deadline: Option<Instant> = None;
@@ -742,8 +743,14 @@ async fn supervise_run(
                 _ => err = None,
             },
             event = events.recv(), if exited.is_none() => match event {
-                Some(RunEvent::Started(started)) => pid = Some(started),
+                Some(RunEvent::Started(started)) => {
+                    pid = Some(started);
+                    if let Ok(started) = u32::try_from(started) {
+                        job.control.process.set(started);
+                    }
+                }
                 Some(RunEvent::Exited { status, cpu_seconds, max_rss_mb }) => {
+                    job.control.process.clear();
                     guard.running = false;
                     exited = Some((status, cpu_seconds, max_rss_mb));
                     drain_deadline = Some(Instant::now() + OUTPUT_DRAIN_GRACE);
@@ -761,8 +768,7 @@ async fn supervise_run(
                     break ZygoteEnding::Lost;
                 }
             },
-            () = tokio::time::sleep_until(deadline),
-                if exited.is_none() && killed_because.is_none() => {
+            () = timer.expired(), if exited.is_none() && killed_because.is_none() => {
                 kill(&guard);
                 killed_because = Some(Ending::TimedOut);
                 kill_deadline = Some(Instant::now() + KILL_WAIT);
@@ -772,7 +778,7 @@ async fn supervise_run(
                 killed_because = Some(Ending::Cancelled);
                 kill_deadline = Some(Instant::now() + KILL_WAIT);
             }
-            () = tokio::time::sleep_until(kill_deadline.unwrap_or(deadline)),
+            () = tokio::time::sleep_until(kill_deadline.unwrap_or_else(Instant::now)),
                 if kill_deadline.is_some() && exited.is_none() => {
                 error!(run_id = job.run_id, pid, "the zygote did not report the killed run's exit");
                 if let Some(pid) = pid {
@@ -782,7 +788,7 @@ async fn supervise_run(
                     "the zygote did not report its exit",
                 )));
             }
-            () = tokio::time::sleep_until(drain_deadline.unwrap_or(deadline)),
+            () = tokio::time::sleep_until(drain_deadline.unwrap_or_else(Instant::now)),
                 if drain_deadline.is_some() => {
                 warn!("a process that left the run's group still holds its output open; not waiting for it");
                 let (status, ..) = exited.as_ref().map_or((ExitStatus::from_raw(0x7f), None, None), |e| *e);
@@ -791,6 +797,7 @@ async fn supervise_run(
         }
     };
     drop(guard);
+    job.control.process.clear();
     let completed_at = unix_now();
     let (cpu_seconds, max_rss_mb) = exited.map_or((None, None), |(_, cpu, rss)| (cpu, rss));
 

@@ -198,6 +198,8 @@ impl Shared {
             sandbox: None,
             executor: Some("simulated".into()),
             command_results: Vec::new(),
+            owner_load: None,
+            paused_reason: None,
         }
     }
 }

@@ -65,9 +65,8 @@ pub fn node(n: &NodeView) -> Value {
         "resources": {"cpu_cores": r.resources.cpu_cores, "memory_mb": r.resources.memory_mb},
         "reserved": {"cpu": n.reserved_cpu, "memory": n.reserved_memory},
         "current_load": {"cpu_percent": n.load.cpu_percent, "memory_percent": n.load.memory_percent},
-        // The owner's own load (everything on the host that is not ours) arrives with the
-        // owner-first idle policy; until agents measure it, it is null.
-        "owner_load": Value::Null,
+        "owner_load": n.owner_load.map(|o| json!({"cpu_percent": o.cpu_percent, "memory_percent": o.memory_percent})),
+        "paused_reason": n.paused_reason,
         "running": n.running,
         "meta": Value::Object(r.meta.clone()),
         "drain": r.drain.map(|d| json!({"requested_at": d.requested_at, "deadline": d.deadline})),

@@ -138,6 +138,10 @@ struct NodeEntry {
     record: NodeRecord,
     agent_state: AgentState,
     load: lull_shared::Load,
+    /// The host's load that is not Lull's, as the agent last reported it.
+    owner_load: Option<lull_shared::Load>,
+    /// Why the agent says it is paused for its owner (only while it is).
+    paused_reason: Option<String>,
     /// Active runs the coordinator placed here.
     runs: BTreeSet<RunId>,
     reserved_cpu: f64,
@@ -223,6 +227,8 @@ pub struct NodeView {
     pub record: NodeRecord,
     pub running: Vec<RunId>,
     pub load: lull_shared::Load,
+    pub owner_load: Option<lull_shared::Load>,
+    pub paused_reason: Option<String>,
     pub reserved_cpu: f64,
     pub reserved_memory: f64,
 }
@@ -293,6 +299,8 @@ impl Scheduler {
                     record,
                     agent_state,
                     load: lull_shared::Load::default(),
+                    owner_load: None,
+                    paused_reason: None,
                     runs: BTreeSet::new(),
                     reserved_cpu: 0.0,
                     reserved_memory: 0.0,
@@ -401,6 +409,8 @@ impl Scheduler {
                 record: n.record.clone(),
                 running: n.runs.iter().copied().collect(),
                 load: n.load,
+                owner_load: n.owner_load,
+                paused_reason: n.paused_reason.clone(),
                 reserved_cpu: n.reserved_cpu,
                 reserved_memory: n.reserved_memory,
             })
@@ -510,6 +520,8 @@ impl Scheduler {
                 },
                 agent_state: AgentState::Offline,
                 load: lull_shared::Load::default(),
+                owner_load: None,
+                paused_reason: None,
                 runs: BTreeSet::new(),
                 reserved_cpu: 0.0,
                 reserved_memory: 0.0,
@@ -518,6 +530,15 @@ impl Scheduler {
             });
         let before = entry.record.clone();
         entry.load = hb.current_load;
+        entry.owner_load = hb.owner_load;
+        entry.paused_reason = match hb.status {
+            AgentState::Paused => Some(
+                hb.paused_reason
+                    .clone()
+                    .unwrap_or_else(|| "the owner is using the machine".to_string()),
+            ),
+            _ => None,
+        };
         entry.agent_state = hb.status;
         entry.record.resources = hb.resources;
         if let Some(h) = &hb.hostname {
@@ -545,6 +566,10 @@ impl Scheduler {
         let leaving = hb.status == AgentState::Offline;
         entry.record.status = match hb.status {
             AgentState::Offline => NodeStatus::Offline,
+            // The owner needs the machine: nothing is placed here (see `accepts_work`); its
+            // runs stay leased to it, suspended, until they resume or the agent evicts them.
+            // `wanted_status` leaves it alone until the agent says otherwise.
+            AgentState::Paused => NodeStatus::Paused,
             // Settled by `refresh_busy` below (runs, the agent's own drain, an operator's).
             AgentState::Draining | AgentState::Idle | AgentState::Busy => NodeStatus::Idle,
         };

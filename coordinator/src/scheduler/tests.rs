@@ -56,6 +56,8 @@ impl Harness {
             sandbox: None,
             executor: None,
             command_results: vec![],
+            owner_load: None,
+            paused_reason: None,
         };
         self.sched.heartbeat(&hb, self.now)
     }
@@ -323,6 +325,8 @@ fn a_run_reported_as_finished_but_unacknowledged_is_not_lost() {
         sandbox: None,
         executor: None,
         command_results: vec![],
+        owner_load: None,
+        paused_reason: None,
     };
     let out = h.sched.heartbeat(&hb, h.now);
     assert!(
@@ -894,6 +898,8 @@ fn heartbeat_request(id: &str) -> HeartbeatRequest {
         sandbox: None,
         executor: None,
         command_results: vec![],
+        owner_load: None,
+        paused_reason: None,
     }
 }
 
@@ -982,4 +988,50 @@ fn explain_names_what_keeps_a_task_pending() {
         "{}",
         e.nodes[0].detail
     );
+}
+
+#[test]
+fn a_node_paused_for_its_owner_gets_no_work_until_it_resumes() {
+    let mut h = Harness::new();
+    h.node("n1", 2.0, 4096.0);
+    let paused = |status: AgentState, reason: Option<&str>| HeartbeatRequest {
+        node_id: "n1".into(),
+        status,
+        resources: NodeResources {
+            cpu_cores: 2.0,
+            memory_mb: 4096.0,
+        },
+        current_load: Load::default(),
+        hostname: None,
+        node_type: None,
+        zone: None,
+        version: None,
+        running: vec![],
+        finished: vec![],
+        sandbox: None,
+        executor: None,
+        command_results: vec![],
+        owner_load: Some(Load {
+            cpu_percent: 87.0,
+            memory_percent: 20.0,
+        }),
+        paused_reason: reason.map(str::to_string),
+    };
+    let reason = "owner CPU 87% > 50% for 10 s";
+    h.sched
+        .heartbeat(&paused(AgentState::Paused, Some(reason)), h.now);
+    h.submit("pass");
+    let node = &h.sched.nodes()[0];
+    assert_eq!(node.record.status, NodeStatus::Paused);
+    assert_eq!(node.paused_reason.as_deref(), Some(reason));
+    assert_eq!(node.owner_load.map(|l| l.cpu_percent), Some(87.0));
+    assert!(
+        h.pull("n1", 10).is_empty(),
+        "nothing is placed on a paused node"
+    );
+
+    h.sched.heartbeat(&paused(AgentState::Idle, None), h.now);
+    assert_eq!(h.sched.nodes()[0].record.status, NodeStatus::Idle);
+    assert_eq!(h.sched.nodes()[0].paused_reason, None);
+    assert_eq!(h.pull("n1", 10).len(), 1);
 }

@@ -131,7 +131,11 @@ pub async fn run_with_executor<E: Executor>(
         });
     }
     let node_id = resolve_node_id(&config).await?;
-    let client = CoordinatorClient::new(&config.coordinator, config.token.as_deref())?;
+    let client = CoordinatorClient::new(
+        &config.coordinator,
+        config.token.as_deref(),
+        config.secret.clone(),
+    )?;
     let outbox = Outbox::open(config.state_dir.join("outbox")).await?;
     let meter = LoadMeter::new();
     let capacity = NodeResources {

@@ -5,6 +5,7 @@
 
 use crate::AgentError;
 use crate::executor::format_seconds;
+use lull_shared::signing;
 use lull_shared::{ErrorBody, HeartbeatRequest, HeartbeatResponse, PullResponse, RunReport};
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, HeaderValue};
@@ -49,10 +50,16 @@ pub(crate) enum Delivery {
 pub(crate) struct CoordinatorClient {
     http: reqwest::Client,
     base: String,
+    /// A signed key's secret: every request then carries `timestamp` and `sign_str`.
+    secret: Option<String>,
 }
 
 impl CoordinatorClient {
-    pub(crate) fn new(coordinator: &str, token: Option<&str>) -> Result<Self, AgentError> {
+    pub(crate) fn new(
+        coordinator: &str,
+        token: Option<&str>,
+        secret: Option<String>,
+    ) -> Result<Self, AgentError> {
         let invalid = |reason: &str| AgentError::InvalidCoordinatorUrl {
             url: coordinator.to_string(),
             reason: reason.to_string(),
@@ -85,7 +92,42 @@ impl CoordinatorClient {
         Ok(CoordinatorClient {
             http,
             base: coordinator.trim_end_matches('/').to_string(),
+            secret,
         })
+    }
+
+    /// Sends a request, signed when this agent holds a signed key's secret.
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, reqwest::Error> {
+        let Some(secret) = &self.secret else {
+            return request.send().await;
+        };
+        let mut request = request.build()?;
+        let timestamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0)
+            .to_string();
+        let url = request.url();
+        let path = match url.query() {
+            Some(query) => format!("{}?{query}", url.path()),
+            None => url.path().to_string(),
+        };
+        let body = request
+            .body()
+            .and_then(reqwest::Body::as_bytes)
+            .unwrap_or_default();
+        let sign_str = signing::sign(secret, &timestamp, request.method().as_str(), &path, body);
+        let headers = request.headers_mut();
+        if let Ok(value) = HeaderValue::from_str(&timestamp) {
+            headers.insert(signing::TIMESTAMP_HEADER, value);
+        }
+        if let Ok(value) = HeaderValue::from_str(&sign_str) {
+            headers.insert(signing::SIGN_HEADER, value);
+        }
+        self.http.execute(request).await
     }
 
     pub(crate) async fn heartbeat(
@@ -93,10 +135,11 @@ impl CoordinatorClient {
         request: &HeartbeatRequest,
     ) -> Result<HeartbeatResponse, CallError> {
         let response = self
-            .http
-            .post(format!("{}/internal/heartbeat", self.base))
-            .json(request)
-            .send()
+            .send(
+                self.http
+                    .post(format!("{}/internal/heartbeat", self.base))
+                    .json(request),
+            )
             .await
             .map_err(transport)?;
         let status = response.status();
@@ -118,15 +161,16 @@ impl CoordinatorClient {
         max: usize,
     ) -> Result<PullResponse, CallError> {
         let response = self
-            .http
-            .get(format!("{}/internal/task", self.base))
-            .query(&[
-                ("node_id", node_id),
-                ("wait", &format_seconds(wait)),
-                ("max", &max.to_string()),
-            ])
-            .timeout(wait.saturating_add(PULL_SLACK))
-            .send()
+            .send(
+                self.http
+                    .get(format!("{}/internal/task", self.base))
+                    .query(&[
+                        ("node_id", node_id),
+                        ("wait", &format_seconds(wait)),
+                        ("max", &max.to_string()),
+                    ])
+                    .timeout(wait.saturating_add(PULL_SLACK)),
+            )
             .await
             .map_err(transport)?;
         match response.status() {
@@ -141,10 +185,11 @@ impl CoordinatorClient {
 
     pub(crate) async fn post_result(&self, report: &RunReport) -> Delivery {
         let sent = self
-            .http
-            .post(format!("{}/internal/result", self.base))
-            .json(report)
-            .send()
+            .send(
+                self.http
+                    .post(format!("{}/internal/result", self.base))
+                    .json(report),
+            )
             .await;
         let response = match sent {
             Ok(response) => response,

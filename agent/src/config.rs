@@ -11,6 +11,8 @@ pub struct AgentConfig {
     pub coordinator: String,
     /// Sent as the `token` header on every request when set.
     pub token: Option<String>,
+    /// A signed key's secret: when set, every request carries `timestamp` and `sign_str`.
+    pub secret: Option<String>,
     /// `None`: read `state_dir/node_id`, or create `{hostname}-{6 hex}` and save it there.
     pub node_id: Option<String>,
     /// Declared CPU capacity; `None`: the host's logical cores.
@@ -60,6 +62,7 @@ impl AgentConfig {
         AgentConfig {
             coordinator: coordinator.into(),
             token: None,
+            secret: None,
             node_id: None,
             cpus: None,
             memory_mb: None,

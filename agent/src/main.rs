@@ -29,6 +29,9 @@ struct Cli {
     /// Agent token, sent as the `token` header.
     #[arg(long, env = "LULL_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A signed key's secret: every request is signed with it (HMAC-SHA256, see the README).
+    #[arg(long, env = "LULL_SECRET", hide_env_values = true)]
+    secret: Option<String>,
     /// Node id; by default one is generated once and kept in the state directory.
     #[arg(long, env = "LULL_NODE_ID")]
     node_id: Option<String>,
@@ -147,6 +150,7 @@ impl Cli {
         let given = |value: Option<String>| value.filter(|v| !v.trim().is_empty());
         let mut config = AgentConfig::new(self.coordinator, self.state_dir);
         config.token = given(self.token);
+        config.secret = given(self.secret);
         config.node_id = given(self.node_id);
         config.cpus = self.cpus;
         config.memory_mb = self.memory_mb;

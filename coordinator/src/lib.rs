@@ -16,6 +16,7 @@
 pub mod engine;
 pub mod feed;
 pub mod http;
+pub mod keys;
 pub mod model;
 pub mod scheduler;
 pub mod store;
@@ -28,7 +29,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use store::{SqliteStore, Store, StoreError, SyncMode, Writer};
+use store::{KeyStore, SqliteStore, Store, StoreError, SyncMode, Writer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -54,6 +55,8 @@ pub struct Config {
     pub feed: FeedConfig,
     /// Seconds a node command may wait for its outcome before it is `expired`.
     pub command_ttl: f64,
+    /// Require API keys on every request but `/` and `/health` (off: today's open API).
+    pub auth: bool,
 }
 
 impl Config {
@@ -71,6 +74,7 @@ impl Config {
             prefetch: scheduler::DEFAULT_PREFETCH,
             feed: FeedConfig::default(),
             command_ttl: scheduler::DEFAULT_COMMAND_TTL,
+            auth: false,
         }
     }
 }
@@ -93,7 +97,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), CoordinatorError> {
     let addr = listener.local_addr().map_err(CoordinatorError::Listener)?;
-    let store: Arc<dyn Store> = SqliteStore::open(&config.data_dir, config.sync).await?;
+    let sqlite = SqliteStore::open(&config.data_dir, config.sync).await?;
+    let keys: Arc<dyn KeyStore> = sqlite.clone();
+    let store: Arc<dyn Store> = sqlite;
     let snapshot = store.load().await?;
     tracing::info!(
         data_dir = %config.data_dir.display(),
@@ -137,14 +143,23 @@ pub async fn run(
     ));
     let ticker = tokio::spawn(engine.clone().run_ticker());
 
+    // In-process agents authenticate with a token made now and held only in memory.
+    let local_token = (config.auth && config.local_agents > 0)
+        .then(|| keys::NewKey::generate("local", keys::Role::Agent, keys::KeyMode::Simple).token);
     let router = http::router(
         engine.clone(),
+        keys,
         &http::HttpConfig {
             max_body_bytes: config.max_body_bytes,
+            auth: config.auth,
+            local_agent_token_hash: local_token.as_deref().map(keys::hash_token),
         },
     );
+    if config.auth {
+        tracing::info!("authentication is on: every request but / and /health needs an API key");
+    }
     let agents_stop = CancellationToken::new();
-    let agents = start_local_agents(&config, addr, &agents_stop);
+    let agents = start_local_agents(&config, addr, &agents_stop, local_token.as_deref());
     tracing::info!(%addr, server_id, local_agents = config.local_agents, "coordinator listening");
 
     let stopping = {
@@ -175,6 +190,7 @@ fn start_local_agents(
     config: &Config,
     addr: SocketAddr,
     stop: &CancellationToken,
+    token: Option<&str>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let n = config.local_agents;
     if n == 0 {
@@ -200,6 +216,7 @@ fn start_local_agents(
                 config.data_dir.join(format!("agent-{i}")),
             );
             agent.python = config.python.clone();
+            agent.token = token.map(str::to_string);
             agent.heartbeat_interval = Duration::from_secs_f64(config.heartbeat_interval);
             // The coordinator's host serves Lull: its other load is no owner to yield to
             // (and several local agents would count each other as one).

@@ -3,9 +3,10 @@
 #![forbid(unsafe_code)]
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use lull_coordinator::keys::{KeyMode, NewKey, Role};
 use lull_coordinator::model::TaskLimits;
-use lull_coordinator::store::SyncMode;
+use lull_coordinator::store::{KeyStore, SqliteStore, SyncMode};
 use lull_coordinator::{Config, run};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,11 +16,18 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(name = "lull-coordinator", version)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Address to serve HTTP on.
     #[arg(long, env = "LULL_LISTEN", default_value = "127.0.0.1:8000")]
     listen: SocketAddr,
     /// Directory for the SQLite database and the local agents' state.
-    #[arg(long, env = "LULL_DATA_DIR", default_value = "./lull-data")]
+    #[arg(
+        long,
+        env = "LULL_DATA_DIR",
+        default_value = "./lull-data",
+        global = true
+    )]
     data_dir: PathBuf,
     /// Agents to run inside this process (0 for a dedicated coordinator).
     #[arg(long, env = "LULL_LOCAL_AGENTS", default_value_t = 1)]
@@ -53,6 +61,103 @@ struct Cli {
     /// before it is marked expired.
     #[arg(long, env = "LULL_COMMAND_TTL", default_value_t = lull_coordinator::scheduler::DEFAULT_COMMAND_TTL)]
     command_ttl: f64,
+    /// Require API keys on every request but `/` and `/health` (always on when listening on
+    /// a non-loopback address, unless --insecure-no-auth).
+    #[arg(long, env = "LULL_AUTH")]
+    auth: bool,
+    /// Serve without authentication even on a non-loopback address. Anyone who can reach
+    /// the port can run code on your agents.
+    #[arg(long, env = "LULL_INSECURE_NO_AUTH", conflicts_with = "auth")]
+    insecure_no_auth: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage API keys in the data directory's database (works while the coordinator runs).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Create a key and print its token (and a signed key's secret) once.
+    Create {
+        /// admin, submitter, agent or viewer.
+        #[arg(long)]
+        role: Role,
+        /// simple (the token alone) or signed (token plus an HMAC signature per request).
+        #[arg(long, default_value = "simple")]
+        mode: KeyMode,
+        /// A label for people.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// List keys (never their tokens or secrets).
+    List,
+    /// Revoke a key by id; requests with it are refused from then on.
+    Revoke {
+        /// The key's id, as `keys list` shows it.
+        id: i64,
+    },
+}
+
+/// Whether to require API keys: asked for, or listening beyond loopback without the
+/// explicit opt-out.
+fn auth_required(listen: &SocketAddr, auth: bool, insecure_no_auth: bool) -> bool {
+    auth || (!listen.ip().is_loopback() && !insecure_no_auth)
+}
+
+async fn keys_command(
+    data_dir: &std::path::Path,
+    sync: SyncMode,
+    command: KeysCommand,
+) -> anyhow::Result<()> {
+    let store = SqliteStore::open(data_dir, sync)
+        .await
+        .with_context(|| format!("opening the database in {}", data_dir.display()))?;
+    match command {
+        KeysCommand::Create { role, mode, name } => {
+            let new = NewKey::generate(&name, role, mode);
+            let key = store
+                .create_key(&new, lull_coordinator::engine::unix_now())
+                .await?;
+            println!("id:     {}", key.key_id);
+            println!("role:   {}", key.role);
+            println!("mode:   {}", key.mode);
+            println!("token:  {}", new.token);
+            if let Some(secret) = &new.secret {
+                println!("secret: {secret}");
+            }
+            eprintln!("Store these now: they are not shown again.");
+        }
+        KeysCommand::List => {
+            println!(
+                "{:<6} {:<10} {:<7} {:<8} name",
+                "id", "role", "mode", "state"
+            );
+            for key in store.keys().await? {
+                let state = if key.revoked_at.is_some() {
+                    "revoked"
+                } else {
+                    "active"
+                };
+                println!(
+                    "{:<6} {:<10} {:<7} {:<8} {}",
+                    key.key_id, key.role, key.mode, state, key.name
+                );
+            }
+        }
+        KeysCommand::Revoke { id } => {
+            match store
+                .revoke_key(id, lull_coordinator::engine::unix_now())
+                .await?
+            {
+                Some(key) => println!("revoked key {} ({}, {})", key.key_id, key.role, key.name),
+                None => anyhow::bail!("no API key {id}"),
+            }
+        }
+    }
+    Ok(())
 }
 
 #[tokio::main]
@@ -64,7 +169,19 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Some(command) = cli.command.take() {
+        let Command::Keys(keys) = command;
+        return keys_command(&cli.data_dir, cli.sync, keys).await;
+    }
+    let auth = auth_required(&cli.listen, cli.auth, cli.insecure_no_auth);
+    if !auth && !cli.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %cli.listen,
+            "AUTHENTICATION IS OFF (--insecure-no-auth) on a non-loopback address: anyone who \
+             can reach this port can submit code and control nodes"
+        );
+    }
     anyhow::ensure!(
         cli.heartbeat_interval > 0.0 && cli.node_ttl > cli.heartbeat_interval,
         "--node-ttl must be longer than --heartbeat-interval (got {} and {})",
@@ -90,6 +207,7 @@ async fn main() -> anyhow::Result<()> {
         python: cli.python,
         prefetch: cli.prefetch,
         command_ttl: cli.command_ttl,
+        auth,
         ..Config::new(cli.data_dir)
     };
     let listener = tokio::net::TcpListener::bind(cli.listen)
@@ -121,4 +239,19 @@ async fn stop_on_signal(shutdown: CancellationToken) {
         _ = int.recv() => {}
     }
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::auth_required;
+
+    #[test]
+    fn auth_defaults() {
+        let lo = "127.0.0.1:8000".parse().expect("addr");
+        let any = "0.0.0.0:8000".parse().expect("addr");
+        assert!(!auth_required(&lo, false, false));
+        assert!(auth_required(&lo, true, false));
+        assert!(auth_required(&any, false, false));
+        assert!(!auth_required(&any, false, true));
+    }
 }

@@ -9,6 +9,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod signing;
+
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;

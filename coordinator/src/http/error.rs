@@ -2,6 +2,7 @@
 
 use crate::engine::EngineError;
 use crate::scheduler::SchedulerError;
+use crate::store::StoreError;
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -72,5 +73,11 @@ impl From<EngineError> for ApiError {
                 )
             }
         }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        ApiError::from(EngineError::Store(e))
     }
 }

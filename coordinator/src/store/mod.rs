@@ -14,6 +14,7 @@ mod writer;
 pub use sqlite::{SqliteStore, SyncMode};
 pub use writer::{Ack, CommitObserver, Writer, WriterHandle};
 
+use crate::keys::{ApiKey, NewKey};
 use crate::model::{Change, CommandRecord, RunRecord, Snapshot, TaskRecord};
 use async_trait::async_trait;
 use lull_shared::{CommandStatus, TaskId, TaskStatus};
@@ -107,4 +108,18 @@ pub trait Store: Send + Sync + 'static {
     async fn commands(&self, query: &CommandQuery) -> Result<Vec<CommandRecord>, StoreError>;
     /// A cheap liveness check for `/health`.
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// API keys (see [`crate::keys`]). Read on every authenticated request; written by the
+/// `keys` CLI and `/api/v1/keys`, directly (keys are not scheduler state).
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// Stores a new key (its token hashed) and answers it as stored.
+    async fn create_key(&self, key: &NewKey, now: f64) -> Result<ApiKey, StoreError>;
+    /// Every key, revoked ones too, oldest first.
+    async fn keys(&self) -> Result<Vec<ApiKey>, StoreError>;
+    /// The key whose token hashes to `token_hash`, revoked or not.
+    async fn key_by_token_hash(&self, token_hash: &str) -> Result<Option<ApiKey>, StoreError>;
+    /// Marks a key revoked (once: revoking again keeps the first time). `None` if unknown.
+    async fn revoke_key(&self, key_id: i64, now: f64) -> Result<Option<ApiKey>, StoreError>;
 }

@@ -1,7 +1,8 @@
 //! The SQLite backend (the embedded default): one file under the data directory, WAL
 //! journal, schema from `migrations/`.
 
-use super::{CommandQuery, ResultRow, Store, StoreError, TaskQuery, TaskStats};
+use super::{CommandQuery, KeyStore, ResultRow, Store, StoreError, TaskQuery, TaskStats};
+use crate::keys::{ApiKey, NewKey};
 use crate::model::{
     Change, CommandRecord, Drain, NodeRecord, RunRecord, Snapshot, TaskRecord, TaskSpec, TaskState,
 };
@@ -534,5 +535,77 @@ impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+}
+
+const KEY_COLUMNS: &str = "key_id, name, role, mode, token_hash, secret, created_at, revoked_at";
+
+fn key_from_row(row: &SqliteRow) -> Result<ApiKey, StoreError> {
+    let key_id: i64 = row.try_get("key_id")?;
+    let role: String = row.try_get("role")?;
+    let mode: String = row.try_get("mode")?;
+    Ok(ApiKey {
+        key_id,
+        name: row.try_get("name")?,
+        role: role
+            .parse()
+            .map_err(|e| corrupt("api_keys", format!("key {key_id}: {e}")))?,
+        mode: mode
+            .parse()
+            .map_err(|e| corrupt("api_keys", format!("key {key_id}: {e}")))?,
+        token_hash: row.try_get("token_hash")?,
+        secret: row.try_get("secret")?,
+        created_at: row.try_get("created_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+    })
+}
+
+#[async_trait]
+impl KeyStore for SqliteStore {
+    async fn create_key(&self, key: &NewKey, now: f64) -> Result<ApiKey, StoreError> {
+        let row = sqlx::query(&format!(
+            "INSERT INTO api_keys (name, role, mode, token_hash, secret, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?) RETURNING {KEY_COLUMNS}"
+        ))
+        .bind(&key.name)
+        .bind(key.role.as_str())
+        .bind(key.mode.as_str())
+        .bind(key.token_hash())
+        .bind(key.secret.as_deref())
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        key_from_row(&row)
+    }
+
+    async fn keys(&self) -> Result<Vec<ApiKey>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys ORDER BY key_id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn key_by_token_hash(&self, token_hash: &str) -> Result<Option<ApiKey>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE token_hash = ?"
+        ))
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn revoke_key(&self, key_id: i64, now: f64) -> Result<Option<ApiKey>, StoreError> {
+        let row = sqlx::query(&format!(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE key_id = ? \
+             RETURNING {KEY_COLUMNS}"
+        ))
+        .bind(now)
+        .bind(key_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(key_from_row).transpose()
     }
 }

@@ -5,6 +5,7 @@
 //! refusing one for a missing header helps nobody).
 
 use super::error::ApiError;
+use super::seed::{DEFAULT_PAGE, MAX_PAGE};
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::StatusCode;
@@ -105,6 +106,17 @@ where
 pub fn task_id_from_path(raw: &str) -> Result<i64, ApiError> {
     raw.parse::<i64>()
         .map_err(|_| ApiError::unprocessable(format!("task_id must be an integer, got {raw:?}")))
+}
+
+/// A page's `limit`: [`DEFAULT_PAGE`] when absent, else 1..=[`MAX_PAGE`] (422 otherwise).
+pub fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
+    match limit {
+        None => Ok(DEFAULT_PAGE),
+        Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::unprocessable(format!(
+            "limit must be between 1 and {MAX_PAGE}, got {n}"
+        ))),
+    }
 }
 
 /// A `status=` filter: absent or empty means no filter; anything else must be one of `all`

@@ -3,8 +3,7 @@
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::{JsonBody, OptionalJsonBody, QueryParams, status_filter};
-use super::seed::{DEFAULT_PAGE, MAX_PAGE};
+use super::extract::{JsonBody, OptionalJsonBody, QueryParams, page_limit, status_filter};
 use super::views;
 use crate::store::CommandQuery;
 use axum::Json;
@@ -185,15 +184,7 @@ pub async fn commands(
         &CommandStatus::ALL,
         CommandStatus::as_str,
     )?;
-    let limit = match params.limit {
-        None => DEFAULT_PAGE,
-        Some(n) if (1..=MAX_PAGE).contains(&n) => n,
-        Some(n) => {
-            return Err(ApiError::unprocessable(format!(
-                "limit must be between 1 and {MAX_PAGE}, got {n}"
-            )));
-        }
-    };
+    let limit = page_limit(params.limit)?;
     let query = CommandQuery {
         node_id: params.node_id.filter(|n| !n.is_empty()),
         status,

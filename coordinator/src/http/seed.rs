@@ -134,13 +134,7 @@ pub struct PageParams {
 
 impl PageParams {
     pub fn limit(&self) -> Result<u32, ApiError> {
-        match self.limit {
-            None => Ok(DEFAULT_PAGE),
-            Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
-            Some(n) => Err(ApiError::unprocessable(format!(
-                "limit must be between 1 and {MAX_PAGE}, got {n}"
-            ))),
-        }
+        super::extract::page_limit(self.limit)
     }
 }
 

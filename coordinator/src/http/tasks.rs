@@ -2,8 +2,7 @@
 
 use super::AppState;
 use super::error::ApiError;
-use super::extract::{JsonBody, QueryParams, status_filter, task_id_from_path};
-use super::seed::{DEFAULT_PAGE, MAX_PAGE};
+use super::extract::{JsonBody, QueryParams, page_limit, status_filter, task_id_from_path};
 use super::views;
 use crate::store::TaskQuery;
 use axum::Json;
@@ -41,15 +40,7 @@ pub async fn list(
         &TaskStatus::ALL,
         TaskStatus::as_str,
     )?;
-    let limit = match params.limit {
-        None => DEFAULT_PAGE,
-        Some(n) if (1..=MAX_PAGE).contains(&n) => n,
-        Some(n) => {
-            return Err(ApiError::unprocessable(format!(
-                "limit must be between 1 and {MAX_PAGE}, got {n}"
-            )));
-        }
-    };
+    let limit = page_limit(params.limit)?;
     let query = TaskQuery {
         status,
         limit,

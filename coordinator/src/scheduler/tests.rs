@@ -309,24 +309,12 @@ fn a_run_reported_as_finished_but_unacknowledged_is_not_lost() {
     let got = h.pull("n1", 1);
     h.advance(20.0);
     let hb = HeartbeatRequest {
-        node_id: "n1".into(),
-        status: AgentState::Idle,
         resources: NodeResources {
             cpu_cores: 1.0,
             memory_mb: 1024.0,
         },
-        current_load: Load::default(),
-        hostname: None,
-        node_type: None,
-        zone: None,
-        version: None,
-        running: vec![],
         finished: vec![got[0].run_id],
-        sandbox: None,
-        executor: None,
-        command_results: vec![],
-        owner_load: None,
-        paused_reason: None,
+        ..heartbeat_request("n1")
     };
     let out = h.sched.heartbeat(&hb, h.now);
     assert!(
@@ -995,27 +983,13 @@ fn a_node_paused_for_its_owner_gets_no_work_until_it_resumes() {
     let mut h = Harness::new();
     h.node("n1", 2.0, 4096.0);
     let paused = |status: AgentState, reason: Option<&str>| HeartbeatRequest {
-        node_id: "n1".into(),
         status,
-        resources: NodeResources {
-            cpu_cores: 2.0,
-            memory_mb: 4096.0,
-        },
-        current_load: Load::default(),
-        hostname: None,
-        node_type: None,
-        zone: None,
-        version: None,
-        running: vec![],
-        finished: vec![],
-        sandbox: None,
-        executor: None,
-        command_results: vec![],
         owner_load: Some(Load {
             cpu_percent: 87.0,
             memory_percent: 20.0,
         }),
         paused_reason: reason.map(str::to_string),
+        ..heartbeat_request("n1")
     };
     let reason = "owner CPU 87% > 50% for 10 s";
     h.sched

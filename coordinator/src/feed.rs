@@ -283,6 +283,30 @@ impl CommitObserver for Feed {
                 // offline and back for a restart) arrives as `node_updated`; the command
                 // itself is read from `GET /api/v1/nodes/commands`.
                 Change::RunSaved(_) | Change::CommandSaved(_) => {}
+                // Every saved step of a scale-out or shrink: the console follows operations
+                // live; the whole record stays at `GET /api/v1/operations/{id}`.
+                Change::OperationSaved(op) => {
+                    let data = serde_json::json!({
+                        "id": op.operation_id.to_string(),
+                        "dag_id": op.operation_id,
+                        "name": op.kind.title(),
+                        "operation": op.kind.as_str(),
+                        "stage": op.stage,
+                        "stage_name": op.stage_name(),
+                        "max_stage": op.max_stage(),
+                        "state": op.state.as_str(),
+                        "operator": op.operator,
+                        "error": op.additional_data.get("error"),
+                    });
+                    self.push(
+                        &mut state,
+                        ts,
+                        FeedEventKind::OperationUpdated,
+                        None,
+                        None,
+                        data,
+                    );
+                }
             }
         }
     }
@@ -414,6 +438,10 @@ mod tests {
             sandbox: None,
             executor: None,
             drain: None,
+            group: crate::model::NodeGroup {
+                id: 1,
+                operation_id: None,
+            },
         })
     }
 

@@ -9,6 +9,7 @@ mod extract;
 mod feed;
 mod keys;
 mod nodes;
+mod operations;
 mod seed;
 mod tasks;
 mod views;
@@ -31,6 +32,8 @@ pub struct AppState {
     pub keys: Arc<dyn KeyStore>,
     pub auth: AuthSettings,
     pub local_agents: Arc<LocalAgentKey>,
+    /// Scale-out and shrink.
+    pub operations: Arc<crate::operations::Operations>,
 }
 
 /// Whether requests must carry an API key, and how much body a signed one may buffer.
@@ -58,10 +61,16 @@ pub struct HttpConfig {
     pub local_agent_token_hash: Option<String>,
 }
 
-pub fn router(engine: Arc<Engine>, keys: Arc<dyn KeyStore>, config: &HttpConfig) -> Router {
+pub fn router(
+    engine: Arc<Engine>,
+    keys: Arc<dyn KeyStore>,
+    operations: Arc<crate::operations::Operations>,
+    config: &HttpConfig,
+) -> Router {
     let state = AppState {
         engine,
         keys,
+        operations,
         auth: AuthSettings {
             enabled: config.auth,
             max_body_bytes: config.max_body_bytes,
@@ -96,6 +105,10 @@ pub fn router(engine: Arc<Engine>, keys: Arc<dyn KeyStore>, config: &HttpConfig)
             "/api/v1/nodes/{node_id}/meta",
             get(nodes::get_meta).put(nodes::put_meta),
         )
+        .route("/api/v1/cluster/scale_out", post(operations::scale_out))
+        .route("/api/v1/cluster/shrink", post(operations::shrink))
+        .route("/api/v1/operations", get(operations::list))
+        .route("/api/v1/operations/{operation_id}", get(operations::get))
         .route("/api/v1/keys", get(keys::list).post(keys::create))
         .route("/api/v1/keys/{key_id}", delete(keys::revoke))
         .route("/ws/updates", get(feed::updates))

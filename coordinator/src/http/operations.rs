@@ -124,8 +124,10 @@ pub async fn scale_out(State(app): State<AppState>, body: Bytes) -> Response {
     envelope(started, outcome)
 }
 
-/// The keys `configs` may carry for the coordinator itself (not pushed to the agent).
-const COORDINATOR_CONFIGS: [&str; 1] = ["heartbeat_timeout"];
+/// The keys `configs` may carry for the coordinator itself (not passed on as settings):
+/// how long to wait for the first heartbeat, and the URL the agent should reach this
+/// coordinator at (when it differs from `--advertise-url`, e.g. across a NAT).
+const COORDINATOR_CONFIGS: [&str; 2] = ["heartbeat_timeout", "coordinator_url"];
 
 fn parse_scale_out(body: &[u8]) -> Result<ScaleOutRequest, (ApiError, Vec<String>)> {
     if body.iter().all(u8::is_ascii_whitespace) {
@@ -185,11 +187,21 @@ fn parse_scale_out(body: &[u8]) -> Result<ScaleOutRequest, (ApiError, Vec<String
     };
     let mut pushed = Map::new();
     let mut heartbeat_timeout = None;
+    let mut coordinator_url = None;
     for (key, value) in configs {
         if !matches!(value, Value::String(_) | Value::Number(_) | Value::Bool(_)) {
             problems.push(format!(
                 "configs.{key} must be a string, a number or a boolean"
             ));
+            continue;
+        }
+        if key == "coordinator_url" {
+            match value.as_str().map(str::trim) {
+                Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
+                    coordinator_url = Some(url.trim_end_matches('/').to_string());
+                }
+                _ => problems.push(format!("configs.{key} must be an http(s) URL")),
+            }
             continue;
         }
         if COORDINATOR_CONFIGS.contains(&key.as_str()) {
@@ -222,6 +234,7 @@ fn parse_scale_out(body: &[u8]) -> Result<ScaleOutRequest, (ApiError, Vec<String
         zone,
         configs: pushed,
         heartbeat_timeout,
+        coordinator_url,
     })
 }
 

@@ -66,6 +66,8 @@ pub struct ScaleOutRequest {
     /// Passed to the agents as they are, minus `heartbeat_timeout` (the coordinator's).
     pub configs: Map<String, Value>,
     pub heartbeat_timeout: Option<Duration>,
+    /// Where the agent should reach this coordinator, instead of the configured URL.
+    pub coordinator_url: Option<String>,
 }
 
 /// A validated shrink request.
@@ -389,6 +391,10 @@ impl Operations {
         .await?;
 
         // 3. push_config: a fresh agent key each (with auth on), coordinator URL, configs.
+        let coordinator_url = request
+            .coordinator_url
+            .clone()
+            .unwrap_or_else(|| self.config.coordinator_url.clone());
         for a in adoptees.iter_mut() {
             let address = a.address.display();
             let token = if self.config.auth {
@@ -410,7 +416,7 @@ impl Operations {
                 None
             };
             let body = json!({
-                "coordinator_url": self.config.coordinator_url,
+                "coordinator_url": coordinator_url,
                 "token": token,
                 "zone": request.zone,
                 "configs": Value::Object(request.configs.clone()),

@@ -432,7 +432,8 @@ impl Operations {
                         status: 422,
                         detail,
                     } => Stop::Failed(format!(
-                        "config rejected by the agent at {address}: {detail}"
+                        "config rejected by the agent at {address}: {}",
+                        detail.trim_start_matches("config rejected: ")
                     )),
                     CallFailure::Refused {
                         status: 409,

@@ -535,3 +535,237 @@ async fn a_scale_out_cut_short_by_a_killed_coordinator_fails_cleanly_after_the_r
     let id = start_scale_out(&c, json!(a.agent_info()), json!({})).await;
     assert_eq!(finished(&c, &id).await["state"], "SUCCEEDED");
 }
+
+/// Runs `lull-coordinator keys create --role ROLE` and answers the token.
+fn create_key(data_dir: &Path, role: &str) -> String {
+    let out = std::process::Command::new(lull_tests::bin_dir().join("lull-coordinator"))
+        .args([
+            "keys",
+            "create",
+            "--role",
+            role,
+            "--name",
+            role,
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("lull-coordinator keys create");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("token:").map(|t| t.trim().to_string()))
+        .expect("token printed")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auth_only_admins_scale_out_and_each_adopted_agent_gets_its_own_agent_key() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("coordinator");
+    let admin = create_key(&data, "admin");
+    let viewer = create_key(&data, "viewer");
+    let c = coordinator(dir.path(), &["--auth"]);
+    let a = standby(dir.path(), "a", "127.0.0.2", SECRET);
+    let call = |token: &str, path: &str, body: Value| {
+        c.http
+            .post(format!("{}{path}", c.url))
+            .header("token", token)
+            .json(&body)
+            .send()
+    };
+    let body = json!({"agentInfo": a.agent_info(), "configs": configs(), "zone": "zone2"});
+    let refused = call(&viewer, "/api/v1/cluster/scale_out", body.clone())
+        .await
+        .expect("answer");
+    assert_eq!(refused.status().as_u16(), 403);
+    let refused = call(
+        &viewer,
+        "/api/v1/cluster/shrink",
+        json!({"shrink_number": 1, "online": true}),
+    )
+    .await
+    .expect("answer");
+    assert_eq!(refused.status().as_u16(), 403);
+
+    let accepted: Value = call(&admin, "/api/v1/cluster/scale_out", body)
+        .await
+        .expect("answer")
+        .json()
+        .await
+        .expect("envelope");
+    assert_eq!(accepted["successful"], true, "{accepted}");
+    let id = accepted["data"]["id"].as_str().expect("id").to_string();
+    let op = wait_until(
+        Duration::from_secs(90),
+        "the scale-out to finish",
+        || async {
+            let op: Value = c
+                .http
+                .get(format!("{}/api/v1/operations/{id}", c.url))
+                .header("token", &viewer)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            matches!(op["state"].as_str(), Some("SUCCEEDED" | "FAILED")).then_some(op)
+        },
+    )
+    .await;
+    assert_eq!(op["state"], "SUCCEEDED", "{op}");
+    // The agent heartbeats and works with the agent key made for it.
+    let keys: Value = c
+        .http
+        .get(format!("{}/api/v1/keys", c.url))
+        .header("token", &admin)
+        .send()
+        .await
+        .expect("keys")
+        .json()
+        .await
+        .expect("JSON");
+    let made: Vec<&Value> = keys["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .filter(|k| {
+            k["name"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("scale-out")
+        })
+        .collect();
+    assert_eq!(made.len(), 1, "{keys}");
+    assert_eq!(made[0]["role"], "agent");
+    assert_eq!(made[0]["revoked"], false);
+    let task: Value = call(&admin, "/submit", json!({"code": "print('with a key')"}))
+        .await
+        .expect("submitted")
+        .json()
+        .await
+        .expect("JSON");
+    let task_id = task["task_id"].as_i64().expect("task id");
+    wait_until(Duration::from_secs(60), "the task to complete", || async {
+        let status: Value = c
+            .http
+            .get(format!("{}/status/{task_id}", c.url))
+            .header("token", &viewer)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (status["status"] == "completed").then_some(())
+    })
+    .await;
+
+    // A scale-out that fails after its key was made revokes the key.
+    let b = standby(dir.path(), "b", "127.0.0.3", SECRET);
+    let failing =
+        json!({"agentInfo": b.agent_info(), "configs": {"rpc_port": "2882"}, "zone": "zone2"});
+    let accepted: Value = call(&admin, "/api/v1/cluster/scale_out", failing)
+        .await
+        .expect("answer")
+        .json()
+        .await
+        .expect("envelope");
+    let id = accepted["data"]["id"].as_str().expect("id").to_string();
+    let keys = wait_until(
+        Duration::from_secs(60),
+        "the failed scale-out's key revoked",
+        || async {
+            let keys: Value = c
+                .http
+                .get(format!("{}/api/v1/keys", c.url))
+                .header("token", &admin)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let revoked = keys["keys"].as_array()?.iter().any(|k| {
+                k["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .starts_with(&format!("scale-out {id}:"))
+                    && k["revoked"] == true
+            });
+            revoked.then_some(keys)
+        },
+    )
+    .await;
+    assert!(keys.to_string().contains("scale-out"), "{keys}");
+    assert_eq!(standby_state(&b).await, "standby");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shrink_cut_short_by_a_killed_coordinator_resumes_after_the_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut c = coordinator(dir.path(), &[]);
+    let addr = c.addr().to_string();
+    let a = standby(dir.path(), "a", "127.0.0.2", SECRET);
+    let id = start_scale_out(&c, json!(a.agent_info()), json!({})).await;
+    let op = finished(&c, &id).await;
+    assert_eq!(op["state"], "SUCCEEDED", "{op}");
+    let adopted = op["additional_data"]["node_ids"][0]
+        .as_str()
+        .expect("node id")
+        .to_string();
+    let task = submit(
+        &c,
+        json!({"code": "import time\ntime.sleep(5)\nprint('survived')"}),
+    )
+    .await;
+    wait_task(&c, task, "running", |t| t["status"] == "running").await;
+
+    let (status, body) = shrink(
+        &c,
+        json!({"shrink_number": 1, "online": true, "timeout": 120}),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let job = body["job_id"].as_str().expect("job id").to_string();
+    wait_until(Duration::from_secs(30), "the shrink to drain", || async {
+        let op = operation(&c, &job).await;
+        (op["stage_name"] == "drain" && op["state"] == "RUNNING").then_some(())
+    })
+    .await;
+
+    c.process.kill9();
+    let c = Coordinator::start_on(
+        &addr,
+        &dir.path().join("coordinator"),
+        &[
+            "--local-agents",
+            "0",
+            "--heartbeat-interval",
+            "0.3",
+            "--node-ttl",
+            "3",
+            "--join-secret",
+            SECRET,
+        ],
+    )
+    .expect("coordinator restarts");
+    let op = finished(&c, &job).await;
+    assert_eq!(op["state"], "SUCCEEDED", "{op}");
+    let done = wait_task(&c, task, "completed", |t| t["status"] == "completed").await;
+    assert_eq!(done["result"], "survived");
+    assert_eq!(runs_with_status(&done, "completed").len(), 1, "{done}");
+    assert_eq!(
+        node(&c, &adopted).await.expect("record")["status"],
+        "removed"
+    );
+    wait_until(Duration::from_secs(30), "back in standby", || async {
+        (standby_state(&a).await == "standby").then_some(())
+    })
+    .await;
+}

@@ -139,10 +139,15 @@ impl Commands {
                 }
                 CommandKind::Restart => {
                     if state.restart.is_some() || state.decommission.is_some() {
+                        let why = if state.decommission.is_some() {
+                            "the agent is leaving the pool (decommission)"
+                        } else {
+                            "a restart is already under way"
+                        };
                         state.outcomes.push(CommandResult {
                             id: command.id,
                             ok: false,
-                            error: Some("a restart is already under way".into()),
+                            error: Some(why.into()),
                         });
                         continue;
                     }
@@ -184,5 +189,44 @@ impl Commands {
             warn!(%err, path = %self.marker.display(), "could not write the restart marker");
         }
         Stopped::Restart
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(id: CommandId, kind: CommandKind) -> AgentCommand {
+        AgentCommand {
+            id,
+            command: kind,
+            args: serde_json::Value::Object(serde_json::Map::new()),
+        }
+    }
+
+    #[test]
+    fn a_decommission_stops_pulling_and_reports_success_on_the_goodbye() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let stop = CancellationToken::new();
+        let commands = Commands::open(dir.path(), stop.clone());
+        commands.handle(&[command(5, CommandKind::Decommission)]);
+        assert!(stop.is_cancelled());
+        assert!(
+            commands.outcomes().is_empty(),
+            "not done until the runs are over"
+        );
+        // Repeated by the coordinator until it has an outcome: acted on once.
+        commands.handle(&[command(5, CommandKind::Decommission)]);
+        // A restart meanwhile is refused; a second decommission is as good as done.
+        commands.handle(&[
+            command(6, CommandKind::Restart),
+            command(7, CommandKind::Decommission),
+        ]);
+        commands.finish_decommission();
+        let outcomes = commands.outcomes();
+        let ok = |id| outcomes.iter().find(|o| o.id == id).map(|o| o.ok);
+        assert_eq!((ok(5), ok(6), ok(7)), (Some(true), Some(false), Some(true)));
+        assert_eq!(commands.finish(), Stopped::Decommission);
+        assert!(!dir.path().join(RESTART_MARKER).exists());
     }
 }

@@ -426,7 +426,7 @@ async fn an_online_shrink_lets_the_running_task_finish_on_the_leaving_node() {
 async fn an_offline_shrink_requeues_the_running_task_which_completes_elsewhere_once() {
     let dir = tempfile::tempdir().expect("temp dir");
     let c = coordinator(dir.path(), &[]);
-    let _own = start_agent(
+    let mut own = start_agent(
         &c.url,
         &dir.path().join("own"),
         &[
@@ -493,6 +493,23 @@ async fn an_offline_shrink_requeues_the_running_task_which_completes_elsewhere_o
         node(&c, &adopted).await.expect("record")["status"],
         "removed"
     );
+
+    // The agent that joined on its own is a group of one: it can be shrunk too, and,
+    // not having been adopted, it exits.
+    let (status, body) = shrink(&c, json!({"shrink_number": 1, "online": true})).await;
+    assert_eq!(status, 202, "{body}");
+    let job = body["job_id"].as_str().expect("job id").to_string();
+    assert_eq!(finished(&c, &job).await["state"], "SUCCEEDED");
+    assert_eq!(node(&c, "own").await.expect("record")["status"], "removed");
+    wait_until(
+        Duration::from_secs(30),
+        "the decommissioned agent to exit",
+        || {
+            let running = own.is_running();
+            async move { (!running).then_some(()) }
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

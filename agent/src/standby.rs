@@ -237,40 +237,41 @@ async fn authenticate(State(standby): State<Arc<Standby>>, body: Bytes) -> Respo
 }
 
 /// Checks a signed call against the open session (and consumes its sequence number).
-fn verify(standby: &Standby, headers: &HeaderMap, path: &str, body: &[u8]) -> Result<(), Response> {
+/// `Err` says why it is refused (a 401).
+fn verify(
+    standby: &Standby,
+    headers: &HeaderMap,
+    path: &str,
+    body: &[u8],
+) -> Result<(), &'static str> {
     let header = |name: &str| {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     };
-    let unauthorized = |why: &str| refuse(StatusCode::UNAUTHORIZED, why);
     let (Some(id), Some(sequence), Some(signature)) = (
         header(SESSION_HEADER),
         header(SEQUENCE_HEADER),
         header(SIGNATURE_HEADER),
     ) else {
-        return Err(unauthorized(
-            "not authenticated: a session, a sequence and a signature are required",
-        ));
+        return Err("not authenticated: a session, a sequence and a signature are required");
     };
     let Ok(sequence) = sequence.parse::<u64>() else {
-        return Err(unauthorized("the sequence must be a number"));
+        return Err("the sequence must be a number");
     };
     let mut inner = standby.inner();
     let Some(session) = inner.session.as_mut() else {
-        return Err(unauthorized("no session is open: authenticate first"));
+        return Err("no session is open: authenticate first");
     };
     if session.id != id || session.opened.elapsed() > SESSION_TTL {
-        return Err(unauthorized(
-            "unknown or expired session: authenticate again",
-        ));
+        return Err("unknown or expired session: authenticate again");
     }
     if sequence <= session.last_sequence {
-        return Err(unauthorized("replayed call: the sequence must grow"));
+        return Err("replayed call: the sequence must grow");
     }
     if !standby::verify_call(&session.key, sequence, "POST", path, body, &signature) {
-        return Err(unauthorized("bad signature"));
+        return Err("bad signature");
     }
     session.last_sequence = sequence;
     Ok(())
@@ -281,8 +282,8 @@ async fn configure(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(refused) = verify(&standby, &headers, "/standby/configure", &body) {
-        return refused;
+    if let Err(why) = verify(&standby, &headers, "/standby/configure", &body) {
+        return refuse(StatusCode::UNAUTHORIZED, why);
     }
     let request = match serde_json::from_slice::<AdoptRequest>(&body) {
         Ok(request) => request,
@@ -323,8 +324,8 @@ async fn configure(
 }
 
 async fn start(State(standby): State<Arc<Standby>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(refused) = verify(&standby, &headers, "/standby/start", &body) {
-        return refused;
+    if let Err(why) = verify(&standby, &headers, "/standby/start", &body) {
+        return refuse(StatusCode::UNAUTHORIZED, why);
     }
     let config = {
         let mut inner = standby.inner();
@@ -411,8 +412,8 @@ async fn run_adopted(
 }
 
 async fn leave(State(standby): State<Arc<Standby>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(refused) = verify(&standby, &headers, "/standby/leave", &body) {
-        return refused;
+    if let Err(why) = verify(&standby, &headers, "/standby/leave", &body) {
+        return refuse(StatusCode::UNAUTHORIZED, why);
     }
     stop_adopted(&standby).await;
     standby.answer(None).into_response()

@@ -136,21 +136,6 @@ pub fn rfc3339(unix: f64) -> String {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::rfc3339;
-
-    #[test]
-    fn rfc3339_of_known_instants() {
-        assert_eq!(rfc3339(0.0), "1970-01-01T00:00:00.000Z");
-        // 2024-01-09T12:40:00.862Z (seed 002's example instant, in UTC).
-        assert_eq!(rfc3339(1_704_804_000.862), "2024-01-09T12:40:00.862Z");
-        // A leap day, and the last millisecond of a year.
-        assert_eq!(rfc3339(951_782_400.0), "2000-02-29T00:00:00.000Z");
-        assert_eq!(rfc3339(1_704_067_199.999), "2023-12-31T23:59:59.999Z");
-    }
-}
-
 /// A node command as `GET /api/v1/nodes/commands` shows it (seed 004's `NodeCommand`).
 pub fn command(c: &CommandRecord) -> Value {
     json!({
@@ -183,4 +168,19 @@ pub fn explanation(e: &Explanation) -> Value {
             "detail": n.detail,
         })).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339;
+
+    #[test]
+    fn rfc3339_of_known_instants() {
+        assert_eq!(rfc3339(0.0), "1970-01-01T00:00:00.000Z");
+        // 2024-01-09T12:40:00.862Z (seed 002's example instant, in UTC).
+        assert_eq!(rfc3339(1_704_804_000.862), "2024-01-09T12:40:00.862Z");
+        // A leap day, and the last millisecond of a year.
+        assert_eq!(rfc3339(951_782_400.0), "2000-02-29T00:00:00.000Z");
+        assert_eq!(rfc3339(1_704_067_199.999), "2023-12-31T23:59:59.999Z");
+    }
 }

@@ -267,7 +267,7 @@ mod tests {
             ip: "127.0.0.2".parse().expect("ip"),
             port: 9,
         };
-        assert!(duplicate_agents(&[a.clone()], ["n1"]).is_none());
+        assert!(duplicate_agents(std::slice::from_ref(&a), ["n1"]).is_none());
         assert!(duplicate_agents(&[a.clone(), a.clone()], ["n1", "n2"]).is_some());
         let b = AgentAddress {
             port: 10,

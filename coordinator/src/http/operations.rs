@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 impl From<OperationError> for ApiError {
     fn from(e: OperationError) -> ApiError {
-        let status = match &e {
+        let detail = e.to_string();
+        let status = match e {
+            OperationError::Engine(inner) => return ApiError::from(inner),
             OperationError::NotConfigured => StatusCode::SERVICE_UNAVAILABLE,
             OperationError::Busy(_) => StatusCode::CONFLICT,
             OperationError::InvalidShrink(_) | OperationError::RetryMismatch(_) => {
@@ -31,14 +33,8 @@ impl From<OperationError> for ApiError {
             }
             OperationError::NothingToRetry(_) => StatusCode::NOT_FOUND,
             OperationError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            OperationError::Engine(_) => {
-                let OperationError::Engine(inner) = e else {
-                    unreachable!("matched above")
-                };
-                return ApiError::from(inner);
-            }
         };
-        ApiError::new(status, e.to_string())
+        ApiError::new(status, detail)
     }
 }
 

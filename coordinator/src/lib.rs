@@ -68,6 +68,9 @@ pub struct Config {
     pub scale_out_heartbeat_timeout: f64,
     /// How long an online shrink lets running work finish unless the request says, seconds.
     pub shrink_drain_timeout: f64,
+    /// How long a shrink waits for decommissioned agents to leave, seconds; `None`: the
+    /// node TTL plus a minute (a silent agent is offline after the TTL anyway).
+    pub shrink_leave_timeout: Option<f64>,
 }
 
 impl Config {
@@ -90,6 +93,7 @@ impl Config {
             advertise_url: None,
             scale_out_heartbeat_timeout: 30.0,
             shrink_drain_timeout: 300.0,
+            shrink_leave_timeout: None,
         }
     }
 }
@@ -178,7 +182,11 @@ pub async fn run(
             drain_timeout: config.shrink_drain_timeout,
             // A decommissioned agent says goodbye at once; a silent one is offline after
             // the node TTL.
-            leave_timeout: Duration::from_secs_f64(config.node_ttl + 60.0),
+            leave_timeout: Duration::from_secs_f64(
+                config
+                    .shrink_leave_timeout
+                    .unwrap_or(config.node_ttl + 60.0),
+            ),
         },
         max_operation_id,
         engine_stop.clone(),

@@ -18,10 +18,14 @@ struct Server {
 
 impl Server {
     async fn start(join_secret: Option<&str>) -> Server {
+        Server::start_with(|config| config.join_secret = join_secret.map(str::to_string)).await
+    }
+
+    async fn start_with(tweak: impl FnOnce(&mut Config)) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = Config::new(dir.path().to_path_buf());
         config.local_agents = 0;
-        config.join_secret = join_secret.map(str::to_string);
+        tweak(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -423,6 +427,93 @@ async fn a_shrink_drains_decommissions_and_removes_the_newest_node() {
             .as_str()
             .unwrap_or_default()
             .ends_with("valid numbers: 1")
+    );
+    s.shutdown().await;
+}
+
+/// The ids of the decommission commands in a heartbeat answer.
+fn decommissions(answer: &Value) -> Vec<Value> {
+    answer["commands"]
+        .as_array()
+        .map(|c| {
+            c.iter()
+                .filter(|c| c["command"] == "decommission")
+                .map(|c| c["id"].clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_shrink_whose_agent_does_not_leave_fails_and_a_retry_resumes_it() {
+    let s = Server::start_with(|config| config.shrink_leave_timeout = Some(1.0)).await;
+    s.node("n1", "idle").await;
+    s.node("n2", "idle").await;
+    let (status, body) = s
+        .post(
+            "/api/v1/cluster/shrink",
+            json!({"shrink_number": 1, "online": false}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let job = body["job_id"].as_str().expect("job id").to_string();
+    // n2 keeps heartbeating and ignores its decommission.
+    let op = loop {
+        s.node("n2", "idle").await;
+        let (_, op) = s.get(&format!("/api/v1/operations/{job}")).await;
+        if op["state"] == "FAILED" {
+            break op;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(op["stage_name"], "decommission", "{op}");
+    let message = op["nodes"][2]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("n2 did not leave within 1 s"), "{message}");
+    assert_eq!(op["nodes"][1]["state"], "SUCCEEDED");
+
+    // A retry must be of the same shrink.
+    let (status, body) = s
+        .post(
+            "/api/v1/cluster/shrink",
+            json!({"shrink_number": 2, "online": false, "retry": true}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, body) = s
+        .post(
+            "/api/v1/cluster/shrink",
+            json!({"shrink_number": 1, "online": false, "retry": true}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["job_id"], job.as_str(), "the same operation resumes");
+    let op = s.wait_operation(&job, |op| op["operator"] == "RETRY").await;
+    assert_eq!(op["stage_name"], "decommission");
+    // This time the agent goes.
+    let ids = loop {
+        let ids = decommissions(&s.node("n2", "idle").await);
+        if !ids.is_empty() {
+            break ids;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let results: Vec<Value> = ids.iter().map(|id| json!({"id": id, "ok": true})).collect();
+    s.heartbeat(json!({"node_id": "n2", "status": "offline",
+        "resources": {"cpu_cores": 2, "memory_mb": 2048}, "command_results": results}))
+        .await;
+    let op = s.wait_operation(&job, |op| op["state"] != "RUNNING").await;
+    assert_eq!(op["state"], "SUCCEEDED", "{op}");
+    assert_eq!(op["operator"], "RETRY");
+    let (status, body) = s
+        .post(
+            "/api/v1/cluster/shrink",
+            json!({"shrink_number": 1, "online": false, "retry": true}),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "nothing failed to retry: {body}"
     );
     s.shutdown().await;
 }

@@ -458,7 +458,12 @@ async fn a_shrink_whose_agent_does_not_leave_fails_and_a_retry_resumes_it() {
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     let job = body["job_id"].as_str().expect("job id").to_string();
     // n2 keeps heartbeating and ignores its decommission.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let op = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the shrink never failed"
+        );
         s.node("n2", "idle").await;
         let (_, op) = s.get(&format!("/api/v1/operations/{job}")).await;
         if op["state"] == "FAILED" {
@@ -490,7 +495,12 @@ async fn a_shrink_whose_agent_does_not_leave_fails_and_a_retry_resumes_it() {
     let op = s.wait_operation(&job, |op| op["operator"] == "RETRY").await;
     assert_eq!(op["stage_name"], "decommission");
     // This time the agent goes.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let ids = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no decommission was sent again"
+        );
         let ids = decommissions(&s.node("n2", "idle").await);
         if !ids.is_empty() {
             break ids;

@@ -33,6 +33,16 @@ pub struct FeedParams {
     node_id: Option<String>,
     /// Replay what was published after this seq.
     since: Option<String>,
+    /// Credentials for browsers, which cannot set headers on a WebSocket: read by the auth
+    /// middleware, ignored here.
+    #[serde(rename = "token")]
+    _token: Option<String>,
+    #[serde(rename = "timestamp")]
+    _timestamp: Option<String>,
+    #[serde(rename = "sign_str")]
+    _sign_str: Option<String>,
+    #[serde(rename = "version")]
+    _version: Option<String>,
 }
 
 impl FeedParams {

@@ -243,7 +243,10 @@ impl Engine {
         after: Option<TaskId>,
         submitted_by: Option<i64>,
     ) -> Result<Vec<ResultRow>, EngineError> {
-        Ok(self.store.results(limit, offset, after, submitted_by).await?)
+        Ok(self
+            .store
+            .results(limit, offset, after, submitted_by)
+            .await?)
     }
 
     pub async fn stats(&self) -> Result<TaskStats, EngineError> {

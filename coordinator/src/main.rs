@@ -95,12 +95,17 @@ struct Cli {
 fn parse_origin(raw: &str) -> Result<String, String> {
     let origin = raw.trim().trim_end_matches('/');
     if origin == "*" {
-        return Err("`*` is not allowed with auth on; list the origins (auth off already allows any)".into());
+        return Err(
+            "`*` is not allowed with auth on; list the origins (auth off already allows any)"
+                .into(),
+        );
     }
     let rest = origin
         .strip_prefix("https://")
         .or_else(|| origin.strip_prefix("http://"))
-        .ok_or_else(|| format!("{raw:?} is not an origin: expected http://HOST[:PORT] or https://HOST[:PORT]"))?;
+        .ok_or_else(|| {
+            format!("{raw:?} is not an origin: expected http://HOST[:PORT] or https://HOST[:PORT]")
+        })?;
     if rest.is_empty() || rest.contains(['/', '?', '#', ' ', '*']) {
         return Err(format!(
             "{raw:?} is not an origin: expected scheme://host[:port] with no path"

@@ -34,7 +34,7 @@ impl RateLimit {
     }
 
     pub fn is_off(&self) -> bool {
-        !(self.per_second > 0.0)
+        self.per_second.is_nan() || self.per_second <= 0.0
     }
 }
 
@@ -208,6 +208,9 @@ mod tests {
         for key in 0..(MAX_BUCKETS as i64) {
             assert!(limiter.admit(key, limit, 0.0).is_ok());
         }
-        assert!(limiter.admit(-1, limit, 0.0).is_err(), "the busy key kept its empty bucket");
+        assert!(
+            limiter.admit(-1, limit, 0.0).is_err(),
+            "the busy key kept its empty bucket"
+        );
     }
 }

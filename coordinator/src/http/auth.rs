@@ -267,7 +267,11 @@ async fn check_signature(
         .replay()
         .check(id, at, signature, now)
         .map_err(|Replayed| {
-            tracing::warn!(key_id = id, timestamp = at, "replayed signed request refused");
+            tracing::warn!(
+                key_id = id,
+                timestamp = at,
+                "replayed signed request refused"
+            );
             unauthorized("replayed request")
         })?;
     Ok(Request::from_parts(parts, Body::from(bytes)))
@@ -395,6 +399,19 @@ mod tests {
         assert_eq!(
             path_without_sign_str(&request("/ws/updates?sign_str=ab")),
             "/ws/updates"
+        );
+    }
+
+    #[test]
+    fn readme_feed_example() {
+        // The browser example in README.md's Security section.
+        let url = "/ws/updates?events=task_completed&token=lull_0123&timestamp=1747379023000\
+                   &sign_str=10a2ed178863e44e939d05abb3df01b735b11ccea1c8ed234d5e60d947095ff9";
+        let path = path_without_sign_str(&request(url));
+        let signature = lull_shared::signing::sign("s3cr3t", "1747379023000", "GET", &path, b"");
+        assert!(
+            url.ends_with(&format!("&sign_str={signature}")),
+            "{signature}"
         );
     }
 

@@ -95,7 +95,9 @@ fn cors(config: &HttpConfig) -> CorsLayer {
     }
     let origins = config.cors_origins.iter().filter_map(|origin| {
         HeaderValue::from_str(origin)
-            .inspect_err(|_| tracing::warn!(origin, "ignoring a CORS origin that is not a header value"))
+            .inspect_err(|_| {
+                tracing::warn!(origin, "ignoring a CORS origin that is not a header value")
+            })
             .ok()
     });
     CorsLayer::new()

@@ -94,3 +94,113 @@ impl KeyStore for CachedKeys {
         revoked
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{KeyMode, Role, hash_token};
+    use std::sync::atomic::AtomicUsize;
+
+    /// Keys in memory, counting lookups.
+    #[derive(Default)]
+    struct Counting {
+        keys: Mutex<Vec<ApiKey>>,
+        lookups: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl KeyStore for Counting {
+        async fn create_key(&self, key: &NewKey, now: f64) -> Result<ApiKey, StoreError> {
+            let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+            let stored = ApiKey {
+                key_id: keys.len() as i64 + 1,
+                name: key.name.clone(),
+                role: key.role,
+                mode: key.mode,
+                token_hash: key.token_hash(),
+                secret: key.secret.clone(),
+                created_at: now,
+                revoked_at: None,
+            };
+            keys.push(stored.clone());
+            Ok(stored)
+        }
+
+        async fn keys(&self) -> Result<Vec<ApiKey>, StoreError> {
+            Ok(self
+                .keys
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone())
+        }
+
+        async fn key_by_token_hash(&self, hash: &str) -> Result<Option<ApiKey>, StoreError> {
+            self.lookups.fetch_add(1, Ordering::SeqCst);
+            let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+            Ok(keys.iter().find(|k| k.token_hash == hash).cloned())
+        }
+
+        async fn revoke_key(&self, key_id: i64, now: f64) -> Result<Option<ApiKey>, StoreError> {
+            let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+            let key = keys.iter_mut().find(|k| k.key_id == key_id);
+            Ok(key.map(|k| {
+                k.revoked_at.get_or_insert(now);
+                k.clone()
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn lookups_are_cached_until_a_revoke_through_the_cache() {
+        let inner = Arc::new(Counting::default());
+        let cache = CachedKeys::new(inner.clone(), Duration::from_secs(3600));
+        let new = NewKey::generate("a", Role::Viewer, KeyMode::Simple);
+        let key = cache.create_key(&new, 1.0).await.expect("create");
+        let hash = hash_token(&new.token);
+        for _ in 0..10 {
+            let found = cache.key_by_token_hash(&hash).await.expect("lookup");
+            assert_eq!(found.map(|k| k.revoked_at), Some(None));
+        }
+        assert_eq!(inner.lookups.load(Ordering::SeqCst), 1);
+        // Unknown tokens are not remembered: a key created elsewhere works at once.
+        assert!(
+            cache
+                .key_by_token_hash("nope")
+                .await
+                .expect("lookup")
+                .is_none()
+        );
+        assert!(
+            cache
+                .key_by_token_hash("nope")
+                .await
+                .expect("lookup")
+                .is_none()
+        );
+        assert_eq!(inner.lookups.load(Ordering::SeqCst), 3);
+
+        cache.revoke_key(key.key_id, 2.0).await.expect("revoke");
+        let found = cache.key_by_token_hash(&hash).await.expect("lookup");
+        assert_eq!(found.and_then(|k| k.revoked_at), Some(2.0));
+    }
+
+    #[tokio::test]
+    async fn a_revoke_elsewhere_is_seen_after_the_ttl() {
+        let inner = Arc::new(Counting::default());
+        let cache = CachedKeys::new(inner.clone(), Duration::ZERO);
+        let new = NewKey::generate("a", Role::Viewer, KeyMode::Simple);
+        let key = cache.create_key(&new, 1.0).await.expect("create");
+        let hash = hash_token(&new.token);
+        assert!(
+            cache
+                .key_by_token_hash(&hash)
+                .await
+                .expect("lookup")
+                .is_some()
+        );
+        // Revoked behind the cache's back (another process, the CLI).
+        inner.revoke_key(key.key_id, 2.0).await.expect("revoke");
+        let found = cache.key_by_token_hash(&hash).await.expect("lookup");
+        assert_eq!(found.and_then(|k| k.revoked_at), Some(2.0));
+    }
+}

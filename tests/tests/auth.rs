@@ -342,3 +342,95 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[tokio::test]
+async fn a_throttled_agent_loses_nothing_and_completes_each_task_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("coordinator");
+    let (admin, _) = create_key(&data, "admin", "simple");
+    let (agent_token, agent_secret) = create_key(&data, "agent", "signed");
+    let agent_secret = agent_secret.expect("signed keys have a secret");
+    // Four requests a second (bursts of eight) for the agent: its heartbeats, pulls and
+    // results meet 429 now and then and must be retried, never dropped or doubled.
+    let mut c = Coordinator::start(
+        &data,
+        &[
+            "--auth",
+            "--local-agents",
+            "0",
+            "--heartbeat-interval",
+            "0.3",
+            "--node-ttl",
+            "30",
+            "--rate-limit",
+            "0",
+            "--agent-rate-limit",
+            "4",
+        ],
+    )
+    .expect("coordinator");
+    c.http = client_with(&admin);
+    let _agent = start_agent(
+        &c.url,
+        &dir.path().join("agent"),
+        &[
+            "--node-id",
+            "slow",
+            "--token",
+            &agent_token,
+            "--secret",
+            &agent_secret,
+            "--heartbeat-interval",
+            "0.5",
+            "--cpus",
+            "2",
+        ],
+    )
+    .expect("agent");
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        ids.push(c.submit(&format!("print({i} * 3)")).await.expect("submit"));
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let task = wait_until(Duration::from_secs(120), "the task to finish", || async {
+            let t = c.get(&format!("/api/v1/tasks/{id}")).await.ok()?;
+            matches!(t["status"].as_str(), Some("completed" | "failed")).then_some(t)
+        })
+        .await;
+        assert_eq!(task["status"], "completed", "{task}");
+        assert_eq!(task["result"], json!((i * 3).to_string()), "{task}");
+        let completed = task["runs"]
+            .as_array()
+            .expect("runs")
+            .iter()
+            .filter(|r| r["status"] == "completed")
+            .count();
+        assert_eq!(completed, 1, "{task}");
+    }
+    // The limit is real: twenty signed requests in a row on top of the agent's own traffic
+    // cannot all fit in a budget of eight at once and four a second.
+    let probe = reqwest::Client::new();
+    let mut throttled = 0;
+    for _ in 0..20 {
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis()
+            .to_string();
+        let path = "/api/v1/tasks-probe";
+        let sig = lull_shared::signing::sign(&agent_secret, &ts, "GET", path, b"");
+        let resp = probe
+            .get(format!("{}{path}", c.url))
+            .header("token", &agent_token)
+            .header("timestamp", ts)
+            .header("sign_str", sig)
+            .send()
+            .await
+            .expect("request");
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            assert!(resp.headers().contains_key("retry-after"));
+            throttled += 1;
+        }
+    }
+    assert!(throttled > 0, "an agent key at 4/s was never throttled");
+}

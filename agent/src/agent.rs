@@ -8,7 +8,7 @@ use crate::client::{CallError, CoordinatorClient};
 use crate::commands::{Commands, Stopped};
 use crate::executor::{
     ColdExecutor, Execution, Executor, ExecutorKind, Job, PauseClock, PauseSwitch, RunControl,
-    RunProcess, ZygoteExecutor, ZygoteSettings, format_seconds,
+    RunPoint, RunProcess, ZygoteExecutor, ZygoteSettings, format_seconds,
 };
 use crate::heartbeat::{LoadMeter, heartbeat_until_stopped, send_heartbeat};
 use crate::outbox::Outbox;
@@ -507,6 +507,10 @@ async fn execute<E: Executor>(
         code: assignment.code,
         timeout,
         resources: assignment.resources,
+        point: RunPoint {
+            index: assignment.point,
+            of: assignment.points,
+        },
         control: RunControl {
             process,
             clock: shared.pause_clock.clone(),

@@ -5,17 +5,18 @@
 //! 401 says what is wrong with the credentials; 403 names the role and what it may do.
 
 use super::AppState;
-use super::error::ApiError;
+use super::change_points;
+use super::error::{ApiError, Refusal};
 use crate::keys::{Access, ApiKey, KeyMode, Role, hash_token, timestamp_fresh};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use lull_shared::signing::{SIGN_HEADER, TIMESTAMP_HEADER, TOKEN_HEADER, verify};
 
-fn unauthorized(detail: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::UNAUTHORIZED, detail)
+fn unauthorized(refusal: Refusal, detail: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, detail).refused(refusal)
 }
 
 /// The token a request carries: the `token` header (seed 000) or `Authorization: Bearer`.
@@ -26,7 +27,12 @@ fn credential(headers: &HeaderMap) -> Result<String, ApiError> {
             Some(v) => v
                 .to_str()
                 .map(|s| Some(s.trim().to_string()).filter(|s| !s.is_empty()))
-                .map_err(|_| unauthorized(format!("the {name} header is not valid text"))),
+                .map_err(|_| {
+                    unauthorized(
+                        Refusal::MissingCredentials,
+                        format!("the {name} header is not valid text"),
+                    )
+                }),
         }
     };
     if let Some(token) = header(TOKEN_HEADER)? {
@@ -38,10 +44,15 @@ fn credential(headers: &HeaderMap) -> Result<String, ApiError> {
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, token)| token.trim().to_string())
             .filter(|t| !t.is_empty());
-        return bearer
-            .ok_or_else(|| unauthorized("the Authorization header must be `Bearer TOKEN`"));
+        return bearer.ok_or_else(|| {
+            unauthorized(
+                Refusal::MissingCredentials,
+                "the Authorization header must be `Bearer TOKEN`",
+            )
+        });
     }
     Err(unauthorized(
+        Refusal::MissingCredentials,
         "missing credentials: send an API key in the `token` header or as `Authorization: Bearer TOKEN`",
     ))
 }
@@ -64,28 +75,40 @@ async fn check_signature(key: &ApiKey, req: Request, max_body: usize) -> Result<
             .map(str::to_string)
     };
     let timestamp = header(TIMESTAMP_HEADER).ok_or_else(|| {
-        unauthorized(format!(
-            "missing timestamp: key {id} is a signed key; send `timestamp` (ms) and `sign_str`"
-        ))
+        unauthorized(
+            Refusal::BadTimestamp,
+            format!(
+                "missing timestamp: key {id} is a signed key; send `timestamp` (ms) and `sign_str`"
+            ),
+        )
     })?;
-    let sign_str = header(SIGN_HEADER)
-        .ok_or_else(|| unauthorized(format!("missing sign_str: key {id} is a signed key")))?;
+    let sign_str = header(SIGN_HEADER).ok_or_else(|| {
+        unauthorized(
+            Refusal::BadSignature,
+            format!("missing sign_str: key {id} is a signed key"),
+        )
+    })?;
     let at: i64 = timestamp.parse().map_err(|_| {
-        unauthorized(format!(
-            "bad timestamp {timestamp:?}: milliseconds since the Unix epoch expected"
-        ))
+        unauthorized(
+            Refusal::BadTimestamp,
+            format!("bad timestamp {timestamp:?}: milliseconds since the Unix epoch expected"),
+        )
     })?;
     if !timestamp_fresh(at, now_ms()) {
-        return Err(unauthorized(format!(
-            "stale timestamp {at}: more than {} s from the coordinator's clock",
-            crate::keys::TIMESTAMP_WINDOW_MS / 1000
-        )));
+        return Err(unauthorized(
+            Refusal::BadTimestamp,
+            format!(
+                "stale timestamp {at}: more than {} s from the coordinator's clock",
+                crate::keys::TIMESTAMP_WINDOW_MS / 1000
+            ),
+        ));
     }
     let Some(secret) = key.secret.as_deref() else {
         tracing::error!(key_id = id, "signed key without a stored secret");
-        return Err(unauthorized(format!(
-            "key {id} has no secret to verify with"
-        )));
+        return Err(unauthorized(
+            Refusal::BadSignature,
+            format!("key {id} has no secret to verify with"),
+        ));
     };
     let method = req.method().as_str().to_string();
     let path = req
@@ -99,6 +122,7 @@ async fn check_signature(key: &ApiKey, req: Request, max_body: usize) -> Result<
         .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"))?;
     if !verify(secret, &timestamp, &method, &path, &bytes, &sign_str) {
         return Err(unauthorized(
+            Refusal::BadSignature,
             "bad signature: sign_str must be hex HMAC-SHA256(secret, timestamp\\nMETHOD\\npath?query\\nbody)",
         ));
     }
@@ -115,13 +139,21 @@ fn forbidden(role: Role, req: &Request) -> ApiError {
             role.allows()
         ),
     )
+    .refused(Refusal::Forbidden)
 }
 
-pub async fn authenticate(
-    State(app): State<AppState>,
-    req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
+/// The middleware. Its refusals are `{"detail"}` errors, except on seed 000's path, which
+/// answers its own envelope (`{"code", "message", "data"}`) for everything.
+pub async fn authenticate(State(app): State<AppState>, req: Request, next: Next) -> Response {
+    let seed_000 = change_points::is_its_path(req.uri().path());
+    match check(app, req, next).await {
+        Ok(response) => response,
+        Err(e) if seed_000 => change_points::refusal(e),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn check(app: AppState, req: Request, next: Next) -> Result<Response, ApiError> {
     if !app.auth.enabled {
         return Ok(next.run(req).await);
     }
@@ -142,9 +174,12 @@ pub async fn authenticate(
         .key_by_token_hash(&token_hash)
         .await
         .map_err(ApiError::from)?
-        .ok_or_else(|| unauthorized("unknown API key"))?;
+        .ok_or_else(|| unauthorized(Refusal::UnknownKey, "unknown API key"))?;
     if key.revoked_at.is_some() {
-        return Err(unauthorized(format!("API key {} was revoked", key.key_id)));
+        return Err(unauthorized(
+            Refusal::UnknownKey,
+            format!("API key {} was revoked", key.key_id),
+        ));
     }
     let req = match key.mode {
         KeyMode::Simple => req,

@@ -4,6 +4,7 @@
 //! Architecture Invariant: only this module knows axum.
 
 mod auth;
+mod change_points;
 mod error;
 mod extract;
 mod feed;
@@ -13,6 +14,7 @@ mod seed;
 mod tasks;
 mod views;
 
+pub use change_points::Code as ChangePointsCode;
 pub use error::ApiError;
 
 use crate::engine::Engine;
@@ -98,6 +100,10 @@ pub fn router(engine: Arc<Engine>, keys: Arc<dyn KeyStore>, config: &HttpConfig)
         )
         .route("/api/v1/keys", get(keys::list).post(keys::create))
         .route("/api/v1/keys/{key_id}", delete(keys::revoke))
+        .route(
+            change_points::PATH,
+            post(change_points::change_points).fallback(change_points::method_not_allowed),
+        )
         .route("/ws/updates", get(feed::updates))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

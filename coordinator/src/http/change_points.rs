@@ -18,7 +18,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use lull_shared::TaskId;
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 
 /// The path, exactly as seed 000 gives it.
 pub const PATH: &str = "/api/deployment/task/change_points";
@@ -199,13 +199,17 @@ fn check_version(headers: &HeaderMap) -> Result<(), Response> {
 pub async fn change_points(
     State(app): State<AppState>,
     headers: HeaderMap,
-    body: Result<JsonBody<ChangePointsRequest>, ApiError>,
+    body: Result<JsonBody<serde_json::Map<String, Value>>, ApiError>,
 ) -> Response {
     if let Err(answer) = check_version(&headers) {
         return answer;
     }
-    let request = match body {
-        Ok(JsonBody(request)) => request,
+    // An object first (serde would take `[388, 1]` for the struct), then its fields.
+    let request = match body.and_then(|JsonBody(object)| {
+        serde_json::from_value::<ChangePointsRequest>(Value::Object(object))
+            .map_err(|e| ApiError::unprocessable(format!("invalid request: {e}")))
+    }) {
+        Ok(request) => request,
         Err(e) => return refusal(e),
     };
     let task_id = request.task_id;

@@ -172,23 +172,21 @@ pub struct ChangePointsRequest {
     points: i64,
 }
 
-/// Accepts `1`, `1.0`, `1.0.0`, `1.2.3`: any version of major 1.
-fn check_version(headers: &HeaderMap) -> Result<(), Response> {
-    let Some(raw) = headers.get(VERSION_HEADER) else {
-        return Err(envelope(
-            Code::MissingVersion,
-            "missing version header: send the API version, e.g. `version: 1.0.0`",
-        ));
-    };
-    let version = raw.to_str().map(str::trim).unwrap_or_default();
+/// Accepts `1`, `1.0`, `1.0.0`, `1.2.3`: any version of major 1. A refusal is its code and
+/// message.
+fn check_version(headers: &HeaderMap) -> Result<(), (Code, String)> {
+    let version = headers
+        .get(VERSION_HEADER)
+        .map(|raw| raw.to_str().map(str::trim).unwrap_or_default())
+        .unwrap_or_default();
     if version.is_empty() {
-        return Err(envelope(
+        return Err((
             Code::MissingVersion,
-            "missing version header: send the API version, e.g. `version: 1.0.0`",
+            "missing version header: send the API version, e.g. `version: 1.0.0`".into(),
         ));
     }
     if version.split('.').next() != Some("1") {
-        return Err(envelope(
+        return Err((
             Code::UnsupportedVersion,
             format!("unsupported version {version:?}: this server speaks 1.0.0"),
         ));
@@ -201,8 +199,8 @@ pub async fn change_points(
     headers: HeaderMap,
     body: Result<JsonBody<serde_json::Map<String, Value>>, ApiError>,
 ) -> Response {
-    if let Err(answer) = check_version(&headers) {
-        return answer;
+    if let Err((code, message)) = check_version(&headers) {
+        return envelope(code, message);
     }
     // An object first (serde would take `[388, 1]` for the struct), then its fields.
     let request = match body.and_then(|JsonBody(object)| {

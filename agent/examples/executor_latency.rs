@@ -85,6 +85,7 @@ async fn measure(name: &str, executor: &impl Executor, runs: usize) {
             code: CODE.to_string(),
             timeout: Duration::from_secs(60),
             resources: Resources::default(),
+            point: Default::default(),
             control: Default::default(),
         };
         let begun = Instant::now();

@@ -603,8 +603,22 @@ fn fork_pid_one(
     // would need, so the child may do anything, not only async-signal-safe calls.
     match unsafe { nix::unistd::fork() }.map_err(SandboxError::Fork)? {
         ForkResult::Child => Ok(()),
-        ForkResult::Parent { child } => watch_run(child, policy, cgroup),
+        ForkResult::Parent { child } => {
+            ignore_sigterm();
+            watch_run(child, policy, cgroup)
+        }
     }
+}
+
+/// The watcher outlives a SIGTERM meant for the run (a graceful stop sends it to every
+/// process of the run, the watcher included): dying of it would SIGKILL PID 1 at once,
+/// with no grace. SIGKILL still ends the watcher, and the run with it.
+fn ignore_sigterm() {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, sigaction};
+    let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    // SAFETY: installs SIG_IGN, no handler code: nothing can run in a signal context. Only
+    // the watcher is affected: PID 1 was forked before, with the default disposition.
+    let _ = unsafe { sigaction(Signal::SIGTERM, &ignore) };
 }
 
 fn watch_run(child: Pid, policy: &RunPolicy, cgroup: Option<&cgroup::RunCgroup>) -> ! {

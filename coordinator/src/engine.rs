@@ -10,7 +10,8 @@
 
 use crate::feed::Feed;
 use crate::model::{
-    Change, CommandRecord, NodeGroup, RunRecord, TaskLimits, TaskRecord, TaskSpec, ValidationError,
+    Change, CommandRecord, NewTask, NodeGroup, RunRecord, TaskLimits, TaskRecord, ValidationError,
+    validate_points,
 };
 use crate::operations::OperationRecord;
 use crate::operations::plan::GroupMembers;
@@ -139,9 +140,20 @@ impl Engine {
     // -------------------------------------------------------------------------------------------
 
     pub async fn submit(&self, request: SubmitRequest) -> Result<TaskId, EngineError> {
-        let spec = TaskSpec::from_request(request, &self.config.limits)?;
+        self.submit_by(request, None).await
+    }
+
+    /// Accepts a task submitted with API key `submitted_by` (`None`: no key, or an
+    /// in-process caller). The key is recorded on the task: a submitter sees its own tasks.
+    pub async fn submit_by(
+        &self,
+        request: SubmitRequest,
+        submitted_by: Option<i64>,
+    ) -> Result<TaskId, EngineError> {
+        let mut task = NewTask::from_request(request, &self.config.limits)?;
+        task.spec.submitted_by = submitted_by;
         let now = unix_now();
-        let (task_id, ack) = self.mutate(|s| s.submit(spec, now));
+        let (task_id, ack) = self.mutate(|s| s.submit(task, now));
         self.work.notify_waiters();
         ack.durable().await?;
         tracing::debug!(task_id, "task accepted");
@@ -174,6 +186,38 @@ impl Engine {
             Err(e) => return Err(e.into()),
         }
         self.task(task_id).await
+    }
+
+    /// Seed 000's change_points: how many nodes run an unfinished task at once. Raising
+    /// wakes the agents; lowering stops the newest points (their nodes are told to kill
+    /// them). Answered once durable.
+    pub async fn change_points(&self, task_id: TaskId, points: u32) -> Result<(), EngineError> {
+        let points = validate_points(points, &self.config.limits)?;
+        let now = unix_now();
+        let (outcome, ack) = self.mutate(|s| match s.change_points(task_id, points, now) {
+            Ok(changes) => (Ok(()), changes),
+            Err(e) => (Err(e), Vec::new()),
+        });
+        match outcome {
+            Ok(()) => {
+                // New points to place, or cancels to deliver to long-polling agents.
+                self.work.notify_waiters();
+                ack.durable().await?;
+                tracing::info!(task_id, points, "task points changed");
+                Ok(())
+            }
+            Err(SchedulerError::TaskNotFound(_)) => {
+                if let Some(task) = self.store.task(task_id).await? {
+                    return Err(SchedulerError::AlreadyFinished {
+                        task_id,
+                        status: task.state.status,
+                    }
+                    .into());
+                }
+                Err(SchedulerError::TaskNotFound(task_id).into())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub async fn task(&self, task_id: TaskId) -> Result<TaskRecord, EngineError> {
@@ -217,8 +261,14 @@ impl Engine {
         Ok(self.store.tasks(query).await?)
     }
 
-    pub async fn count_tasks(&self, status: Option<TaskStatus>) -> Result<u64, EngineError> {
-        Ok(self.store.count_tasks(status).await?)
+    /// Tasks with `status` (any if `None`); only those submitted with key `submitted_by`
+    /// if given.
+    pub async fn count_tasks(
+        &self,
+        status: Option<TaskStatus>,
+        submitted_by: Option<i64>,
+    ) -> Result<u64, EngineError> {
+        Ok(self.store.count_tasks(status, submitted_by).await?)
     }
 
     pub async fn results(
@@ -226,8 +276,12 @@ impl Engine {
         limit: u32,
         offset: u64,
         after: Option<TaskId>,
+        submitted_by: Option<i64>,
     ) -> Result<Vec<ResultRow>, EngineError> {
-        Ok(self.store.results(limit, offset, after).await?)
+        Ok(self
+            .store
+            .results(limit, offset, after, submitted_by)
+            .await?)
     }
 
     pub async fn stats(&self) -> Result<TaskStats, EngineError> {
@@ -352,6 +406,10 @@ impl Engine {
             reason,
             node_id: task.state.node_id,
             run_id: None,
+            points: task.state.points,
+            runs: Vec::new(),
+            done_points: Vec::new(),
+            waiting_points: Vec::new(),
             queued_ahead: None,
             nodes: Vec::new(),
         })

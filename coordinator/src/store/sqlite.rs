@@ -52,9 +52,10 @@ pub struct SqliteStore {
 }
 
 const TASK_COLUMNS: &str = "task_id, code, timeout, cpu, memory_mb, constraints, max_attempts, \
-    points, status, result, error, attempts, losses, node_id, created_at, started_at, completed_at";
-const RUN_COLUMNS: &str = "run_id, task_id, node_id, attempt, status, exit_code, stdout, stderr, \
-    error, started_at, completed_at, cpu_seconds, max_rss_mb";
+    points, status, result, error, attempts, losses, node_id, created_at, started_at, completed_at, \
+    submitted_by";
+const RUN_COLUMNS: &str = "run_id, task_id, node_id, attempt, point, status, exit_code, stdout, \
+    stderr, error, started_at, completed_at, cpu_seconds, max_rss_mb";
 const NODE_COLUMNS: &str = "node_id, hostname, node_type, zone, cpu_cores, memory_mb, meta, \
     status, version, joined_at, last_heartbeat, sandbox, executor, drain_requested_at, \
     drain_deadline, group_id, group_operation";
@@ -117,7 +118,7 @@ fn task_from_row(row: &SqliteRow) -> Result<TaskRecord, StoreError> {
             },
             constraints,
             max_attempts: row.try_get::<i64, _>("max_attempts")? as u32,
-            points: row.try_get::<i64, _>("points")? as u32,
+            submitted_by: row.try_get("submitted_by")?,
         },
         state: TaskState {
             task_id,
@@ -126,6 +127,7 @@ fn task_from_row(row: &SqliteRow) -> Result<TaskRecord, StoreError> {
             error: row.try_get("error")?,
             attempts: row.try_get::<i64, _>("attempts")? as u32,
             losses: row.try_get::<i64, _>("losses")? as u32,
+            points: row.try_get::<i64, _>("points")? as u32,
             node_id: row.try_get("node_id")?,
             started_at: row.try_get("started_at")?,
             completed_at: row.try_get("completed_at")?,
@@ -144,6 +146,7 @@ fn run_from_row(row: &SqliteRow) -> Result<RunRecord, StoreError> {
         task_id: row.try_get("task_id")?,
         node_id: row.try_get("node_id")?,
         attempt: row.try_get::<i64, _>("attempt")? as u32,
+        point: row.try_get::<i64, _>("point")? as u32,
         status,
         exit_code: row
             .try_get::<Option<i64>, _>("exit_code")?
@@ -320,8 +323,8 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, change: &Change) -> Result<
                 .map_err(|e| corrupt("tasks", e.to_string()))?;
             sqlx::query(
                 "INSERT INTO tasks (task_id, code, timeout, cpu, memory_mb, constraints, \
-                 max_attempts, points, status, attempts, losses, created_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 max_attempts, points, status, attempts, losses, created_at, submitted_by) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(t.task_id)
             .bind(&*t.spec.code)
@@ -330,18 +333,19 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, change: &Change) -> Result<
             .bind(t.spec.resources.memory)
             .bind(constraints)
             .bind(t.spec.max_attempts as i64)
-            .bind(t.spec.points as i64)
+            .bind(t.state.points as i64)
             .bind(t.state.status.as_str())
             .bind(t.state.attempts as i64)
             .bind(t.state.losses as i64)
             .bind(t.created_at)
+            .bind(t.spec.submitted_by)
             .execute(&mut **tx)
             .await?;
         }
-        Change::TaskUpdated(s) => {
+        Change::TaskUpdated(s) | Change::TaskRevised(s) => {
             sqlx::query(
                 "UPDATE tasks SET status = ?, result = ?, error = ?, attempts = ?, losses = ?, \
-                 node_id = ?, started_at = ?, completed_at = ? WHERE task_id = ?",
+                 node_id = ?, started_at = ?, completed_at = ?, points = ? WHERE task_id = ?",
             )
             .bind(s.status.as_str())
             .bind(&s.result)
@@ -351,15 +355,16 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, change: &Change) -> Result<
             .bind(&s.node_id)
             .bind(s.started_at)
             .bind(s.completed_at)
+            .bind(s.points as i64)
             .bind(s.task_id)
             .execute(&mut **tx)
             .await?;
         }
         Change::RunSaved(r) => {
             sqlx::query(
-                "INSERT INTO runs (run_id, task_id, node_id, attempt, status, exit_code, stdout, \
-                 stderr, error, started_at, completed_at, cpu_seconds, max_rss_mb) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                "INSERT INTO runs (run_id, task_id, node_id, attempt, point, status, exit_code, \
+                 stdout, stderr, error, started_at, completed_at, cpu_seconds, max_rss_mb) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
                  ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, \
                  exit_code = excluded.exit_code, stdout = excluded.stdout, stderr = excluded.stderr, \
                  error = excluded.error, completed_at = excluded.completed_at, \
@@ -369,6 +374,7 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, change: &Change) -> Result<
             .bind(r.task_id)
             .bind(&r.node_id)
             .bind(r.attempt as i64)
+            .bind(r.point as i64)
             .bind(r.status.as_str())
             .bind(r.exit_code.map(i64::from))
             .bind(&r.stdout)
@@ -485,6 +491,14 @@ impl Store for SqliteStore {
         ))
         .fetch_all(&self.pool)
         .await?;
+        // The points a multi-point task has done so far (its completed runs).
+        let completed = sqlx::query(
+            "SELECT r.task_id, r.point, r.stdout FROM runs r JOIN tasks t ON t.task_id = r.task_id \
+             WHERE t.status IN ('pending', 'assigned', 'running') AND r.status = 'completed' \
+             ORDER BY r.run_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         let nodes = sqlx::query(&format!("SELECT {NODE_COLUMNS} FROM nodes"))
             .fetch_all(&self.pool)
             .await?;
@@ -512,6 +526,16 @@ impl Store for SqliteStore {
         Ok(Snapshot {
             active_tasks: tasks.iter().map(task_from_row).collect::<Result<_, _>>()?,
             active_runs: runs.iter().map(run_from_row).collect::<Result<_, _>>()?,
+            completed_points: completed
+                .iter()
+                .map(|row| -> Result<_, StoreError> {
+                    Ok((
+                        row.try_get("task_id")?,
+                        row.try_get::<i64, _>("point")? as u32,
+                        row.try_get("stdout")?,
+                    ))
+                })
+                .collect::<Result<_, _>>()?,
             nodes: nodes.iter().map(node_from_row).collect::<Result<_, _>>()?,
             active_commands: commands
                 .iter()
@@ -561,23 +585,32 @@ impl Store for SqliteStore {
     async fn tasks(&self, query: &TaskQuery) -> Result<Vec<TaskRecord>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {TASK_COLUMNS} FROM tasks WHERE (?1 IS NULL OR status = ?1) \
-             AND task_id > ?2 ORDER BY task_id LIMIT ?3 OFFSET ?4"
+             AND task_id > ?2 AND (?5 IS NULL OR submitted_by = ?5) \
+             ORDER BY task_id LIMIT ?3 OFFSET ?4"
         ))
         .bind(query.status.map(|s| s.as_str()))
         .bind(query.after.unwrap_or(0))
         .bind(query.limit as i64)
         .bind(query.offset as i64)
+        .bind(query.submitted_by)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(task_from_row).collect()
     }
 
-    async fn count_tasks(&self, status: Option<TaskStatus>) -> Result<u64, StoreError> {
-        let n: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE (?1 IS NULL OR status = ?1)")
-                .bind(status.map(|s| s.as_str()))
-                .fetch_one(&self.pool)
-                .await?;
+    async fn count_tasks(
+        &self,
+        status: Option<TaskStatus>,
+        submitted_by: Option<i64>,
+    ) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM tasks WHERE (?1 IS NULL OR status = ?1) \
+             AND (?2 IS NULL OR submitted_by = ?2)",
+        )
+        .bind(status.map(|s| s.as_str()))
+        .bind(submitted_by)
+        .fetch_one(&self.pool)
+        .await?;
         Ok(n as u64)
     }
 
@@ -586,14 +619,17 @@ impl Store for SqliteStore {
         limit: u32,
         offset: u64,
         after: Option<TaskId>,
+        submitted_by: Option<i64>,
     ) -> Result<Vec<ResultRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT task_id, result, completed_at FROM tasks WHERE status = 'completed' \
-             AND task_id > ? ORDER BY task_id LIMIT ? OFFSET ?",
+             AND task_id > ?1 AND (?4 IS NULL OR submitted_by = ?4) \
+             ORDER BY task_id LIMIT ?2 OFFSET ?3",
         )
         .bind(after.unwrap_or(0))
         .bind(limit as i64)
         .bind(offset as i64)
+        .bind(submitted_by)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()

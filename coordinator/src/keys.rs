@@ -239,6 +239,12 @@ mod tests {
         );
         assert_eq!(Access::of("POST", "/api/v1/nodes/n1/drain"), Access::Admin);
         assert_eq!(Access::of("PUT", "/api/v1/nodes/n1/meta"), Access::Admin);
+        assert_eq!(
+            Access::of("POST", "/api/v1/cluster/scale_out"),
+            Access::Admin
+        );
+        assert_eq!(Access::of("POST", "/api/v1/cluster/shrink"), Access::Admin);
+        assert_eq!(Access::of("GET", "/api/v1/operations/3"), Access::Read);
     }
 
     #[test]

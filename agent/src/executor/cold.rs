@@ -694,13 +694,15 @@ mod tests {
         );
     }
 
+    // Three seconds, not one: the code must have printed before the timeout fires, and a
+    // loaded machine can take over a second to start python3.
     #[tokio::test]
     async fn the_timeout_kills_the_run() {
         let execution = ColdExecutor::new("python3", MAX_OUTPUT)
             .run(
                 job(
                     "print('before', flush=True); import time; time.sleep(60)",
-                    1.0,
+                    3.0,
                 ),
                 CancellationToken::new(),
             )
@@ -708,7 +710,7 @@ mod tests {
 
         assert_eq!(execution.outcome, RunOutcome::Failed);
         assert_eq!(execution.exit_code, None);
-        assert_eq!(execution.error.as_deref(), Some("timed out after 1 s"));
+        assert_eq!(execution.error.as_deref(), Some("timed out after 3 s"));
         assert_eq!(execution.stdout, "before\n");
     }
 
@@ -719,10 +721,10 @@ mod tests {
                     print(child.pid, flush=True)\n\
                     time.sleep(60)\n";
         let execution = ColdExecutor::new("python3", MAX_OUTPUT)
-            .run(job(code, 1.0), CancellationToken::new())
+            .run(job(code, 3.0), CancellationToken::new())
             .await;
 
-        assert_eq!(execution.error.as_deref(), Some("timed out after 1 s"));
+        assert_eq!(execution.error.as_deref(), Some("timed out after 3 s"));
         let pid: i32 = execution
             .stdout
             .trim()

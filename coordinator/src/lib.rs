@@ -7,6 +7,7 @@
 //! - [`store`]: the storage trait, the SQLite backend and the group-commit writer.
 //! - [`engine`]: joins scheduler, store and time; the only holder of the scheduler lock.
 //! - [`feed`]: the live feed: events published after commit, a replay ring, bounded fan-out.
+//! - [`history`]: the queue's recent length, sampled for the console's chart.
 //! - [`http`]: the axum router, extractors and the `{"detail"}` error type.
 //!
 //! [`run`] wires them together on a listener until a shutdown token fires.
@@ -15,6 +16,7 @@
 
 pub mod engine;
 pub mod feed;
+pub mod history;
 pub mod http;
 pub mod keys;
 pub mod model;

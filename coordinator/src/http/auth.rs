@@ -117,9 +117,15 @@ fn forbidden(role: Role, req: &Request) -> ApiError {
     )
 }
 
+/// The role a request was authenticated with, left in its extensions for handlers that
+/// show different things to different roles (the console disables what a role may not do).
+/// Absent when authentication is off: then anyone may do anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallerRole(pub Role);
+
 pub async fn authenticate(
     State(app): State<AppState>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
     if !app.auth.enabled {
@@ -133,6 +139,7 @@ pub async fn authenticate(
     let token_hash = hash_token(&token);
     if app.local_agents.token_hash.as_deref() == Some(token_hash.as_str()) {
         if Role::Agent.may(access) {
+            req.extensions_mut().insert(CallerRole(Role::Agent));
             return Ok(next.run(req).await);
         }
         return Err(forbidden(Role::Agent, &req));
@@ -146,7 +153,7 @@ pub async fn authenticate(
     if key.revoked_at.is_some() {
         return Err(unauthorized(format!("API key {} was revoked", key.key_id)));
     }
-    let req = match key.mode {
+    let mut req = match key.mode {
         KeyMode::Simple => req,
         KeyMode::Signed => check_signature(&key, req, app.auth.max_body_bytes).await?,
     };
@@ -155,5 +162,6 @@ pub async fn authenticate(
         return Err(forbidden(key.role, &req));
     }
     tracing::debug!(key_id = key.key_id, role = %key.role, "authenticated");
+    req.extensions_mut().insert(CallerRole(key.role));
     Ok(next.run(req).await)
 }

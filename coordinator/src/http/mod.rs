@@ -4,6 +4,7 @@
 //! Architecture Invariant: only this module knows axum.
 
 mod auth;
+mod console;
 mod error;
 mod extract;
 mod feed;
@@ -99,6 +100,7 @@ pub fn router(engine: Arc<Engine>, keys: Arc<dyn KeyStore>, config: &HttpConfig)
         .route("/api/v1/keys", get(keys::list).post(keys::create))
         .route("/api/v1/keys/{key_id}", delete(keys::revoke))
         .route("/ws/updates", get(feed::updates))
+        .merge(console::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

@@ -104,6 +104,9 @@ pub trait Store: Send + Sync + 'static {
         after: Option<TaskId>,
     ) -> Result<Vec<ResultRow>, StoreError>;
     async fn stats(&self, now: f64) -> Result<TaskStats, StoreError>;
+    /// Tasks completed per whole minute (Unix seconds / 60) since `since`, oldest first;
+    /// minutes with none are left out.
+    async fn completed_per_minute(&self, since: f64) -> Result<Vec<(i64, u64)>, StoreError>;
     /// Node commands, newest first.
     async fn commands(&self, query: &CommandQuery) -> Result<Vec<CommandRecord>, StoreError>;
     /// A cheap liveness check for `/health`.

@@ -59,7 +59,11 @@ impl QueueHistory {
 
     /// The samples taken at or after `from`, oldest first.
     pub fn since(&self, from: f64) -> Vec<QueueSample> {
-        self.samples.iter().filter(|s| s.at >= from).copied().collect()
+        self.samples
+            .iter()
+            .filter(|s| s.at >= from)
+            .copied()
+            .collect()
     }
 }
 

@@ -150,9 +150,9 @@ async fn assert_exactly_once(c: &Coordinator) {
     for t in items {
         let id = t["task_id"].as_i64().expect("id");
         let task = c.task(id).await.expect("task");
-        let completed = task["runs"]
-            .as_array()
-            .map_or(0, |r| r.iter().filter(|r| r["status"] == "completed").count());
+        let completed = task["runs"].as_array().map_or(0, |r| {
+            r.iter().filter(|r| r["status"] == "completed").count()
+        });
         match task["status"].as_str() {
             Some("completed") => assert_eq!(completed, 1, "{task}"),
             Some("cancelled") => assert_eq!(completed, 0, "{task}"),

@@ -195,16 +195,10 @@ async fn overview_html(app: &AppState) -> Result<String, ApiError> {
         ),
         Counter::new(
             "Avg run time",
-            stats
-                .avg_time
-                .map_or("–".into(), |s| format!("{}", seconds(s))),
+            stats.avg_time.map_or("–".into(), seconds),
             "",
         ),
-        Counter::new(
-            "Finished / hour",
-            stats.finished_last_hour.to_string(),
-            "",
-        ),
+        Counter::new("Finished / hour", stats.finished_last_hour.to_string(), ""),
         Counter::new(
             "Compute hours",
             format!("{:.2}", stats.compute_seconds / 3600.0),

@@ -141,7 +141,18 @@ impl Engine {
     // -------------------------------------------------------------------------------------------
 
     pub async fn submit(&self, request: SubmitRequest) -> Result<TaskId, EngineError> {
-        let spec = TaskSpec::from_request(request, &self.config.limits)?;
+        self.submit_by(request, None).await
+    }
+
+    /// Accepts a task submitted with API key `submitted_by` (`None`: no key, or an
+    /// in-process caller). The key is recorded on the task: a submitter sees its own tasks.
+    pub async fn submit_by(
+        &self,
+        request: SubmitRequest,
+        submitted_by: Option<i64>,
+    ) -> Result<TaskId, EngineError> {
+        let mut spec = TaskSpec::from_request(request, &self.config.limits)?;
+        spec.submitted_by = submitted_by;
         let now = unix_now();
         let (task_id, ack) = self.mutate(|s| s.submit(spec, now));
         self.work.notify_waiters();
@@ -219,8 +230,14 @@ impl Engine {
         Ok(self.store.tasks(query).await?)
     }
 
-    pub async fn count_tasks(&self, status: Option<TaskStatus>) -> Result<u64, EngineError> {
-        Ok(self.store.count_tasks(status).await?)
+    /// Tasks with `status` (any if `None`); only those submitted with key `submitted_by`
+    /// if given.
+    pub async fn count_tasks(
+        &self,
+        status: Option<TaskStatus>,
+        submitted_by: Option<i64>,
+    ) -> Result<u64, EngineError> {
+        Ok(self.store.count_tasks(status, submitted_by).await?)
     }
 
     pub async fn results(
@@ -228,8 +245,12 @@ impl Engine {
         limit: u32,
         offset: u64,
         after: Option<TaskId>,
+        submitted_by: Option<i64>,
     ) -> Result<Vec<ResultRow>, EngineError> {
-        Ok(self.store.results(limit, offset, after).await?)
+        Ok(self
+            .store
+            .results(limit, offset, after, submitted_by)
+            .await?)
     }
 
     pub async fn stats(&self) -> Result<TaskStats, EngineError> {

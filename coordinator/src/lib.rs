@@ -9,6 +9,8 @@
 //! - [`feed`]: the live feed: events published after commit, a replay ring, bounded fan-out.
 //! - [`history`]: the queue's recent length, sampled for the console's chart.
 //! - [`http`]: the axum router, extractors and the `{"detail"}` error type.
+//! - [`keys`], [`rate_limit`], [`replay`]: API keys and roles, per-key token buckets, and
+//!   the signatures seen recently: pure rules the HTTP edge applies.
 //!
 //! [`run`] wires them together on a listener until a shutdown token fires.
 
@@ -20,18 +22,21 @@ pub mod history;
 pub mod http;
 pub mod keys;
 pub mod model;
+pub mod rate_limit;
+pub mod replay;
 pub mod scheduler;
 pub mod store;
 
 use engine::{Engine, EngineConfig};
 use feed::{Feed, FeedConfig};
 use model::TaskLimits;
+use rate_limit::RateLimit;
 use scheduler::{Scheduler, SchedulerConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use store::{KeyStore, SqliteStore, Store, StoreError, SyncMode, Writer};
+use store::{CachedKeys, KeyStore, SqliteStore, Store, StoreError, SyncMode, Writer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -58,8 +63,25 @@ pub struct Config {
     /// Seconds a node command may wait for its outcome before it is `expired`.
     pub command_ttl: f64,
     /// Require API keys on every request but `/` and `/health` (off: today's open API).
+    /// The coordinator then refuses to start without an active admin key.
     pub auth: bool,
+    /// Each key's request budget with auth on (agent keys have their own).
+    pub rate_limit: RateLimit,
+    /// Agent keys' budget: far above people's, so the agent protocol is never starved.
+    pub agent_rate_limit: RateLimit,
+    /// Origins browsers may call from with auth on (none: same-origin only).
+    pub cors_origins: Vec<String>,
+    /// Longest a request may take (long-polls and the live feed excepted).
+    pub request_timeout: Duration,
 }
+
+/// Requests per second per key, and the burst, unless configured.
+pub const DEFAULT_RATE_LIMIT: f64 = 50.0;
+pub const DEFAULT_RATE_BURST: f64 = 100.0;
+/// Requests per second per agent key (burst twice that), unless configured.
+pub const DEFAULT_AGENT_RATE_LIMIT: f64 = 1000.0;
+/// Seconds a request may take, unless configured.
+pub const DEFAULT_REQUEST_TIMEOUT_SECS: f64 = 30.0;
 
 impl Config {
     /// The defaults `lull-coordinator` starts with, data under `data_dir`.
@@ -77,6 +99,13 @@ impl Config {
             feed: FeedConfig::default(),
             command_ttl: scheduler::DEFAULT_COMMAND_TTL,
             auth: false,
+            rate_limit: RateLimit::new(DEFAULT_RATE_LIMIT, DEFAULT_RATE_BURST),
+            agent_rate_limit: RateLimit::new(
+                DEFAULT_AGENT_RATE_LIMIT,
+                2.0 * DEFAULT_AGENT_RATE_LIMIT,
+            ),
+            cors_origins: Vec::new(),
+            request_timeout: Duration::from_secs_f64(DEFAULT_REQUEST_TIMEOUT_SECS),
         }
     }
 }
@@ -89,6 +118,41 @@ pub enum CoordinatorError {
     Listener(std::io::Error),
     #[error("the HTTP server failed: {0}")]
     Serve(std::io::Error),
+    #[error(
+        "authentication is on but {data_dir} holds no active admin key, so nobody could manage \
+         this coordinator; create one first: lull-coordinator keys create --role admin \
+         --data-dir {data_dir}"
+    )]
+    NoAdminKey { data_dir: String },
+}
+
+/// With auth on, refuses to start without an active (not revoked) admin key: nobody could
+/// manage keys or nodes through the API, and a coordinator that cannot be managed should
+/// say so at start, not at the first request. `lull-coordinator` calls this before binding.
+pub async fn check_admin_key(config: &Config) -> Result<(), CoordinatorError> {
+    if !config.auth {
+        return Ok(());
+    }
+    let store = SqliteStore::open(&config.data_dir, config.sync).await?;
+    require_admin_key(store.as_ref(), &config.data_dir).await
+}
+
+async fn require_admin_key(
+    keys: &dyn KeyStore,
+    data_dir: &std::path::Path,
+) -> Result<(), CoordinatorError> {
+    let active_admin = keys
+        .keys()
+        .await?
+        .iter()
+        .any(|k| k.role == keys::Role::Admin && k.revoked_at.is_none());
+    if active_admin {
+        Ok(())
+    } else {
+        Err(CoordinatorError::NoAdminKey {
+            data_dir: data_dir.display().to_string(),
+        })
+    }
 }
 
 /// Serves the coordinator on `listener` until `shutdown` is cancelled, then stops local
@@ -100,7 +164,13 @@ pub async fn run(
 ) -> Result<(), CoordinatorError> {
     let addr = listener.local_addr().map_err(CoordinatorError::Listener)?;
     let sqlite = SqliteStore::open(&config.data_dir, config.sync).await?;
-    let keys: Arc<dyn KeyStore> = sqlite.clone();
+    let keys: Arc<dyn KeyStore> = Arc::new(CachedKeys::new(
+        sqlite.clone(),
+        store::key_cache::DEFAULT_TTL,
+    ));
+    if config.auth {
+        require_admin_key(keys.as_ref(), &config.data_dir).await?;
+    }
     let store: Arc<dyn Store> = sqlite;
     let snapshot = store.load().await?;
     tracing::info!(
@@ -155,6 +225,10 @@ pub async fn run(
             max_body_bytes: config.max_body_bytes,
             auth: config.auth,
             local_agent_token_hash: local_token.as_deref().map(keys::hash_token),
+            rate_limit: config.rate_limit,
+            agent_rate_limit: config.agent_rate_limit,
+            cors_origins: config.cors_origins.clone(),
+            request_timeout: config.request_timeout,
         },
     );
     if config.auth {

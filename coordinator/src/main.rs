@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use lull_coordinator::keys::{KeyMode, NewKey, Role};
 use lull_coordinator::model::TaskLimits;
+use lull_coordinator::rate_limit::RateLimit;
 use lull_coordinator::store::{KeyStore, SqliteStore, SyncMode};
 use lull_coordinator::{Config, run};
 use std::net::SocketAddr;
@@ -69,6 +70,48 @@ struct Cli {
     /// the port can run code on your agents.
     #[arg(long, env = "LULL_INSECURE_NO_AUTH", conflicts_with = "auth")]
     insecure_no_auth: bool,
+    /// Requests per second each API key may make on average, with auth on (0: no limit).
+    /// Agent keys have --agent-rate-limit instead; local agents and auth off have none.
+    #[arg(long, env = "LULL_RATE_LIMIT", default_value_t = lull_coordinator::DEFAULT_RATE_LIMIT)]
+    rate_limit: f64,
+    /// Requests a key may make at once before --rate-limit applies.
+    #[arg(long, env = "LULL_RATE_BURST", default_value_t = lull_coordinator::DEFAULT_RATE_BURST)]
+    rate_burst: f64,
+    /// Requests per second each agent key may make (burst: twice as many; 0: no limit).
+    #[arg(long, env = "LULL_AGENT_RATE_LIMIT", default_value_t = lull_coordinator::DEFAULT_AGENT_RATE_LIMIT)]
+    agent_rate_limit: f64,
+    /// An origin browsers may call the API from with auth on, e.g. https://console.example:8443
+    /// (repeatable; the env var is comma-separated). None: same-origin only. With auth off
+    /// every origin may (`*`).
+    #[arg(long = "cors-origin", env = "LULL_CORS_ORIGINS", value_delimiter = ',', value_parser = parse_origin)]
+    cors_origins: Vec<String>,
+    /// Seconds a request may take, its body included (the agents' long-poll, task reads
+    /// with ?wait= and the live feed are bounded by their own limits instead).
+    #[arg(long, env = "LULL_REQUEST_TIMEOUT", default_value_t = lull_coordinator::DEFAULT_REQUEST_TIMEOUT_SECS)]
+    request_timeout: f64,
+}
+
+/// A CORS origin: `scheme://host[:port]`, nothing after it, and never `*`.
+fn parse_origin(raw: &str) -> Result<String, String> {
+    let origin = raw.trim().trim_end_matches('/');
+    if origin == "*" {
+        return Err(
+            "`*` is not allowed with auth on; list the origins (auth off already allows any)"
+                .into(),
+        );
+    }
+    let rest = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .ok_or_else(|| {
+            format!("{raw:?} is not an origin: expected http://HOST[:PORT] or https://HOST[:PORT]")
+        })?;
+    if rest.is_empty() || rest.contains(['/', '?', '#', ' ', '*']) {
+        return Err(format!(
+            "{raw:?} is not an origin: expected scheme://host[:port] with no path"
+        ));
+    }
+    Ok(origin.to_string())
 }
 
 #[derive(Debug, Subcommand)]
@@ -188,6 +231,24 @@ async fn main() -> anyhow::Result<()> {
         cli.node_ttl,
         cli.heartbeat_interval
     );
+    for (flag, value) in [
+        ("--rate-limit", cli.rate_limit),
+        ("--rate-burst", cli.rate_burst),
+        ("--agent-rate-limit", cli.agent_rate_limit),
+    ] {
+        anyhow::ensure!(
+            value.is_finite() && value >= 0.0,
+            "{flag} must be a non-negative number (got {value})"
+        );
+    }
+    anyhow::ensure!(
+        cli.request_timeout.is_finite() && cli.request_timeout > 0.0,
+        "--request-timeout must be a positive number of seconds (got {})",
+        cli.request_timeout
+    );
+    if !cli.cors_origins.is_empty() && !auth {
+        tracing::warn!("--cors-origin has no effect with auth off: every origin may call (`*`)");
+    }
     anyhow::ensure!(
         cli.command_ttl.is_finite() && cli.command_ttl > 0.0,
         "--command-ttl must be a positive number of seconds (got {})",
@@ -208,8 +269,14 @@ async fn main() -> anyhow::Result<()> {
         prefetch: cli.prefetch,
         command_ttl: cli.command_ttl,
         auth,
+        rate_limit: RateLimit::new(cli.rate_limit, cli.rate_burst),
+        agent_rate_limit: RateLimit::new(cli.agent_rate_limit, 2.0 * cli.agent_rate_limit),
+        cors_origins: cli.cors_origins,
+        request_timeout: std::time::Duration::from_secs_f64(cli.request_timeout),
         ..Config::new(cli.data_dir)
     };
+    // Before binding: a coordinator that refuses to start never looks as if it listened.
+    lull_coordinator::check_admin_key(&config).await?;
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("could not listen on {}", cli.listen))?;
@@ -243,7 +310,19 @@ async fn stop_on_signal(shutdown: CancellationToken) {
 
 #[cfg(test)]
 mod tests {
-    use super::auth_required;
+    use super::{auth_required, parse_origin};
+
+    #[test]
+    fn cors_origins() {
+        assert_eq!(
+            parse_origin("https://console.example:8443/").as_deref(),
+            Ok("https://console.example:8443")
+        );
+        assert!(parse_origin("*").is_err());
+        assert!(parse_origin("console.example").is_err());
+        assert!(parse_origin("https://console.example/ui").is_err());
+        assert!(parse_origin("https://").is_err());
+    }
 
     #[test]
     fn auth_defaults() {

@@ -49,6 +49,9 @@ pub struct TaskSpec {
     pub constraints: Constraints,
     pub max_attempts: u32,
     pub points: u32,
+    /// The API key it was submitted with (`None` with auth off, or from the coordinator
+    /// itself). Not part of the request: the HTTP edge sets it from the credential.
+    pub submitted_by: Option<i64>,
 }
 
 impl TaskSpec {
@@ -129,6 +132,7 @@ impl TaskSpec {
             constraints,
             max_attempts,
             points,
+            submitted_by: None,
         })
     }
 }

@@ -109,7 +109,10 @@ async fn pages_render_with_their_data_when_auth_is_off() {
     );
     let (status, _, detail) = s.get(&format!("/ui/tasks/{task_id}"), None).await;
     assert_eq!(status, StatusCode::OK);
-    assert!(detail.contains("&#60;b&#62;not markup&#60;/b&#62;"), "{detail}");
+    assert!(
+        detail.contains("&#60;b&#62;not markup&#60;/b&#62;"),
+        "{detail}"
+    );
     assert!(!detail.contains("<b>not markup</b>"), "{detail}");
 
     let (status, kind, script) = s.get("/ui/static/console.js", None).await;

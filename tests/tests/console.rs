@@ -228,6 +228,9 @@ async fn console_with_auth_asks_for_a_key_and_follows_its_role() {
         .expect("client");
     let _agent = start_node(&c, dir.path(), &["--token", &agent]);
     c.wait_for_nodes(1).await;
+    // Someone else's task, which the submitter must not see.
+    let others = c.submit("print('not yours')").await.expect("admin submits");
+    let others = others.to_string();
 
     run_browser(
         &c.url,
@@ -241,6 +244,8 @@ async fn console_with_auth_asks_for_a_key_and_follows_its_role() {
             &secret,
             "--admin",
             &admin,
+            "--others-task",
+            &others,
         ],
     );
 

@@ -10,8 +10,10 @@
 //! close; pings are answered by the WebSocket layer.
 
 use super::AppState;
+use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::QueryParams;
+use crate::engine::Engine;
 use crate::feed::{Event, Filter, Gap, Subscription, lagged_message};
 use axum::extract::State;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -20,6 +22,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use lull_shared::{FeedEventKind, TaskId};
 use serde::Deserialize;
+use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +36,16 @@ pub struct FeedParams {
     node_id: Option<String>,
     /// Replay what was published after this seq.
     since: Option<String>,
+    /// Credentials for browsers, which cannot set headers on a WebSocket: read by the auth
+    /// middleware, ignored here.
+    #[serde(rename = "token")]
+    _token: Option<String>,
+    #[serde(rename = "timestamp")]
+    _timestamp: Option<String>,
+    #[serde(rename = "sign_str")]
+    _sign_str: Option<String>,
+    #[serde(rename = "version")]
+    _version: Option<String>,
 }
 
 impl FeedParams {
@@ -82,8 +95,41 @@ impl FeedParams {
     }
 }
 
+/// A submitter's feed: only its own tasks' events (node events pass; it may read nodes).
+/// Whose a task is never changes, so each task is looked up once per connection.
+struct OwnTasks {
+    key_id: i64,
+    engine: Arc<Engine>,
+    known: HashMap<TaskId, bool>,
+}
+
+/// Tasks remembered per connection before the memo starts over.
+const OWN_TASKS_MEMO: usize = 65_536;
+
+impl OwnTasks {
+    async fn admits(&mut self, event: &Event) -> bool {
+        let Some(task_id) = event.task_id else {
+            return true;
+        };
+        if let Some(&own) = self.known.get(&task_id) {
+            return own;
+        }
+        // Published after its commit: the task is in the store by now.
+        let Ok(task) = self.engine.task(task_id).await else {
+            return false;
+        };
+        let own = task.spec.submitted_by == Some(self.key_id);
+        if self.known.len() >= OWN_TASKS_MEMO {
+            self.known.clear();
+        }
+        self.known.insert(task_id, own);
+        own
+    }
+}
+
 pub async fn updates(
     State(app): State<AppState>,
+    caller: Caller,
     QueryParams(params): QueryParams<FeedParams>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
@@ -97,9 +143,14 @@ pub async fn updates(
             ),
         )
     })?;
+    let own_tasks = caller.only_tasks_of().map(|key_id| OwnTasks {
+        key_id,
+        engine: app.engine.clone(),
+        known: HashMap::new(),
+    });
     let subscription = app.engine.feed().subscribe(since);
     let stopping = app.engine.stopping().clone();
-    Ok(upgrade.on_upgrade(move |socket| serve(socket, subscription, filter, stopping)))
+    Ok(upgrade.on_upgrade(move |socket| serve(socket, subscription, filter, own_tasks, stopping)))
 }
 
 /// Why a connection's loop ended early.
@@ -114,6 +165,7 @@ async fn serve(
     mut socket: WebSocket,
     subscription: Subscription,
     filter: Filter,
+    mut own_tasks: Option<OwnTasks>,
     stopping: CancellationToken,
 ) {
     let Subscription {
@@ -144,7 +196,7 @@ async fn serve(
         }
         let mut last_seen = newest;
         for event in backlog {
-            forward(&mut socket, &event, &filter, &stopping).await?;
+            forward(&mut socket, &event, &filter, &mut own_tasks, &stopping).await?;
         }
         loop {
             tokio::select! {
@@ -156,7 +208,7 @@ async fn serve(
                 received = live.recv() => match received {
                     Ok(event) => {
                         last_seen = event.seq;
-                        forward(&mut socket, &event, &filter, &stopping).await?;
+                        forward(&mut socket, &event, &filter, &mut own_tasks, &stopping).await?;
                     }
                     Err(RecvError::Lagged(missed)) => {
                         tracing::debug!(missed, after = last_seen, "feed subscriber lagged");
@@ -186,9 +238,17 @@ async fn forward(
     socket: &mut WebSocket,
     event: &Arc<Event>,
     filter: &Filter,
+    own_tasks: &mut Option<OwnTasks>,
     stopping: &CancellationToken,
 ) -> Result<(), Ended> {
-    if filter.matches(event) {
+    if !filter.matches(event) {
+        return Ok(());
+    }
+    let admitted = match own_tasks {
+        Some(own) => own.admits(event).await,
+        None => true,
+    };
+    if admitted {
         send(socket, event.json.clone(), stopping).await?;
     }
     Ok(())

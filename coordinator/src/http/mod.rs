@@ -14,16 +14,21 @@ mod seed;
 mod tasks;
 mod views;
 
+pub use auth::{Caller, Guards};
 pub use error::ApiError;
 
 use crate::engine::Engine;
+use crate::rate_limit::RateLimit;
 use crate::store::KeyStore;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::http::StatusCode;
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use std::sync::Arc;
-use tower_http::cors::CorsLayer;
+use std::time::Duration;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 #[derive(Clone)]
@@ -32,13 +37,20 @@ pub struct AppState {
     pub keys: Arc<dyn KeyStore>,
     pub auth: AuthSettings,
     pub local_agents: Arc<LocalAgentKey>,
+    /// Rate limits and recent signatures (see [`auth`]).
+    pub guards: Arc<Guards>,
 }
 
-/// Whether requests must carry an API key, and how much body a signed one may buffer.
+/// Whether requests must carry an API key, how much body a signed one may buffer, and
+/// each key's request budget.
 #[derive(Debug, Clone, Copy)]
 pub struct AuthSettings {
     pub enabled: bool,
     pub max_body_bytes: usize,
+    /// Every key but agent keys.
+    pub rate_limit: RateLimit,
+    /// Agent keys: the agent protocol must never be starved by people's budgets.
+    pub agent_rate_limit: RateLimit,
 }
 
 /// Settings `auth` needs beyond [`AuthSettings`]: the in-process agents' credential.
@@ -57,6 +69,43 @@ pub struct HttpConfig {
     pub auth: bool,
     /// The in-process agents' token hash, accepted as an `agent` key.
     pub local_agent_token_hash: Option<String>,
+    /// Per-key budgets (with auth on).
+    pub rate_limit: RateLimit,
+    pub agent_rate_limit: RateLimit,
+    /// Origins a browser may call from when auth is on (none: same-origin only). With auth
+    /// off any origin may (`*`, seed 001's development default).
+    pub cors_origins: Vec<String>,
+    /// Longest a request may take, body included; long-polls and the feed are exempt.
+    pub request_timeout: Duration,
+}
+
+/// Headers a cross-origin browser may send: the credentials (seed 000) and JSON.
+const CORS_HEADERS: [&str; 6] = [
+    "token",
+    "timestamp",
+    "version",
+    "sign_str",
+    "authorization",
+    "content-type",
+];
+
+fn cors(config: &HttpConfig) -> CorsLayer {
+    if !config.auth {
+        // Development default (seed 001): any origin.
+        return CorsLayer::permissive();
+    }
+    let origins = config.cors_origins.iter().filter_map(|origin| {
+        HeaderValue::from_str(origin)
+            .inspect_err(|_| {
+                tracing::warn!(origin, "ignoring a CORS origin that is not a header value")
+            })
+            .ok()
+    });
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+        .allow_headers(CORS_HEADERS.map(HeaderName::from_static))
+        .max_age(Duration::from_secs(600))
 }
 
 pub fn router(engine: Arc<Engine>, keys: Arc<dyn KeyStore>, config: &HttpConfig) -> Router {
@@ -66,12 +115,24 @@ pub fn router(engine: Arc<Engine>, keys: Arc<dyn KeyStore>, config: &HttpConfig)
         auth: AuthSettings {
             enabled: config.auth,
             max_body_bytes: config.max_body_bytes,
+            rate_limit: config.rate_limit,
+            agent_rate_limit: config.agent_rate_limit,
         },
         local_agents: Arc::new(LocalAgentKey {
             token_hash: config.local_agent_token_hash.clone(),
         }),
+        guards: Arc::new(Guards::new(crate::replay::DEFAULT_PER_KEY)),
     };
-    Router::new()
+    let guarded = |router: Router<AppState>| {
+        router
+            .method_not_allowed_fallback(method_not_allowed)
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                auth::authenticate,
+            ))
+            .layer(DefaultBodyLimit::max(config.max_body_bytes))
+    };
+    let timed = Router::new()
         .route("/", get(seed::root))
         .route("/submit", post(seed::submit))
         .route("/get_task", get(seed::get_task))
@@ -81,10 +142,8 @@ pub fn router(engine: Arc<Engine>, keys: Arc<dyn KeyStore>, config: &HttpConfig)
         .route("/health", get(seed::health))
         .route("/stats", get(seed::stats))
         .route("/internal/heartbeat", post(seed::heartbeat))
-        .route("/internal/task", get(seed::pull))
         .route("/internal/result", post(seed::result))
         .route("/api/v1/tasks", post(tasks::create).get(tasks::list))
-        .route("/api/v1/tasks/{task_id}", get(tasks::get))
         .route("/api/v1/tasks/{task_id}/cancel", post(tasks::cancel))
         .route("/api/v1/tasks/{task_id}/explain", get(tasks::explain))
         .route("/api/v1/nodes", get(nodes::list))
@@ -99,20 +158,55 @@ pub fn router(engine: Arc<Engine>, keys: Arc<dyn KeyStore>, config: &HttpConfig)
         )
         .route("/api/v1/keys", get(keys::list).post(keys::create))
         .route("/api/v1/keys/{key_id}", delete(keys::revoke))
-        .route("/ws/updates", get(feed::updates))
         .merge(console::routes())
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::authenticate,
-        ))
-        .layer(DefaultBodyLimit::max(config.max_body_bytes))
-        // Development default (seed 001): any origin. Preflights are answered here, before
-        // authentication, so browsers can send the key headers.
-        .layer(CorsLayer::permissive())
+        .fallback(not_found);
+    // Outermost on these routes: a slow client (headers in, body dripping) cannot hold a
+    // handler, nor the signature check reading the body, past the timeout.
+    let timed = guarded(timed).layer(TimeoutLayer::with_status_code(
+        StatusCode::REQUEST_TIMEOUT,
+        config.request_timeout,
+    ));
+    // These wait by design, each bounded by itself: the agents' long-poll (`wait`, at most
+    // 60 s), a task read with `?wait=` (at most 60 s), and the live feed.
+    let waiting = Router::new()
+        .route("/internal/task", get(seed::pull))
+        .route("/api/v1/tasks/{task_id}", get(tasks::get))
+        .route("/ws/updates", get(feed::updates));
+    timed
+        .merge(guarded(waiting))
+        .layer(axum::middleware::map_response(detail_for_bare_errors))
+        // Preflights are answered here, before authentication, so browsers can send the
+        // key headers.
+        .layer(cors(config))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// Errors made by layers rather than handlers (a request timeout) come without a body:
+/// give them the `{"detail"}` every other error has.
+async fn detail_for_bare_errors(response: Response) -> Response {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error())
+        || response.headers().contains_key(header::CONTENT_TYPE)
+    {
+        return response;
+    }
+    let detail = match status {
+        StatusCode::REQUEST_TIMEOUT => {
+            "request timed out: the coordinator answers within its --request-timeout".to_string()
+        }
+        other => other
+            .canonical_reason()
+            .unwrap_or("request failed")
+            .to_string(),
+    };
+    let mut fixed = ApiError::new(status, detail).into_response();
+    for (name, value) in response.headers() {
+        if !fixed.headers().contains_key(name) && name != header::CONTENT_LENGTH {
+            fixed.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    fixed
 }
 
 async fn not_found() -> ApiError {

@@ -2,6 +2,7 @@
 //! `/internal/*` protocol.
 
 use super::AppState;
+use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{JsonBody, QueryParams, task_id_from_path};
 use crate::engine::unix_now;
@@ -39,9 +40,10 @@ pub async fn root(State(app): State<AppState>) -> Json<Value> {
 
 pub async fn submit(
     State(app): State<AppState>,
+    caller: Caller,
     JsonBody(request): JsonBody<SubmitRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let task_id = app.engine.submit(request).await?;
+    let task_id = app.engine.submit_by(request, caller.key_id).await?;
     Ok(Json(json!({
         "task_id": task_id,
         "status": "submitted",
@@ -106,9 +108,10 @@ pub async fn submit_result(
 
 pub async fn status(
     State(app): State<AppState>,
+    caller: Caller,
     Path(raw): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let task = app.engine.task(task_id_from_path(&raw)?).await?;
+    let task = super::tasks::visible_task(&app, caller, task_id_from_path(&raw)?).await?;
     Ok(Json(json!({
         "task_id": task.task_id,
         "status": task.state.status.as_str(),
@@ -140,11 +143,19 @@ impl PageParams {
 
 pub async fn results(
     State(app): State<AppState>,
+    caller: Caller,
     QueryParams(page): QueryParams<PageParams>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = page.limit()?;
-    let rows = app.engine.results(limit, page.offset, page.after).await?;
-    let total = app.engine.count_tasks(Some(TaskStatus::Completed)).await?;
+    let own = caller.only_tasks_of();
+    let rows = app
+        .engine
+        .results(limit, page.offset, page.after, own)
+        .await?;
+    let total = app
+        .engine
+        .count_tasks(Some(TaskStatus::Completed), own)
+        .await?;
     let next_after = if rows.len() as u32 == limit {
         rows.last().map(|r| r.task_id)
     } else {

@@ -8,9 +8,11 @@
 //! Architecture Invariant: only this module knows SQL. Nothing here decides anything about
 //! scheduling; a change is applied as given.
 
+pub mod key_cache;
 mod sqlite;
 mod writer;
 
+pub use key_cache::CachedKeys;
 pub use sqlite::{SqliteStore, SyncMode};
 pub use writer::{Ack, CommitObserver, Writer, WriterHandle};
 
@@ -46,6 +48,8 @@ pub struct TaskQuery {
     pub offset: u64,
     /// Keyset paging: only tasks with a larger id.
     pub after: Option<TaskId>,
+    /// Only tasks submitted with this API key (a submitter sees its own).
+    pub submitted_by: Option<i64>,
 }
 
 /// Which node commands to list: newest first, at most `limit`.
@@ -96,12 +100,19 @@ pub trait Store: Send + Sync + 'static {
     async fn task(&self, task_id: TaskId) -> Result<Option<TaskRecord>, StoreError>;
     async fn runs(&self, task_id: TaskId) -> Result<Vec<RunRecord>, StoreError>;
     async fn tasks(&self, query: &TaskQuery) -> Result<Vec<TaskRecord>, StoreError>;
-    async fn count_tasks(&self, status: Option<TaskStatus>) -> Result<u64, StoreError>;
+    /// Tasks with `status` (any if `None`), submitted with key `submitted_by` if given.
+    async fn count_tasks(
+        &self,
+        status: Option<TaskStatus>,
+        submitted_by: Option<i64>,
+    ) -> Result<u64, StoreError>;
+    /// Completed tasks' results; only those submitted with key `submitted_by` if given.
     async fn results(
         &self,
         limit: u32,
         offset: u64,
         after: Option<TaskId>,
+        submitted_by: Option<i64>,
     ) -> Result<Vec<ResultRow>, StoreError>;
     async fn stats(&self, now: f64) -> Result<TaskStats, StoreError>;
     /// Tasks completed per whole minute (Unix seconds / 60) since `since`, oldest first;

@@ -48,7 +48,8 @@ pub struct SqliteStore {
 }
 
 const TASK_COLUMNS: &str = "task_id, code, timeout, cpu, memory_mb, constraints, max_attempts, \
-    points, status, result, error, attempts, losses, node_id, created_at, started_at, completed_at";
+    points, status, result, error, attempts, losses, node_id, created_at, started_at, completed_at, \
+    submitted_by";
 const RUN_COLUMNS: &str = "run_id, task_id, node_id, attempt, status, exit_code, stdout, stderr, \
     error, started_at, completed_at, cpu_seconds, max_rss_mb";
 const NODE_COLUMNS: &str = "node_id, hostname, node_type, zone, cpu_cores, memory_mb, meta, \
@@ -112,6 +113,7 @@ fn task_from_row(row: &SqliteRow) -> Result<TaskRecord, StoreError> {
             constraints,
             max_attempts: row.try_get::<i64, _>("max_attempts")? as u32,
             points: row.try_get::<i64, _>("points")? as u32,
+            submitted_by: row.try_get("submitted_by")?,
         },
         state: TaskState {
             task_id,
@@ -240,8 +242,8 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, change: &Change) -> Result<
                 .map_err(|e| corrupt("tasks", e.to_string()))?;
             sqlx::query(
                 "INSERT INTO tasks (task_id, code, timeout, cpu, memory_mb, constraints, \
-                 max_attempts, points, status, attempts, losses, created_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 max_attempts, points, status, attempts, losses, created_at, submitted_by) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(t.task_id)
             .bind(&*t.spec.code)
@@ -255,6 +257,7 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, change: &Change) -> Result<
             .bind(t.state.attempts as i64)
             .bind(t.state.losses as i64)
             .bind(t.created_at)
+            .bind(t.spec.submitted_by)
             .execute(&mut **tx)
             .await?;
         }
@@ -443,23 +446,32 @@ impl Store for SqliteStore {
     async fn tasks(&self, query: &TaskQuery) -> Result<Vec<TaskRecord>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {TASK_COLUMNS} FROM tasks WHERE (?1 IS NULL OR status = ?1) \
-             AND task_id > ?2 ORDER BY task_id LIMIT ?3 OFFSET ?4"
+             AND task_id > ?2 AND (?5 IS NULL OR submitted_by = ?5) \
+             ORDER BY task_id LIMIT ?3 OFFSET ?4"
         ))
         .bind(query.status.map(|s| s.as_str()))
         .bind(query.after.unwrap_or(0))
         .bind(query.limit as i64)
         .bind(query.offset as i64)
+        .bind(query.submitted_by)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(task_from_row).collect()
     }
 
-    async fn count_tasks(&self, status: Option<TaskStatus>) -> Result<u64, StoreError> {
-        let n: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE (?1 IS NULL OR status = ?1)")
-                .bind(status.map(|s| s.as_str()))
-                .fetch_one(&self.pool)
-                .await?;
+    async fn count_tasks(
+        &self,
+        status: Option<TaskStatus>,
+        submitted_by: Option<i64>,
+    ) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM tasks WHERE (?1 IS NULL OR status = ?1) \
+             AND (?2 IS NULL OR submitted_by = ?2)",
+        )
+        .bind(status.map(|s| s.as_str()))
+        .bind(submitted_by)
+        .fetch_one(&self.pool)
+        .await?;
         Ok(n as u64)
     }
 
@@ -468,14 +480,17 @@ impl Store for SqliteStore {
         limit: u32,
         offset: u64,
         after: Option<TaskId>,
+        submitted_by: Option<i64>,
     ) -> Result<Vec<ResultRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT task_id, result, completed_at FROM tasks WHERE status = 'completed' \
-             AND task_id > ? ORDER BY task_id LIMIT ? OFFSET ?",
+             AND task_id > ?1 AND (?4 IS NULL OR submitted_by = ?4) \
+             ORDER BY task_id LIMIT ?2 OFFSET ?3",
         )
         .bind(after.unwrap_or(0))
         .bind(limit as i64)
         .bind(offset as i64)
+        .bind(submitted_by)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()

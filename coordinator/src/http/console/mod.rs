@@ -22,19 +22,19 @@ mod chart;
 mod pages;
 
 use super::AppState;
-use super::auth::CallerRole;
+use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{QueryParams, page_limit, status_filter, task_id_from_path};
 use crate::engine::unix_now;
 use crate::keys::Role;
 use crate::store::{CommandQuery, TaskQuery};
 use askama::Template;
+use axum::Json;
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
-use axum::{Extension, Json};
 use chart::{Chart, ChartKind};
 use lull_shared::{TaskId, TaskStatus};
 use pages::*;
@@ -131,11 +131,8 @@ async fn style() -> Response {
 // ---------------------------------------------------------------------------------------------
 
 /// `GET /ui/part/session`: `{"auth", "role"}`. With authentication off anyone is an admin.
-async fn session(
-    State(app): State<AppState>,
-    role: Option<Extension<CallerRole>>,
-) -> Json<serde_json::Value> {
-    let role = role.map_or(Role::Admin, |Extension(CallerRole(r))| r);
+async fn session(State(app): State<AppState>, caller: Caller) -> Json<serde_json::Value> {
+    let role = caller.role.unwrap_or(Role::Admin);
     Json(json!({"auth": app.auth.enabled, "role": role.as_str()}))
 }
 
@@ -316,7 +313,7 @@ async fn tasks_page(
     QueryParams(params): QueryParams<TasksParams>,
 ) -> Result<Html<String>, ApiError> {
     let view = TasksView::parse(params)?;
-    let first = first_render(&app, tasks_html(&app, &view)).await;
+    let first = first_render(&app, tasks_html(&app, Caller::ANYONE, &view)).await;
     let status = view.status.map_or("", TaskStatus::as_str);
     html(&TasksPage {
         layout: layout(&app, "tasks", "Tasks".into()),
@@ -331,16 +328,19 @@ async fn tasks_page(
 
 async fn tasks_part(
     State(app): State<AppState>,
+    caller: Caller,
     QueryParams(params): QueryParams<TasksParams>,
 ) -> Result<Html<String>, ApiError> {
     let view = TasksView::parse(params)?;
-    tasks_html(&app, &view).await.map(Html)
+    tasks_html(&app, caller, &view).await.map(Html)
 }
 
-async fn tasks_html(app: &AppState, view: &TasksView) -> Result<String, ApiError> {
+/// The task list as `caller` may see it (a submitter: its own tasks).
+async fn tasks_html(app: &AppState, caller: Caller, view: &TasksView) -> Result<String, ApiError> {
     // The store pages oldest first; the console shows newest first: the page `offset` from
     // the newest is the store's page ending `offset` before the total.
-    let total = app.engine.count_tasks(view.status).await?;
+    let own = caller.only_tasks_of();
+    let total = app.engine.count_tasks(view.status, own).await?;
     let end = total.saturating_sub(view.offset);
     let start = end.saturating_sub(u64::from(view.limit));
     let mut tasks = if end == 0 {
@@ -352,6 +352,7 @@ async fn tasks_html(app: &AppState, view: &TasksView) -> Result<String, ApiError
                 limit: (end - start) as u32,
                 offset: start,
                 after: None,
+                submitted_by: own,
             })
             .await?
     };
@@ -377,7 +378,7 @@ async fn task_page(
     Path(raw): Path<String>,
 ) -> Result<Html<String>, ApiError> {
     let task_id = task_id_from_path(&raw)?;
-    let first = first_render(&app, task_html(&app, task_id)).await;
+    let first = first_render(&app, task_html(&app, Caller::ANYONE, task_id)).await;
     html(&TaskPage {
         layout: layout(&app, "tasks", format!("Task {task_id}")),
         task_id,
@@ -387,14 +388,16 @@ async fn task_page(
 
 async fn task_part(
     State(app): State<AppState>,
+    caller: Caller,
     Path(raw): Path<String>,
 ) -> Result<Html<String>, ApiError> {
     let task_id = task_id_from_path(&raw)?;
-    task_html(&app, task_id).await.map(Html)
+    task_html(&app, caller, task_id).await.map(Html)
 }
 
-async fn task_html(app: &AppState, task_id: TaskId) -> Result<String, ApiError> {
-    let task = app.engine.task(task_id).await?;
+/// A task and its runs, if `caller` may see it (else the same 404 as an unknown task).
+async fn task_html(app: &AppState, caller: Caller, task_id: TaskId) -> Result<String, ApiError> {
+    let task = super::tasks::visible_task(app, caller, task_id).await?;
     let runs = app.engine.runs(task_id).await?;
     render(&TaskPart::of(&task, &runs, unix_now()))
 }

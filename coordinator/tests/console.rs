@@ -21,7 +21,7 @@ struct Server {
 
 impl Server {
     /// A coordinator without local agents; with `viewer`, auth is on and a viewer key
-    /// with that token exists.
+    /// with that token exists (and an admin key).
     async fn start(viewer: Option<&NewKey>) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
         if let Some(key) = viewer {
@@ -29,6 +29,12 @@ impl Server {
                 .await
                 .expect("store");
             store.create_key(key, unix_now()).await.expect("key");
+            // With auth on the coordinator refuses to start without an admin key.
+            let admin = NewKey::generate("root", Role::Admin, KeyMode::Simple);
+            store
+                .create_key(&admin, unix_now())
+                .await
+                .expect("admin key");
         }
         let mut config = Config::new(dir.path().to_path_buf());
         config.local_agents = 0;

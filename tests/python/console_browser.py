@@ -176,6 +176,44 @@ def scenario_open(page, url, shots, node):
         expect(page.locator("#shrink-form button[type=submit]")).to_be_disabled()
         check("without operations the page says so plainly (404)")
     both_widths(page, shots, "operations")
+    if not has_ops:
+        operations_drawn_from_the_contract(page, url, shots)
+
+
+def operations_drawn_from_the_contract(page, url, shots):
+    """Until the coordinator has operations, the page is checked against their contract
+    (seed 002's DagDetailDTO) with a canned answer from the browser's side."""
+    stage = lambda name, state, message="": {  # noqa: E731
+        "name": name, "state": state, "message": message,
+        "start_time": "2026-01-01T10:00:00Z" if state != "READY" else "0001-01-01T00:00:00Z",
+        "end_time": "2026-01-01T10:00:05Z" if state in ("SUCCEEDED", "FAILED") else "0001-01-01T00:00:00Z",
+    }
+    canned = {"items": [
+        {"id": "2", "dag_id": 2, "name": "Cluster shrink", "stage": 2, "max_stage": 3,
+         "state": "RUNNING", "operator": "RUN", "start_time": "2026-01-01T10:00:00Z",
+         "end_time": "0001-01-01T00:00:00Z", "additional_data": {"shrink_number": 1},
+         "nodes": [stage("Drain nodes", "SUCCEEDED"), stage("Decommission <agents>", "RUNNING"),
+                   stage("Mark removed", "READY")]},
+        {"id": "1", "dag_id": 1, "name": "Cluster scale out", "stage": 1, "max_stage": 6,
+         "state": "FAILED", "operator": "RUN", "start_time": "2026-01-01T09:00:00Z",
+         "end_time": "2026-01-01T09:00:02Z", "additional_data": None,
+         "nodes": [stage("Check agent", "FAILED", "connection refused at 10.0.0.9:7070")]},
+    ]}
+    import json
+    page.route("**/api/v1/operations?*", lambda route: route.fulfill(
+        status=200, content_type="application/json", body=json.dumps(canned)))
+    page.goto(f"{url}/ui/operations")
+    running = page.locator("article.op[data-op='2']")
+    expect(running.locator(".op-state")).to_have_text("RUNNING", timeout=WAIT_MS)
+    expect(running.locator("tr[data-stage='2'] .badge")).to_have_text("RUNNING")
+    expect(running.locator("tr[data-stage='2']")).to_contain_text("Decommission <agents>")
+    expect(running.locator(".progress")).to_contain_text("stage 2 / 3")
+    failed = page.locator("article.op[data-op='1']")
+    expect(failed.locator("tr[data-stage='1']")).to_contain_text("connection refused")
+    expect(page.locator("#shrink-form button[type=submit]")).to_be_enabled()
+    check("operations, their stages and states are drawn from seed 002's shape (canned answer)")
+    both_widths(page, shots, "operations-canned")
+    page.unroute("**/api/v1/operations?*")
 
 
 def sign_in(page, url, token, secret=None):
@@ -224,10 +262,11 @@ def scenario_auth(page, url, shots, node, args):
     expect(row.locator(".node-status")).to_have_text("idle", timeout=WAIT_MS)
     expect(row.locator("button.drain")).to_be_disabled()
     expect(row.locator("button.restart")).to_be_disabled()
+    both_widths(page, shots, "auth-viewer-nodes")
     page.goto(f"{url}/ui/operations")
     expect(page.locator("#shrink-form button[type=submit]")).to_be_disabled(timeout=WAIT_MS)
     check("a viewer key sees the pages with every button disabled")
-    both_widths(page, shots, "auth-viewer-nodes")
+    both_widths(page, shots, "auth-viewer-operations")
 
     sign_out(page)
     sign_in(page, url, args.submitter, args.submitter_secret)

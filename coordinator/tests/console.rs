@@ -206,3 +206,48 @@ async fn with_auth_shells_are_public_and_empty_and_parts_need_a_key() {
     assert_eq!(refused.status(), StatusCode::FORBIDDEN);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn the_task_list_pages_newest_first() {
+    let s = Server::start(None).await;
+    for n in 1..=3 {
+        let created = s
+            .http
+            .post(format!("{}/api/v1/tasks", s.base))
+            .json(&json!({"code": format!("print({n})")}))
+            .send()
+            .await
+            .expect("submit");
+        assert_eq!(created.status(), StatusCode::CREATED);
+    }
+    let rows = |body: &str| -> Vec<String> {
+        body.match_indices("data-task=\"")
+            .map(|(i, m)| {
+                body[i + m.len()..]
+                    .split('"')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect()
+    };
+    let (status, _, first) = s.get("/ui/part/tasks?limit=2", None).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!(rows(&first), ["3", "2"], "{first}");
+    assert!(first.contains("1–2 of 3"), "{first}");
+    assert!(
+        first.contains(r#"data-page="/ui/part/tasks?offset=2&#38;limit=2""#),
+        "{first}"
+    );
+    let (_, _, second) = s.get("/ui/part/tasks?offset=2&limit=2", None).await;
+    assert_eq!(rows(&second), ["1"], "{second}");
+    assert!(second.contains("3–3 of 3"), "{second}");
+    assert!(
+        second.contains(r#"data-page="/ui/part/tasks?offset=0&#38;limit=2""#),
+        "{second}"
+    );
+    let (_, _, pending) = s.get("/ui/part/tasks?status=cancelled", None).await;
+    assert!(rows(&pending).is_empty(), "{pending}");
+    assert!(pending.contains("No cancelled tasks"), "{pending}");
+    s.stop().await;
+}

@@ -96,7 +96,10 @@ def scenario_open(page, url, shots, node):
     # The overview counted it without a reload.
     page.goto(f"{url}/ui")
     expect(page.locator(".counter.completed .value")).to_have_text("1", timeout=WAIT_MS)
-    expect(page.locator("svg.chart rect.bar")).to_have_count(1)
+    expect(page.locator("svg.chart rect.c-bar")).to_have_count(1)
+    height = float(page.locator("svg.chart rect.c-bar").get_attribute("height"))
+    box = page.locator("svg.chart rect.c-bar").bounding_box()
+    assert box["height"] > 0.5 * height, f"the bar is drawn {box} for a height of {height}"
     check("the throughput chart has a bar for the completed task")
     both_widths(page, shots, "overview")
 

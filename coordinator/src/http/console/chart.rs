@@ -73,14 +73,14 @@ impl Chart<'_> {
         let label = escape(self.label);
         let _ = write!(
             out,
-            r#"<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" preserveAspectRatio="none" role="img" aria-label="{label}"><title>{label}</title>"#
+            r#"<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{label}"><title>{label}</title>"#
         );
         // Grid and y labels: 0, half, top.
         for v in [0.0, top / 2.0, top] {
             let gy = y(v);
             let _ = write!(
                 out,
-                r#"<line class="grid" x1="{LEFT}" x2="{}" y1="{gy:.1}" y2="{gy:.1}"/><text class="axis" x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
+                r#"<line class="c-grid" x1="{LEFT}" x2="{}" y1="{gy:.1}" y2="{gy:.1}"/><text class="c-axis" x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
                 WIDTH - RIGHT,
                 LEFT - 6.0,
                 gy + 4.0,
@@ -103,7 +103,7 @@ impl Chart<'_> {
             };
             let _ = write!(
                 out,
-                r#"<text class="axis" x="{:.1}" y="{}" text-anchor="{anchor}">{text}</text>"#,
+                r#"<text class="c-axis" x="{:.1}" y="{}" text-anchor="{anchor}">{text}</text>"#,
                 x(t),
                 HEIGHT - 6.0
             );
@@ -121,7 +121,7 @@ impl Chart<'_> {
                     let w = (x(t + f64::from(bar_width)) - bx - 1.0).max(1.5);
                     let _ = write!(
                         out,
-                        r#"<rect class="bar" x="{bx:.1}" y="{by:.1}" width="{w:.1}" height="{:.1}"><title>{} {unit}</title></rect>"#,
+                        r#"<rect class="c-bar" x="{bx:.1}" y="{by:.1}" width="{w:.1}" height="{:.1}"><title>{} {unit}</title></rect>"#,
                         (TOP + plot_h - by).max(0.0),
                         fmt_number(v)
                     );
@@ -142,7 +142,7 @@ impl Chart<'_> {
                     let base = TOP + plot_h;
                     let _ = write!(
                         out,
-                        r#"<polygon class="area" points="{:.1},{base:.1} {line}{:.1},{base:.1}"/><polyline class="line" points="{}"/>"#,
+                        r#"<polygon class="c-area" points="{:.1},{base:.1} {line}{:.1},{base:.1}"/><polyline class="c-line" points="{}"/>"#,
                         first.0,
                         last.0,
                         line.trim_end()
@@ -150,7 +150,7 @@ impl Chart<'_> {
                     if let Some(&(_, v)) = self.points.last() {
                         let _ = write!(
                             out,
-                            r#"<circle class="dot" cx="{:.1}" cy="{:.1}" r="3"><title>{} {unit} now</title></circle>"#,
+                            r#"<circle class="c-dot" cx="{:.1}" cy="{:.1}" r="3"><title>{} {unit} now</title></circle>"#,
                             last.0,
                             last.1,
                             fmt_number(v)

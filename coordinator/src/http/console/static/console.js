@@ -144,6 +144,8 @@
       el.dispatchEvent(new CustomEvent('part-loaded', { bubbles: true }));
     } catch (e) {
       if (el._generation !== generation) return;
+      // Over the key's rate limit: keep what is shown and try again shortly.
+      if (e.status === 429) { setTimeout(() => schedule(el), 2000); return; }
       el.innerHTML = `<p class="error">${esc(e.message)}</p>`;
     }
   }
@@ -481,6 +483,13 @@
     loadOperations();
     connectFeed();
     setInterval(() => { if (!feedLive) refreshAll(); }, POLL_MS);
+    // What no event announces (load, heartbeat ages, command outcomes) is fetched again
+    // every `data-every` seconds.
+    setInterval(() => {
+      for (const el of $$('[data-every]')) {
+        if (Date.now() - (el._last || 0) >= Number(el.dataset.every) * 1000) schedule(el);
+      }
+    }, 1000);
   }
 
   start();

@@ -167,6 +167,12 @@ def scenario_open(page, url, shots, node):
     check("meta edited as JSON is saved")
     row.locator("details summary").click()
     both_widths(page, shots, "nodes")
+    row.locator("button.restart").click()
+    expect(page.locator("#flash")).to_contain_text("restart sent", timeout=WAIT_MS)
+    restart = page.locator("#commands-part tbody tr", has_text="restart")
+    expect(restart.locator(".badge")).to_have_text("succeeded", timeout=WAIT_MS)
+    expect(row.locator(".node-status")).to_have_text("idle", timeout=WAIT_MS)
+    check("restart from the nodes page: the agent restarts and its command succeeds")
 
     # Operations: built against GET /api/v1/operations.
     page.goto(f"{url}/ui/operations")

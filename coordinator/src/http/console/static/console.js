@@ -189,8 +189,24 @@
     el.className = `feed ${live ? 'live' : 'down'}`;
   }
 
+  const FEED_EVENTS = {
+    task: ['task_created', 'task_started', 'task_completed', 'task_failed', 'task_cancelled', 'task_requeued'],
+    node: ['node_updated', 'node_joined', 'node_left'],
+  };
+
+  // Only the kinds this page shows (every page may come to follow a task).
+  function feedEvents() {
+    const kinds = new Set(['task']);
+    for (const el of $$('[data-live]')) {
+      for (const w of el.dataset.live.split(' ')) if (w) kinds.add(w.split(':')[0]);
+    }
+    const events = [...kinds].flatMap((k) => FEED_EVENTS[k] || []);
+    if ($('[data-operations]')) events.push('operation_updated');
+    return events.join(',');
+  }
+
   async function feedUrl() {
-    const params = [];
+    const params = [`events=${feedEvents()}`];
     if (lastSeq) params.push(`since=${lastSeq}`);
     const key = authOn ? loadKey() : null;
     if (key) {

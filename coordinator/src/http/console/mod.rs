@@ -85,7 +85,8 @@ fn html(template: &impl Template) -> Result<Html<String>, ApiError> {
 }
 
 /// The shell's first render of a part: with authentication off, the part itself (or what
-/// went wrong); with it on, nothing (the script fetches it with the key).
+/// went wrong), as anyone sees it (nobody is scoped then); with it on, nothing (the script
+/// fetches it with the key).
 async fn first_render<F>(app: &AppState, part: F) -> String
 where
     F: std::future::Future<Output = Result<String, ApiError>>,

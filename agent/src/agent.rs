@@ -8,7 +8,7 @@ use crate::client::{CallError, CoordinatorClient};
 use crate::commands::{Commands, Stopped};
 use crate::executor::{
     ColdExecutor, Execution, Executor, ExecutorKind, Job, PauseClock, PauseSwitch, RunControl,
-    RunProcess, ZygoteExecutor, ZygoteSettings, format_seconds,
+    RunPoint, RunProcess, ZygoteExecutor, ZygoteSettings, format_seconds,
 };
 use crate::heartbeat::{LoadMeter, heartbeat_until_stopped, send_heartbeat};
 use crate::outbox::Outbox;
@@ -305,16 +305,54 @@ impl Shared {
             .clone()
     }
 
-    /// Kills a run because the coordinator said so (from a heartbeat or a pull answer).
+    /// Stops a run because the coordinator said so (from a heartbeat or a pull answer; both
+    /// repeat it until the run is gone, so only the first call acts): SIGTERM to the run's
+    /// processes, SIGKILL (the executor's cancel) once they are gone or after `stop_grace`.
+    /// A run nothing of which handles SIGTERM is killed at once — SIGTERM would have ended
+    /// it, except its PID 1, which ignores signals it has no handler for — and so is one
+    /// that has no process yet (waiting for a slot).
     pub(crate) fn cancel_run(&self, run_id: RunId) {
-        if self.runs.stop(run_id, StopReason::Cancelled) {
-            info!(run_id, "cancelling run at the coordinator's request");
-        } else {
+        let Some((cancel, pid)) = self.runs.begin_stop(run_id, StopReason::Cancelled) else {
             debug!(
                 run_id,
-                "cancel for a run that is not running here; nothing to do"
+                "cancel for a run that is not running here or already stopping; nothing to do"
             );
-        }
+            return;
+        };
+        let Some(pid) = pid else {
+            info!(run_id, "cancelling a run that has not started");
+            cancel.cancel();
+            return;
+        };
+        let grace = self.config.stop_grace;
+        tokio::spawn(async move {
+            let handled =
+                tokio::task::spawn_blocking(move || crate::owner::suspend::terminate(pid))
+                    .await
+                    .unwrap_or_else(|err| {
+                        Err(crate::owner::suspend::SuspendError::Gone(err.to_string()))
+                    });
+            match handled {
+                Ok(true) if !grace.is_zero() => {
+                    info!(
+                        run_id,
+                        pid,
+                        grace_secs = grace.as_secs_f64(),
+                        "run stopping: SIGTERM sent; SIGKILL after the grace"
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(grace) => {}
+                        () = cancel.cancelled() => {}
+                    }
+                }
+                Ok(_) => info!(
+                    run_id,
+                    pid, "run stopping: nothing handles SIGTERM; killing it"
+                ),
+                Err(err) => warn!(run_id, pid, %err, "could not send SIGTERM; killing the run"),
+            }
+            cancel.cancel();
+        });
     }
 }
 
@@ -507,6 +545,10 @@ async fn execute<E: Executor>(
         code: assignment.code,
         timeout,
         resources: assignment.resources,
+        point: RunPoint {
+            index: assignment.point,
+            of: assignment.points,
+        },
         control: RunControl {
             process,
             clock: shared.pause_clock.clone(),
@@ -649,6 +691,27 @@ impl Runs {
         self.slots.send_modify(|slots| {
             slots.remove(&run_id);
         });
+    }
+
+    /// Records why a run is about to be stopped, without stopping it yet: its cancel token
+    /// and process, for the caller to stop it gracefully. `None` when the run is not here
+    /// or is already being stopped.
+    fn begin_stop(
+        &self,
+        run_id: RunId,
+        reason: StopReason,
+    ) -> Option<(CancellationToken, Option<u32>)> {
+        let mut begun = None;
+        self.slots.send_if_modified(|slots| {
+            if let Some(slot) = slots.get_mut(&run_id)
+                && slot.stopped_because.is_none()
+            {
+                slot.stopped_because = Some(reason);
+                begun = Some((slot.cancel.clone(), slot.process.pid()));
+            }
+            false
+        });
+        begun
     }
 
     /// Asks a run to stop; the first reason given sticks. False when the run is not here.

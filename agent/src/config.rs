@@ -29,6 +29,9 @@ pub struct AgentConfig {
     pub heartbeat_interval: Duration,
     /// How long running runs may take to finish once shutdown starts before they are released.
     pub shutdown_grace: Duration,
+    /// A run the coordinator stops (cancelled, or its task's points lowered) gets SIGTERM,
+    /// then SIGKILL this long after if it is still there.
+    pub stop_grace: Duration,
     /// Per stream (stdout, stderr) and per run; the rest is discarded.
     pub max_output_bytes: usize,
     /// How long one `GET /internal/task` long-poll waits for work.
@@ -54,6 +57,7 @@ impl AgentConfig {
     pub const DEFAULT_PYTHON: &'static str = "python3";
     pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
     pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+    pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
     pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 1024 * 1024;
     pub const DEFAULT_PULL_WAIT: Duration = Duration::from_secs(20);
 
@@ -72,6 +76,7 @@ impl AgentConfig {
             python: Self::DEFAULT_PYTHON.to_string(),
             heartbeat_interval: Self::DEFAULT_HEARTBEAT_INTERVAL,
             shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
+            stop_grace: Self::DEFAULT_STOP_GRACE,
             max_output_bytes: Self::DEFAULT_MAX_OUTPUT_BYTES,
             pull_wait: Self::DEFAULT_PULL_WAIT,
             sandbox: crate::sandbox::SandboxSettings::default(),

@@ -57,7 +57,7 @@ pub use commands::Stopped;
 pub use config::AgentConfig;
 pub use error::AgentError;
 pub use executor::{
-    ColdExecutor, Execution, Executor, ExecutorKind, Job, ZygoteExecutor, ZygoteSettings,
+    ColdExecutor, Execution, Executor, ExecutorKind, Job, RunPoint, ZygoteExecutor, ZygoteSettings,
 };
 pub use node_id::resolve_node_id;
 pub use owner::OwnerPolicy;

@@ -59,6 +59,10 @@ struct Cli {
     /// Seconds running tasks get to finish on shutdown before they are handed back.
     #[arg(long, env = "LULL_SHUTDOWN_GRACE", default_value = "30", value_parser = seconds)]
     shutdown_grace: Duration,
+    /// Seconds a run the coordinator stops (cancel, points lowered) has between SIGTERM and
+    /// SIGKILL.
+    #[arg(long, env = "LULL_STOP_GRACE", default_value = "10", value_parser = seconds)]
+    stop_grace: Duration,
     /// Bytes of stdout and of stderr kept per task; the rest is discarded, and a task that
     /// writes 8 times more is killed.
     #[arg(long, env = "LULL_MAX_OUTPUT_BYTES")]
@@ -159,6 +163,7 @@ impl Cli {
         config.python = self.python;
         config.heartbeat_interval = self.heartbeat_interval;
         config.shutdown_grace = self.shutdown_grace;
+        config.stop_grace = self.stop_grace;
         if let Some(max) = self.max_output_bytes {
             config.max_output_bytes = max;
         }

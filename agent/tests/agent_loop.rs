@@ -57,6 +57,8 @@ fn assignment(task_id: TaskId, run_id: RunId, code: &str, timeout: f64) -> Assig
         code: code.to_string(),
         timeout,
         resources: Resources::default(),
+        point: 0,
+        points: 1,
     }
 }
 

@@ -53,6 +53,7 @@ fn job(run_id: i64, code: &str, memory_mb: f64) -> Job {
             cpu: 1.0,
             memory: memory_mb,
         },
+        point: Default::default(),
         control: Default::default(),
     }
 }
@@ -133,7 +134,9 @@ print("host", socket.gethostname())
     assert!(out.contains("pid 1\n"), "{out}");
     assert!(out.contains("cwd /tmp []"), "{out}");
     assert!(
-        out.contains("home /tmp ['LULL_RUN_ID', 'LULL_TASK_ID']"),
+        out.contains(
+            "home /tmp ['LULL_POINTS', 'LULL_POINT_INDEX', 'LULL_RUN_ID', 'LULL_TASK_ID']"
+        ),
         "{out}"
     );
     assert!(out.contains("net 101"), "ENETUNREACH: {out}");

@@ -12,7 +12,7 @@ mod fake;
 use fake::FakeCoordinator;
 use lull_agent::sandbox::{self, SandboxSettings};
 use lull_agent::{
-    AgentConfig, ColdExecutor, Execution, Executor, ExecutorKind, Job, ZygoteExecutor,
+    AgentConfig, ColdExecutor, Execution, Executor, ExecutorKind, Job, RunPoint, ZygoteExecutor,
     ZygoteSettings,
 };
 use lull_shared::{Assignment, Protections, Resources, RunOutcome};
@@ -115,6 +115,7 @@ fn job(code: &str, timeout_secs: f64) -> Job {
         code: code.to_string(),
         timeout: Duration::from_secs_f64(timeout_secs),
         resources: Resources::default(),
+        point: RunPoint { index: 2, of: 3 },
         control: Default::default(),
     }
 }
@@ -504,6 +505,10 @@ async fn without_namespaces_runs_get_a_private_workdir_and_their_group_dies_with
     assert_eq!(env["HOME"].as_str().map(PathBuf::from), Some(cwd.clone()));
     assert_eq!(env["TMPDIR"].as_str().map(PathBuf::from), Some(cwd.clone()));
     assert_eq!(env["LULL_TASK_ID"], "7");
+    assert_eq!(
+        (&env["LULL_POINT_INDEX"], &env["LULL_POINTS"]),
+        (&"2".into(), &"3".into())
+    );
     let dir_name = cwd.file_name().map(|n| n.to_string_lossy().into_owned());
     assert!(
         dir_name.is_some_and(|n| n.starts_with("lull-run-")),
@@ -583,6 +588,8 @@ async fn agent_runs_one_task(
         code: "import os; print(os.readlink('/proc/self/exe'))".to_string(),
         timeout: 30.0,
         resources: Resources::default(),
+        point: 0,
+        points: 1,
     });
     let report = wait_until("the result arrived", || {
         fake.results().into_iter().find(|r| r.run_id == 10)

@@ -11,7 +11,8 @@
 use crate::feed::Feed;
 use crate::history::{QueueHistory, QueueSample};
 use crate::model::{
-    Change, CommandRecord, RunRecord, TaskLimits, TaskRecord, TaskSpec, ValidationError,
+    Change, CommandRecord, NewTask, RunRecord, TaskLimits, TaskRecord, ValidationError,
+    validate_points,
 };
 use crate::scheduler::{Explanation, LegacyAssignment, NodeCounts, Scheduler, SchedulerError};
 use crate::store::{
@@ -151,10 +152,10 @@ impl Engine {
         request: SubmitRequest,
         submitted_by: Option<i64>,
     ) -> Result<TaskId, EngineError> {
-        let mut spec = TaskSpec::from_request(request, &self.config.limits)?;
-        spec.submitted_by = submitted_by;
+        let mut task = NewTask::from_request(request, &self.config.limits)?;
+        task.spec.submitted_by = submitted_by;
         let now = unix_now();
-        let (task_id, ack) = self.mutate(|s| s.submit(spec, now));
+        let (task_id, ack) = self.mutate(|s| s.submit(task, now));
         self.work.notify_waiters();
         ack.durable().await?;
         tracing::debug!(task_id, "task accepted");
@@ -187,6 +188,38 @@ impl Engine {
             Err(e) => return Err(e.into()),
         }
         self.task(task_id).await
+    }
+
+    /// Seed 000's change_points: how many nodes run an unfinished task at once. Raising
+    /// wakes the agents; lowering stops the newest points (their nodes are told to kill
+    /// them). Answered once durable.
+    pub async fn change_points(&self, task_id: TaskId, points: u32) -> Result<(), EngineError> {
+        let points = validate_points(points, &self.config.limits)?;
+        let now = unix_now();
+        let (outcome, ack) = self.mutate(|s| match s.change_points(task_id, points, now) {
+            Ok(changes) => (Ok(()), changes),
+            Err(e) => (Err(e), Vec::new()),
+        });
+        match outcome {
+            Ok(()) => {
+                // New points to place, or cancels to deliver to long-polling agents.
+                self.work.notify_waiters();
+                ack.durable().await?;
+                tracing::info!(task_id, points, "task points changed");
+                Ok(())
+            }
+            Err(SchedulerError::TaskNotFound(_)) => {
+                if let Some(task) = self.store.task(task_id).await? {
+                    return Err(SchedulerError::AlreadyFinished {
+                        task_id,
+                        status: task.state.status,
+                    }
+                    .into());
+                }
+                Err(SchedulerError::TaskNotFound(task_id).into())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub async fn task(&self, task_id: TaskId) -> Result<TaskRecord, EngineError> {
@@ -375,6 +408,10 @@ impl Engine {
             reason,
             node_id: task.state.node_id,
             run_id: None,
+            points: task.state.points,
+            runs: Vec::new(),
+            done_points: Vec::new(),
+            waiting_points: Vec::new(),
             queued_ahead: None,
             nodes: Vec::new(),
         })

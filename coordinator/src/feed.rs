@@ -15,12 +15,12 @@
 //! Knows neither axum nor SQL: the HTTP layer turns a [`Subscription`] into WebSocket frames.
 
 use crate::engine::unix_now;
-use crate::model::{Change, NodeRecord, TaskState};
+use crate::model::{Change, NodeRecord, RunRecord, TaskState};
 use crate::store::CommitObserver;
 use bytes::Bytes;
 use lull_shared::{
-    FeedEventKind, FeedMessage, LaggedData, NodeEventData, NodeStatus, TaskEventData, TaskId,
-    TaskStatus,
+    FeedEventKind, FeedMessage, LaggedData, NodeEventData, NodeStatus, RunEventData, RunStatus,
+    TaskEventData, TaskId, TaskStatus,
 };
 use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
@@ -271,6 +271,28 @@ impl CommitObserver for Feed {
                         data,
                     );
                 }
+                Change::TaskRevised(task) => {
+                    let data = task_data(task);
+                    self.push(
+                        &mut state,
+                        ts,
+                        FeedEventKind::TaskUpdated,
+                        Some(task.task_id),
+                        task.node_id.clone(),
+                        data,
+                    );
+                }
+                Change::RunSaved(run) if run.status == RunStatus::Stopped => {
+                    let data = run_data(run);
+                    self.push(
+                        &mut state,
+                        ts,
+                        FeedEventKind::RunStopped,
+                        Some(run.task_id),
+                        run.node_id.clone(),
+                        data,
+                    );
+                }
                 Change::NodeSaved(node) => {
                     let previous = state.node_status.insert(node.node_id.clone(), node.status);
                     for kind in node_event_kinds(previous, node.status) {
@@ -278,7 +300,8 @@ impl CommitObserver for Feed {
                         self.push(&mut state, ts, kind, None, Some(node.node_id.clone()), data);
                     }
                 }
-                // A run's progress shows in its task's events. A node command's status is
+                // A run's progress shows in its task's events (a run stopped by scaling down,
+                // which changes no task status, has its own). A node command's status is
                 // not a node status: what a command does to the node (draining, drained,
                 // offline and back for a restart) arrives as `node_updated`; the command
                 // itself is read from `GET /api/v1/nodes/commands`.
@@ -317,6 +340,21 @@ fn task_data(task: &TaskState) -> Value {
         node_id: task.node_id.clone(),
         attempts: task.attempts,
         error: task
+            .error
+            .as_ref()
+            .map(|e| e.chars().take(MAX_EVENT_ERROR_CHARS).collect()),
+        points: task.points,
+    })
+}
+
+fn run_data(run: &RunRecord) -> Value {
+    to_value(&RunEventData {
+        task_id: run.task_id,
+        run_id: run.run_id,
+        node_id: run.node_id.clone(),
+        point: run.point,
+        status: run.status,
+        error: run
             .error
             .as_ref()
             .map(|e| e.chars().take(MAX_EVENT_ERROR_CHARS).collect()),
@@ -362,7 +400,7 @@ fn encode(message: &FeedMessage) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{TaskLimits, TaskRecord, TaskSpec};
+    use crate::model::{NewTask, TaskLimits, TaskRecord};
     use lull_shared::{NodeResources, SubmitRequest};
 
     fn state(task_id: TaskId, status: TaskStatus, node: Option<&str>) -> TaskState {
@@ -373,6 +411,7 @@ mod tests {
             error: None,
             attempts: 1,
             losses: 0,
+            points: 1,
             node_id: node.map(str::to_string),
             started_at: None,
             completed_at: None,
@@ -380,7 +419,7 @@ mod tests {
     }
 
     fn created(task_id: TaskId) -> Change {
-        let spec = TaskSpec::from_request(
+        let NewTask { spec, .. } = NewTask::from_request(
             SubmitRequest {
                 code: Some("print(1)".into()),
                 ..SubmitRequest::default()

@@ -54,7 +54,7 @@ impl Role {
         match self {
             Role::Admin => "everything",
             Role::Submitter => {
-                "submit, cancel and read tasks, and make GET reads (not /internal/* or /api/v1/keys)"
+                "submit, cancel and read tasks, change their points, and make GET reads (not /internal/* or /api/v1/keys)"
             }
             Role::Agent => "only the agent endpoints (/internal/*, /get_task, /submit_result)",
             Role::Viewer => "only GET reads and the live feed /ws/updates",
@@ -208,7 +208,8 @@ impl Access {
         let cancel = path
             .strip_prefix("/api/v1/tasks/")
             .is_some_and(|rest| rest.ends_with("/cancel") && rest.matches('/').count() == 1);
-        if post && (path == "/submit" || path == "/api/v1/tasks" || cancel) {
+        let change_points = path == "/api/deployment/task/change_points";
+        if post && (path == "/submit" || path == "/api/v1/tasks" || cancel || change_points) {
             return Access::Task;
         }
         Access::Admin
@@ -238,6 +239,10 @@ mod tests {
         assert_eq!(Access::of("POST", "/submit"), Access::Task);
         assert_eq!(Access::of("POST", "/api/v1/tasks"), Access::Task);
         assert_eq!(Access::of("POST", "/api/v1/tasks/7/cancel"), Access::Task);
+        assert_eq!(
+            Access::of("POST", "/api/deployment/task/change_points"),
+            Access::Task
+        );
         assert_eq!(Access::of("POST", "/api/v1/nodes/n1/drain"), Access::Admin);
         assert_eq!(Access::of("PUT", "/api/v1/nodes/n1/meta"), Access::Admin);
         assert_eq!(Access::of("GET", "/ui"), Access::Open);

@@ -48,6 +48,10 @@ struct Cli {
     /// Longest task timeout accepted, in seconds.
     #[arg(long, env = "LULL_MAX_TIMEOUT", default_value_t = 604_800.0)]
     max_timeout: f64,
+    /// Most nodes one task may run on at once (its `points`, seed 000), at submission and
+    /// through change_points.
+    #[arg(long, env = "LULL_MAX_POINTS", default_value_t = lull_coordinator::model::DEFAULT_MAX_POINTS)]
+    max_points: u32,
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "LULL_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
     max_body_bytes: usize,
@@ -262,6 +266,7 @@ async fn main() -> anyhow::Result<()> {
         limits: TaskLimits {
             max_code_chars: cli.max_code_chars,
             max_timeout_secs: cli.max_timeout,
+            max_points: cli.max_points,
             ..TaskLimits::default()
         },
         max_body_bytes: cli.max_body_bytes,

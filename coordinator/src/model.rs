@@ -21,7 +21,12 @@ pub struct TaskLimits {
     pub max_cpu: f64,
     pub max_memory_mb: f64,
     pub max_attempts: u32,
+    /// Most nodes one task may run on at once (seed 000's `points`).
+    pub max_points: u32,
 }
+
+/// Points a task may have unless configured otherwise (`--max-points`).
+pub const DEFAULT_MAX_POINTS: u32 = 64;
 
 impl Default for TaskLimits {
     fn default() -> Self {
@@ -31,6 +36,7 @@ impl Default for TaskLimits {
             max_cpu: 1024.0,
             max_memory_mb: 4.0 * 1024.0 * 1024.0,
             max_attempts: 100,
+            max_points: DEFAULT_MAX_POINTS,
         }
     }
 }
@@ -40,7 +46,8 @@ impl Default for TaskLimits {
 #[error("{0}")]
 pub struct ValidationError(pub String);
 
-/// What a task asks for, validated.
+/// What a task asks for, validated. Fixed once submitted; its `points` are not part of it
+/// (they change, see [`TaskState::points`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskSpec {
     pub code: Arc<str>,
@@ -48,18 +55,35 @@ pub struct TaskSpec {
     pub resources: Resources,
     pub constraints: Constraints,
     pub max_attempts: u32,
-    pub points: u32,
     /// The API key it was submitted with (`None` with auth off, or from the coordinator
     /// itself). Not part of the request: the HTTP edge sets it from the credential.
     pub submitted_by: Option<i64>,
 }
 
-impl TaskSpec {
+/// A validated submission: what the task asks for and on how many nodes at once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTask {
+    pub spec: TaskSpec,
+    pub points: u32,
+}
+
+/// Checks a task's `points` against the limit: 1 ..= `max_points`.
+pub fn validate_points(points: u32, limits: &TaskLimits) -> Result<u32, ValidationError> {
+    if points == 0 || points > limits.max_points {
+        return Err(ValidationError(format!(
+            "points must be between 1 and {}, got {points}",
+            limits.max_points
+        )));
+    }
+    Ok(points)
+}
+
+impl NewTask {
     /// Validates a submission with the seed's messages where the seed gives one.
     pub fn from_request(
         req: SubmitRequest,
         limits: &TaskLimits,
-    ) -> Result<TaskSpec, ValidationError> {
+    ) -> Result<NewTask, ValidationError> {
         let fail = |msg: String| Err(ValidationError(msg));
         let code = req.code.unwrap_or_default();
         if code.trim().is_empty() {
@@ -118,21 +142,18 @@ impl TaskSpec {
                 limits.max_attempts
             ));
         }
-        let points = req.points.unwrap_or(1);
-        if points != 1 {
-            return fail(format!(
-                "points must be 1 (running one task on several nodes at once is not supported yet), got {points}"
-            ));
-        }
+        let points = validate_points(req.points.unwrap_or(1), limits)?;
         let constraints = req.constraints.unwrap_or_default();
-        Ok(TaskSpec {
-            code: Arc::from(code),
-            timeout,
-            resources,
-            constraints,
-            max_attempts,
+        Ok(NewTask {
+            spec: TaskSpec {
+                code: Arc::from(code),
+                timeout,
+                resources,
+                constraints,
+                max_attempts,
+                submitted_by: None,
+            },
             points,
-            submitted_by: None,
         })
     }
 }
@@ -155,8 +176,10 @@ pub struct TaskState {
     pub error: Option<String>,
     /// Runs started so far.
     pub attempts: u32,
-    /// Runs lost to failing nodes (counted against `max_attempts`).
+    /// Runs lost to failing nodes (counted against `max_attempts`, over all its points).
     pub losses: u32,
+    /// How many nodes run it at once (seed 000); changed by `change_points`.
+    pub points: u32,
     pub node_id: Option<String>,
     pub started_at: Option<f64>,
     pub completed_at: Option<f64>,
@@ -169,6 +192,8 @@ pub struct RunRecord {
     pub task_id: TaskId,
     pub node_id: Option<String>,
     pub attempt: u32,
+    /// Which of the task's points it runs (0-based; always 0 for a one-point task).
+    pub point: u32,
     pub status: RunStatus,
     pub exit_code: Option<i32>,
     pub stdout: String,
@@ -229,7 +254,11 @@ pub struct CommandRecord {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     TaskCreated(TaskRecord),
+    /// A task's status changed.
     TaskUpdated(TaskState),
+    /// An active task changed without a status change (its points, another point started,
+    /// a point requeued). Stored like `TaskUpdated`; the feed tells them apart.
+    TaskRevised(TaskState),
     RunSaved(RunRecord),
     NodeSaved(NodeRecord),
     CommandSaved(CommandRecord),
@@ -242,6 +271,9 @@ pub struct Snapshot {
     pub active_tasks: Vec<TaskRecord>,
     /// Runs that are assigned or running.
     pub active_runs: Vec<RunRecord>,
+    /// `(task_id, point, stdout)` of every completed run of an active task: the points of a
+    /// multi-point task that are done.
+    pub completed_points: Vec<(TaskId, u32, String)>,
     pub nodes: Vec<NodeRecord>,
     /// Commands not yet succeeded, failed or expired.
     pub active_commands: Vec<CommandRecord>,
@@ -263,16 +295,16 @@ mod tests {
     }
 
     fn detail(req: SubmitRequest) -> String {
-        match TaskSpec::from_request(req, &TaskLimits::default()) {
-            Ok(spec) => panic!("expected a validation error, got {spec:?}"),
+        match NewTask::from_request(req, &TaskLimits::default()) {
+            Ok(task) => panic!("expected a validation error, got {task:?}"),
             Err(e) => e.0,
         }
     }
 
     #[test]
     fn defaults_follow_the_seed() {
-        let spec =
-            TaskSpec::from_request(submit("print(1)"), &TaskLimits::default()).expect("valid");
+        let NewTask { spec, points } =
+            NewTask::from_request(submit("print(1)"), &TaskLimits::default()).expect("valid");
         assert_eq!(spec.timeout, 300.0);
         assert_eq!(
             spec.resources,
@@ -282,7 +314,7 @@ mod tests {
             }
         );
         assert_eq!(spec.max_attempts, 3);
-        assert_eq!(spec.points, 1);
+        assert_eq!(points, 1);
     }
 
     #[test]
@@ -295,9 +327,7 @@ mod tests {
             "Code too long (max 10000 characters)"
         );
         // Characters, not bytes: 10,000 non-ASCII characters are allowed.
-        assert!(
-            TaskSpec::from_request(submit(&"é".repeat(10_000)), &TaskLimits::default()).is_ok()
-        );
+        assert!(NewTask::from_request(submit(&"é".repeat(10_000)), &TaskLimits::default()).is_ok());
     }
 
     #[test]
@@ -322,7 +352,20 @@ mod tests {
         req.max_attempts = Some(0);
         assert!(detail(req.clone()).contains("max_attempts"));
         req.max_attempts = None;
-        req.points = Some(2);
-        assert!(detail(req).contains("points"));
+        req.points = Some(0);
+        assert_eq!(
+            detail(req.clone()),
+            "points must be between 1 and 64, got 0"
+        );
+        req.points = Some(65);
+        assert_eq!(
+            detail(req.clone()),
+            "points must be between 1 and 64, got 65"
+        );
+        req.points = Some(64);
+        assert_eq!(
+            NewTask::from_request(req, &TaskLimits::default()).map(|t| t.points),
+            Ok(64)
+        );
     }
 }

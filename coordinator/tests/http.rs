@@ -274,9 +274,15 @@ async fn every_bad_input_gets_a_clear_error_never_a_500() {
         ),
         (
             "/api/v1/tasks",
-            json!({"code": "p", "points": 2}),
+            json!({"code": "p", "points": 0}),
             StatusCode::UNPROCESSABLE_ENTITY,
-            "points",
+            "points must be between 1 and 64",
+        ),
+        (
+            "/submit",
+            json!({"code": "p", "points": 65}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "points must be between 1 and 64",
         ),
         (
             "/api/v1/tasks",

@@ -168,10 +168,13 @@ pub enum RunStatus {
     /// Handed back by an agent that was shutting down before it started or finished.
     Released,
     Cancelled,
+    /// Stopped because its task's `points` were lowered (seed 000's change_points): neither
+    /// a failure nor a loss, and never retried.
+    Stopped,
 }
 
 impl RunStatus {
-    pub const ALL: [RunStatus; 7] = [
+    pub const ALL: [RunStatus; 8] = [
         RunStatus::Assigned,
         RunStatus::Running,
         RunStatus::Completed,
@@ -179,6 +182,7 @@ impl RunStatus {
         RunStatus::Lost,
         RunStatus::Released,
         RunStatus::Cancelled,
+        RunStatus::Stopped,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -190,6 +194,7 @@ impl RunStatus {
             RunStatus::Lost => "lost",
             RunStatus::Released => "released",
             RunStatus::Cancelled => "cancelled",
+            RunStatus::Stopped => "stopped",
         }
     }
 
@@ -561,6 +566,16 @@ pub struct Assignment {
     pub code: String,
     pub timeout: f64,
     pub resources: Resources,
+    /// Which of the task's points this run is (`LULL_POINT_INDEX`, 0-based).
+    #[serde(default)]
+    pub point: u32,
+    /// How many points the task had when the run was handed out (`LULL_POINTS`).
+    #[serde(default = "one_point")]
+    pub points: u32,
+}
+
+fn one_point() -> u32 {
+    1
 }
 
 /// Answer to `GET /internal/task?node_id=..&wait=..&max=..`.
@@ -658,6 +673,11 @@ pub enum FeedEventKind {
     TaskCompleted,
     TaskFailed,
     TaskCancelled,
+    /// Still active, changed without a status change: its `points` were changed, another
+    /// of its points started, or one of them was requeued.
+    TaskUpdated,
+    /// One run of a multi-point task was stopped because its points were lowered.
+    RunStopped,
     NodeJoined,
     NodeLeft,
     NodeUpdated,
@@ -667,13 +687,15 @@ pub enum FeedEventKind {
 }
 
 impl FeedEventKind {
-    pub const ALL: [FeedEventKind; 11] = [
+    pub const ALL: [FeedEventKind; 13] = [
         FeedEventKind::TaskCreated,
         FeedEventKind::TaskStarted,
         FeedEventKind::TaskRequeued,
         FeedEventKind::TaskCompleted,
         FeedEventKind::TaskFailed,
         FeedEventKind::TaskCancelled,
+        FeedEventKind::TaskUpdated,
+        FeedEventKind::RunStopped,
         FeedEventKind::NodeJoined,
         FeedEventKind::NodeLeft,
         FeedEventKind::NodeUpdated,
@@ -689,6 +711,8 @@ impl FeedEventKind {
             FeedEventKind::TaskCompleted => "task_completed",
             FeedEventKind::TaskFailed => "task_failed",
             FeedEventKind::TaskCancelled => "task_cancelled",
+            FeedEventKind::TaskUpdated => "task_updated",
+            FeedEventKind::RunStopped => "run_stopped",
             FeedEventKind::NodeJoined => "node_joined",
             FeedEventKind::NodeLeft => "node_left",
             FeedEventKind::NodeUpdated => "node_updated",
@@ -733,6 +757,22 @@ pub struct TaskEventData {
     /// Runs started so far.
     pub attempts: u32,
     /// Why it failed or was cancelled (at most 1000 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// How many nodes run it at once (seed 000's `points`).
+    #[serde(default = "one_point")]
+    pub points: u32,
+}
+
+/// `data` of `run_stopped`: a run ended because its task's points were lowered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunEventData {
+    pub task_id: TaskId,
+    pub run_id: RunId,
+    pub node_id: Option<String>,
+    /// The run's point index.
+    pub point: u32,
+    pub status: RunStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }

@@ -126,8 +126,8 @@ def scenario_open(page, url, shots, node):
     # The task's detail: every run.
     page.goto(f"{url}/ui/tasks/{task_id}")
     run = page.locator(".run").first
-    expect(run.locator("td").nth(2)).to_have_text(node)
-    expect(run.locator("td").nth(7)).to_have_text("0")
+    expect(run.locator("td").nth(3)).to_have_text(node)
+    expect(run.locator("td").nth(8)).to_have_text("0")
     expect(run.locator("pre.out").first).to_contain_text("console says 7")
     expect(page.locator(".task-head button.danger")).to_be_disabled()
     check("the task detail shows its run: node, exit code, stdout; cancel is off once finished")

@@ -195,6 +195,7 @@ impl ColdExecutor {
             .env("TMPDIR", &home)
             .env("LULL_TASK_ID", job.task_id.to_string())
             .env("LULL_RUN_ID", job.run_id.to_string())
+            .envs(job.point.environment())
             .current_dir(workdir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -591,6 +592,7 @@ impl Capture {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::executor::RunPoint;
     use lull_shared::Resources;
     use std::path::PathBuf;
 
@@ -603,6 +605,7 @@ mod tests {
             code: code.to_string(),
             timeout: Duration::from_secs_f64(timeout_secs),
             resources: Resources::default(),
+            point: RunPoint { index: 2, of: 3 },
             control: Default::default(),
         }
     }
@@ -860,6 +863,8 @@ mod tests {
         assert!(!env.contains_key("LULL_TOKEN"), "{env:?}");
         assert_eq!(env["LULL_TASK_ID"], "7");
         assert_eq!(env["LULL_RUN_ID"], "42");
+        assert_eq!(env["LULL_POINT_INDEX"], "2");
+        assert_eq!(env["LULL_POINTS"], "3");
         assert_eq!(env["LANG"], "C.UTF-8");
         assert_eq!(env["HOME"].as_str().map(PathBuf::from), Some(cwd.clone()));
         assert_eq!(env["TMPDIR"].as_str().map(PathBuf::from), Some(cwd.clone()));

@@ -69,9 +69,35 @@ pub struct Job {
     pub timeout: Duration,
     /// What the coordinator reserved for the run; the cold executor does not enforce it yet.
     pub resources: Resources,
+    /// Which of its task's points the run is (`LULL_POINT_INDEX` of `LULL_POINTS`).
+    pub point: RunPoint,
     /// Where the executor reports the run's process, and the clock its `timeout` runs on
     /// (it stands still while the node is paused). `RunControl::default()` without an agent.
     pub control: RunControl,
+}
+
+/// Which of its task's points a run is: `index` (0-based) of `of`. A task with several
+/// points runs on that many nodes at once; the run sees both in its environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunPoint {
+    pub index: u32,
+    pub of: u32,
+}
+
+impl Default for RunPoint {
+    fn default() -> Self {
+        RunPoint { index: 0, of: 1 }
+    }
+}
+
+impl RunPoint {
+    /// The variables a run gets for it: `LULL_POINT_INDEX` and `LULL_POINTS`.
+    pub fn environment(self) -> [(&'static str, String); 2] {
+        [
+            ("LULL_POINT_INDEX", self.index.to_string()),
+            ("LULL_POINTS", self.of.to_string()),
+        ]
+    }
 }
 
 /// How a run ended.

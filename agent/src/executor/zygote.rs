@@ -124,6 +124,7 @@ impl ZygoteExecutor {
             code: "print(6 * 7)".to_string(),
             timeout: SMOKE_TEST_TIMEOUT,
             resources: lull_shared::Resources::default(),
+            point: Default::default(),
             control: Default::default(),
         };
         let execution = run_on(&first, &settings, &path, smoke, CancellationToken::new()).await;
@@ -567,6 +568,7 @@ fn run_environment(job: &Job, path: &OsStr, home: &Path) -> BTreeMap<String, Str
         ("LULL_RUN_ID", job.run_id.to_string()),
     ]
     .into_iter()
+    .chain(job.point.environment())
     .map(|(name, value)| (name.to_string(), value))
     .collect()
 }

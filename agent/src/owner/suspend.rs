@@ -26,6 +26,8 @@ const MAX_ROUNDS: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SuspendError {
+    #[error("the signalling task ended: {0}")]
+    Gone(String),
     #[error("signalling pid {pid} with {signal}: {errno}")]
     Signal {
         pid: u32,
@@ -135,6 +137,40 @@ pub(crate) fn suspend(pid: u32) -> Result<&'static str, SuspendError> {
         Scope::Freezable(dir) => freeze(&dir, true).map(|()| "cgroup freezer"),
         scope => signal_all(&scope, Signal::SIGSTOP).map(|_| "SIGSTOP"),
     }
+}
+
+/// Every process of the run (its cgroup's members, or its tree).
+fn members(scope: &Scope) -> Vec<u32> {
+    match scope {
+        Scope::Freezable(dir) => processes_in(&Scope::Listed(dir.clone())),
+        other => processes_in(other),
+    }
+}
+
+/// Whether `pid` has a handler for SIGTERM (`SigCgt` in `/proc/PID/status`): a run that
+/// ignores it or leaves it at its default does not.
+fn catches_sigterm(pid: u32) -> bool {
+    let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (Signal::SIGTERM as u32 - 1)) != 0)
+}
+
+/// Sends SIGTERM to every process of the run whose process is `pid`. Answers whether any
+/// of them handles it (only then is a grace worth waiting: the others die of it, or, as a
+/// PID namespace's init, ignore it).
+pub(crate) fn terminate(pid: u32) -> Result<bool, SuspendError> {
+    let scope = scope_of(pid);
+    let processes = members(&scope);
+    let handled = processes.iter().any(|p| catches_sigterm(*p));
+    for p in processes {
+        signal(p, Signal::SIGTERM)?;
+    }
+    Ok(handled)
 }
 
 /// Lets the run whose process is `pid` go on.

@@ -334,65 +334,107 @@ struct LentCgroup {
     group: cgroup::RunCgroup,
     /// The group's OOM kills before this run: the kernel's counter only ever grows.
     oom_kills_before: u64,
+    /// The group's OOM kills once the run is reaped, read by [`ForkedRun::finish`].
+    oom_kills_after: Option<u64>,
+    /// The memory and process limits the group holds.
+    limits: (u64, u64),
     reusable: bool,
+    /// Whether the run could not have changed the limits (it dropped to an unprivileged user).
+    limits_kept: bool,
+}
+
+/// A group waiting in a [`CgroupPool`], with what is known of it without asking the kernel.
+#[derive(Debug)]
+struct PooledCgroup {
+    group: cgroup::RunCgroup,
+    /// The limits it holds, when known for sure.
+    limits: Option<(u64, u64)>,
+    oom_kills: u64,
 }
 
 /// The run cgroups a long-lived parent (the zygote) reuses: making and removing a memory and a
 /// pids cgroup costs about as much CPU as the rest of a run's sandbox. A group is lent to one
 /// run at a time, and taken back only when the run had its own PID namespace (so nothing of
 /// it can be left inside once PID 1 is reaped) and the group is empty; its limits are set
-/// anew for each run, and an OOM kill counts for a run only if it happened during it. Runs
-/// without namespaces get a fresh group each, removed after them. Dropping the pool removes
-/// the groups it holds; groups of a pool whose process died are swept as stale (their names
-/// carry its pid).
+/// anew for each run, unless the last run asked for the same and could not change them (it
+/// dropped to an unprivileged user; the files are root's), and an OOM kill counts for a run only if it happened during it. Runs without
+/// namespaces get a fresh group each, removed after them. Dropping the pool removes the
+/// groups it holds; groups of a pool whose process died are swept as stale (their names carry
+/// its pid).
 #[derive(Debug, Default)]
 pub struct CgroupPool {
-    free: Vec<cgroup::RunCgroup>,
+    free: Vec<PooledCgroup>,
     made: u64,
 }
 
 impl CgroupPool {
     fn lend(&mut self, policy: &RunPolicy) -> Result<LentCgroup, SandboxError> {
-        let memory = policy.memory_mb.saturating_mul(1024 * 1024);
+        let limits = (
+            policy.memory_mb.saturating_mul(1024 * 1024),
+            policy.max_processes,
+        );
         let reusable = policy.protections.namespaces;
+        let limits_kept = policy.protections.drop_user;
+        if reusable && let Some(pooled) = self.reuse(limits) {
+            return Ok(LentCgroup {
+                group: pooled.group,
+                oom_kills_before: pooled.oom_kills,
+                oom_kills_after: None,
+                limits,
+                reusable,
+                limits_kept,
+            });
+        }
         let group = if reusable {
-            self.reuse(memory, policy.max_processes)?
+            self.made += 1;
+            let name = format!("{}-pool-{}", std::process::id(), self.made);
+            cgroup::RunCgroup::create(&name, limits.0, limits.1)?
         } else {
-            cgroup::RunCgroup::create(&policy.cgroup, memory, policy.max_processes)?
+            cgroup::RunCgroup::create(&policy.cgroup, limits.0, limits.1)?
         };
         Ok(LentCgroup {
             oom_kills_before: group.oom_kills(),
+            oom_kills_after: None,
             group,
+            limits,
             reusable,
+            limits_kept,
         })
     }
 
-    fn reuse(&mut self, memory: u64, processes: u64) -> Result<cgroup::RunCgroup, SandboxError> {
-        while let Some(group) = self.free.pop() {
-            match group.set_limits(memory, processes) {
-                Ok(()) => return Ok(group),
+    /// A pooled group set to `limits`, if one is free and can take them.
+    fn reuse(&mut self, limits: (u64, u64)) -> Option<PooledCgroup> {
+        while let Some(pooled) = self.free.pop() {
+            if pooled.limits == Some(limits) {
+                return Some(pooled);
+            }
+            match pooled.group.set_limits(limits.0, limits.1) {
+                Ok(()) => return Some(pooled),
                 // Memory it cannot give back under the new limit: start afresh.
-                Err(_) => group.remove(),
+                Err(_) => pooled.group.remove(),
             }
         }
-        self.made += 1;
-        let name = format!("{}-pool-{}", std::process::id(), self.made);
-        cgroup::RunCgroup::create(&name, memory, processes)
+        None
     }
 
     fn take_back(&mut self, lent: LentCgroup) {
-        if lent.reusable && lent.group.is_empty() {
-            self.free.push(lent.group);
-        } else {
-            lent.group.remove();
+        match lent.oom_kills_after {
+            Some(oom_kills) if lent.reusable && lent.group.is_empty() => {
+                self.free.push(PooledCgroup {
+                    group: lent.group,
+                    limits: lent.limits_kept.then_some(lent.limits),
+                    oom_kills,
+                })
+            }
+            _ => lent.group.remove(),
         }
     }
 }
 
 impl Drop for CgroupPool {
     fn drop(&mut self) {
-        for group in self.free.drain(..) {
-            group.remove();
+        for pooled in self.free.drain(..) {
+            pooled.group.remove();
         }
     }
 }
@@ -484,15 +526,16 @@ impl ForkedRun {
     /// the parent can tell, as a line for the run's stderr, and the status to report — a run
     /// the OOM killer hit fails even when PID 1 went on to exit 0. Gives the cgroup back.
     pub fn finish(
-        self,
+        mut self,
         policy: &RunPolicy,
         status: WaitStatus,
         pools: &mut RunPools,
     ) -> (WaitStatus, Option<String>) {
-        let oom = self
-            .cgroup
-            .as_ref()
-            .is_some_and(|lent| lent.group.oom_kills() > lent.oom_kills_before);
+        let oom = self.cgroup.as_mut().is_some_and(|lent| {
+            let after = lent.group.oom_kills();
+            lent.oom_kills_after = Some(after);
+            after > lent.oom_kills_before
+        });
         let note = limit_note(policy, oom, Some(&status));
         self.give_back(pools);
         let status = match status {
@@ -560,8 +603,22 @@ fn fork_pid_one(
     // would need, so the child may do anything, not only async-signal-safe calls.
     match unsafe { nix::unistd::fork() }.map_err(SandboxError::Fork)? {
         ForkResult::Child => Ok(()),
-        ForkResult::Parent { child } => watch_run(child, policy, cgroup),
+        ForkResult::Parent { child } => {
+            ignore_sigterm();
+            watch_run(child, policy, cgroup)
+        }
     }
+}
+
+/// The watcher outlives a SIGTERM meant for the run (a graceful stop sends it to every
+/// process of the run, the watcher included): dying of it would SIGKILL PID 1 at once,
+/// with no grace. SIGKILL still ends the watcher, and the run with it.
+fn ignore_sigterm() {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, sigaction};
+    let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    // SAFETY: installs SIG_IGN, no handler code: nothing can run in a signal context. Only
+    // the watcher is affected: PID 1 was forked before, with the default disposition.
+    let _ = unsafe { sigaction(Signal::SIGTERM, &ignore) };
 }
 
 fn watch_run(child: Pid, policy: &RunPolicy, cgroup: Option<&cgroup::RunCgroup>) -> ! {
@@ -860,6 +917,13 @@ fn drop_user(uid: u32, gid: u32) -> Result<(), SandboxError> {
 }
 
 fn close_inherited_fds() -> Result<(), SandboxError> {
+    // SAFETY: close_range takes no pointers; closing every descriptor from 3 up is what this
+    // function is for, and nothing of ours uses one of them after this point.
+    let closed = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    if closed == 0 {
+        return Ok(());
+    }
+    // Kernels before 5.9 lack close_range: list and close them one by one.
     let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
         .map_err(SandboxError::CloseFds)?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())

@@ -8,7 +8,8 @@
 //! scope a submitter to its own tasks.
 
 use super::AppState;
-use super::error::ApiError;
+use super::change_points;
+use super::error::{ApiError, Refusal};
 use crate::keys::{Access, ApiKey, KeyMode, Role, TIMESTAMP_WINDOW_MS, hash_token};
 use crate::rate_limit::{RateLimit, RateLimiter, Throttled};
 use crate::replay::{ReplayCache, Replayed};
@@ -103,8 +104,8 @@ impl Guards {
     }
 }
 
-fn unauthorized(detail: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::UNAUTHORIZED, detail)
+fn unauthorized(refusal: Refusal, detail: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, detail).refused(refusal)
 }
 
 /// What a request presents: a token and, for a signed key, its timestamp and signature.
@@ -123,7 +124,12 @@ fn header_text(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiErr
         Some(v) => v
             .to_str()
             .map(|s| Some(s.trim().to_string()).filter(|s| !s.is_empty()))
-            .map_err(|_| unauthorized(format!("the {name} header is not valid text"))),
+            .map_err(|_| {
+                unauthorized(
+                    Refusal::MissingCredentials,
+                    format!("the {name} header is not valid text"),
+                )
+            }),
     }
 }
 
@@ -149,13 +155,22 @@ fn credentials(req: &Request) -> Result<Credentials, ApiError> {
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, token)| token.trim().to_string())
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| unauthorized("the Authorization header must be `Bearer TOKEN`"))?;
+            .ok_or_else(|| {
+                unauthorized(
+                    Refusal::MissingCredentials,
+                    "the Authorization header must be `Bearer TOKEN`",
+                )
+            })?;
         return from_headers(bearer);
     }
     if req.uri().path() == QUERY_CREDENTIALS_PATH {
         let query = req.uri().query().unwrap_or_default();
-        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query)
-            .map_err(|e| unauthorized(format!("could not read the query string: {e}")))?;
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).map_err(|e| {
+            unauthorized(
+                Refusal::MissingCredentials,
+                format!("could not read the query string: {e}"),
+            )
+        })?;
         let param = |name: &str| {
             pairs
                 .iter()
@@ -173,6 +188,7 @@ fn credentials(req: &Request) -> Result<Credentials, ApiError> {
         }
     }
     Err(unauthorized(
+        Refusal::MissingCredentials,
         "missing credentials: send an API key in the `token` header or as `Authorization: Bearer TOKEN` \
          (on /ws/updates also `?token=`)",
     ))
@@ -212,31 +228,41 @@ async fn check_signature(
 ) -> Result<Request, ApiError> {
     let id = key.key_id;
     let timestamp = credentials.timestamp.as_deref().ok_or_else(|| {
-        unauthorized(format!(
-            "missing timestamp: key {id} is a signed key; send `timestamp` (ms) and `sign_str`"
-        ))
+        unauthorized(
+            Refusal::BadTimestamp,
+            format!(
+                "missing timestamp: key {id} is a signed key; send `timestamp` (ms) and `sign_str`"
+            ),
+        )
     })?;
-    let sign_str = credentials
-        .sign_str
-        .as_deref()
-        .ok_or_else(|| unauthorized(format!("missing sign_str: key {id} is a signed key")))?;
+    let sign_str = credentials.sign_str.as_deref().ok_or_else(|| {
+        unauthorized(
+            Refusal::BadSignature,
+            format!("missing sign_str: key {id} is a signed key"),
+        )
+    })?;
     let at: i64 = timestamp.parse().map_err(|_| {
-        unauthorized(format!(
-            "bad timestamp {timestamp:?}: milliseconds since the Unix epoch expected"
-        ))
+        unauthorized(
+            Refusal::BadTimestamp,
+            format!("bad timestamp {timestamp:?}: milliseconds since the Unix epoch expected"),
+        )
     })?;
     let now = now_ms();
     if !crate::keys::timestamp_fresh(at, now) {
-        return Err(unauthorized(format!(
-            "stale timestamp {at}: more than {} s from the coordinator's clock",
-            TIMESTAMP_WINDOW_MS / 1000
-        )));
+        return Err(unauthorized(
+            Refusal::BadTimestamp,
+            format!(
+                "stale timestamp {at}: more than {} s from the coordinator's clock",
+                TIMESTAMP_WINDOW_MS / 1000
+            ),
+        ));
     }
     let Some(secret) = key.secret.as_deref() else {
         tracing::error!(key_id = id, "signed key without a stored secret");
-        return Err(unauthorized(format!(
-            "key {id} has no secret to verify with"
-        )));
+        return Err(unauthorized(
+            Refusal::BadSignature,
+            format!("key {id} has no secret to verify with"),
+        ));
     };
     let method = req.method().as_str().to_string();
     let path = if credentials.from_query {
@@ -253,6 +279,7 @@ async fn check_signature(
         .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"))?;
     let bad_signature = || {
         unauthorized(
+            Refusal::BadSignature,
             "bad signature: sign_str must be hex HMAC-SHA256(secret, timestamp\\nMETHOD\\npath?query\\nbody)",
         )
     };
@@ -272,7 +299,7 @@ async fn check_signature(
                 timestamp = at,
                 "replayed signed request refused"
             );
-            unauthorized("replayed request")
+            unauthorized(Refusal::BadSignature, "replayed request")
         })?;
     Ok(Request::from_parts(parts, Body::from(bytes)))
 }
@@ -287,6 +314,7 @@ fn forbidden(role: Role, req: &Request) -> ApiError {
             role.allows()
         ),
     )
+    .refused(Refusal::Forbidden)
 }
 
 fn too_many_requests(key_id: i64, throttled: Throttled) -> Response {
@@ -307,11 +335,30 @@ fn too_many_requests(key_id: i64, throttled: Throttled) -> Response {
     response
 }
 
-pub async fn authenticate(
-    State(app): State<AppState>,
-    mut req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
+/// The middleware. Its refusals are `{"detail"}` errors, except on seed 000's path, which
+/// answers its own envelope (`{"code", "message", "data"}`) for everything.
+pub async fn authenticate(State(app): State<AppState>, req: Request, next: Next) -> Response {
+    let seed_000 = change_points::is_its_path(req.uri().path());
+    match check(app, req, next).await {
+        // Only the middleware answers 429 on that path: keep its Retry-After.
+        Ok(response) if seed_000 && response.status() == StatusCode::TOO_MANY_REQUESTS => {
+            let retry_after = response.headers().get(header::RETRY_AFTER).cloned();
+            let mut refused = change_points::refusal(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate limit exceeded for this API key",
+            ));
+            if let Some(value) = retry_after {
+                refused.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+            refused
+        }
+        Ok(response) => response,
+        Err(e) if seed_000 => change_points::refusal(e),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn check(app: AppState, mut req: Request, next: Next) -> Result<Response, ApiError> {
     if !app.auth.enabled {
         return Ok(next.run(req).await);
     }
@@ -336,9 +383,12 @@ pub async fn authenticate(
         .key_by_token_hash(&token_hash)
         .await
         .map_err(ApiError::from)?
-        .ok_or_else(|| unauthorized("unknown API key"))?;
+        .ok_or_else(|| unauthorized(Refusal::UnknownKey, "unknown API key"))?;
     if key.revoked_at.is_some() {
-        return Err(unauthorized(format!("API key {} was revoked", key.key_id)));
+        return Err(unauthorized(
+            Refusal::UnknownKey,
+            format!("API key {} was revoked", key.key_id),
+        ));
     }
     let mut req = match key.mode {
         KeyMode::Simple => req,

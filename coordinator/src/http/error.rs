@@ -12,6 +12,24 @@ use lull_shared::ErrorBody;
 pub struct ApiError {
     pub status: StatusCode,
     pub detail: String,
+    /// What was wrong with the credentials, for a 401 or 403 from authentication: the
+    /// status alone does not tell, and seed 000's envelope answers a code for each.
+    pub refusal: Option<Refusal>,
+}
+
+/// Why authentication refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No `token` header and no `Authorization: Bearer`, or one that cannot be read.
+    MissingCredentials,
+    /// No such key, or it was revoked.
+    UnknownKey,
+    /// A signed key's `sign_str` is missing or does not match.
+    BadSignature,
+    /// A signed key's `timestamp` is missing, not milliseconds, or outside the window.
+    BadTimestamp,
+    /// The key's role may not make this request.
+    Forbidden,
 }
 
 impl ApiError {
@@ -19,7 +37,14 @@ impl ApiError {
         ApiError {
             status,
             detail: detail.into(),
+            refusal: None,
         }
+    }
+
+    /// The same error, saying why authentication refused it.
+    pub fn refused(mut self, refusal: Refusal) -> ApiError {
+        self.refusal = Some(refusal);
+        self
     }
 
     pub fn bad_request(detail: impl Into<String>) -> ApiError {

@@ -4,6 +4,7 @@
 //! Architecture Invariant: only this module knows axum.
 
 mod auth;
+mod change_points;
 mod console;
 mod error;
 mod extract;
@@ -15,6 +16,7 @@ mod tasks;
 mod views;
 
 pub use auth::{Caller, Guards};
+pub use change_points::Code as ChangePointsCode;
 pub use error::ApiError;
 
 use crate::engine::Engine;
@@ -159,6 +161,10 @@ pub fn router(engine: Arc<Engine>, keys: Arc<dyn KeyStore>, config: &HttpConfig)
         .route("/api/v1/keys", get(keys::list).post(keys::create))
         .route("/api/v1/keys/{key_id}", delete(keys::revoke))
         .merge(console::routes())
+        .route(
+            change_points::PATH,
+            post(change_points::change_points).fallback(change_points::method_not_allowed),
+        )
         .fallback(not_found);
     // Outermost on these routes: a slow client (headers in, body dripping) cannot hold a
     // handler, nor the signature check reading the body, past the timeout.

@@ -5,6 +5,7 @@ use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{JsonBody, QueryParams, task_id_from_path};
+use super::views;
 use crate::engine::unix_now;
 use axum::Json;
 use axum::extract::{Path, State};
@@ -111,7 +112,9 @@ pub async fn status(
     caller: Caller,
     Path(raw): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let task = super::tasks::visible_task(&app, caller, task_id_from_path(&raw)?).await?;
+    let task_id = task_id_from_path(&raw)?;
+    let task = super::tasks::visible_task(&app, caller, task_id).await?;
+    let runs = app.engine.runs(task_id).await?;
     Ok(Json(json!({
         "task_id": task.task_id,
         "status": task.state.status.as_str(),
@@ -122,6 +125,8 @@ pub async fn status(
         "started_at": task.state.started_at,
         "node_id": task.state.node_id,
         "attempts": task.state.attempts,
+        "points": task.state.points,
+        "runs": runs.iter().map(views::run_summary).collect::<Vec<_>>(),
     })))
 }
 

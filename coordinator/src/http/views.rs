@@ -15,7 +15,7 @@ pub fn task(t: &TaskRecord) -> Value {
         "resources": {"cpu": t.spec.resources.cpu, "memory": t.spec.resources.memory},
         "constraints": serde_json::to_value(&t.spec.constraints).unwrap_or(Value::Null),
         "max_attempts": t.spec.max_attempts,
-        "points": t.spec.points,
+        "points": t.state.points,
         "result": t.state.result,
         "error": t.state.error,
         "attempts": t.state.attempts,
@@ -32,6 +32,7 @@ pub fn run(r: &RunRecord) -> Value {
         "task_id": r.task_id,
         "node_id": r.node_id,
         "attempt": r.attempt,
+        "point": r.point,
         "status": r.status.as_str(),
         "exit_code": r.exit_code,
         "stdout": r.stdout,
@@ -41,6 +42,21 @@ pub fn run(r: &RunRecord) -> Value {
         "completed_at": r.completed_at,
         "cpu_seconds": r.cpu_seconds,
         "max_rss_mb": r.max_rss_mb,
+    })
+}
+
+/// A run without its output, for seed 001's `/status/{id}`.
+pub fn run_summary(r: &RunRecord) -> Value {
+    json!({
+        "run_id": r.run_id,
+        "point": r.point,
+        "node_id": r.node_id,
+        "attempt": r.attempt,
+        "status": r.status.as_str(),
+        "exit_code": r.exit_code,
+        "error": r.error,
+        "started_at": r.started_at,
+        "completed_at": r.completed_at,
     })
 }
 
@@ -102,6 +118,14 @@ pub fn explanation(e: &Explanation) -> Value {
         "reason": e.reason,
         "node_id": e.node_id,
         "run_id": e.run_id,
+        "points": e.points,
+        "runs": e.runs.iter().map(|r| json!({
+            "point": r.point,
+            "run_id": r.run_id,
+            "node_id": r.node_id,
+        })).collect::<Vec<_>>(),
+        "done_points": e.done_points,
+        "waiting_points": e.waiting_points,
         "queued_ahead": e.queued_ahead,
         "nodes": e.nodes.iter().map(|n| json!({
             "node_id": n.node_id,

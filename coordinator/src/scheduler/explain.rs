@@ -2,7 +2,7 @@
 //!
 //! Architecture Invariant: a read of memory only; it changes nothing and does no IO.
 
-use super::{EPSILON, NodeEntry, Scheduler};
+use super::{EPSILON, NodeEntry, Scheduler, holds_run_of};
 use lull_shared::{NodeStatus, RunId, TaskId, TaskStatus};
 
 /// One node's verdict on a pending task.
@@ -18,6 +18,8 @@ pub enum Verdict {
     Mismatch,
     /// It matches but takes no work: paused, draining, drained, offline or removed.
     Unavailable,
+    /// It already runs one of the task's points (a task's points run on distinct nodes).
+    RunsAPoint,
 }
 
 impl Verdict {
@@ -28,6 +30,7 @@ impl Verdict {
             Verdict::TooSmall => "too_small",
             Verdict::Mismatch => "constraints",
             Verdict::Unavailable => "unavailable",
+            Verdict::RunsAPoint => "runs_a_point",
         }
     }
 }
@@ -43,18 +46,35 @@ pub struct NodeVerdict {
     pub detail: String,
 }
 
+/// One active run of a task, by point.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PointRun {
+    pub point: u32,
+    pub run_id: RunId,
+    /// `None` for a `/get_task` worker.
+    pub node_id: Option<String>,
+}
+
 /// Why an active task is where it is.
 #[derive(Debug, Clone)]
 pub struct Explanation {
     pub task_id: TaskId,
     pub status: TaskStatus,
     pub reason: String,
-    /// Where it runs (running or assigned).
+    /// Where its newest run runs (running or assigned).
     pub node_id: Option<String>,
     pub run_id: Option<RunId>,
-    /// Pending tasks: older pending tasks ahead of it.
+    /// How many nodes it runs on at once.
+    pub points: u32,
+    /// Its active runs, by point.
+    pub runs: Vec<PointRun>,
+    /// Points that completed.
+    pub done_points: Vec<u32>,
+    /// Points waiting for a node.
+    pub waiting_points: Vec<u32>,
+    /// While a point waits: older pending tasks ahead of it.
     pub queued_ahead: Option<usize>,
-    /// Pending tasks: every node's verdict, ordered by node id.
+    /// While a point waits: every node's verdict, ordered by node id.
     pub nodes: Vec<NodeVerdict>,
 }
 
@@ -64,23 +84,41 @@ impl Scheduler {
     pub fn explain(&self, task_id: TaskId) -> Option<Explanation> {
         let task = self.tasks.get(&task_id)?;
         let state = &task.record.state;
+        let runs: Vec<PointRun> = task
+            .runs
+            .iter()
+            .filter_map(|(point, run_id)| {
+                Some(PointRun {
+                    point: *point,
+                    run_id: *run_id,
+                    node_id: self.runs.get(run_id)?.record.node_id.clone(),
+                })
+            })
+            .collect();
+        let newest = runs.iter().max_by_key(|r| r.run_id);
         let mut out = Explanation {
             task_id,
             status: state.status,
             reason: String::new(),
-            node_id: state.node_id.clone(),
-            run_id: task.current_run,
+            node_id: newest.and_then(|r| r.node_id.clone()),
+            run_id: newest.map(|r| r.run_id),
+            points: state.points,
+            done_points: task
+                .done
+                .iter()
+                .copied()
+                .filter(|p| *p < state.points)
+                .collect(),
+            waiting_points: (0..state.points)
+                .filter(|p| !task.runs.contains_key(p) && !task.done.contains(p))
+                .collect(),
+            runs,
             queued_ahead: None,
             nodes: Vec::new(),
         };
-        if state.status != TaskStatus::Pending {
-            let run = task
-                .current_run
-                .map_or(String::new(), |r| format!(" (run {r})"));
-            out.reason = match &state.node_id {
-                Some(node) => format!("it is running on node {node}{run}"),
-                None => format!("it is leased to a /get_task worker{run}"),
-            };
+        let running = running_summary(&out);
+        if out.waiting_points.is_empty() {
+            out.reason = running;
             return Some(out);
         }
         let spec = &task.record.spec;
@@ -88,11 +126,85 @@ impl Scheduler {
         nodes.sort_by(|a, b| a.record.node_id.cmp(&b.record.node_id));
         out.nodes = nodes
             .iter()
-            .map(|n| verdict(n, &spec.resources, &spec.constraints))
+            .map(|n| {
+                if holds_run_of(task, &n.record.node_id, &self.runs) {
+                    runs_a_point(n)
+                } else {
+                    verdict(n, &spec.resources, &spec.constraints)
+                }
+            })
             .collect();
         out.queued_ahead = Some(self.queue.ahead_of(task_id));
-        out.reason = summary(&out, spec);
+        let waiting = summary(&out, spec);
+        out.reason = if state.points == 1 {
+            waiting
+        } else {
+            let points = list_points(&out.waiting_points);
+            let verb = if out.waiting_points.len() == 1 {
+                "waits"
+            } else {
+                "wait"
+            };
+            if running.is_empty() {
+                format!("{points} {verb} for a node: {waiting}")
+            } else {
+                format!("{running}; {points} {verb} for a node: {waiting}")
+            }
+        };
         Some(out)
+    }
+}
+
+/// `point 2` or `points 1, 2`.
+fn list_points(points: &[u32]) -> String {
+    let list: Vec<String> = points.iter().map(u32::to_string).collect();
+    match points.len() {
+        1 => format!("point {}", list.join("")),
+        _ => format!("points {}", list.join(", ")),
+    }
+}
+
+/// What runs (and what is done) of an active task, in one sentence; empty when nothing
+/// runs and nothing is done.
+fn running_summary(e: &Explanation) -> String {
+    let place = |r: &PointRun| match &r.node_id {
+        Some(node) => format!("node {node} (run {})", r.run_id),
+        None => format!("a /get_task worker (run {})", r.run_id),
+    };
+    if e.points == 1 {
+        return match e.runs.first() {
+            Some(r) if r.node_id.is_some() => format!("it is running on {}", place(r)),
+            Some(r) => format!("it is leased to {}", place(r)),
+            None => String::new(),
+        };
+    }
+    let mut parts = Vec::new();
+    if !e.runs.is_empty() {
+        let on: Vec<String> = e
+            .runs
+            .iter()
+            .map(|r| format!("point {} on {}", r.point, place(r)))
+            .collect();
+        parts.push(format!(
+            "{} of its {} points run: {}",
+            e.runs.len(),
+            e.points,
+            on.join(", ")
+        ));
+    }
+    if !e.done_points.is_empty() {
+        parts.push(format!("{} completed", list_points(&e.done_points)));
+    }
+    parts.join("; ")
+}
+
+fn runs_a_point(node: &NodeEntry) -> NodeVerdict {
+    NodeVerdict {
+        node_id: node.record.node_id.clone(),
+        status: node.record.status,
+        verdict: Verdict::RunsAPoint,
+        short: Vec::new(),
+        detail: "it already runs one of the task's points; its points run on distinct nodes".into(),
     }
 }
 
@@ -201,7 +313,13 @@ fn summary(e: &Explanation, spec: &crate::model::TaskSpec) -> String {
             fits.join(", ")
         );
     }
-    let matching = e.nodes.len() - count(Verdict::Mismatch);
+    let matching = e.nodes.len() - count(Verdict::Mismatch) - count(Verdict::RunsAPoint);
+    if matching == 0 && count(Verdict::RunsAPoint) > 0 {
+        return format!(
+            "every node that matches already runs one of its points; it needs {} more node(s)",
+            e.waiting_points.len()
+        );
+    }
     if matching == 0 {
         return format!(
             "no node matches its constraints ({})",

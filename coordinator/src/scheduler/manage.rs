@@ -316,7 +316,7 @@ impl Scheduler {
             now,
             changes,
         );
-        self.requeue(task_id, changes);
+        self.settle(task_id, now, changes);
         if let Some(node) = self.nodes.get_mut(node_id) {
             node.to_cancel.insert(run_id);
         }

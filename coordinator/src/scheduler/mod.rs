@@ -20,7 +20,7 @@ mod tests;
 pub use explain::{Explanation, NodeVerdict, Verdict};
 
 use crate::model::{
-    Change, CommandRecord, NodeRecord, RunRecord, Snapshot, TaskRecord, TaskSpec, TaskState,
+    Change, CommandRecord, NewTask, NodeRecord, RunRecord, Snapshot, TaskRecord, TaskState,
 };
 use lull_shared::{
     AgentCommand, AgentState, Assignment, CommandId, Constraints, HeartbeatRequest, NodeStatus,
@@ -89,6 +89,11 @@ pub enum SchedulerError {
     NodeRemoved(String),
 }
 
+/// Why the runs of a task that ended early were ended: what their `error` says.
+fn scaled_down_error(task_id: TaskId, from: u32, to: u32) -> String {
+    format!("stopped: task {task_id} was scaled down from {from} to {to} points")
+}
+
 /// What a heartbeat produced.
 #[derive(Debug, Default)]
 pub struct HeartbeatOutcome {
@@ -121,7 +126,38 @@ pub struct LegacyAssignment {
 #[derive(Debug)]
 struct TaskEntry {
     record: TaskRecord,
-    current_run: Option<RunId>,
+    /// The active run of each point that has one (point index → run).
+    runs: BTreeMap<u32, RunId>,
+    /// Points whose run completed. A multi-point task completes when every point below
+    /// `points` is here.
+    done: BTreeSet<u32>,
+    /// Point 0's result once it completed: the task's `result` when it completes.
+    first_result: Option<String>,
+}
+
+impl TaskEntry {
+    fn new(record: TaskRecord) -> TaskEntry {
+        TaskEntry {
+            record,
+            runs: BTreeMap::new(),
+            done: BTreeSet::new(),
+            first_result: None,
+        }
+    }
+
+    fn points(&self) -> u32 {
+        self.record.state.points
+    }
+
+    /// The lowest point that needs a run: neither running nor done.
+    fn next_point(&self) -> Option<u32> {
+        (0..self.points()).find(|p| !self.runs.contains_key(p) && !self.done.contains(p))
+    }
+
+    /// Every current point has completed.
+    fn is_complete(&self) -> bool {
+        (0..self.points()).all(|p| self.done.contains(&p))
+    }
 }
 
 #[derive(Debug)]
@@ -131,6 +167,15 @@ struct RunEntry {
     resources: Resources,
     /// Legacy runs only: when the lease lapses if no result arrived.
     lease_deadline: Option<f64>,
+}
+
+/// Whether `node_id` already holds an active run of `task` (a task's points run on distinct
+/// nodes).
+fn holds_run_of(task: &TaskEntry, node_id: &str, runs: &HashMap<RunId, RunEntry>) -> bool {
+    task.runs.values().any(|run_id| {
+        runs.get(run_id)
+            .is_some_and(|r| r.record.node_id.as_deref() == Some(node_id))
+    })
 }
 
 #[derive(Debug)]
@@ -310,23 +355,21 @@ impl Scheduler {
             );
         }
         for record in snapshot.active_tasks {
-            let task_id = record.task_id;
-            if record.state.status == TaskStatus::Pending {
-                sched.queue.push(task_id, &record.spec);
+            sched.tasks.insert(record.task_id, TaskEntry::new(record));
+        }
+        for (task_id, point, stdout) in snapshot.completed_points {
+            if let Some(task) = sched.tasks.get_mut(&task_id) {
+                task.done.insert(point);
+                if point == 0 {
+                    task.first_result = Some(result_from_stdout(&stdout));
+                }
             }
-            sched.tasks.insert(
-                task_id,
-                TaskEntry {
-                    record,
-                    current_run: None,
-                },
-            );
         }
         for run in snapshot.active_runs {
             let Some(task) = sched.tasks.get_mut(&run.task_id) else {
                 continue;
             };
-            task.current_run = Some(run.run_id);
+            task.runs.insert(run.point, run.run_id);
             let spec = task.record.spec.clone();
             let lease_deadline = match &run.node_id {
                 None => Some(now + spec.timeout + sched.config.legacy_lease_grace),
@@ -348,20 +391,21 @@ impl Scheduler {
                 },
             );
         }
-        // A task marked active whose run did not survive goes back to the queue.
-        let orphaned: Vec<TaskId> = sched
-            .tasks
-            .iter()
-            .filter(|(_, t)| {
-                t.record.state.status != TaskStatus::Pending && t.current_run.is_none()
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        for task_id in orphaned {
+        // Points without a run wait in the queue; a task marked active whose runs did not
+        // survive is pending again.
+        let ids: Vec<TaskId> = sched.tasks.keys().copied().collect();
+        for task_id in ids {
+            let (status, node_id) = sched.derived_status(task_id);
             if let Some(task) = sched.tasks.get_mut(&task_id) {
-                task.record.state.status = TaskStatus::Pending;
-                task.record.state.node_id = None;
-                sched.queue.push(task_id, &task.record.spec);
+                if status == TaskStatus::Pending {
+                    task.record.state.status = TaskStatus::Pending;
+                    task.record.state.node_id = None;
+                } else {
+                    task.record.state.node_id = node_id;
+                }
+                if task.next_point().is_some() {
+                    sched.queue.push(task_id, &task.record.spec);
+                }
             }
         }
         sched
@@ -424,12 +468,37 @@ impl Scheduler {
         self.runs.get(&run_id).map(|r| &r.record)
     }
 
+    /// The status an active task's runs call for, and the node of its newest active run:
+    /// `running` while any point runs on a node, `assigned` while only a `/get_task` worker
+    /// holds it, else `pending`.
+    fn derived_status(&self, task_id: TaskId) -> (TaskStatus, Option<String>) {
+        let Some(task) = self.tasks.get(&task_id) else {
+            return (TaskStatus::Pending, None);
+        };
+        let active: Vec<&RunEntry> = task
+            .runs
+            .values()
+            .filter_map(|id| self.runs.get(id))
+            .collect();
+        let newest = active.iter().max_by_key(|r| r.record.run_id);
+        let node_id = newest.and_then(|r| r.record.node_id.clone());
+        let status = if active.iter().any(|r| r.record.node_id.is_some()) {
+            TaskStatus::Running
+        } else if active.is_empty() {
+            TaskStatus::Pending
+        } else {
+            TaskStatus::Assigned
+        };
+        (status, node_id)
+    }
+
     // -----------------------------------------------------------------------------------------
     // Submission and cancellation
     // -----------------------------------------------------------------------------------------
 
     /// Accepts a validated task and queues it.
-    pub fn submit(&mut self, spec: TaskSpec, now: f64) -> (TaskId, Vec<Change>) {
+    pub fn submit(&mut self, task: NewTask, now: f64) -> (TaskId, Vec<Change>) {
+        let NewTask { spec, points } = task;
         let task_id = self.next_task_id;
         self.next_task_id += 1;
         self.total_tasks += 1;
@@ -443,6 +512,7 @@ impl Scheduler {
                 error: None,
                 attempts: 0,
                 losses: 0,
+                points,
                 node_id: None,
                 started_at: None,
                 completed_at: None,
@@ -451,13 +521,7 @@ impl Scheduler {
         };
         self.queue.push(task_id, &record.spec);
         let change = Change::TaskCreated(record.clone());
-        self.tasks.insert(
-            task_id,
-            TaskEntry {
-                record,
-                current_run: None,
-            },
-        );
+        self.tasks.insert(task_id, TaskEntry::new(record));
         (task_id, vec![change])
     }
 
@@ -469,16 +533,7 @@ impl Scheduler {
             return Err(SchedulerError::TaskNotFound(task_id));
         }
         let mut changes = Vec::new();
-        if let Some(run_id) = self.tasks.get(&task_id).and_then(|t| t.current_run) {
-            let node_id = self
-                .runs
-                .get(&run_id)
-                .and_then(|r| r.record.node_id.clone());
-            self.end_run(run_id, RunStatus::Cancelled, None, now, &mut changes);
-            if let Some(node) = node_id.and_then(|id| self.nodes.get_mut(&id)) {
-                node.to_cancel.insert(run_id);
-            }
-        }
+        self.stop_task_runs(task_id, RunStatus::Cancelled, None, 0, now, &mut changes);
         self.queue.remove(task_id);
         self.finish_task(
             task_id,
@@ -489,6 +544,70 @@ impl Scheduler {
             &mut changes,
         );
         Ok(changes)
+    }
+
+    /// Changes how many nodes run an active task at once (seed 000's change_points).
+    /// Raising queues the new points (placed on nodes that do not run the task yet);
+    /// lowering stops the newest points — those at or above the new count — as `stopped`
+    /// (not failed, not lost, not retried) and has their nodes kill them. A task whose
+    /// every remaining point is done completes. `points` is validated by the caller.
+    pub fn change_points(
+        &mut self,
+        task_id: TaskId,
+        points: u32,
+        now: f64,
+    ) -> Result<Vec<Change>, SchedulerError> {
+        let task = self
+            .tasks
+            .get_mut(&task_id)
+            .ok_or(SchedulerError::TaskNotFound(task_id))?;
+        let from = task.record.state.points;
+        let mut changes = Vec::new();
+        if from == points {
+            return Ok(changes);
+        }
+        task.record.state.points = points;
+        if points < from {
+            let why = scaled_down_error(task_id, from, points);
+            self.stop_task_runs(
+                task_id,
+                RunStatus::Stopped,
+                Some(why),
+                points,
+                now,
+                &mut changes,
+            );
+        }
+        self.settle(task_id, now, &mut changes);
+        Ok(changes)
+    }
+
+    /// Ends the task's active runs of points `from_point` and up with `status`, and has
+    /// their nodes kill them. A result they still send is refused as stale.
+    fn stop_task_runs(
+        &mut self,
+        task_id: TaskId,
+        status: RunStatus,
+        error: Option<String>,
+        from_point: u32,
+        now: f64,
+        changes: &mut Vec<Change>,
+    ) {
+        let runs: Vec<RunId> = self
+            .tasks
+            .get(&task_id)
+            .map(|t| t.runs.range(from_point..).map(|(_, r)| *r).collect())
+            .unwrap_or_default();
+        for run_id in runs {
+            let node_id = self
+                .runs
+                .get(&run_id)
+                .and_then(|r| r.record.node_id.clone());
+            self.end_run(run_id, status, error.clone(), now, changes);
+            if let Some(node) = node_id.and_then(|id| self.nodes.get_mut(&id)) {
+                node.to_cancel.insert(run_id);
+            }
+        }
     }
 
     // -----------------------------------------------------------------------------------------
@@ -730,21 +849,35 @@ impl Scheduler {
     /// The oldest pending task for the node: one that fits its free capacity, or else, while
     /// fewer than `prefetch` of its runs wait there for a slot, one that will fit when its
     /// runs are over and that no other node has room for now.
+    /// A task with several points is only taken by a node that does not run one of its
+    /// points already.
     fn next_for(&mut self, node_id: &str) -> Option<TaskId> {
         let node = self.nodes.get(node_id)?;
-        if let Some(task_id) = self.queue.pop_first(|res, cons| node.fits(res, cons)) {
+        let (tasks, runs) = (&self.tasks, &self.runs);
+        let eligible = |task_id: TaskId| {
+            tasks
+                .get(&task_id)
+                .is_some_and(|t| t.runs.is_empty() || !holds_run_of(t, node_id, runs))
+        };
+        if let Some(task_id) = self
+            .queue
+            .pop_first(|res, cons| node.fits(res, cons), eligible)
+        {
             return Some(task_id);
         }
         if self.config.prefetch == 0 || self.waiting_runs(node) >= self.config.prefetch {
             return None;
         }
         let nodes = &self.nodes;
-        self.queue.pop_first(|res, cons| {
-            node.fits_when_free(res, cons)
-                && !nodes.iter().any(|(id, other)| {
-                    id != node_id && other.accepts_work() && other.fits(res, cons)
-                })
-        })
+        self.queue.pop_first(
+            |res, cons| {
+                node.fits_when_free(res, cons)
+                    && !nodes.iter().any(|(id, other)| {
+                        id != node_id && other.accepts_work() && other.fits(res, cons)
+                    })
+            },
+            eligible,
+        )
     }
 
     /// How many of the node's runs wait there for a slot: those past the longest prefix, in
@@ -775,7 +908,13 @@ impl Scheduler {
     /// Leases the oldest unconstrained pending task to a legacy `/get_task` worker.
     pub fn legacy_assign(&mut self, now: f64) -> (Option<LegacyAssignment>, Vec<Change>) {
         let mut changes = Vec::new();
-        let Some(task_id) = self.queue.pop_first(|_, cons| cons.is_empty()) else {
+        // A hand-run worker is one anonymous worker: it gets only one-point tasks (points
+        // must run on distinct nodes, which it cannot be told apart from).
+        let tasks = &self.tasks;
+        let Some(task_id) = self.queue.pop_first(
+            |_, cons| cons.is_empty(),
+            |task_id| tasks.get(&task_id).is_some_and(|t| t.points() == 1),
+        ) else {
             return (None, changes);
         };
         let (run_id, assignment) = self.start_run(task_id, None, now, &mut changes);
@@ -809,24 +948,40 @@ impl Scheduler {
     ) -> (RunId, Assignment) {
         let run_id = self.next_run_id;
         self.next_run_id += 1;
-        // The queue only holds ids of tasks in `self.tasks`; see `PendingQueue`.
+        // The queue only holds ids of tasks in `self.tasks` that have a point to run; see
+        // `PendingQueue` and `settle`.
         let task = self.tasks.get_mut(&task_id).expect("queued task is active");
-        task.current_run = Some(run_id);
+        let point = task.next_point().unwrap_or(0);
+        let first_run = task.runs.is_empty();
+        task.runs.insert(point, run_id);
         let state = &mut task.record.state;
         state.attempts += 1;
-        state.status = if node_id.is_some() {
-            TaskStatus::Running
-        } else {
-            TaskStatus::Assigned
-        };
+        let attempt = state.attempts;
+        let before = state.status;
+        if node_id.is_some() {
+            state.status = TaskStatus::Running;
+        } else if first_run {
+            state.status = TaskStatus::Assigned;
+        }
         state.node_id = node_id.map(str::to_string);
-        state.started_at = Some(now);
-        changes.push(Change::TaskUpdated(state.clone()));
+        if first_run {
+            state.started_at = Some(now);
+        }
+        changes.push(if state.status == before {
+            Change::TaskRevised(state.clone())
+        } else {
+            Change::TaskUpdated(state.clone())
+        });
+        if task.next_point().is_some() {
+            // More points wait: the task keeps its place in the queue.
+            self.queue.push(task_id, &task.record.spec);
+        }
         let run = RunRecord {
             run_id,
             task_id,
             node_id: node_id.map(str::to_string),
-            attempt: state.attempts,
+            attempt,
+            point,
             status: if node_id.is_some() {
                 RunStatus::Running
             } else {
@@ -850,6 +1005,8 @@ impl Scheduler {
             code: spec.code.to_string(),
             timeout: spec.timeout,
             resources: spec.resources,
+            point,
+            points: task.record.state.points,
         };
         self.runs.insert(
             run_id,
@@ -895,7 +1052,7 @@ impl Scheduler {
                     now,
                     &mut changes,
                 );
-                self.requeue(report.task_id, &mut changes);
+                self.settle(report.task_id, now, &mut changes);
             }
             RunOutcome::Cancelled => {
                 self.end_run(
@@ -905,7 +1062,7 @@ impl Scheduler {
                     now,
                     &mut changes,
                 );
-                self.requeue(report.task_id, &mut changes);
+                self.settle(report.task_id, now, &mut changes);
             }
             RunOutcome::Lost => {
                 let why = format!(
@@ -916,14 +1073,16 @@ impl Scheduler {
                 self.lose_run(report.run_id, &why, now, &mut changes);
             }
             RunOutcome::Completed | RunOutcome::Failed => {
-                let (run_status, task_status) = if report.outcome == RunOutcome::Completed {
-                    (RunStatus::Completed, TaskStatus::Completed)
+                let completed = report.outcome == RunOutcome::Completed;
+                let run_status = if completed {
+                    RunStatus::Completed
                 } else {
-                    (RunStatus::Failed, TaskStatus::Failed)
+                    RunStatus::Failed
                 };
                 let Some(mut entry) = self.runs.remove(&report.run_id) else {
                     return Err(stale("it is gone"));
                 };
+                let point = entry.record.point;
                 entry.record.status = run_status;
                 entry.record.exit_code = report.exit_code;
                 entry.record.stdout = report.stdout.clone();
@@ -934,20 +1093,42 @@ impl Scheduler {
                 entry.record.max_rss_mb = report.max_rss_mb;
                 self.release_capacity(&entry, &mut changes);
                 changes.push(Change::RunSaved(entry.record));
-                let result = Some(result_from_stdout(&report.stdout));
-                let error = if task_status == TaskStatus::Failed {
-                    Some(report.error.clone().unwrap_or_else(|| "failed".into()))
-                } else {
-                    None
+                let result = result_from_stdout(&report.stdout);
+                let Some(task) = self.tasks.get_mut(&report.task_id) else {
+                    return Ok(changes);
                 };
-                self.finish_task(
-                    report.task_id,
-                    task_status,
-                    result,
-                    error,
-                    completed_at,
-                    &mut changes,
-                );
+                task.runs.remove(&point);
+                if completed {
+                    task.done.insert(point);
+                    if point == 0 {
+                        task.first_result = Some(result);
+                    }
+                    self.settle(report.task_id, completed_at, &mut changes);
+                } else {
+                    // A point's code failed: the task has failed. Its other points stop.
+                    let reason = report.error.clone().unwrap_or_else(|| "failed".into());
+                    let error = if task.points() > 1 || !task.runs.is_empty() {
+                        format!("point {point} failed: {reason}")
+                    } else {
+                        reason
+                    };
+                    self.stop_task_runs(
+                        report.task_id,
+                        RunStatus::Cancelled,
+                        Some(format!("cancelled: point {point} of the task failed")),
+                        0,
+                        now,
+                        &mut changes,
+                    );
+                    self.finish_task(
+                        report.task_id,
+                        TaskStatus::Failed,
+                        Some(result),
+                        Some(error),
+                        completed_at,
+                        &mut changes,
+                    );
+                }
             }
         }
         Ok(changes)
@@ -966,16 +1147,17 @@ impl Scheduler {
             .tasks
             .get(&task_id)
             .ok_or(SchedulerError::TaskNotFound(task_id))?;
+        // The run a hand-run worker holds: the one without a node.
         let current = task
-            .current_run
-            .ok_or(SchedulerError::NoLegacyLease(task_id))?;
-        let run = self
             .runs
-            .get(&current)
+            .values()
+            .copied()
+            .find(|id| {
+                self.runs
+                    .get(id)
+                    .is_some_and(|r| r.record.node_id.is_none())
+            })
             .ok_or(SchedulerError::NoLegacyLease(task_id))?;
-        if run.record.node_id.is_some() {
-            return Err(SchedulerError::NoLegacyLease(task_id));
-        }
         if run_id.is_some_and(|id| id != current) {
             return Err(SchedulerError::StaleLease {
                 task_id,
@@ -987,6 +1169,7 @@ impl Scheduler {
         let Some(mut entry) = self.runs.remove(&current) else {
             return Err(SchedulerError::NoLegacyLease(task_id));
         };
+        let point = entry.record.point;
         let failed = error.is_some();
         entry.record.status = if failed {
             RunStatus::Failed
@@ -997,12 +1180,33 @@ impl Scheduler {
         entry.record.error = error.clone();
         entry.record.completed_at = Some(now);
         changes.push(Change::RunSaved(entry.record));
-        let status = if failed {
-            TaskStatus::Failed
-        } else {
-            TaskStatus::Completed
-        };
-        self.finish_task(task_id, status, Some(result), error, now, &mut changes);
+        if let Some(task) = self.tasks.get_mut(&task_id) {
+            task.runs.remove(&point);
+        }
+        if failed {
+            self.stop_task_runs(
+                task_id,
+                RunStatus::Cancelled,
+                Some(format!("cancelled: point {point} of the task failed")),
+                0,
+                now,
+                &mut changes,
+            );
+            self.finish_task(
+                task_id,
+                TaskStatus::Failed,
+                Some(result),
+                error,
+                now,
+                &mut changes,
+            );
+        } else if let Some(task) = self.tasks.get_mut(&task_id) {
+            task.done.insert(point);
+            if point == 0 {
+                task.first_result = Some(result);
+            }
+            self.settle(task_id, now, &mut changes);
+        }
         Ok(changes)
     }
 
@@ -1027,9 +1231,9 @@ impl Scheduler {
         entry.record.completed_at = Some(now);
         self.release_capacity(&entry, changes);
         if let Some(task) = self.tasks.get_mut(&entry.record.task_id)
-            && task.current_run == Some(run_id)
+            && task.runs.get(&entry.record.point) == Some(&run_id)
         {
-            task.current_run = None;
+            task.runs.remove(&entry.record.point);
         }
         changes.push(Change::RunSaved(entry.record));
     }
@@ -1069,21 +1273,52 @@ impl Scheduler {
         let max = task.record.spec.max_attempts;
         if losses >= max {
             let error = format!("lost {losses} of {max} allowed attempts; last: {why}");
+            // Its other points (on other nodes) stop with it.
+            self.stop_task_runs(
+                task_id,
+                RunStatus::Cancelled,
+                Some(format!("cancelled: the task failed ({error})")),
+                0,
+                now,
+                changes,
+            );
             self.finish_task(task_id, TaskStatus::Failed, None, Some(error), now, changes);
         } else {
-            self.requeue(task_id, changes);
+            self.settle(task_id, now, changes);
         }
     }
 
-    fn requeue(&mut self, task_id: TaskId, changes: &mut Vec<Change>) {
+    /// Brings an active task in line with its runs after one of them ended or its points
+    /// changed: completed once every current point is done (`result`: point 0's); else
+    /// queued while a point has no run, with the status its runs call for. Records the
+    /// change as `TaskUpdated` when the status moved, `TaskRevised` when it did not.
+    fn settle(&mut self, task_id: TaskId, now: f64, changes: &mut Vec<Change>) {
+        let Some(task) = self.tasks.get(&task_id) else {
+            return;
+        };
+        if task.is_complete() {
+            let result = task.first_result.clone();
+            self.finish_task(task_id, TaskStatus::Completed, result, None, now, changes);
+            return;
+        }
+        let (status, node_id) = self.derived_status(task_id);
         let Some(task) = self.tasks.get_mut(&task_id) else {
             return;
         };
-        task.current_run = None;
-        task.record.state.status = TaskStatus::Pending;
-        task.record.state.node_id = None;
-        self.queue.push(task_id, &task.record.spec);
-        changes.push(Change::TaskUpdated(task.record.state.clone()));
+        if task.next_point().is_some() {
+            self.queue.push(task_id, &task.record.spec);
+        } else {
+            self.queue.remove(task_id);
+        }
+        let state = &mut task.record.state;
+        let before = state.status;
+        state.status = status;
+        state.node_id = node_id;
+        changes.push(if before == status {
+            Change::TaskRevised(state.clone())
+        } else {
+            Change::TaskUpdated(state.clone())
+        });
     }
 
     fn finish_task(

@@ -3,7 +3,9 @@
 //!
 //! Tasks with the same resources and constraints form a class; within a class, and across
 //! the classes that fit a node, the oldest task (lowest id) goes first. A requeued task keeps
-//! its place because order is by id, not by arrival in the queue.
+//! its place because order is by id, not by arrival in the queue. A task with several
+//! points waits here while any of its points has no run: one entry per task, taken once per
+//! point.
 
 use crate::model::TaskSpec;
 use lull_shared::{Constraints, Resources, TaskId};
@@ -94,13 +96,19 @@ impl PendingQueue {
             .sum()
     }
 
-    /// Removes and returns the oldest task among the classes `fits` accepts.
-    pub fn pop_first(&mut self, fits: impl Fn(&Resources, &Constraints) -> bool) -> Option<TaskId> {
+    /// Removes and returns the oldest task that `eligible` accepts among the classes `fits`
+    /// accepts. (`eligible` turns down a multi-point task on a node that already runs one
+    /// of its points; it accepts nearly every task, so a class is rarely walked far.)
+    pub fn pop_first(
+        &mut self,
+        fits: impl Fn(&Resources, &Constraints) -> bool,
+        eligible: impl Fn(TaskId) -> bool,
+    ) -> Option<TaskId> {
         let task_id = self
             .classes
             .values()
             .filter(|c| fits(&c.resources, &c.constraints))
-            .filter_map(|c| c.tasks.first().copied())
+            .filter_map(|c| c.tasks.iter().copied().find(|id| eligible(*id)))
             .min()?;
         self.remove(task_id);
         Some(task_id)

@@ -1,7 +1,7 @@
 //! Scheduler unit tests, written as stories through a small harness.
 
 use super::*;
-use crate::model::{TaskLimits, TaskSpec};
+use crate::model::{NewTask, TaskLimits};
 use lull_shared::{CommandKind, CommandResult, CommandStatus, Load, NodeResources, SubmitRequest};
 
 /// A scheduler plus a clock, and shorthand for the calls tests make.
@@ -63,8 +63,8 @@ impl Harness {
     }
 
     fn submit_with(&mut self, req: SubmitRequest) -> TaskId {
-        let spec = TaskSpec::from_request(req, &TaskLimits::default()).expect("valid task");
-        self.sched.submit(spec, self.now).0
+        let task = NewTask::from_request(req, &TaskLimits::default()).expect("valid task");
+        self.sched.submit(task, self.now).0
     }
 
     fn submit(&mut self, code: &str) -> TaskId {
@@ -499,7 +499,7 @@ fn restore_rebuilds_queue_reservations_and_ids() {
     );
     let next = after
         .submit(
-            TaskSpec::from_request(
+            NewTask::from_request(
                 SubmitRequest {
                     code: Some("c".into()),
                     ..Default::default()
@@ -1008,4 +1008,346 @@ fn a_node_paused_for_its_owner_gets_no_work_until_it_resumes() {
     assert_eq!(h.sched.nodes()[0].record.status, NodeStatus::Idle);
     assert_eq!(h.sched.nodes()[0].paused_reason, None);
     assert_eq!(h.pull("n1", 10).len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Points (seed 000): one task on several distinct nodes at once
+// ---------------------------------------------------------------------------------------------
+
+impl Harness {
+    fn submit_points(&mut self, code: &str, points: u32) -> TaskId {
+        self.submit_with(SubmitRequest {
+            code: Some(code.into()),
+            points: Some(points),
+            ..SubmitRequest::default()
+        })
+    }
+
+    fn change_points(&mut self, task_id: TaskId, points: u32) -> Vec<Change> {
+        self.sched
+            .change_points(task_id, points, self.now)
+            .expect("active task")
+    }
+}
+
+fn revised_state(changes: &[Change], task_id: TaskId) -> Option<TaskState> {
+    changes.iter().rev().find_map(|c| match c {
+        Change::TaskUpdated(s) | Change::TaskRevised(s) if s.task_id == task_id => Some(s.clone()),
+        _ => None,
+    })
+}
+
+fn saved_run(changes: &[Change], run_id: RunId) -> Option<RunRecord> {
+    changes.iter().rev().find_map(|c| match c {
+        Change::RunSaved(r) if r.run_id == run_id => Some(r.clone()),
+        _ => None,
+    })
+}
+
+/// Three roomy nodes and a task with `points` points, one placed on each of the first
+/// `points` nodes in order.
+fn three_nodes_running(points: u32) -> (Harness, TaskId, Vec<Assignment>) {
+    let mut h = Harness::new();
+    for n in ["n1", "n2", "n3"] {
+        h.node(n, 4.0, 8192.0);
+    }
+    let t = h.submit_points("print(1)", points);
+    let mut placed = Vec::new();
+    for n in ["n1", "n2", "n3"].into_iter().take(points as usize) {
+        let got = h.pull(n, 10);
+        assert_eq!(got.len(), 1, "{n} takes exactly one point of the task");
+        placed.push(got[0].clone());
+    }
+    (h, t, placed)
+}
+
+#[test]
+fn the_points_of_a_task_run_on_distinct_nodes() {
+    let mut h = Harness::new();
+    h.node("n1", 4.0, 8192.0);
+    h.node("n2", 4.0, 8192.0);
+    let t = h.submit_points("print(1)", 2);
+    // n1 has room for both, but takes one point only.
+    let first = h.pull("n1", 10);
+    assert_eq!(first.len(), 1);
+    assert_eq!(
+        (first[0].task_id, first[0].point, first[0].points),
+        (t, 0, 2)
+    );
+    assert!(h.pull("n1", 10).is_empty(), "never two points on one node");
+    let second = h.pull("n2", 10);
+    assert_eq!((second[0].point, second[0].points), (1, 2));
+    assert_eq!(h.sched.pending_count(), 0, "every point placed");
+    let state = &h.sched.tasks[&t].record.state;
+    assert_eq!(state.status, TaskStatus::Running);
+    assert_eq!(state.attempts, 2);
+    // A one-point task behind it is still placed on n1.
+    let other = h.submit("pass");
+    assert_eq!(h.pull("n1", 10)[0].task_id, other);
+}
+
+#[test]
+fn a_hand_run_worker_never_leases_a_multi_point_task() {
+    let mut h = Harness::new();
+    let multi = h.submit_points("print(1)", 2);
+    let single = h.submit("pass");
+    let (lease, _) = h.sched.legacy_assign(h.now);
+    assert_eq!(lease.map(|l| l.task_id), Some(single));
+    assert!(h.sched.legacy_assign(h.now).0.is_none());
+    assert!(h.sched.explain(multi).is_some());
+}
+
+#[test]
+fn raising_points_places_the_new_points_on_nodes_without_one() {
+    let (mut h, t, placed) = three_nodes_running(2);
+    let changes = h.change_points(t, 3);
+    let state = revised_state(&changes, t).expect("points recorded");
+    assert_eq!((state.points, state.status), (3, TaskStatus::Running));
+    assert!(
+        matches!(changes.last(), Some(Change::TaskRevised(_))),
+        "no status change: revised, not updated"
+    );
+    assert!(h.pull("n1", 10).is_empty());
+    assert!(h.pull("n2", 10).is_empty());
+    let third = h.pull("n3", 10);
+    assert_eq!(
+        (third[0].task_id, third[0].point, third[0].points),
+        (t, 2, 3)
+    );
+    assert_ne!(third[0].run_id, placed[0].run_id);
+    // The same count again changes nothing.
+    assert!(h.change_points(t, 3).is_empty());
+}
+
+#[test]
+fn lowering_points_stops_the_newest_runs_as_stopped_and_refuses_their_results() {
+    let (mut h, t, placed) = three_nodes_running(3);
+    let changes = h.change_points(t, 1);
+    for a in &placed[1..] {
+        let run = saved_run(&changes, a.run_id).expect("stopped run saved");
+        assert_eq!(run.status, RunStatus::Stopped);
+        assert!(
+            run.error
+                .as_deref()
+                .is_some_and(|e| e.contains("scaled down from 3 to 1")),
+            "{:?}",
+            run.error
+        );
+    }
+    assert!(
+        saved_run(&changes, placed[0].run_id).is_none(),
+        "point 0 runs on"
+    );
+    let state = revised_state(&changes, t).expect("task saved");
+    assert_eq!(
+        (state.points, state.status, state.losses),
+        (1, TaskStatus::Running, 0)
+    );
+    // Their nodes are told to kill them, and a late result is refused.
+    let hb = h.heartbeat("n2", 4.0, 8192.0, &[placed[1].run_id]);
+    assert_eq!(hb.cancel, vec![placed[1].run_id]);
+    let late = h.report("n3", &placed[2], RunOutcome::Completed, "late\n");
+    assert!(
+        matches!(late, Err(SchedulerError::StaleLease { .. })),
+        "{late:?}"
+    );
+    // Not retried: nothing is queued, no node gets it again.
+    assert_eq!(h.sched.pending_count(), 0);
+    assert!(h.pull("n2", 10).is_empty());
+    // The remaining point completes the task, once.
+    let done = h
+        .report("n1", &placed[0], RunOutcome::Completed, "zero\n")
+        .expect("current run");
+    let state = final_state(&done, t).expect("finished");
+    assert_eq!(
+        (state.status, state.result.as_deref()),
+        (TaskStatus::Completed, Some("zero"))
+    );
+    assert!(
+        h.report("n1", &placed[0], RunOutcome::Completed, "zero\n")
+            .is_err()
+    );
+}
+
+#[test]
+fn a_point_lost_with_its_node_is_retried_on_another_node() {
+    let (mut h, t, placed) = three_nodes_running(2);
+    // n2 falls silent; n1 and n3 keep heartbeating.
+    h.advance(11.0);
+    h.heartbeat("n1", 4.0, 8192.0, &[placed[0].run_id]);
+    h.heartbeat("n3", 4.0, 8192.0, &[]);
+    let changes = h.sched.tick(h.now);
+    assert_eq!(
+        run_status(&changes, placed[1].run_id),
+        Some(RunStatus::Lost)
+    );
+    let state = revised_state(&changes, t).expect("task saved");
+    assert_eq!((state.status, state.losses), (TaskStatus::Running, 1));
+    assert!(h.pull("n1", 10).is_empty(), "n1 runs point 0 already");
+    let retry = h.pull("n3", 10);
+    assert_eq!(
+        (retry[0].task_id, retry[0].point, retry[0].attempt),
+        (t, 1, 3)
+    );
+    // The lost run's late result is refused; the retry's is taken.
+    assert!(
+        h.report("n2", &placed[1], RunOutcome::Completed, "x\n")
+            .is_err()
+    );
+    h.report("n3", &retry[0], RunOutcome::Completed, "one\n")
+        .expect("current");
+    let done = h
+        .report("n1", &placed[0], RunOutcome::Completed, "zero\n")
+        .expect("current");
+    assert_eq!(
+        final_state(&done, t).map(|s| (s.status, s.result)),
+        Some((TaskStatus::Completed, Some("zero".to_string())))
+    );
+}
+
+#[test]
+fn a_multi_point_task_completes_when_every_point_has_with_point_zeros_result() {
+    let (mut h, t, placed) = three_nodes_running(2);
+    // Point 0 finishes first: the task runs on while point 1 does.
+    let first = h
+        .report("n1", &placed[0], RunOutcome::Completed, "zero\n")
+        .expect("current");
+    assert!(final_state(&first, t).is_none(), "no status change yet");
+    assert_eq!(
+        revised_state(&first, t).map(|s| s.status),
+        Some(TaskStatus::Running)
+    );
+    assert!(h.pull("n1", 10).is_empty(), "a done point is not run again");
+    let last = h
+        .report("n2", &placed[1], RunOutcome::Completed, "one\n")
+        .expect("current");
+    let state = final_state(&last, t).expect("completed");
+    assert_eq!(state.status, TaskStatus::Completed);
+    assert_eq!(state.result.as_deref(), Some("zero"), "point 0's output");
+    assert_eq!(h.sched.active_count(), 0);
+}
+
+#[test]
+fn lowering_to_points_that_are_all_done_completes_the_task() {
+    let (mut h, t, placed) = three_nodes_running(2);
+    h.report("n1", &placed[0], RunOutcome::Completed, "zero\n")
+        .expect("current");
+    let changes = h.change_points(t, 1);
+    assert_eq!(
+        run_status(&changes, placed[1].run_id),
+        Some(RunStatus::Stopped)
+    );
+    let state = final_state(&changes, t).expect("completed");
+    assert_eq!((state.status, state.points), (TaskStatus::Completed, 1));
+    assert_eq!(state.result.as_deref(), Some("zero"));
+}
+
+#[test]
+fn a_failed_point_fails_the_task_and_cancels_the_other_points() {
+    let (mut h, t, placed) = three_nodes_running(2);
+    let failed = h
+        .report("n2", &placed[1], RunOutcome::Failed, "")
+        .expect("current");
+    let state = final_state(&failed, t).expect("failed");
+    assert_eq!(state.status, TaskStatus::Failed);
+    assert!(
+        state
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("point 1 failed")),
+        "{:?}",
+        state.error
+    );
+    assert_eq!(
+        run_status(&failed, placed[0].run_id),
+        Some(RunStatus::Cancelled)
+    );
+    let hb = h.heartbeat("n1", 4.0, 8192.0, &[placed[0].run_id]);
+    assert_eq!(hb.cancel, vec![placed[0].run_id]);
+    assert!(
+        h.report("n1", &placed[0], RunOutcome::Completed, "0\n")
+            .is_err()
+    );
+}
+
+#[test]
+fn points_survive_a_restart_with_what_is_done_and_what_runs() {
+    let (mut h, t, placed) = three_nodes_running(3);
+    h.report("n1", &placed[0], RunOutcome::Completed, "zero\n")
+        .expect("current");
+    let task = h.sched.tasks[&t].record.clone();
+    let runs: Vec<RunRecord> = placed[1..]
+        .iter()
+        .map(|a| h.sched.active_run(a.run_id).expect("active").clone())
+        .collect();
+    let nodes: Vec<NodeRecord> = h.sched.nodes().into_iter().map(|n| n.record).collect();
+    let snapshot = Snapshot {
+        active_tasks: vec![task],
+        active_runs: runs,
+        completed_points: vec![(t, 0, "zero\n".into())],
+        nodes,
+        max_task_id: t,
+        max_run_id: placed[2].run_id,
+        total_tasks: 1,
+        ..Snapshot::default()
+    };
+    let mut after = Scheduler::restore(h.sched.config.clone(), snapshot, h.now);
+    assert_eq!(
+        after.pending_count(),
+        0,
+        "nothing to place: 1 done, 2 running"
+    );
+    let report = |a: &Assignment, node: &str, stdout: &str| RunReport {
+        node_id: node.into(),
+        task_id: a.task_id,
+        run_id: a.run_id,
+        outcome: RunOutcome::Completed,
+        exit_code: Some(0),
+        stdout: stdout.into(),
+        stderr: String::new(),
+        error: None,
+        started_at: None,
+        completed_at: None,
+        cpu_seconds: None,
+        max_rss_mb: None,
+    };
+    after
+        .report(&report(&placed[1], "n2", "one\n"), h.now)
+        .expect("restored run");
+    let done = after
+        .report(&report(&placed[2], "n3", "two\n"), h.now)
+        .expect("restored run");
+    let state = final_state(&done, t).expect("completed");
+    assert_eq!(state.result.as_deref(), Some("zero"));
+}
+
+#[test]
+fn explain_says_which_points_run_and_why_the_others_wait() {
+    let (mut h, t, _) = three_nodes_running(2);
+    h.change_points(t, 4);
+    // n3 takes point 2; point 3 has no node left that does not run one.
+    assert_eq!(h.pull("n3", 10)[0].point, 2);
+    let e = h.sched.explain(t).expect("active");
+    assert_eq!(e.points, 4);
+    assert_eq!(
+        e.runs.iter().map(|r| r.point).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    assert_eq!(e.waiting_points, vec![3]);
+    assert!(e.nodes.iter().all(|n| n.verdict == Verdict::RunsAPoint));
+    assert!(
+        e.reason.starts_with("3 of its 4 points run"),
+        "{}",
+        e.reason
+    );
+    assert!(
+        e.reason.contains("point 3 waits for a node"),
+        "{}",
+        e.reason
+    );
+    assert!(
+        e.reason.contains("already runs one of its points"),
+        "{}",
+        e.reason
+    );
 }

@@ -50,8 +50,8 @@ pub struct SqliteStore {
 const TASK_COLUMNS: &str = "task_id, code, timeout, cpu, memory_mb, constraints, max_attempts, \
     points, status, result, error, attempts, losses, node_id, created_at, started_at, completed_at, \
     submitted_by";
-const RUN_COLUMNS: &str = "run_id, task_id, node_id, attempt, status, exit_code, stdout, stderr, \
-    error, started_at, completed_at, cpu_seconds, max_rss_mb";
+const RUN_COLUMNS: &str = "run_id, task_id, node_id, attempt, point, status, exit_code, stdout, \
+    stderr, error, started_at, completed_at, cpu_seconds, max_rss_mb";
 const NODE_COLUMNS: &str = "node_id, hostname, node_type, zone, cpu_cores, memory_mb, meta, \
     status, version, joined_at, last_heartbeat, sandbox, executor, drain_requested_at, \
     drain_deadline";
@@ -112,7 +112,6 @@ fn task_from_row(row: &SqliteRow) -> Result<TaskRecord, StoreError> {
             },
             constraints,
             max_attempts: row.try_get::<i64, _>("max_attempts")? as u32,
-            points: row.try_get::<i64, _>("points")? as u32,
             submitted_by: row.try_get("submitted_by")?,
         },
         state: TaskState {
@@ -122,6 +121,7 @@ fn task_from_row(row: &SqliteRow) -> Result<TaskRecord, StoreError> {
             error: row.try_get("error")?,
             attempts: row.try_get::<i64, _>("attempts")? as u32,
             losses: row.try_get::<i64, _>("losses")? as u32,
+            points: row.try_get::<i64, _>("points")? as u32,
             node_id: row.try_get("node_id")?,
             started_at: row.try_get("started_at")?,
             completed_at: row.try_get("completed_at")?,
@@ -140,6 +140,7 @@ fn run_from_row(row: &SqliteRow) -> Result<RunRecord, StoreError> {
         task_id: row.try_get("task_id")?,
         node_id: row.try_get("node_id")?,
         attempt: row.try_get::<i64, _>("attempt")? as u32,
+        point: row.try_get::<i64, _>("point")? as u32,
         status,
         exit_code: row
             .try_get::<Option<i64>, _>("exit_code")?
@@ -252,7 +253,7 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, change: &Change) -> Result<
             .bind(t.spec.resources.memory)
             .bind(constraints)
             .bind(t.spec.max_attempts as i64)
-            .bind(t.spec.points as i64)
+            .bind(t.state.points as i64)
             .bind(t.state.status.as_str())
             .bind(t.state.attempts as i64)
             .bind(t.state.losses as i64)
@@ -261,10 +262,10 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, change: &Change) -> Result<
             .execute(&mut **tx)
             .await?;
         }
-        Change::TaskUpdated(s) => {
+        Change::TaskUpdated(s) | Change::TaskRevised(s) => {
             sqlx::query(
                 "UPDATE tasks SET status = ?, result = ?, error = ?, attempts = ?, losses = ?, \
-                 node_id = ?, started_at = ?, completed_at = ? WHERE task_id = ?",
+                 node_id = ?, started_at = ?, completed_at = ?, points = ? WHERE task_id = ?",
             )
             .bind(s.status.as_str())
             .bind(&s.result)
@@ -274,15 +275,16 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, change: &Change) -> Result<
             .bind(&s.node_id)
             .bind(s.started_at)
             .bind(s.completed_at)
+            .bind(s.points as i64)
             .bind(s.task_id)
             .execute(&mut **tx)
             .await?;
         }
         Change::RunSaved(r) => {
             sqlx::query(
-                "INSERT INTO runs (run_id, task_id, node_id, attempt, status, exit_code, stdout, \
-                 stderr, error, started_at, completed_at, cpu_seconds, max_rss_mb) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                "INSERT INTO runs (run_id, task_id, node_id, attempt, point, status, exit_code, \
+                 stdout, stderr, error, started_at, completed_at, cpu_seconds, max_rss_mb) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
                  ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, \
                  exit_code = excluded.exit_code, stdout = excluded.stdout, stderr = excluded.stderr, \
                  error = excluded.error, completed_at = excluded.completed_at, \
@@ -292,6 +294,7 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, change: &Change) -> Result<
             .bind(r.task_id)
             .bind(&r.node_id)
             .bind(r.attempt as i64)
+            .bind(r.point as i64)
             .bind(r.status.as_str())
             .bind(r.exit_code.map(i64::from))
             .bind(&r.stdout)
@@ -382,6 +385,14 @@ impl Store for SqliteStore {
         ))
         .fetch_all(&self.pool)
         .await?;
+        // The points a multi-point task has done so far (its completed runs).
+        let completed = sqlx::query(
+            "SELECT r.task_id, r.point, r.stdout FROM runs r JOIN tasks t ON t.task_id = r.task_id \
+             WHERE t.status IN ('pending', 'assigned', 'running') AND r.status = 'completed' \
+             ORDER BY r.run_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         let nodes = sqlx::query(&format!("SELECT {NODE_COLUMNS} FROM nodes"))
             .fetch_all(&self.pool)
             .await?;
@@ -402,6 +413,16 @@ impl Store for SqliteStore {
         Ok(Snapshot {
             active_tasks: tasks.iter().map(task_from_row).collect::<Result<_, _>>()?,
             active_runs: runs.iter().map(run_from_row).collect::<Result<_, _>>()?,
+            completed_points: completed
+                .iter()
+                .map(|row| -> Result<_, StoreError> {
+                    Ok((
+                        row.try_get("task_id")?,
+                        row.try_get::<i64, _>("point")? as u32,
+                        row.try_get("stdout")?,
+                    ))
+                })
+                .collect::<Result<_, _>>()?,
             nodes: nodes.iter().map(node_from_row).collect::<Result<_, _>>()?,
             active_commands: commands
                 .iter()

@@ -210,6 +210,8 @@ pub struct TasksPart {
 
 pub struct RunRow {
     pub run_id: i64,
+    /// Which of the task's points (seed 000) the run is.
+    pub point: u32,
     pub node: String,
     pub attempt: u32,
     pub status: &'static str,
@@ -261,7 +263,7 @@ impl TaskPart {
                 "{} cpu · {} MB",
                 t.spec.resources.cpu, t.spec.resources.memory
             ),
-            points: t.spec.points,
+            points: t.state.points,
             max_attempts: t.spec.max_attempts,
             constraints: if constraints == "{}" {
                 "none".into()
@@ -280,6 +282,7 @@ impl TaskPart {
                 .rev()
                 .map(|r| RunRow {
                     run_id: r.run_id,
+                    point: r.point,
                     node: r.node_id.clone().unwrap_or_else(|| "(by hand)".into()),
                     attempt: r.attempt,
                     status: r.status.as_str(),

@@ -53,6 +53,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     loop {
         match run_once(config.clone(), shutdown.clone()).await? {
             Stopped::Shutdown => return Ok(()),
+            Stopped::Decommission => {
+                info!("decommissioned: this agent has left the pool");
+                return Ok(());
+            }
             Stopped::Restart => info!("restarting the agent in process"),
         }
     }
@@ -63,42 +67,79 @@ pub async fn run_once(
     config: AgentConfig,
     shutdown: CancellationToken,
 ) -> Result<Stopped, AgentError> {
-    let python = ColdExecutor::resolve_interpreter(&config.python).await;
-    tracing::info!(python = %python, "interpreter resolved");
-    let launcher = config
-        .sandbox_launcher
-        .clone()
-        .or_else(crate::sandbox::default_launcher);
-    let mut settings = config.sandbox.clone();
-    settings
-        .expose
-        .extend(ColdExecutor::interpreter_prefixes(&python).await);
-    let protections = crate::sandbox::probe(launcher.as_deref(), &settings, &python).await;
-    report_protections(&protections);
-    let executor = ColdExecutor::new(python.clone(), config.max_output_bytes).with_sandbox(
-        launcher.unwrap_or_default(),
-        protections.clone(),
-        settings.clone(),
-    );
-    if config.executor == ExecutorKind::Zygote {
-        let zygote = ZygoteSettings {
-            binary: config
-                .zygote_bin
-                .clone()
-                .or_else(ZygoteSettings::default_binary)
-                .unwrap_or_else(|| "lull-zygote".into()),
-            python,
-            preload: config.preload.clone(),
-            protections,
-            sandbox: settings,
-            max_output_bytes: config.max_output_bytes,
-        };
-        match ZygoteExecutor::start(zygote, executor.clone()).await {
-            Ok(zygote) => return run_with_executor(config, zygote, shutdown).await,
-            Err(err) => warn!(%err, "the zygote executor cannot run here; using the cold executor"),
+    PreparedExecutor::start(&config)
+        .await
+        .run(config, shutdown)
+        .await
+}
+
+/// The executor the configuration chooses, started: the zygote, unless it cannot start
+/// here (then cold) or `cold` is asked for.
+pub(crate) enum PreparedExecutor {
+    Zygote(ZygoteExecutor),
+    Cold(ColdExecutor),
+}
+
+impl PreparedExecutor {
+    pub(crate) async fn start(config: &AgentConfig) -> PreparedExecutor {
+        let python = ColdExecutor::resolve_interpreter(&config.python).await;
+        tracing::info!(python = %python, "interpreter resolved");
+        let launcher = config
+            .sandbox_launcher
+            .clone()
+            .or_else(crate::sandbox::default_launcher);
+        let mut settings = config.sandbox.clone();
+        settings
+            .expose
+            .extend(ColdExecutor::interpreter_prefixes(&python).await);
+        let protections = crate::sandbox::probe(launcher.as_deref(), &settings, &python).await;
+        report_protections(&protections);
+        let executor = ColdExecutor::new(python.clone(), config.max_output_bytes).with_sandbox(
+            launcher.unwrap_or_default(),
+            protections.clone(),
+            settings.clone(),
+        );
+        if config.executor == ExecutorKind::Zygote {
+            let zygote = ZygoteSettings {
+                binary: config
+                    .zygote_bin
+                    .clone()
+                    .or_else(ZygoteSettings::default_binary)
+                    .unwrap_or_else(|| "lull-zygote".into()),
+                python,
+                preload: config.preload.clone(),
+                protections,
+                sandbox: settings,
+                max_output_bytes: config.max_output_bytes,
+            };
+            match ZygoteExecutor::start(zygote, executor.clone()).await {
+                Ok(zygote) => return PreparedExecutor::Zygote(zygote),
+                Err(err) => {
+                    warn!(%err, "the zygote executor cannot run here; using the cold executor")
+                }
+            }
+        }
+        PreparedExecutor::Cold(executor)
+    }
+
+    /// `zygote` or `cold`.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            PreparedExecutor::Zygote(z) => z.kind(),
+            PreparedExecutor::Cold(c) => c.kind(),
         }
     }
-    run_with_executor(config, executor, shutdown).await
+
+    pub(crate) async fn run(
+        self,
+        config: AgentConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Stopped, AgentError> {
+        match self {
+            PreparedExecutor::Zygote(z) => run_with_executor(config, z, shutdown).await,
+            PreparedExecutor::Cold(c) => run_with_executor(config, c, shutdown).await,
+        }
+    }
 }
 
 /// Says once, at start, what every run will get and what it will not.
@@ -229,11 +270,12 @@ pub async fn run_with_executor<E: Executor>(
             error!(%err, "the {what} task failed");
         }
     }
+    shared.commands.finish_decommission();
     farewell(&shared, AgentState::Offline).await;
     let stopped = if shutdown.is_cancelled() {
         Stopped::Shutdown
     } else {
-        shared.commands.finish_restart()
+        shared.commands.finish()
     };
     info!(?stopped, "agent stopped");
     Ok(stopped)

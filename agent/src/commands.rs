@@ -8,6 +8,10 @@
 //!   the shutdown grace, the rest are handed back), then starts again with the same node
 //!   id. Its outcome is reported by the restarted agent, from a marker file in the state
 //!   directory written just before the restart.
+//! - `decommission` (shrink): the agent stops pulling and shuts down as on SIGTERM (the
+//!   coordinator drained the node first, so nothing should be running), reports the
+//!   command succeeded in its goodbye heartbeat, and leaves: an adopted standby agent goes
+//!   back to standby, an agent started on its own exits.
 //!
 //! Architecture Invariant: no HTTP here; the heartbeat carries both directions.
 
@@ -29,6 +33,8 @@ struct State {
     outcomes: Vec<CommandResult>,
     /// The restart command being carried out, if any.
     restart: Option<CommandId>,
+    /// The decommission command being carried out, if any.
+    decommission: Option<CommandId>,
 }
 
 /// Why [`crate::run_once`] returned.
@@ -38,12 +44,15 @@ pub enum Stopped {
     Shutdown,
     /// A `restart` command: start again (same configuration, same node id).
     Restart,
+    /// A `decommission` command: leave the pool (back to standby, or exit).
+    Decommission,
 }
 
 pub(crate) struct Commands {
     state: Mutex<State>,
     marker: PathBuf,
-    /// Cancelled by a `restart` command: the pull loop stops and shutdown begins.
+    /// Cancelled by a `restart` or `decommission` command: the pull loop stops and
+    /// shutdown begins.
     stop_pulling: CancellationToken,
 }
 
@@ -110,12 +119,35 @@ impl Commands {
                         error: None,
                     });
                 }
+                CommandKind::Decommission => {
+                    if state.restart.is_some() || state.decommission.is_some() {
+                        // A repeat of a decommission under way is as good as done.
+                        let result = CommandResult {
+                            id: command.id,
+                            ok: state.decommission.is_some(),
+                            error: state.restart.map(|_| "a restart is under way".to_string()),
+                        };
+                        state.outcomes.push(result);
+                        continue;
+                    }
+                    info!(
+                        command_id = command.id,
+                        "decommission requested: finishing runs, then leaving the pool"
+                    );
+                    state.decommission = Some(command.id);
+                    self.stop_pulling.cancel();
+                }
                 CommandKind::Restart => {
-                    if state.restart.is_some() {
+                    if state.restart.is_some() || state.decommission.is_some() {
+                        let why = if state.decommission.is_some() {
+                            "the agent is leaving the pool (decommission)"
+                        } else {
+                            "a restart is already under way"
+                        };
                         state.outcomes.push(CommandResult {
                             id: command.id,
                             ok: false,
-                            error: Some("a restart is already under way".into()),
+                            error: Some(why.into()),
                         });
                         continue;
                     }
@@ -130,8 +162,25 @@ impl Commands {
         }
     }
 
-    /// Whether a restart was asked for; if so, leaves the marker for the restarted agent.
-    pub(crate) fn finish_restart(&self) -> Stopped {
+    /// Called once runs are over, before the goodbye heartbeat: a decommission is then
+    /// done, and its outcome rides on that heartbeat.
+    pub(crate) fn finish_decommission(&self) {
+        let mut state = self.state();
+        if let Some(id) = state.decommission {
+            state.outcomes.push(CommandResult {
+                id,
+                ok: true,
+                error: None,
+            });
+        }
+    }
+
+    /// Why the agent stopped when it was not shut down: a decommission, or a restart (then
+    /// it leaves the marker for the restarted agent).
+    pub(crate) fn finish(&self) -> Stopped {
+        if self.state().decommission.is_some() {
+            return Stopped::Decommission;
+        }
         let Some(id) = self.state().restart else {
             return Stopped::Shutdown;
         };
@@ -140,5 +189,44 @@ impl Commands {
             warn!(%err, path = %self.marker.display(), "could not write the restart marker");
         }
         Stopped::Restart
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(id: CommandId, kind: CommandKind) -> AgentCommand {
+        AgentCommand {
+            id,
+            command: kind,
+            args: serde_json::Value::Object(serde_json::Map::new()),
+        }
+    }
+
+    #[test]
+    fn a_decommission_stops_pulling_and_reports_success_on_the_goodbye() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let stop = CancellationToken::new();
+        let commands = Commands::open(dir.path(), stop.clone());
+        commands.handle(&[command(5, CommandKind::Decommission)]);
+        assert!(stop.is_cancelled());
+        assert!(
+            commands.outcomes().is_empty(),
+            "not done until the runs are over"
+        );
+        // Repeated by the coordinator until it has an outcome: acted on once.
+        commands.handle(&[command(5, CommandKind::Decommission)]);
+        // A restart meanwhile is refused; a second decommission is as good as done.
+        commands.handle(&[
+            command(6, CommandKind::Restart),
+            command(7, CommandKind::Decommission),
+        ]);
+        commands.finish_decommission();
+        let outcomes = commands.outcomes();
+        let ok = |id| outcomes.iter().find(|o| o.id == id).map(|o| o.ok);
+        assert_eq!((ok(5), ok(6), ok(7)), (Some(true), Some(false), Some(true)));
+        assert_eq!(commands.finish(), Stopped::Decommission);
+        assert!(!dir.path().join(RESTART_MARKER).exists());
     }
 }

@@ -20,6 +20,7 @@
 //! | `outbox` | results written to `state_dir/outbox/{run_id}.json` and posted until acknowledged |
 //! | `client` | the HTTP calls to the coordinator and what each answer means (ack, refuse, retry) |
 //! | `retry` | backoff and the rate-limited logging of repeated failures |
+//! | `standby` | standby mode: [`serve_standby`] waits to be adopted by a coordinator (scale-out), then runs the agent until it is told to leave |
 //! | [`executor`] | the [`Executor`] trait, [`ColdExecutor`] (`python3 -I -c CODE` per run) and [`ZygoteExecutor`] (a fork of a warm `lull-zygote` per run) |
 //!
 //! # Lifecycle
@@ -51,6 +52,7 @@ mod owner;
 mod retry;
 pub mod sandbox;
 mod slots;
+mod standby;
 
 pub use agent::{run, run_once, run_with_executor};
 pub use commands::Stopped;
@@ -61,3 +63,4 @@ pub use executor::{
 };
 pub use node_id::resolve_node_id;
 pub use owner::OwnerPolicy;
+pub use standby::{StandbyError, serve_standby};

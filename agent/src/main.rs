@@ -1,5 +1,6 @@
 //! `lull-agent`: parse flags and environment, set up logging, run the agent until SIGTERM or
-//! SIGINT, exit 0 after a clean shutdown. Logs go to stderr; nothing is printed to stdout.
+//! SIGINT, exit 0 after a clean shutdown. Logs go to stderr; nothing is printed to stdout
+//! but, in standby mode, the one line saying where it listens.
 
 #![forbid(unsafe_code)]
 
@@ -121,6 +122,21 @@ struct Cli {
     /// Seconds a pause may last before the node's runs are evicted (killed and requeued).
     #[arg(long, env = "LULL_OWNER_EVICT_AFTER", default_value = "600", value_parser = seconds)]
     owner_evict_after: Duration,
+    /// Wait to be adopted by a coordinator's scale-out instead of joining one: serve the
+    /// standby API on --listen; the coordinator pushes its URL, a key and the settings.
+    #[arg(long, env = "LULL_STANDBY", requires_all = ["listen", "join_secret"])]
+    standby: bool,
+    /// Where standby mode listens (IP:PORT; port 0 picks one, printed on stdout).
+    #[arg(long, env = "LULL_STANDBY_LISTEN", requires = "standby")]
+    listen: Option<std::net::SocketAddr>,
+    /// The secret the adopting coordinator must know (and this agent proves it knows).
+    #[arg(
+        long,
+        env = "LULL_JOIN_SECRET",
+        hide_env_values = true,
+        requires = "standby"
+    )]
+    join_secret: Option<String>,
 }
 
 fn on_off(value: &str) -> Result<bool, String> {
@@ -222,7 +238,18 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
-    match run_until_signalled(cli.into_config()).await {
+    let standby = cli
+        .standby
+        .then(|| (cli.listen, cli.join_secret.clone().unwrap_or_default()));
+    let config = cli.into_config();
+    let outcome = match standby {
+        Some((Some(listen), join_secret)) => {
+            stand_by_until_signalled(listen, config, join_secret).await
+        }
+        Some((None, _)) => Err(anyhow::anyhow!("--standby needs --listen IP:PORT")),
+        None => run_until_signalled(config).await,
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             error!("{err:#}");
@@ -231,9 +258,8 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Runs the agent until SIGTERM or SIGINT asks it to shut down. A `restart` command from the
-/// coordinator ends in [`reexec`]: the same binary, arguments and environment, same pid.
-async fn run_until_signalled(config: AgentConfig) -> anyhow::Result<()> {
+/// A token cancelled by the first SIGTERM or SIGINT.
+fn shutdown_on_signals() -> anyhow::Result<CancellationToken> {
     let shutdown = CancellationToken::new();
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -255,12 +281,41 @@ async fn run_until_signalled(config: AgentConfig) -> anyhow::Result<()> {
             }
         }
     });
+    Ok(shutdown)
+}
+
+/// Standby mode until SIGTERM or SIGINT. The first line on stdout says where it listens
+/// (`Lull agent standing by on IP:PORT`), for whoever started it with port 0.
+async fn stand_by_until_signalled(
+    listen: std::net::SocketAddr,
+    config: AgentConfig,
+    join_secret: String,
+) -> anyhow::Result<()> {
+    let shutdown = shutdown_on_signals()?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("could not listen on {listen}"))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    println!("Lull agent standing by on {addr}");
+    lull_agent::serve_standby(listener, config, join_secret, shutdown)
+        .await
+        .context("standby mode failed")
+}
+
+/// Runs the agent until SIGTERM or SIGINT asks it to shut down. A `restart` command from the
+/// coordinator ends in [`reexec`]: the same binary, arguments and environment, same pid.
+async fn run_until_signalled(config: AgentConfig) -> anyhow::Result<()> {
+    let shutdown = shutdown_on_signals()?;
 
     match lull_agent::run_once(config, shutdown)
         .await
         .context("the agent could not start")?
     {
         Stopped::Shutdown => Ok(()),
+        Stopped::Decommission => {
+            info!("decommissioned by the coordinator: exiting");
+            Ok(())
+        }
         Stopped::Restart => Err(reexec()),
     }
 }

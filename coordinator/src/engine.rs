@@ -11,12 +11,14 @@
 use crate::feed::Feed;
 use crate::history::{QueueHistory, QueueSample};
 use crate::model::{
-    Change, CommandRecord, NewTask, RunRecord, TaskLimits, TaskRecord, ValidationError,
+    Change, CommandRecord, NewTask, NodeGroup, RunRecord, TaskLimits, TaskRecord, ValidationError,
     validate_points,
 };
+use crate::operations::OperationRecord;
+use crate::operations::plan::GroupMembers;
 use crate::scheduler::{Explanation, LegacyAssignment, NodeCounts, Scheduler, SchedulerError};
 use crate::store::{
-    CommandQuery, ResultRow, Store, StoreError, TaskQuery, TaskStats, WriterHandle,
+    CommandQuery, OperationQuery, ResultRow, Store, StoreError, TaskQuery, TaskStats, WriterHandle,
 };
 use lull_shared::{
     HeartbeatRequest, HeartbeatResponse, PullResponse, RunId, RunReport, RunReportAck,
@@ -450,6 +452,101 @@ impl Engine {
             sched.pending_count(),
             sched.node_counts(),
         )
+    }
+
+    // -------------------------------------------------------------------------------------------
+    // Operations (scale-out, shrink): the driver's window on the scheduler and the store
+    // -------------------------------------------------------------------------------------------
+
+    /// Makes an operation's new state durable (and published as `operation_updated`).
+    pub async fn save_operation(&self, operation: &OperationRecord) -> Result<(), EngineError> {
+        let ((), ack) = self.mutate(|_| ((), vec![Change::OperationSaved(operation.clone())]));
+        ack.durable().await?;
+        Ok(())
+    }
+
+    pub async fn operation(
+        &self,
+        operation_id: i64,
+    ) -> Result<Option<OperationRecord>, EngineError> {
+        Ok(self.store.operation(operation_id).await?)
+    }
+
+    pub async fn operations(
+        &self,
+        query: &OperationQuery,
+    ) -> Result<Vec<OperationRecord>, EngineError> {
+        Ok(self.store.operations(query).await?)
+    }
+
+    /// Holds a node a scale-out is adopting (see `Scheduler::hold`).
+    pub fn hold(&self, node_id: &str, operation_id: i64) -> Result<(), EngineError> {
+        Ok(self.scheduler().hold(node_id, operation_id)?)
+    }
+
+    pub fn unhold(&self, node_id: &str, operation_id: i64) {
+        self.scheduler().unhold(node_id, operation_id);
+    }
+
+    pub fn held_heartbeat_at(&self, node_id: &str) -> Option<f64> {
+        self.scheduler().held_heartbeat_at(node_id)
+    }
+
+    /// Admits a scale-out's held nodes as one group and saves the operation (already moved
+    /// on by the caller) in the same commit: the nodes are members exactly when the
+    /// operation says so, even across a crash.
+    pub async fn admit(
+        &self,
+        node_ids: &[String],
+        operation: &mut OperationRecord,
+        message: impl FnOnce(&NodeGroup) -> String,
+    ) -> Result<NodeGroup, EngineError> {
+        let now = unix_now();
+        let (outcome, ack) =
+            self.mutate(|s| match s.admit(node_ids, operation.operation_id, now) {
+                Ok((group, mut changes)) => {
+                    operation
+                        .additional_data
+                        .insert("group".into(), serde_json::Value::from(group.id));
+                    // A transition error here is a driver bug; the admission still stands.
+                    if let Err(e) = operation.stage_succeeded(message(&group), now) {
+                        tracing::error!(error = %e, "operation transition refused");
+                    }
+                    changes.push(Change::OperationSaved(operation.clone()));
+                    (Ok(group), changes)
+                }
+                Err(e) => (Err(e), Vec::new()),
+            });
+        let group = outcome?;
+        self.work.notify_waiters();
+        ack.durable().await?;
+        tracing::info!(operation_id = operation.operation_id, group = group.id, nodes = ?node_ids, "nodes admitted");
+        Ok(group)
+    }
+
+    /// The pool's scale-out groups and their members.
+    pub fn groups(&self) -> Vec<GroupMembers> {
+        self.scheduler().groups()
+    }
+
+    /// `decommission` command for a node (shrink).
+    pub async fn decommission(&self, node_id: &str) -> Result<CommandRecord, EngineError> {
+        self.node_command(|s, now| s.decommission(node_id, now))
+            .await
+    }
+
+    /// Marks a node `removed` (shrink), durably.
+    pub async fn remove_node(&self, node_id: &str) -> Result<(), EngineError> {
+        let now = unix_now();
+        let (outcome, ack) = self.mutate(|s| match s.remove_node(node_id, now) {
+            Ok(changes) => (Ok(()), changes),
+            Err(e) => (Err(e), Vec::new()),
+        });
+        outcome?;
+        self.work.notify_waiters();
+        ack.durable().await?;
+        tracing::info!(node_id, "node removed");
+        Ok(())
     }
 
     // -------------------------------------------------------------------------------------------

@@ -190,8 +190,8 @@ impl Feed {
         self.buffer
     }
 
-    /// Publishes one event. Only for a change that is already durable (operations will
-    /// publish `operation_updated` through here once they exist).
+    /// Publishes one event. Only for a change that is already durable. (Operations do not
+    /// need it: their steps are committed changes, published by [`CommitObserver`].)
     pub fn publish(
         &self,
         kind: FeedEventKind,
@@ -306,6 +306,30 @@ impl CommitObserver for Feed {
                 // offline and back for a restart) arrives as `node_updated`; the command
                 // itself is read from `GET /api/v1/nodes/commands`.
                 Change::RunSaved(_) | Change::CommandSaved(_) => {}
+                // Every saved step of a scale-out or shrink: the console follows operations
+                // live; the whole record stays at `GET /api/v1/operations/{id}`.
+                Change::OperationSaved(op) => {
+                    let data = serde_json::json!({
+                        "id": op.operation_id.to_string(),
+                        "dag_id": op.operation_id,
+                        "name": op.kind.title(),
+                        "operation": op.kind.as_str(),
+                        "stage": op.stage,
+                        "stage_name": op.stage_name(),
+                        "max_stage": op.max_stage(),
+                        "state": op.state.as_str(),
+                        "operator": op.operator,
+                        "error": op.additional_data.get("error"),
+                    });
+                    self.push(
+                        &mut state,
+                        ts,
+                        FeedEventKind::OperationUpdated,
+                        None,
+                        None,
+                        data,
+                    );
+                }
             }
         }
     }
@@ -453,6 +477,10 @@ mod tests {
             sandbox: None,
             executor: None,
             drain: None,
+            group: crate::model::NodeGroup {
+                id: 1,
+                operation_id: None,
+            },
         })
     }
 
@@ -494,6 +522,29 @@ mod tests {
         assert_eq!(last.data["task_id"], 1);
         assert_eq!(last.data["status"], "completed");
         assert_eq!(last.data["node_id"], "n1");
+    }
+
+    #[test]
+    fn every_saved_operation_step_is_an_operation_updated_event() {
+        use crate::operations::{OperationKind, OperationRecord};
+        let feed = Feed::new(&FeedConfig::default(), []);
+        let mut sub = feed.subscribe(None);
+        let mut op = OperationRecord::new(4, OperationKind::Shrink, serde_json::Map::new(), 1.0);
+        let ready = Change::OperationSaved(op.clone());
+        op.start(2.0).expect("starts");
+        feed.committed(&[ready, Change::OperationSaved(op)]);
+        assert_eq!(
+            drain(&mut sub.live),
+            vec![
+                (1, FeedEventKind::OperationUpdated),
+                (2, FeedEventKind::OperationUpdated),
+            ]
+        );
+        let replay = feed.subscribe(Some(1));
+        let last = message(&replay.backlog[0]);
+        assert_eq!(last.data["state"], "RUNNING");
+        assert_eq!(last.data["id"], "4");
+        assert_eq!(last.data["stage_name"], "select_nodes");
     }
 
     #[test]

@@ -252,6 +252,12 @@ mod tests {
         assert_eq!(Access::of("GET", "/ui/part/session"), Access::Read);
         assert_eq!(Access::of("POST", "/ui/tasks"), Access::Admin);
         assert_eq!(Access::of("GET", "/uix"), Access::Read);
+        assert_eq!(
+            Access::of("POST", "/api/v1/cluster/scale_out"),
+            Access::Admin
+        );
+        assert_eq!(Access::of("POST", "/api/v1/cluster/shrink"), Access::Admin);
+        assert_eq!(Access::of("GET", "/api/v1/operations/3"), Access::Read);
     }
 
     #[test]

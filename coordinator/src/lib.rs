@@ -8,6 +8,7 @@
 //! - [`engine`]: joins scheduler, store and time; the only holder of the scheduler lock.
 //! - [`feed`]: the live feed: events published after commit, a replay ring, bounded fan-out.
 //! - [`history`]: the queue's recent length, sampled for the console's chart.
+//! - [`operations`]: scale-out and shrink as durable, staged operations, and their drivers.
 //! - [`http`]: the axum router, extractors and the `{"detail"}` error type.
 //! - [`keys`], [`rate_limit`], [`replay`]: API keys and roles, per-key token buckets, and
 //!   the signatures seen recently: pure rules the HTTP edge applies.
@@ -22,6 +23,7 @@ pub mod history;
 pub mod http;
 pub mod keys;
 pub mod model;
+pub mod operations;
 pub mod rate_limit;
 pub mod replay;
 pub mod scheduler;
@@ -65,6 +67,18 @@ pub struct Config {
     /// Require API keys on every request but `/` and `/health` (off: today's open API).
     /// The coordinator then refuses to start without an active admin key.
     pub auth: bool,
+    /// The secret standby agents share with this coordinator; `None`: no scale-out.
+    pub join_secret: Option<String>,
+    /// The URL adopted agents are told to reach this coordinator at; `None`: from the
+    /// listening address (loopback when bound to every interface).
+    pub advertise_url: Option<String>,
+    /// How long a scale-out waits for an adopted agent's first heartbeat, seconds.
+    pub scale_out_heartbeat_timeout: f64,
+    /// How long an online shrink lets running work finish unless the request says, seconds.
+    pub shrink_drain_timeout: f64,
+    /// How long a shrink waits for decommissioned agents to leave, seconds; `None`: the
+    /// node TTL plus a minute (a silent agent is offline after the TTL anyway).
+    pub shrink_leave_timeout: Option<f64>,
     /// Each key's request budget with auth on (agent keys have their own).
     pub rate_limit: RateLimit,
     /// Agent keys' budget: far above people's, so the agent protocol is never starved.
@@ -99,6 +113,11 @@ impl Config {
             feed: FeedConfig::default(),
             command_ttl: scheduler::DEFAULT_COMMAND_TTL,
             auth: false,
+            join_secret: None,
+            advertise_url: None,
+            scale_out_heartbeat_timeout: 30.0,
+            shrink_drain_timeout: 300.0,
+            shrink_leave_timeout: None,
             rate_limit: RateLimit::new(DEFAULT_RATE_LIMIT, DEFAULT_RATE_BURST),
             agent_rate_limit: RateLimit::new(
                 DEFAULT_AGENT_RATE_LIMIT,
@@ -172,7 +191,7 @@ pub async fn run(
         require_admin_key(keys.as_ref(), &config.data_dir).await?;
     }
     let store: Arc<dyn Store> = sqlite;
-    let snapshot = store.load().await?;
+    let mut snapshot = store.load().await?;
     tracing::info!(
         data_dir = %config.data_dir.display(),
         active_tasks = snapshot.active_tasks.len(),
@@ -180,6 +199,8 @@ pub async fn run(
         nodes = snapshot.nodes.len(),
         "state loaded"
     );
+    let unfinished_operations = std::mem::take(&mut snapshot.unfinished_operations);
+    let max_operation_id = snapshot.max_operation_id;
     let feed = Arc::new(Feed::new(
         &config.feed,
         snapshot.nodes.iter().map(|n| (n.node_id.clone(), n.status)),
@@ -218,9 +239,36 @@ pub async fn run(
     // In-process agents authenticate with a token made now and held only in memory.
     let local_token = (config.auth && config.local_agents > 0)
         .then(|| keys::NewKey::generate("local", keys::Role::Agent, keys::KeyMode::Simple).token);
+    let operations = operations::Operations::new(
+        engine.clone(),
+        keys.clone(),
+        operations::OperationsConfig {
+            join_secret: config.join_secret.clone(),
+            coordinator_url: config
+                .advertise_url
+                .clone()
+                .unwrap_or_else(|| local_url(addr)),
+            auth: config.auth,
+            heartbeat_timeout: Duration::from_secs_f64(config.scale_out_heartbeat_timeout),
+            agent_timeout: Duration::from_secs(10),
+            drain_timeout: config.shrink_drain_timeout,
+            // A decommissioned agent says goodbye at once; a silent one is offline after
+            // the node TTL.
+            leave_timeout: Duration::from_secs_f64(
+                config
+                    .shrink_leave_timeout
+                    .unwrap_or(config.node_ttl + 60.0),
+            ),
+        },
+        max_operation_id,
+        engine_stop.clone(),
+    );
+    // Before serving: nodes of an interrupted scale-out are held at once.
+    operations.recover(unfinished_operations);
     let router = http::router(
         engine.clone(),
         keys,
+        operations,
         &http::HttpConfig {
             max_body_bytes: config.max_body_bytes,
             auth: config.auth,
@@ -262,6 +310,17 @@ pub async fn run(
     served
 }
 
+/// This coordinator's URL as agents on this host reach it: over loopback even when it
+/// listens on every interface.
+fn local_url(addr: SocketAddr) -> String {
+    let ip = if addr.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        addr.ip()
+    };
+    format!("http://{}", SocketAddr::new(ip, addr.port()))
+}
+
 fn start_local_agents(
     config: &Config,
     addr: SocketAddr,
@@ -272,16 +331,7 @@ fn start_local_agents(
     if n == 0 {
         return Vec::new();
     }
-    // Agents reach us over loopback even when we listen on every interface.
-    let host = if addr.ip().is_unspecified() {
-        "127.0.0.1".to_string()
-    } else {
-        addr.ip().to_string()
-    };
-    let url = format!(
-        "http://{}",
-        SocketAddr::new(host.parse().unwrap_or(addr.ip()), addr.port())
-    );
+    let url = local_url(addr);
     let host_cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1) as f64;

@@ -74,6 +74,21 @@ struct Cli {
     /// the port can run code on your agents.
     #[arg(long, env = "LULL_INSECURE_NO_AUTH", conflicts_with = "auth")]
     insecure_no_auth: bool,
+    /// The secret shared with standby agents (`lull-agent --standby --join-secret S`); without
+    /// it, scale-out is off.
+    #[arg(long, env = "LULL_JOIN_SECRET", hide_env_values = true)]
+    join_secret: Option<String>,
+    /// The URL agents adopted by a scale-out reach this coordinator at (default: the
+    /// listening address; loopback when listening on every interface).
+    #[arg(long, env = "LULL_ADVERTISE_URL")]
+    advertise_url: Option<String>,
+    /// Seconds a scale-out waits for an adopted agent's first heartbeat.
+    #[arg(long, env = "LULL_SCALE_OUT_HEARTBEAT_TIMEOUT", default_value_t = 30.0)]
+    scale_out_heartbeat_timeout: f64,
+    /// Seconds an online shrink lets running work finish (unless its request says) before
+    /// the rest is requeued.
+    #[arg(long, env = "LULL_SHRINK_DRAIN_TIMEOUT", default_value_t = 300.0)]
+    shrink_drain_timeout: f64,
     /// Requests per second each API key may make on average, with auth on (0: no limit).
     /// Agent keys have --agent-rate-limit instead; local agents and auth off have none.
     #[arg(long, env = "LULL_RATE_LIMIT", default_value_t = lull_coordinator::DEFAULT_RATE_LIMIT)]
@@ -258,7 +273,26 @@ async fn main() -> anyhow::Result<()> {
         "--command-ttl must be a positive number of seconds (got {})",
         cli.command_ttl
     );
+    for (flag, value) in [
+        (
+            "--scale-out-heartbeat-timeout",
+            cli.scale_out_heartbeat_timeout,
+        ),
+        ("--shrink-drain-timeout", cli.shrink_drain_timeout),
+    ] {
+        anyhow::ensure!(
+            value.is_finite() && value > 0.0,
+            "{flag} must be a positive number of seconds (got {value})"
+        );
+    }
     let config = Config {
+        join_secret: cli.join_secret.filter(|s| !s.is_empty()),
+        advertise_url: cli
+            .advertise_url
+            .map(|u| u.trim_end_matches('/').to_string())
+            .filter(|u| !u.is_empty()),
+        scale_out_heartbeat_timeout: cli.scale_out_heartbeat_timeout,
+        shrink_drain_timeout: cli.shrink_drain_timeout,
         local_agents: cli.local_agents,
         sync: cli.sync,
         heartbeat_interval: cli.heartbeat_interval,

@@ -224,6 +224,18 @@ pub struct NodeRecord {
     pub executor: Option<String>,
     /// Set while an operator has the node drained (or draining); cleared by undrain.
     pub drain: Option<Drain>,
+    /// The group it joined with: the nodes of one scale-out, or itself alone when it joined
+    /// on its own. Shrink removes whole groups, newest first.
+    pub group: NodeGroup,
+}
+
+/// A scale-out group. Group ids grow in the order groups joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NodeGroup {
+    pub id: i64,
+    /// The scale-out operation the group joined through; `None` for a node that joined on
+    /// its own.
+    pub operation_id: Option<i64>,
 }
 
 /// An operator's drain of a node: no new runs; at `deadline` what still runs is stopped
@@ -262,6 +274,7 @@ pub enum Change {
     RunSaved(RunRecord),
     NodeSaved(NodeRecord),
     CommandSaved(CommandRecord),
+    OperationSaved(crate::operations::OperationRecord),
 }
 
 /// The state the coordinator restarts from: everything not yet finished.
@@ -281,6 +294,9 @@ pub struct Snapshot {
     pub max_task_id: TaskId,
     pub max_run_id: RunId,
     pub total_tasks: u64,
+    /// Operations that were `READY` or `RUNNING` when the coordinator stopped.
+    pub unfinished_operations: Vec<crate::operations::OperationRecord>,
+    pub max_operation_id: i64,
 }
 
 #[cfg(test)]

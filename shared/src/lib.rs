@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod signing;
+pub mod standby;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -458,13 +459,18 @@ pub enum CommandKind {
     /// Stop taking work, let runs finish (bounded by the shutdown grace), restart the
     /// executor and the agent itself, rejoin with the same node id.
     Restart,
+    /// Leave the pool for good (shrink): stop taking work, let what runs finish (the
+    /// coordinator has drained the node first), say goodbye; an adopted standby agent goes
+    /// back to standby, an agent started on its own exits.
+    Decommission,
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 3] = [
+    pub const ALL: [CommandKind; 4] = [
         CommandKind::Drain,
         CommandKind::Undrain,
         CommandKind::Restart,
+        CommandKind::Decommission,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -472,6 +478,7 @@ impl CommandKind {
             CommandKind::Drain => "drain",
             CommandKind::Undrain => "undrain",
             CommandKind::Restart => "restart",
+            CommandKind::Decommission => "decommission",
         }
     }
 

@@ -225,7 +225,8 @@ impl Coordinator {
         wait_until(Duration::from_secs(30), "agents to join", || async {
             let stats = self.get("/stats").await.ok()?;
             let nodes = &stats["nodes"];
-            let live = nodes["total"].as_u64()? - nodes["offline"].as_u64()?;
+            let gone = nodes["offline"].as_u64()? + nodes["removed"].as_u64().unwrap_or(0);
+            let live = nodes["total"].as_u64()? - gone;
             (live >= n).then_some(())
         })
         .await
@@ -294,4 +295,82 @@ pub fn processes_of_uid(uid: u32) -> Vec<i32> {
             alive && owned
         })
         .collect()
+}
+
+/// A `lull-agent --standby` waiting to be adopted, and where it listens.
+pub struct StandbyAgent {
+    pub process: Process,
+    /// `ip:port` of its standby API.
+    pub addr: String,
+}
+
+impl StandbyAgent {
+    pub fn ip(&self) -> &str {
+        self.addr.rsplit_once(':').map_or("", |(ip, _)| ip)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// `{"ip", "port"}` for a scale-out request.
+    pub fn agent_info(&self) -> Value {
+        json!({"ip": self.ip(), "port": self.port()})
+    }
+
+    /// `GET /standby`: its state (`standby`, `configured`, `adopted`) and node id.
+    pub async fn hello(&self) -> Result<Value> {
+        Ok(reqwest::get(format!("http://{}/standby", self.addr))
+            .await?
+            .json()
+            .await?)
+    }
+}
+
+/// Starts `lull-agent --standby --listen IP:0 --join-secret SECRET --state-dir DIR ARGS...`
+/// and reads the address it bound from its first line of stdout.
+pub fn start_standby_agent(
+    ip: &str,
+    join_secret: &str,
+    state_dir: &Path,
+    args: &[&str],
+) -> Result<StandbyAgent> {
+    let mut child = Command::new(binary("lull-agent"))
+        .arg("--standby")
+        .arg("--listen")
+        .arg(format!("{ip}:0"))
+        .arg("--join-secret")
+        .arg(join_secret)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(args)
+        .env("LULL_OWNER_POLICY", "off")
+        .env(
+            "RUST_LOG",
+            std::env::var("LULL_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting lull-agent --standby")?;
+    let stdout = child.stdout.take().context("agent stdout")?;
+    let process = Process {
+        child,
+        name: "lull-agent --standby".into(),
+    };
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .context("reading the standby agent's address")?;
+    let Some(addr) = line.trim().strip_prefix("Lull agent standing by on ") else {
+        bail!("unexpected first line from lull-agent --standby: {line:?}");
+    };
+    Ok(StandbyAgent {
+        process,
+        addr: addr.to_string(),
+    })
 }

@@ -85,7 +85,10 @@ impl From<EngineError> for ApiError {
                     | SchedulerError::AlreadyFinished { .. }
                     | SchedulerError::NoLegacyLease(_)
                     | SchedulerError::NodeUnavailable(..)
-                    | SchedulerError::NodeRemoved(_) => StatusCode::CONFLICT,
+                    | SchedulerError::NodeRemoved(_)
+                    | SchedulerError::AlreadyMember(_)
+                    | SchedulerError::NotHeld(..)
+                    | SchedulerError::NoHeartbeatYet(_) => StatusCode::CONFLICT,
                 };
                 ApiError::new(status, s.to_string())
             }

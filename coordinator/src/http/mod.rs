@@ -11,6 +11,7 @@ mod extract;
 mod feed;
 mod keys;
 mod nodes;
+mod operations;
 mod seed;
 mod tasks;
 mod views;
@@ -39,6 +40,8 @@ pub struct AppState {
     pub keys: Arc<dyn KeyStore>,
     pub auth: AuthSettings,
     pub local_agents: Arc<LocalAgentKey>,
+    /// Scale-out and shrink.
+    pub operations: Arc<crate::operations::Operations>,
     /// Rate limits and recent signatures (see [`auth`]).
     pub guards: Arc<Guards>,
 }
@@ -110,10 +113,16 @@ fn cors(config: &HttpConfig) -> CorsLayer {
         .max_age(Duration::from_secs(600))
 }
 
-pub fn router(engine: Arc<Engine>, keys: Arc<dyn KeyStore>, config: &HttpConfig) -> Router {
+pub fn router(
+    engine: Arc<Engine>,
+    keys: Arc<dyn KeyStore>,
+    operations: Arc<crate::operations::Operations>,
+    config: &HttpConfig,
+) -> Router {
     let state = AppState {
         engine,
         keys,
+        operations,
         auth: AuthSettings {
             enabled: config.auth,
             max_body_bytes: config.max_body_bytes,
@@ -158,6 +167,10 @@ pub fn router(engine: Arc<Engine>, keys: Arc<dyn KeyStore>, config: &HttpConfig)
             "/api/v1/nodes/{node_id}/meta",
             get(nodes::get_meta).put(nodes::put_meta),
         )
+        .route("/api/v1/cluster/scale_out", post(operations::scale_out))
+        .route("/api/v1/cluster/shrink", post(operations::shrink))
+        .route("/api/v1/operations", get(operations::list))
+        .route("/api/v1/operations/{operation_id}", get(operations::get))
         .route("/api/v1/keys", get(keys::list).post(keys::create))
         .route("/api/v1/keys/{key_id}", delete(keys::revoke))
         .merge(console::routes())

@@ -237,6 +237,7 @@ pub async fn stats(State(app): State<AppState>) -> Result<Json<Value>, ApiError>
             "paused": nodes.paused,
             "draining": nodes.draining,
             "drained": nodes.drained,
+            "removed": nodes.removed,
         },
         "throughput": {
             "tasks_per_hour": stats.finished_last_hour,

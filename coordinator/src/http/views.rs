@@ -2,6 +2,7 @@
 //! changes the API.
 
 use crate::model::{CommandRecord, RunRecord, TaskRecord};
+use crate::operations::OperationRecord;
 use crate::scheduler::{Explanation, NodeView};
 use serde_json::{Value, json};
 
@@ -92,7 +93,63 @@ pub fn node(n: &NodeView) -> Value {
         "version": r.version,
         "joined_at": r.joined_at,
         "last_heartbeat": r.last_heartbeat,
+        "group": {"id": r.group.id, "operation_id": r.group.operation_id},
     })
+}
+
+/// An operation as seed 002's `DagDetailDTO`: `nodes` are its stages, in order.
+pub fn operation(o: &OperationRecord) -> Value {
+    let time = |t: Option<f64>| t.map(rfc3339);
+    json!({
+        "id": o.operation_id.to_string(),
+        "dag_id": o.operation_id,
+        "name": o.kind.title(),
+        "type": o.kind.as_str(),
+        "stage": o.stage,
+        "max_stage": o.max_stage(),
+        "stage_name": o.stage_name(),
+        "state": o.state.as_str(),
+        "operator": o.operator,
+        "created_at": rfc3339(o.created_at),
+        "start_time": time(o.start_time),
+        "end_time": time(o.end_time),
+        "additional_data": Value::Object(o.additional_data.clone()),
+        "nodes": o.stages.iter().enumerate().map(|(i, s)| json!({
+            "id": format!("{}-{}", o.operation_id, i + 1),
+            "stage": i + 1,
+            "name": s.name,
+            "state": s.state.as_str(),
+            "message": s.message,
+            "start_time": time(s.start_time),
+            "end_time": time(s.end_time),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Unix seconds as RFC 3339 in UTC with milliseconds (`2024-01-09T12:40:00.862Z`), the
+/// form of seed 002's `time.Time` fields.
+pub fn rfc3339(unix: f64) -> String {
+    let millis_total = (unix * 1000.0).round() as i64;
+    let secs = millis_total.div_euclid(1000);
+    let millis = millis_total.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let of_day = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        of_day / 3600,
+        (of_day % 3600) / 60,
+        of_day % 60
+    )
 }
 
 /// A node command as `GET /api/v1/nodes/commands` shows it (seed 004's `NodeCommand`).
@@ -135,4 +192,19 @@ pub fn explanation(e: &Explanation) -> Value {
             "detail": n.detail,
         })).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339;
+
+    #[test]
+    fn rfc3339_of_known_instants() {
+        assert_eq!(rfc3339(0.0), "1970-01-01T00:00:00.000Z");
+        // 2024-01-09T12:40:00.862Z (seed 002's example instant, in UTC).
+        assert_eq!(rfc3339(1_704_804_000.862), "2024-01-09T12:40:00.862Z");
+        // A leap day, and the last millisecond of a year.
+        assert_eq!(rfc3339(951_782_400.0), "2000-02-29T00:00:00.000Z");
+        assert_eq!(rfc3339(1_704_067_199.999), "2023-12-31T23:59:59.999Z");
+    }
 }

@@ -23,7 +23,7 @@ const DRAIN_WAITING_ERROR: &str = "its node is draining and it had not started; 
 
 impl Scheduler {
     /// The node, or `NodeNotFound` (the seed's `"Node X not found"`).
-    fn managed_node(&self, node_id: &str) -> Result<&NodeEntry, SchedulerError> {
+    pub(super) fn managed_node(&self, node_id: &str) -> Result<&NodeEntry, SchedulerError> {
         let node = self
             .nodes
             .get(node_id)
@@ -138,7 +138,7 @@ impl Scheduler {
         Ok(vec![Change::NodeSaved(node.record.clone())])
     }
 
-    fn new_command(
+    pub(super) fn new_command(
         &mut self,
         node_id: &str,
         kind: CommandKind,
@@ -278,7 +278,7 @@ impl Scheduler {
         }
     }
 
-    fn stop_all_runs_on_node(
+    pub(super) fn stop_all_runs_on_node(
         &mut self,
         node_id: &str,
         why: &str,

@@ -13,6 +13,7 @@
 
 mod explain;
 mod manage;
+mod membership;
 mod queue;
 #[cfg(test)]
 mod tests;
@@ -20,7 +21,8 @@ mod tests;
 pub use explain::{Explanation, NodeVerdict, Verdict};
 
 use crate::model::{
-    Change, CommandRecord, NewTask, NodeRecord, RunRecord, Snapshot, TaskRecord, TaskState,
+    Change, CommandRecord, NewTask, NodeGroup, NodeRecord, RunRecord, Snapshot, TaskRecord,
+    TaskState,
 };
 use lull_shared::{
     AgentCommand, AgentState, Assignment, CommandId, Constraints, HeartbeatRequest, NodeStatus,
@@ -87,6 +89,12 @@ pub enum SchedulerError {
     NodeUnavailable(String, NodeStatus),
     #[error("node {0} is removed: it takes no commands")]
     NodeRemoved(String),
+    #[error("already a member: {0}")]
+    AlreadyMember(String),
+    #[error("node {0} is not being adopted by operation {1}")]
+    NotHeld(String, i64),
+    #[error("node {0} has not heartbeated yet")]
+    NoHeartbeatYet(String),
 }
 
 /// Why the runs of a task that ended early were ended: what their `error` says.
@@ -305,6 +313,11 @@ pub struct Scheduler {
     next_command_id: CommandId,
     /// Node commands still waiting for an outcome; finished ones live only in the store.
     commands: BTreeMap<CommandId, CommandRecord>,
+    /// The next scale-out group's id: groups are numbered in the order they joined.
+    next_group_id: i64,
+    /// Nodes a scale-out is adopting: their heartbeats are kept aside, not registered,
+    /// until the operation admits them (or rolls back). See `membership.rs`.
+    held: HashMap<String, membership::Held>,
 }
 
 impl Scheduler {
@@ -330,6 +343,8 @@ impl Scheduler {
                 .into_iter()
                 .map(|c| (c.command_id, c))
                 .collect(),
+            next_group_id: snapshot.nodes.iter().map(|n| n.group.id).max().unwrap_or(0) + 1,
+            held: HashMap::new(),
         };
         for mut record in snapshot.nodes {
             record.last_heartbeat = now;
@@ -614,10 +629,39 @@ impl Scheduler {
     // Nodes
     // -----------------------------------------------------------------------------------------
 
-    /// Registers or refreshes a node, and reconciles the runs it reports with ours.
+    /// Registers or refreshes a node, and reconciles the runs it reports with ours. A node
+    /// being adopted by a scale-out is only noted (see `membership.rs`).
     pub fn heartbeat(&mut self, hb: &HeartbeatRequest, now: f64) -> HeartbeatOutcome {
+        if let Some(out) = self.held_heartbeat(hb, now) {
+            return out;
+        }
+        self.register(hb, now, None)
+    }
+
+    /// [`Scheduler::heartbeat`] for a node that is not held; `group` is the scale-out
+    /// group it is admitted with (`None`: a node that joins on its own gets a group of its
+    /// own when it first joins, or joins again after it was removed).
+    fn register(
+        &mut self,
+        hb: &HeartbeatRequest,
+        now: f64,
+        group: Option<NodeGroup>,
+    ) -> HeartbeatOutcome {
         let mut out = HeartbeatOutcome::default();
         let node_id = hb.node_id.clone();
+        let fresh = !self.nodes.contains_key(&node_id);
+        if group.is_none()
+            && hb.status == AgentState::Offline
+            && self
+                .nodes
+                .get(&node_id)
+                .is_some_and(|n| n.record.status == NodeStatus::Removed)
+        {
+            // A removed node's agent saying goodbye (it was decommissioned): it stays
+            // removed; only the outcome of its commands is news.
+            self.command_results(&node_id, &hb.command_results, now, &mut out.changes);
+            return out;
+        }
         let entry = self
             .nodes
             .entry(node_id.clone())
@@ -636,6 +680,10 @@ impl Scheduler {
                     sandbox: None,
                     executor: None,
                     drain: None,
+                    group: NodeGroup {
+                        id: 0,
+                        operation_id: None,
+                    },
                 },
                 agent_state: AgentState::Offline,
                 load: lull_shared::Load::default(),
@@ -678,9 +726,24 @@ impl Scheduler {
         if hb.executor.is_some() {
             entry.record.executor = hb.executor.clone();
         }
-        let rejoined = before.status == NodeStatus::Offline && hb.status != AgentState::Offline;
+        let back_from_removed =
+            before.status == NodeStatus::Removed && hb.status != AgentState::Offline;
+        let rejoined = (before.status == NodeStatus::Offline || back_from_removed)
+            && hb.status != AgentState::Offline;
         if rejoined {
             entry.record.joined_at = now;
+        }
+        if let Some(group) = group {
+            entry.record.group = group;
+            // Joining through a scale-out starts afresh: no operator's drain carries over.
+            entry.record.drain = None;
+        } else if fresh || back_from_removed {
+            entry.record.group = NodeGroup {
+                id: self.next_group_id,
+                operation_id: None,
+            };
+            self.next_group_id += 1;
+            entry.record.drain = None;
         }
         let leaving = hb.status == AgentState::Offline;
         entry.record.status = match hb.status {
@@ -809,6 +872,10 @@ impl Scheduler {
         max: usize,
         now: f64,
     ) -> Result<PullOutcome, SchedulerError> {
+        if self.held.contains_key(node_id) {
+            // Being adopted: nothing until the scale-out admits it (the long-poll waits).
+            return Ok(PullOutcome::default());
+        }
         let node = self
             .nodes
             .get_mut(node_id)

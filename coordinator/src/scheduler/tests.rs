@@ -1011,6 +1011,153 @@ fn a_node_paused_for_its_owner_gets_no_work_until_it_resumes() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Membership: scale-out groups, holds, admission, removal (seeds 002 and 003)
+// ---------------------------------------------------------------------------------------------
+
+fn group_of(h: &Harness, id: &str) -> NodeGroup {
+    h.sched
+        .nodes()
+        .into_iter()
+        .find(|n| n.record.node_id == id)
+        .map(|n| n.record.group)
+        .expect("known node")
+}
+
+#[test]
+fn nodes_that_join_on_their_own_form_a_group_each_in_joining_order() {
+    let mut h = Harness::new();
+    h.node("b", 2.0, 4096.0);
+    h.node("a", 2.0, 4096.0);
+    h.node("b", 2.0, 4096.0);
+    let (a, b) = (group_of(&h, "a"), group_of(&h, "b"));
+    assert!(b.id < a.id, "b joined first");
+    assert_eq!((a.operation_id, b.operation_id), (None, None));
+    let groups = h.sched.groups();
+    assert_eq!(groups.len(), 2);
+    assert_eq!(groups[0].node_ids, vec!["b".to_string()]);
+}
+
+#[test]
+fn a_held_node_is_not_registered_until_admitted_with_its_operation_as_one_group() {
+    let mut h = Harness::new();
+    h.node("old", 2.0, 4096.0);
+    h.sched.hold("n1", 7).expect("holds");
+    h.sched.hold("n2", 7).expect("holds");
+    assert!(h.sched.hold("n1", 8).is_err(), "held by another operation");
+    let t = h.submit("print(1)");
+    // Heartbeats are noted, not registered; pulls get nothing.
+    let out = h.node("n1", 2.0, 4096.0);
+    assert!(out.changes.is_empty());
+    assert!(h.sched.nodes().iter().all(|n| n.record.node_id != "n1"));
+    assert!(h.pull("n1", 1).is_empty());
+    assert_eq!(h.sched.held_heartbeat_at("n1"), Some(h.now));
+    assert_eq!(h.sched.held_heartbeat_at("n2"), None);
+    // All or nothing: n2 has not heartbeated yet.
+    assert_eq!(
+        h.sched.admit(&["n1".into(), "n2".into()], 7, h.now).err(),
+        Some(SchedulerError::NoHeartbeatYet("n2".into()))
+    );
+    assert!(h.sched.nodes().iter().all(|n| n.record.node_id != "n1"));
+    h.node("n2", 2.0, 4096.0);
+    assert!(
+        h.sched.admit(&["n1".into()], 8, h.now).is_err(),
+        "not its hold"
+    );
+    let (group, changes) = h
+        .sched
+        .admit(&["n1".into(), "n2".into()], 7, h.now)
+        .expect("admitted");
+    assert_eq!(group.operation_id, Some(7));
+    assert!(group.id > group_of(&h, "old").id);
+    assert_eq!(
+        changes
+            .iter()
+            .filter(|c| matches!(c, Change::NodeSaved(n) if n.group == group && n.status == NodeStatus::Idle))
+            .count(),
+        2
+    );
+    assert_eq!(group_of(&h, "n1"), group_of(&h, "n2"));
+    // Members now: work flows, and a new hold is refused.
+    assert_eq!(h.pull("n1", 1)[0].task_id, t);
+    assert!(matches!(
+        h.sched.hold("n2", 9),
+        Err(SchedulerError::AlreadyMember(_))
+    ));
+    assert_eq!(h.sched.groups().len(), 2);
+}
+
+#[test]
+fn an_unheld_node_that_was_never_admitted_leaves_no_record() {
+    let mut h = Harness::new();
+    h.sched.hold("n1", 3).expect("holds");
+    h.node("n1", 2.0, 4096.0);
+    h.sched.unhold("n1", 4);
+    assert!(
+        h.sched.held_heartbeat_at("n1").is_some(),
+        "only its operation lets go"
+    );
+    h.sched.unhold("n1", 3);
+    assert!(h.sched.held_heartbeat_at("n1").is_none());
+    assert!(h.sched.nodes().is_empty(), "nothing half-joined");
+}
+
+#[test]
+fn a_removed_node_stays_removed_when_its_agent_says_goodbye_and_rejoins_as_a_new_group() {
+    let mut h = Harness::new();
+    h.node("n1", 2.0, 4096.0);
+    h.node("n2", 2.0, 4096.0);
+    let first = group_of(&h, "n1");
+    let (command, _) = h.sched.decommission("n1", h.now).expect("known node");
+    assert_eq!(command.kind, CommandKind::Decommission);
+    // Its outcome rides on the goodbye heartbeat.
+    let mut bye = heartbeat_request("n1");
+    bye.status = AgentState::Offline;
+    bye.command_results = vec![CommandResult {
+        id: command.command_id,
+        ok: true,
+        error: None,
+    }];
+    h.sched.heartbeat(&bye, h.now);
+    assert_eq!(status_of(&h, "n1"), NodeStatus::Offline);
+    let changes = h.sched.remove_node("n1", h.now).expect("known");
+    assert!(matches!(&changes[..], [Change::NodeSaved(n)] if n.status == NodeStatus::Removed));
+    assert!(h.sched.remove_node("n1", h.now).expect("known").is_empty());
+    assert_eq!(h.sched.node_counts().removed, 1);
+    assert_eq!(h.sched.groups().len(), 1, "a removed node is in no group");
+    // A stray goodbye changes nothing; ticks leave it alone.
+    h.sched.heartbeat(&bye, h.now);
+    h.advance(60.0);
+    h.sched.tick(h.now);
+    assert_eq!(status_of(&h, "n1"), NodeStatus::Removed);
+    assert!(
+        h.sched.drain("n1", None, h.now).is_err(),
+        "removed nodes take no commands"
+    );
+    // Started again on its own: a member again, in a group of its own, the newest.
+    h.node("n1", 2.0, 4096.0);
+    assert_eq!(status_of(&h, "n1"), NodeStatus::Idle);
+    assert!(group_of(&h, "n1").id > first.id.max(group_of(&h, "n2").id));
+}
+
+#[test]
+fn removing_a_node_that_still_holds_runs_hands_them_back_without_a_loss() {
+    let mut h = Harness::new();
+    h.node("n1", 2.0, 4096.0);
+    let t = h.submit("print(1)");
+    let a = h.pull("n1", 1);
+    let changes = h.sched.remove_node("n1", h.now).expect("known");
+    let state = final_state(&changes, t).expect("requeued");
+    assert_eq!(state.status, TaskStatus::Pending);
+    assert_eq!(state.losses, 0);
+    h.node("n2", 2.0, 4096.0);
+    assert_eq!(h.pull("n2", 1)[0].task_id, t);
+    assert!(
+        h.report("n1", &a[0], RunOutcome::Completed, "1\n").is_err(),
+        "stale"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Points (seed 000): one task on several distinct nodes at once
 // ---------------------------------------------------------------------------------------------
 

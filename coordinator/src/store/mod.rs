@@ -60,6 +60,15 @@ pub struct CommandQuery {
     pub limit: u32,
 }
 
+/// Which operations to list: newest first, one page.
+#[derive(Debug, Clone, Default)]
+pub struct OperationQuery {
+    pub kind: Option<crate::operations::OperationKind>,
+    pub state: Option<crate::operations::OperationState>,
+    pub limit: u32,
+    pub offset: u64,
+}
+
 /// A page of results (seed 001's `/results`).
 #[derive(Debug, Clone)]
 pub struct ResultRow {
@@ -120,6 +129,16 @@ pub trait Store: Send + Sync + 'static {
     async fn completed_per_minute(&self, since: f64) -> Result<Vec<(i64, u64)>, StoreError>;
     /// Node commands, newest first.
     async fn commands(&self, query: &CommandQuery) -> Result<Vec<CommandRecord>, StoreError>;
+    /// One operation (scale-out, shrink).
+    async fn operation(
+        &self,
+        operation_id: i64,
+    ) -> Result<Option<crate::operations::OperationRecord>, StoreError>;
+    /// Operations, newest first.
+    async fn operations(
+        &self,
+        query: &OperationQuery,
+    ) -> Result<Vec<crate::operations::OperationRecord>, StoreError>;
     /// A cheap liveness check for `/health`.
     async fn ping(&self) -> Result<(), StoreError>;
 }

@@ -1,11 +1,15 @@
 //! The SQLite backend (the embedded default): one file under the data directory, WAL
 //! journal, schema from `migrations/`.
 
-use super::{CommandQuery, KeyStore, ResultRow, Store, StoreError, TaskQuery, TaskStats};
+use super::{
+    CommandQuery, KeyStore, OperationQuery, ResultRow, Store, StoreError, TaskQuery, TaskStats,
+};
 use crate::keys::{ApiKey, NewKey};
 use crate::model::{
-    Change, CommandRecord, Drain, NodeRecord, RunRecord, Snapshot, TaskRecord, TaskSpec, TaskState,
+    Change, CommandRecord, Drain, NodeGroup, NodeRecord, RunRecord, Snapshot, TaskRecord, TaskSpec,
+    TaskState,
 };
+use crate::operations::{OperationKind, OperationRecord, OperationState, StageRecord};
 use async_trait::async_trait;
 use lull_shared::{
     CommandKind, CommandStatus, Constraints, NodeResources, NodeStatus, Resources, RunStatus,
@@ -54,7 +58,9 @@ const RUN_COLUMNS: &str = "run_id, task_id, node_id, attempt, point, status, exi
     stderr, error, started_at, completed_at, cpu_seconds, max_rss_mb";
 const NODE_COLUMNS: &str = "node_id, hostname, node_type, zone, cpu_cores, memory_mb, meta, \
     status, version, joined_at, last_heartbeat, sandbox, executor, drain_requested_at, \
-    drain_deadline";
+    drain_deadline, group_id, group_operation";
+const OPERATION_COLUMNS: &str = "operation_id, kind, state, operator, stage, stages, \
+    additional_data, created_at, start_time, end_time";
 const COMMAND_COLUMNS: &str = "command_id, node_id, command, args, status, created_at, \
     delivered_at, completed_at, error";
 
@@ -198,6 +204,80 @@ fn node_from_row(row: &SqliteRow) -> Result<NodeRecord, StoreError> {
                 })
             })
             .transpose()?,
+        group: NodeGroup {
+            id: row.try_get("group_id")?,
+            operation_id: row.try_get("group_operation")?,
+        },
+    })
+}
+
+fn stages_to_json(stages: &[StageRecord]) -> String {
+    serde_json::Value::Array(
+        stages
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "name": s.name,
+                    "state": s.state.as_str(),
+                    "message": s.message,
+                    "start_time": s.start_time,
+                    "end_time": s.end_time,
+                })
+            })
+            .collect(),
+    )
+    .to_string()
+}
+
+fn stages_from_json(operation_id: i64, text: &str) -> Result<Vec<StageRecord>, StoreError> {
+    let bad = |what: &str| corrupt("operations", format!("operation {operation_id} {what}"));
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| bad(&format!("stages: {e}")))?;
+    let items = value
+        .as_array()
+        .ok_or_else(|| bad("stages is not a list"))?;
+    items
+        .iter()
+        .map(|item| {
+            let state = item["state"]
+                .as_str()
+                .and_then(OperationState::parse)
+                .ok_or_else(|| bad("has a stage without a state"))?;
+            Ok(StageRecord {
+                name: item["name"].as_str().unwrap_or_default().to_string(),
+                state,
+                message: item["message"].as_str().map(str::to_string),
+                start_time: item["start_time"].as_f64(),
+                end_time: item["end_time"].as_f64(),
+            })
+        })
+        .collect()
+}
+
+fn operation_from_row(row: &SqliteRow) -> Result<OperationRecord, StoreError> {
+    let operation_id: i64 = row.try_get("operation_id")?;
+    let bad = |what: String| corrupt("operations", format!("operation {operation_id} {what}"));
+    let kind: String = row.try_get("kind")?;
+    let kind = OperationKind::parse(&kind).ok_or_else(|| bad(format!("has kind {kind:?}")))?;
+    let state: String = row.try_get("state")?;
+    let state = OperationState::parse(&state).ok_or_else(|| bad(format!("has state {state:?}")))?;
+    let stages: String = row.try_get("stages")?;
+    let data: String = row.try_get("additional_data")?;
+    let additional_data = match serde_json::from_str(&data) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => return Err(bad("additional_data is not an object".into())),
+    };
+    Ok(OperationRecord {
+        operation_id,
+        kind,
+        state,
+        operator: row.try_get("operator")?,
+        stage: row.try_get::<i64, _>("stage")?.max(1) as usize,
+        stages: stages_from_json(operation_id, &stages)?,
+        created_at: row.try_get("created_at")?,
+        start_time: row.try_get("start_time")?,
+        end_time: row.try_get("end_time")?,
+        additional_data,
     })
 }
 
@@ -316,8 +396,8 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, change: &Change) -> Result<
             sqlx::query(
                 "INSERT INTO nodes (node_id, hostname, node_type, zone, cpu_cores, memory_mb, meta, \
                  status, version, joined_at, last_heartbeat, sandbox, executor, \
-                 drain_requested_at, drain_deadline) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 drain_requested_at, drain_deadline, group_id, group_operation) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
                  ON CONFLICT (node_id) DO UPDATE SET hostname = excluded.hostname, \
                  node_type = excluded.node_type, zone = excluded.zone, cpu_cores = excluded.cpu_cores, \
                  memory_mb = excluded.memory_mb, meta = excluded.meta, status = excluded.status, \
@@ -325,7 +405,8 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, change: &Change) -> Result<
                  last_heartbeat = excluded.last_heartbeat, sandbox = excluded.sandbox, \
                  executor = excluded.executor, \
                  drain_requested_at = excluded.drain_requested_at, \
-                 drain_deadline = excluded.drain_deadline",
+                 drain_deadline = excluded.drain_deadline, \
+                 group_id = excluded.group_id, group_operation = excluded.group_operation",
             )
             .bind(&n.node_id)
             .bind(&n.hostname)
@@ -342,6 +423,31 @@ async fn apply_one(tx: &mut Transaction<'_, Sqlite>, change: &Change) -> Result<
             .bind(&n.executor)
             .bind(n.drain.map(|d| d.requested_at))
             .bind(n.drain.and_then(|d| d.deadline))
+            .bind(n.group.id)
+            .bind(n.group.operation_id)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Change::OperationSaved(o) => {
+            sqlx::query(
+                "INSERT INTO operations (operation_id, kind, state, operator, stage, stages, \
+                 additional_data, created_at, start_time, end_time) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (operation_id) DO UPDATE SET state = excluded.state, \
+                 operator = excluded.operator, stage = excluded.stage, stages = excluded.stages, \
+                 additional_data = excluded.additional_data, start_time = excluded.start_time, \
+                 end_time = excluded.end_time",
+            )
+            .bind(o.operation_id)
+            .bind(o.kind.as_str())
+            .bind(o.state.as_str())
+            .bind(&o.operator)
+            .bind(o.stage as i64)
+            .bind(stages_to_json(&o.stages))
+            .bind(serde_json::Value::Object(o.additional_data.clone()).to_string())
+            .bind(o.created_at)
+            .bind(o.start_time)
+            .bind(o.end_time)
             .execute(&mut **tx)
             .await?;
         }
@@ -402,8 +508,15 @@ impl Store for SqliteStore {
         ))
         .fetch_all(&self.pool)
         .await?;
+        let operations = sqlx::query(&format!(
+            "SELECT {OPERATION_COLUMNS} FROM operations \
+             WHERE state IN ('READY', 'RUNNING') ORDER BY operation_id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
         let ids = sqlx::query(
             "SELECT (SELECT COALESCE(MAX(task_id), 0) FROM tasks) AS max_task, \
+             (SELECT COALESCE(MAX(operation_id), 0) FROM operations) AS max_operation, \
              (SELECT COALESCE(MAX(command_id), 0) FROM node_commands) AS max_command, \
              (SELECT COALESCE(MAX(run_id), 0) FROM runs) AS max_run, \
              (SELECT COUNT(*) FROM tasks) AS total",
@@ -432,6 +545,11 @@ impl Store for SqliteStore {
             max_task_id: ids.try_get("max_task")?,
             max_run_id: ids.try_get("max_run")?,
             total_tasks: ids.try_get::<i64, _>("total")? as u64,
+            unfinished_operations: operations
+                .iter()
+                .map(operation_from_row)
+                .collect::<Result<_, _>>()?,
+            max_operation_id: ids.try_get("max_operation")?,
         })
     }
 
@@ -580,6 +698,33 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(command_from_row).collect()
+    }
+
+    async fn operation(&self, operation_id: i64) -> Result<Option<OperationRecord>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {OPERATION_COLUMNS} FROM operations WHERE operation_id = ?"
+        ))
+        .bind(operation_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(operation_from_row)
+        .transpose()
+    }
+
+    async fn operations(&self, query: &OperationQuery) -> Result<Vec<OperationRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {OPERATION_COLUMNS} FROM operations \
+             WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR state = ?2) \
+             ORDER BY operation_id DESC LIMIT ?3 OFFSET ?4"
+        ))
+        .bind(query.kind.map(OperationKind::as_str))
+        .bind(query.state.map(OperationState::as_str))
+        .bind(i64::from(query.limit))
+        .bind(i64::try_from(query.offset).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(operation_from_row).collect()
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -174,24 +174,18 @@ def scenario_open(page, url, shots, node):
     expect(row.locator(".node-status")).to_have_text("idle", timeout=WAIT_MS)
     check("restart from the nodes page: the agent restarts and its command succeeds")
 
-    # Operations: built against GET /api/v1/operations.
+    # Operations: none yet on this coordinator (tests/tests/console.rs shrinks in its own).
     page.goto(f"{url}/ui/operations")
-    has_ops = page.evaluate("async () => (await fetch('/api/v1/operations')).status") == 200
-    if has_ops:
-        expect(page.locator("#operations")).not_to_contain_text("Loading", timeout=WAIT_MS)
-        check("the operations page lists operations")
-    else:
-        expect(page.locator("#ops-unavailable")).to_be_visible(timeout=WAIT_MS)
-        expect(page.locator("#shrink-form button[type=submit]")).to_be_disabled()
-        check("without operations the page says so plainly (404)")
+    expect(page.locator("#operations")).to_contain_text("No operation yet.", timeout=WAIT_MS)
+    expect(page.locator("#shrink-form button[type=submit]")).to_be_enabled()
+    check("the operations page lists operations (none yet)")
     both_widths(page, shots, "operations")
-    if not has_ops:
-        operations_drawn_from_the_contract(page, url, shots)
+    operations_drawn_from_the_contract(page, url, shots)
 
 
 def operations_drawn_from_the_contract(page, url, shots):
-    """Until the coordinator has operations, the page is checked against their contract
-    (seed 002's DagDetailDTO) with a canned answer from the browser's side."""
+    """Operations in every state at once (seed 002's DagDetailDTO, stage messages with
+    markup), from a canned answer on the browser's side: a failed one says why."""
     stage = lambda name, state, message="": {  # noqa: E731
         "name": name, "state": state, "message": message,
         "start_time": "2026-01-01T10:00:00Z" if state != "READY" else "0001-01-01T00:00:00Z",
@@ -223,6 +217,49 @@ def operations_drawn_from_the_contract(page, url, shots):
     check("operations, their stages and states are drawn from seed 002's shape (canned answer)")
     both_widths(page, shots, "operations-canned")
     page.unroute("**/api/v1/operations?*")
+
+
+def scenario_shrink(page, url, shots, node):
+    """An online shrink of the only node started from the operations page, with a task
+    running on it: the operation's stages progress to SUCCEEDED, the task finishes first."""
+    page.goto(f"{url}/ui/operations")
+    expect(page.locator("#operations")).not_to_contain_text("Loading", timeout=WAIT_MS)
+    task_id = page.evaluate(
+        """async () => (await (await fetch('/api/v1/tasks', {method: 'POST',
+            headers: {'content-type': 'application/json'},
+            body: JSON.stringify({code: 'import time\\ntime.sleep(6)\\nprint("survived the shrink")'})})).json()).task_id"""
+    )
+    page.wait_for_function(
+        f"""async () => (await (await fetch('/api/v1/tasks/{task_id}')).json()).status === 'running'""",
+        polling=200, timeout=WAIT_MS,
+    )
+    page.fill("#shrink-form input[name=shrink_number]", "1")
+    expect(page.locator("#shrink-form input[name=online]")).to_be_checked()
+    page.click("#shrink-form button[type=submit]")
+    expect(page.locator("#flash")).to_contain_text("shrink started: operation", timeout=WAIT_MS)
+    op_id = page.locator("#flash").text_content().rsplit(" ", 1)[-1]
+    card = page.locator(f"article.op[data-op='{op_id}']")
+    # While the task still runs the online shrink waits in a stage: seen live, no reload.
+    page.evaluate("window.__sameDocument = true")
+    expect(card.locator(".op-state")).to_have_text("RUNNING", timeout=WAIT_MS)
+    expect(card.locator("tr[data-stage] .badge", has_text="RUNNING")).to_have_count(1, timeout=WAIT_MS)
+    check("the shrink's operation shows up RUNNING with one stage running")
+    both_widths(page, shots, "shrink-running")
+    expect(card.locator(".op-state")).to_have_text("SUCCEEDED", timeout=WAIT_MS)
+    stages = card.locator("tr[data-stage] .badge")
+    assert stages.count() >= 2, "a shrink has stages"
+    for i in range(stages.count()):
+        expect(stages.nth(i)).to_have_text("SUCCEEDED")
+    assert page.evaluate("window.__sameDocument === true"), "the page reloaded"
+    check("its stages progress to SUCCEEDED, live")
+    both_widths(page, shots, "shrink-succeeded")
+    page.goto(f"{url}/ui/tasks/{task_id}")
+    expect(page.locator("#task-status")).to_have_text("completed", timeout=WAIT_MS)
+    expect(page.locator("#task-result")).to_have_text("survived the shrink")
+    check("the task running on the shrunk node finished first")
+    page.goto(f"{url}/ui/nodes")
+    expect(page.locator(f"tr[data-node='{node}'] .node-status")).to_have_text("removed", timeout=WAIT_MS)
+    check("the node is removed")
 
 
 def sign_in(page, url, token, secret=None):
@@ -311,7 +348,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", required=True)
     parser.add_argument("--shots", required=True)
-    parser.add_argument("--scenario", choices=["open", "auth"], required=True)
+    parser.add_argument("--scenario", choices=["open", "auth", "shrink"], required=True)
     parser.add_argument("--node", required=True)
     parser.add_argument("--viewer")
     parser.add_argument("--submitter")
@@ -336,6 +373,8 @@ def main():
         try:
             if args.scenario == "open":
                 scenario_open(page, args.url, args.shots, args.node)
+            elif args.scenario == "shrink":
+                scenario_shrink(page, args.url, args.shots, args.node)
             else:
                 scenario_auth(page, args.url, args.shots, args.node, args)
         except Exception:

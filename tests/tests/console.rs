@@ -253,3 +253,19 @@ async fn console_with_auth_asks_for_a_key_and_follows_its_role() {
     let nodes = c.get("/api/v1/nodes").await.expect("nodes");
     assert_eq!(nodes["items"][0]["status"], "drained", "{nodes}");
 }
+
+#[tokio::test]
+async fn console_shrinks_a_node_from_the_operations_page() {
+    require_browser();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let c = Coordinator::start(&dir.path().join("coordinator"), COORD_FAST).expect("coordinator");
+    let _agent = start_node(&c, dir.path(), &[]);
+    c.wait_for_nodes(1).await;
+
+    run_browser(&c.url, "shrink", &[]);
+
+    // The task that ran through the online shrink completed exactly once.
+    assert_exactly_once(&c).await;
+    let nodes = c.get("/api/v1/nodes").await.expect("nodes");
+    assert_eq!(nodes["items"][0]["status"], "removed", "{nodes}");
+}

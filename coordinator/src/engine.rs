@@ -9,6 +9,7 @@
 //! accepted task, a handed-out lease, a recorded result.
 
 use crate::feed::Feed;
+use crate::history::{QueueHistory, QueueSample};
 use crate::model::{
     Change, CommandRecord, NewTask, NodeGroup, RunRecord, TaskLimits, TaskRecord, ValidationError,
     validate_points,
@@ -71,6 +72,8 @@ pub struct Engine {
     feed: Arc<Feed>,
     /// Long-polls waiting for work right now (shown in `/health`).
     waiting_pulls: AtomicUsize,
+    /// The queue's length over the last hour, sampled by the ticker (the console's chart).
+    queue_history: Mutex<QueueHistory>,
     shutdown: CancellationToken,
     config: EngineConfig,
 }
@@ -93,6 +96,7 @@ impl Engine {
             finished,
             feed,
             waiting_pulls: AtomicUsize::new(0),
+            queue_history: Mutex::new(QueueHistory::default()),
             shutdown,
             config,
         }
@@ -420,6 +424,26 @@ impl Engine {
         self.waiting_pulls.load(Ordering::Relaxed)
     }
 
+    /// The queue's length since `from` (Unix seconds), as sampled, then now.
+    pub fn queue_samples(&self, from: f64) -> Vec<QueueSample> {
+        let mut samples = self
+            .queue_history
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .since(from);
+        let pending = self.scheduler().pending_count() as u64;
+        samples.push(QueueSample {
+            at: unix_now(),
+            pending,
+        });
+        samples
+    }
+
+    /// Tasks completed per minute (Unix seconds / 60) since `from`; empty minutes left out.
+    pub async fn completed_per_minute(&self, from: f64) -> Result<Vec<(i64, u64)>, EngineError> {
+        Ok(self.store.completed_per_minute(from).await?)
+    }
+
     /// Task totals and queue length from memory (cheap; for `GET /`).
     pub fn counts(&self) -> (u64, usize, NodeCounts) {
         let sched = self.scheduler();
@@ -670,10 +694,14 @@ impl Engine {
     /// One pass of the periodic checks (silent nodes, lapsed leases).
     pub async fn tick(&self) -> Result<(), EngineError> {
         let now = unix_now();
-        let (requeued, ack) = self.mutate(|s| {
+        let ((requeued, pending), ack) = self.mutate(|s| {
             let changes = s.tick(now);
-            (!changes.is_empty(), changes)
+            ((!changes.is_empty(), s.pending_count()), changes)
         });
+        self.queue_history
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .record(now, pending as u64);
         if requeued {
             self.work.notify_waiters();
         }

@@ -167,7 +167,9 @@ pub fn hash_token(token: &str) -> String {
 /// What a request needs, by method and path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
-    /// `/` and `/health`: no credentials.
+    /// `/`, `/health` and the console's static shells (`GET /ui...` but `/ui/part/...`):
+    /// no credentials. The shells hold no data; the console's data comes from `/ui/part/*`
+    /// and the API, with the key attached by its script.
     Open,
     /// GET reads and the live feed.
     Read,
@@ -187,6 +189,10 @@ impl Access {
         };
         let get = method.eq_ignore_ascii_case("GET") || method.eq_ignore_ascii_case("HEAD");
         if path == "/" || path == "/health" {
+            return Access::Open;
+        }
+        let console = path == "/ui" || path.starts_with("/ui/");
+        if get && console && !path.starts_with("/ui/part/") {
             return Access::Open;
         }
         if path.starts_with("/internal/") || path == "/get_task" || path == "/submit_result" {
@@ -239,6 +245,13 @@ mod tests {
         );
         assert_eq!(Access::of("POST", "/api/v1/nodes/n1/drain"), Access::Admin);
         assert_eq!(Access::of("PUT", "/api/v1/nodes/n1/meta"), Access::Admin);
+        assert_eq!(Access::of("GET", "/ui"), Access::Open);
+        assert_eq!(Access::of("GET", "/ui/tasks/3"), Access::Open);
+        assert_eq!(Access::of("GET", "/ui/static/console.js"), Access::Open);
+        assert_eq!(Access::of("GET", "/ui/part/tasks"), Access::Read);
+        assert_eq!(Access::of("GET", "/ui/part/session"), Access::Read);
+        assert_eq!(Access::of("POST", "/ui/tasks"), Access::Admin);
+        assert_eq!(Access::of("GET", "/uix"), Access::Read);
         assert_eq!(
             Access::of("POST", "/api/v1/cluster/scale_out"),
             Access::Admin

@@ -7,6 +7,7 @@
 //! - [`store`]: the storage trait, the SQLite backend and the group-commit writer.
 //! - [`engine`]: joins scheduler, store and time; the only holder of the scheduler lock.
 //! - [`feed`]: the live feed: events published after commit, a replay ring, bounded fan-out.
+//! - [`history`]: the queue's recent length, sampled for the console's chart.
 //! - [`operations`]: scale-out and shrink as durable, staged operations, and their drivers.
 //! - [`http`]: the axum router, extractors and the `{"detail"}` error type.
 //! - [`keys`], [`rate_limit`], [`replay`]: API keys and roles, per-key token buckets, and
@@ -18,6 +19,7 @@
 
 pub mod engine;
 pub mod feed;
+pub mod history;
 pub mod http;
 pub mod keys;
 pub mod model;

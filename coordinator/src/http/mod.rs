@@ -5,6 +5,7 @@
 
 mod auth;
 mod change_points;
+mod console;
 mod error;
 mod extract;
 mod feed;
@@ -172,6 +173,7 @@ pub fn router(
         .route("/api/v1/operations/{operation_id}", get(operations::get))
         .route("/api/v1/keys", get(keys::list).post(keys::create))
         .route("/api/v1/keys/{key_id}", delete(keys::revoke))
+        .merge(console::routes())
         .route(
             change_points::PATH,
             post(change_points::change_points).fallback(change_points::method_not_allowed),

@@ -124,6 +124,9 @@ pub trait Store: Send + Sync + 'static {
         submitted_by: Option<i64>,
     ) -> Result<Vec<ResultRow>, StoreError>;
     async fn stats(&self, now: f64) -> Result<TaskStats, StoreError>;
+    /// Tasks completed per whole minute (Unix seconds / 60) since `since`, oldest first;
+    /// minutes with none are left out.
+    async fn completed_per_minute(&self, since: f64) -> Result<Vec<(i64, u64)>, StoreError>;
     /// Node commands, newest first.
     async fn commands(&self, query: &CommandQuery) -> Result<Vec<CommandRecord>, StoreError>;
     /// One operation (scale-out, shrink).

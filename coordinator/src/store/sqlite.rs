@@ -673,6 +673,20 @@ impl Store for SqliteStore {
         Ok(stats)
     }
 
+    async fn completed_per_minute(&self, since: f64) -> Result<Vec<(i64, u64)>, StoreError> {
+        // `tasks_completed_at` bounds the scan to the window.
+        let rows = sqlx::query(
+            "SELECT CAST(completed_at / 60 AS INTEGER) AS minute, COUNT(*) AS n FROM tasks \
+             WHERE completed_at >= ? AND status = 'completed' GROUP BY minute ORDER BY minute",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("minute")?, row.try_get::<i64, _>("n")? as u64)))
+            .collect()
+    }
+
     async fn commands(&self, query: &CommandQuery) -> Result<Vec<CommandRecord>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {COMMAND_COLUMNS} FROM node_commands WHERE (?1 IS NULL OR node_id = ?1) \

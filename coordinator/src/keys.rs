@@ -202,7 +202,8 @@ impl Access {
         let cancel = path
             .strip_prefix("/api/v1/tasks/")
             .is_some_and(|rest| rest.ends_with("/cancel") && rest.matches('/').count() == 1);
-        if post && (path == "/submit" || path == "/api/v1/tasks" || cancel) {
+        let submit = path == "/submit" || path == "/api/v1/tasks" || path == "/api/v1/tasks/batch";
+        if post && (submit || cancel) {
             return Access::Task;
         }
         Access::Admin
@@ -232,6 +233,8 @@ mod tests {
         assert_eq!(Access::of("POST", "/submit"), Access::Task);
         assert_eq!(Access::of("POST", "/api/v1/tasks"), Access::Task);
         assert_eq!(Access::of("POST", "/api/v1/tasks/7/cancel"), Access::Task);
+        assert_eq!(Access::of("POST", "/api/v1/tasks/batch"), Access::Task);
+        assert_eq!(Access::of("POST", "/internal/results"), Access::Agent);
         assert_eq!(Access::of("POST", "/api/v1/nodes/n1/drain"), Access::Admin);
         assert_eq!(Access::of("PUT", "/api/v1/nodes/n1/meta"), Access::Admin);
     }

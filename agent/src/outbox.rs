@@ -344,7 +344,11 @@ mod tests {
             2,
             "the third would pass the limit"
         );
-        assert_eq!(batch_len(&[40, 60, 1], 100), 3, "exactly the limit fits");
+        assert_eq!(
+            batch_len(&[40, 60, 1], 100),
+            2,
+            "exactly the limit fits, a byte more not"
+        );
         assert_eq!(
             batch_len(&[500, 1], 100),
             1,

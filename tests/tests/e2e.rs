@@ -363,20 +363,19 @@ async fn batches_through_a_coordinator_killed_mid_flow_complete_every_accepted_t
     c.process.kill9();
     wait_until(
         Duration::from_secs(30),
-        "results to wait together in the outboxes",
+        "results to wait together in an agent's outbox",
         || async {
-            (outboxes
+            // Two or more in one outbox: that agent posts them as one batch once it can.
+            outboxes
                 .iter()
-                .map(|d| json_files(&d.join("outbox")))
-                .sum::<usize>()
-                >= 2)
+                .any(|d| json_files(&d.join("outbox")) >= 2)
                 .then_some(())
         },
     )
     .await;
 
-    // Back on the same address: the agents post what waited (together: one batch each),
-    // and more batches arrive.
+    // Back on the same address: the agents post what waited (together, through
+    // `POST /internal/results`), and more batches arrive.
     let c = Coordinator::start_on(&addr, &data, &args).expect("coordinator restarts");
     for k in 3..5 {
         let accepted = submit_batch(&c, &batch(k * 40, 40, "0")).await;

@@ -166,10 +166,14 @@ impl Outbox {
                         }
                     },
                 };
-                batch.push(report);
                 sizes.push(size);
+                if batch_len(&sizes, MAX_BATCH_BYTES) < sizes.len() {
+                    // Over the budget: it leads the next post instead. Reading stops here,
+                    // so large results never sit in memory more than one post's worth.
+                    break;
+                }
+                batch.push(report);
             }
-            batch.truncate(batch_len(&sizes, MAX_BATCH_BYTES));
             if batch.is_empty() {
                 continue;
             }

@@ -66,13 +66,18 @@ fn outbox_file(state_dir: &Path, run_id: RunId) -> PathBuf {
 
 /// A result left in the outbox by an earlier life of the agent.
 fn seed_outbox(state_dir: &Path, node_id: &str, run_id: RunId) -> PathBuf {
+    seed_outbox_with(state_dir, node_id, run_id, "42\n")
+}
+
+/// [`seed_outbox`] with this standard output.
+fn seed_outbox_with(state_dir: &Path, node_id: &str, run_id: RunId, stdout: &str) -> PathBuf {
     let report = RunReport {
         node_id: node_id.to_string(),
         task_id: run_id * 10,
         run_id,
         outcome: RunOutcome::Completed,
         exit_code: Some(0),
-        stdout: "42\n".to_string(),
+        stdout: stdout.to_string(),
         stderr: String::new(),
         error: None,
         started_at: Some(1.0),
@@ -388,5 +393,39 @@ async fn a_coordinator_without_the_batch_endpoint_gets_the_results_one_by_one() 
         fake.single_posts(),
         [301, 302, 303],
         "then one by one, in order"
+    );
+}
+
+#[tokio::test]
+async fn large_results_are_posted_in_bounded_batches() {
+    let fake = FakeCoordinator::start().await;
+    let state = tempfile::tempdir().expect("state dir");
+    // Two results of 1.5 MiB each cannot share a post (about 2 MiB at most); the small one
+    // joins the second.
+    let big = "x".repeat(1536 * 1024);
+    let files = [
+        seed_outbox_with(state.path(), "node-1", 401, &big),
+        seed_outbox_with(state.path(), "node-1", 402, &big),
+        seed_outbox_with(state.path(), "node-1", 403, "small\n"),
+    ];
+    let mut config = config(&fake, state.path());
+    config.node_id = Some("node-1".to_string());
+    let agent = RunningAgent::start(config);
+
+    wait_until("every result left the outbox", || {
+        files.iter().all(|f| !f.exists())
+    })
+    .await;
+    agent.stop().await;
+
+    assert_eq!(fake.single_posts(), [401], "the first went alone");
+    assert_eq!(fake.batches(), [vec![402, 403]]);
+    let results = fake.results();
+    assert_eq!(results.len(), 3);
+    assert!(
+        results
+            .iter()
+            .filter(|r| r.run_id != 403)
+            .all(|r| r.stdout == big)
     );
 }

@@ -65,11 +65,22 @@ def main():
     out = Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
 
-    dispatch = latest(records, "dispatch", lambda r: (r["sync"], r["tasks"], r["nodes"], r["slots"]))
+    dispatch = latest(
+        records, "dispatch", lambda r: (r["sync"], r["tasks"], r["nodes"], r["slots"], r.get("batch", 1))
+    )
+
+    def dispatch_tag(r):
+        tag = f'sync={r["sync"]}, {r["tasks"]:,} tasks'
+        if r.get("batch", 1) > 1:
+            tag += f', batches of {r["batch"]:,}'
+        elif r.get("submitters") == 1:
+            tag += ", 1 submitter"
+        return tag
+
     if dispatch:
         rows = []
         for r in dispatch:
-            tag = f'sync={r["sync"]}, {r["tasks"]:,} tasks'
+            tag = dispatch_tag(r)
             rows.append((f"{tag}: tasks/s", r["tasks_per_s"], 0))
         (out / "dispatch-throughput.svg").write_text(
             chart("Coordinator alone: dispatch throughput (submit → result recorded)", "tasks/s", rows,
@@ -77,7 +88,7 @@ def main():
         )
         rows = []
         for r in dispatch:
-            tag = f'sync={r["sync"]}'
+            tag = dispatch_tag(r)
             rows.append((f"{tag}: submit→start p50", r["submit_to_start"]["p50_ms"], 2))
             rows.append((f"{tag}: submit→result p50", r["submit_to_result"]["p50_ms"], 0))
             rows.append((f"{tag}: submit→result p99", r["submit_to_result"]["p99_ms"], 1))

@@ -6,10 +6,14 @@
 use crate::AgentError;
 use crate::executor::format_seconds;
 use lull_shared::signing;
-use lull_shared::{ErrorBody, HeartbeatRequest, HeartbeatResponse, PullResponse, RunReport};
+use lull_shared::{
+    ErrorBody, HeartbeatRequest, HeartbeatResponse, PullResponse, ReportItemAck, ReportVerdict,
+    ResultsAck, RunReport,
+};
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, HeaderValue};
 use std::error::Error as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Bounds every call but the long-poll, which gets `wait` plus [`PULL_SLACK`].
@@ -43,6 +47,18 @@ pub(crate) enum Delivery {
     /// 400 / 413 / 422: the coordinator cannot accept this body. Forget it, loudly.
     Rejected { status: StatusCode, detail: String },
     /// Anything else (5xx, 401/403/429, no connection): keep it and try again later.
+    Retry(CallError),
+}
+
+/// What became of one `POST /internal/results`.
+#[derive(Debug)]
+pub(crate) enum BatchDelivery {
+    /// The coordinator settled each report: one [`Delivery`] per report, in order.
+    Settled(Vec<Delivery>),
+    /// The coordinator took none of them as a batch (it has no such endpoint, or the body
+    /// was too large or not understood): post them one at a time instead.
+    OneByOne { status: StatusCode, detail: String },
+    /// Nothing is known to be recorded (5xx, 401/403/429, no connection): try again later.
     Retry(CallError),
 }
 
@@ -209,6 +225,77 @@ impl CoordinatorClient {
             | StatusCode::UNPROCESSABLE_ENTITY => Delivery::Rejected { status, detail },
             _ => Delivery::Retry(CallError::Status { status, detail }),
         }
+    }
+}
+
+impl CoordinatorClient {
+    /// Posts several results in one request; the coordinator records them in one commit
+    /// and answers each on its own.
+    pub(crate) async fn post_results(&self, reports: &[Arc<RunReport>]) -> BatchDelivery {
+        let body = ResultsBody {
+            results: reports.iter().map(|report| &**report).collect(),
+        };
+        let sent = self
+            .send(
+                self.http
+                    .post(format!("{}/internal/results", self.base))
+                    .json(&body),
+            )
+            .await;
+        let response = match sent {
+            Ok(response) => response,
+            Err(err) => return BatchDelivery::Retry(transport(err)),
+        };
+        let status = response.status();
+        if !status.is_success() {
+            let detail = detail_of(response).await;
+            return match status {
+                StatusCode::UNAUTHORIZED
+                | StatusCode::FORBIDDEN
+                | StatusCode::TOO_MANY_REQUESTS => {
+                    BatchDelivery::Retry(CallError::Status { status, detail })
+                }
+                status if status.is_client_error() => BatchDelivery::OneByOne { status, detail },
+                status => BatchDelivery::Retry(CallError::Status { status, detail }),
+            };
+        }
+        let answer: ResultsAck = match response.json().await {
+            Ok(answer) => answer,
+            // Recorded or not, we cannot tell: sending again is safe (a result already
+            // recorded is refused the second time, never recorded twice).
+            Err(err) => return BatchDelivery::Retry(decode(err)),
+        };
+        let mut items = answer.results.into_iter();
+        BatchDelivery::Settled(
+            reports
+                .iter()
+                .map(|report| match items.next() {
+                    Some(item) if item.run_id == Some(report.run_id) => item_delivery(item),
+                    // An answer that does not line up settles nothing: keep the result.
+                    _ => Delivery::Retry(CallError::Decode(format!(
+                        "no answer for run {} in the batch answer",
+                        report.run_id
+                    ))),
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The body of `POST /internal/results`, serialised from the outbox's shared reports.
+#[derive(serde::Serialize)]
+struct ResultsBody<'a> {
+    results: Vec<&'a RunReport>,
+}
+
+/// One report's answer as the [`Delivery`] `POST /internal/result` would have given.
+fn item_delivery(item: ReportItemAck) -> Delivery {
+    let status = StatusCode::from_u16(item.code).unwrap_or(StatusCode::CONFLICT);
+    let detail = item.detail.unwrap_or_default();
+    match item.status {
+        ReportVerdict::Accepted => Delivery::Acknowledged,
+        ReportVerdict::Refused => Delivery::Refused { status, detail },
+        ReportVerdict::Rejected => Delivery::Rejected { status, detail },
     }
 }
 

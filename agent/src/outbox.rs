@@ -7,7 +7,7 @@
 //! (2xx, or a 4xx that can never turn into a success); never because posting failed.
 
 use crate::AgentError;
-use crate::client::{CoordinatorClient, Delivery};
+use crate::client::{BatchDelivery, CallError, CoordinatorClient, Delivery};
 use crate::node_id::write_replacing;
 use crate::retry::{Backoff, FailureLog};
 use lull_shared::{RunId, RunReport};
@@ -18,8 +18,13 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
+/// Most results one post carries.
+const MAX_BATCH_REPORTS: usize = 256;
+/// About the most bytes of results one post carries (the coordinator's default body limit
+/// is 8 MiB; a result larger than this goes alone).
+const MAX_BATCH_BYTES: usize = 2 * 1024 * 1024;
 const RETRY_INITIAL: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
@@ -114,6 +119,11 @@ impl Outbox {
 
     /// Posts waiting results, oldest run first, until `stop`: deletes each one once settled,
     /// retries with backoff while the coordinator is unreachable or failing.
+    ///
+    /// Results that are waiting together go together: up to [`MAX_BATCH_REPORTS`] (and about
+    /// [`MAX_BATCH_BYTES`]) in one `POST /internal/results`, which the coordinator records in
+    /// one commit and answers report by report. While one post is in flight, new results
+    /// queue up for the next, so batches grow with load and a lone result goes at once.
     pub(crate) async fn deliver_until_stopped(
         &self,
         client: &CoordinatorClient,
@@ -123,72 +133,96 @@ impl Outbox {
         let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
         let mut failures = FailureLog::new("posting results");
         loop {
-            let next =
-                changes
-                    .borrow_and_update()
-                    .iter()
-                    .next()
-                    .map(|(run_id, entry)| match entry {
-                        Pending::OnDisk => (*run_id, None),
-                        Pending::InMemory(report) => (*run_id, Some(Arc::clone(report))),
-                    });
-            let Some((run_id, in_memory)) = next else {
+            let waiting: Vec<(RunId, Option<Arc<RunReport>>)> = changes
+                .borrow_and_update()
+                .iter()
+                .take(MAX_BATCH_REPORTS)
+                .map(|(run_id, entry)| match entry {
+                    Pending::OnDisk => (*run_id, None),
+                    Pending::InMemory(report) => (*run_id, Some(Arc::clone(report))),
+                })
+                .collect();
+            if waiting.is_empty() {
                 tokio::select! {
                     () = stop.cancelled() => return,
                     changed = changes.changed() => if changed.is_err() { return },
                 }
                 continue;
-            };
+            }
 
-            let report = match in_memory {
-                Some(report) => report,
-                None => match self.read(run_id).await {
-                    Ok(report) => Arc::new(report),
-                    Err(err) => {
-                        self.quarantine(run_id, &err).await;
-                        continue;
+            let mut batch = Vec::with_capacity(waiting.len());
+            let mut sizes = Vec::with_capacity(waiting.len());
+            for (run_id, in_memory) in waiting {
+                let (report, size) = match in_memory {
+                    Some(report) => {
+                        let size = approximate_size(&report);
+                        (report, size)
                     }
-                },
-            };
+                    None => match self.read(run_id).await {
+                        Ok((report, size)) => (Arc::new(report), size),
+                        Err(err) => {
+                            self.quarantine(run_id, &err).await;
+                            continue;
+                        }
+                    },
+                };
+                sizes.push(size);
+                if batch_len(&sizes, MAX_BATCH_BYTES) < sizes.len() {
+                    // Over the budget: it leads the next post instead. Reading stops here,
+                    // so large results never sit in memory more than one post's worth.
+                    break;
+                }
+                batch.push(report);
+            }
+            if batch.is_empty() {
+                continue;
+            }
 
-            let delivery = tokio::select! {
+            let deliveries = tokio::select! {
                 () = stop.cancelled() => return,
-                delivery = client.post_result(&report) => delivery,
+                deliveries = deliver(client, &batch) => deliveries,
             };
-            let task_id = report.task_id;
-            match delivery {
-                Delivery::Acknowledged => {
-                    info!(task_id, run_id, outcome = ?report.outcome, "result acknowledged");
-                    failures.succeeded();
-                    backoff.reset();
-                    self.remove(run_id).await;
-                }
-                Delivery::Refused { status, detail } => {
-                    warn!(task_id, run_id, %status, detail, "result refused: the run is no longer ours; dropping it");
-                    failures.succeeded();
-                    backoff.reset();
-                    self.remove(run_id).await;
-                }
-                Delivery::Rejected { status, detail } => {
-                    error!(task_id, run_id, %status, detail, "result rejected as invalid; dropping it");
-                    failures.succeeded();
-                    backoff.reset();
-                    self.remove(run_id).await;
-                }
-                Delivery::Retry(err) => {
-                    failures.failed(&err);
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        () = tokio::time::sleep(backoff.next_delay()) => {}
+            let mut retry = false;
+            for (report, delivery) in batch.iter().zip(deliveries) {
+                let (task_id, run_id) = (report.task_id, report.run_id);
+                match delivery {
+                    Delivery::Acknowledged => {
+                        info!(task_id, run_id, outcome = ?report.outcome, "result acknowledged");
+                        self.remove(run_id).await;
+                    }
+                    Delivery::Refused { status, detail } => {
+                        warn!(task_id, run_id, %status, detail, "result refused: the run is no longer ours; dropping it");
+                        self.remove(run_id).await;
+                    }
+                    Delivery::Rejected { status, detail } => {
+                        error!(task_id, run_id, %status, detail, "result rejected as invalid; dropping it");
+                        self.remove(run_id).await;
+                    }
+                    Delivery::Retry(err) => {
+                        if !retry {
+                            failures.failed(&err);
+                        }
+                        retry = true;
                     }
                 }
+            }
+            if retry {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(backoff.next_delay()) => {}
+                }
+            } else {
+                failures.succeeded();
+                backoff.reset();
             }
         }
     }
 
-    async fn read(&self, run_id: RunId) -> io::Result<RunReport> {
+    /// A saved result and the size of its file (about what it adds to a post).
+    async fn read(&self, run_id: RunId) -> io::Result<(RunReport, usize)> {
         let bytes = tokio::fs::read(self.path(run_id)).await?;
-        serde_json::from_slice(&bytes).map_err(io::Error::other)
+        let report = serde_json::from_slice(&bytes).map_err(io::Error::other)?;
+        Ok((report, bytes.len()))
     }
 
     /// A result file that cannot be read is set aside (renamed `.corrupt`) for an operator
@@ -227,6 +261,55 @@ impl Outbox {
     }
 }
 
+/// Posts one result alone (`POST /internal/result`), several together
+/// (`POST /internal/results`); a coordinator that does not take the batch gets them one at
+/// a time. One [`Delivery`] per report, in order.
+async fn deliver(client: &CoordinatorClient, batch: &[Arc<RunReport>]) -> Vec<Delivery> {
+    if let [report] = batch {
+        return vec![client.post_result(report).await];
+    }
+    match client.post_results(batch).await {
+        BatchDelivery::Settled(deliveries) => return deliveries,
+        BatchDelivery::Retry(err) => {
+            let message = err.to_string();
+            let mut deliveries = vec![Delivery::Retry(err)];
+            deliveries.extend(
+                batch[1..]
+                    .iter()
+                    .map(|_| Delivery::Retry(CallError::Transport(message.clone()))),
+            );
+            return deliveries;
+        }
+        BatchDelivery::OneByOne { status, detail } => {
+            debug!(%status, detail, results = batch.len(), "batch not taken; posting the results one by one");
+        }
+    }
+    let mut deliveries = Vec::with_capacity(batch.len());
+    for report in batch {
+        deliveries.push(client.post_result(report).await);
+    }
+    deliveries
+}
+
+/// How many of the leading results (of these serialised sizes) one post carries: as many as
+/// fit in `max_bytes`, and always the first, however large (it goes alone then).
+fn batch_len(sizes: &[usize], max_bytes: usize) -> usize {
+    let mut total = 0;
+    sizes
+        .iter()
+        .take_while(|size| {
+            total += **size;
+            total <= max_bytes
+        })
+        .count()
+        .max(sizes.len().min(1))
+}
+
+/// About what a result kept in memory adds to a post.
+fn approximate_size(report: &RunReport) -> usize {
+    report.stdout.len() + report.stderr.len() + report.error.as_ref().map_or(0, String::len) + 256
+}
+
 fn file_name(run_id: RunId) -> String {
     format!("{run_id}.json")
 }
@@ -250,4 +333,61 @@ fn scan(dir: &Path) -> io::Result<Vec<RunId>> {
         }
     }
     Ok(run_ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_takes_what_fits_and_always_the_first() {
+        assert_eq!(batch_len(&[], 100), 0);
+        assert_eq!(batch_len(&[10, 20, 30], 100), 3);
+        assert_eq!(
+            batch_len(&[40, 40, 40], 100),
+            2,
+            "the third would pass the limit"
+        );
+        assert_eq!(
+            batch_len(&[40, 60, 1], 100),
+            2,
+            "exactly the limit fits, a byte more not"
+        );
+        assert_eq!(
+            batch_len(&[500, 1], 100),
+            1,
+            "an oversized first result goes alone"
+        );
+        assert_eq!(
+            batch_len(&[1, 500, 1], 100),
+            1,
+            "stops at the first that does not fit"
+        );
+    }
+
+    #[test]
+    fn a_result_in_memory_is_sized_by_its_output() {
+        let report = RunReport {
+            node_id: "n".into(),
+            task_id: 1,
+            run_id: 2,
+            outcome: lull_shared::RunOutcome::Failed,
+            exit_code: Some(1),
+            stdout: "x".repeat(1000),
+            stderr: "y".repeat(500),
+            error: Some("boom".into()),
+            started_at: None,
+            completed_at: None,
+            cpu_seconds: None,
+            max_rss_mb: None,
+        };
+        let json = serde_json::to_string(&report).expect("json");
+        let estimate = approximate_size(&report);
+        assert!(estimate >= 1504, "counts every output byte: {estimate}");
+        assert!(
+            estimate >= json.len(),
+            "covers the serialised size ({} bytes) of plain output: {estimate}",
+            json.len()
+        );
+    }
 }

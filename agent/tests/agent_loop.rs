@@ -68,13 +68,18 @@ fn outbox_file(state_dir: &Path, run_id: RunId) -> PathBuf {
 
 /// A result left in the outbox by an earlier life of the agent.
 fn seed_outbox(state_dir: &Path, node_id: &str, run_id: RunId) -> PathBuf {
+    seed_outbox_with(state_dir, node_id, run_id, "42\n")
+}
+
+/// [`seed_outbox`] with this standard output.
+fn seed_outbox_with(state_dir: &Path, node_id: &str, run_id: RunId, stdout: &str) -> PathBuf {
     let report = RunReport {
         node_id: node_id.to_string(),
-        task_id: 5,
+        task_id: run_id * 10,
         run_id,
         outcome: RunOutcome::Completed,
         exit_code: Some(0),
-        stdout: "42\n".to_string(),
+        stdout: stdout.to_string(),
         stderr: String::new(),
         error: None,
         started_at: Some(1.0),
@@ -285,4 +290,144 @@ async fn a_coordinator_that_forgot_the_node_is_sent_a_heartbeat_first() {
     let report = report_for(&fake, 40).expect("report");
     assert_eq!(report.outcome, RunOutcome::Completed);
     assert_eq!(report.stdout, "42\n");
+}
+
+/// Starts an agent as `node-1` on an outbox holding results for `runs` (an earlier life's).
+fn agent_with_waiting_results(
+    fake: &FakeCoordinator,
+    state_dir: &Path,
+    runs: &[RunId],
+) -> (RunningAgent, Vec<PathBuf>) {
+    let files = runs
+        .iter()
+        .map(|run_id| seed_outbox(state_dir, "node-1", *run_id))
+        .collect();
+    let mut config = config(fake, state_dir);
+    config.node_id = Some("node-1".to_string());
+    (RunningAgent::start(config), files)
+}
+
+#[tokio::test]
+async fn results_waiting_together_go_in_one_post_and_are_settled_one_by_one() {
+    let fake = FakeCoordinator::start().await;
+    fake.refuse_in_batches(102);
+    let state = tempfile::tempdir().expect("state dir");
+    let (agent, files) = agent_with_waiting_results(&fake, state.path(), &[101, 102, 103]);
+
+    wait_until("every result left the outbox", || {
+        files.iter().all(|f| !f.exists())
+    })
+    .await;
+    agent.stop().await;
+
+    assert_eq!(
+        fake.batches(),
+        [vec![101, 102, 103]],
+        "one post for the three"
+    );
+    assert!(fake.single_posts().is_empty(), "none went alone");
+    let results = fake.results();
+    assert_eq!(
+        results.len(),
+        3,
+        "the refused one is not sent again: {results:?}"
+    );
+    assert!(
+        results
+            .iter()
+            .all(|r| r.task_id == r.run_id * 10 && r.stdout == "42\n")
+    );
+    let last = fake.heartbeats().pop().expect("heartbeats");
+    assert!(last.finished.is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_batch_keeps_every_result_until_it_is_acknowledged() {
+    let fake = FakeCoordinator::start().await;
+    fake.answer_batches_with(Some(503));
+    let state = tempfile::tempdir().expect("state dir");
+    let (agent, files) = agent_with_waiting_results(&fake, state.path(), &[201, 202]);
+
+    wait_until("a batch was answered 503", || !fake.batches().is_empty()).await;
+    wait_until("a heartbeat reports both unacknowledged results", || {
+        fake.heartbeats().iter().any(|h| h.finished == [201, 202])
+    })
+    .await;
+    assert!(
+        files.iter().all(|f| f.exists()),
+        "kept while the coordinator fails"
+    );
+    fake.answer_batches_with(None);
+    wait_until("both results left the outbox", || {
+        files.iter().all(|f| !f.exists())
+    })
+    .await;
+    agent.stop().await;
+
+    let batches = fake.batches();
+    assert!(batches.len() >= 2, "retried after the 503: {batches:?}");
+    assert!(
+        batches.iter().all(|b| b == &[201, 202]),
+        "whole, each time: {batches:?}"
+    );
+    assert!(fake.single_posts().is_empty());
+}
+
+#[tokio::test]
+async fn a_coordinator_without_the_batch_endpoint_gets_the_results_one_by_one() {
+    let fake = FakeCoordinator::start().await;
+    fake.answer_batches_with(Some(404));
+    let state = tempfile::tempdir().expect("state dir");
+    let (agent, files) = agent_with_waiting_results(&fake, state.path(), &[301, 302, 303]);
+
+    wait_until("every result left the outbox", || {
+        files.iter().all(|f| !f.exists())
+    })
+    .await;
+    agent.stop().await;
+
+    assert_eq!(
+        fake.batches(),
+        [vec![301, 302, 303]],
+        "tried once as a batch"
+    );
+    assert_eq!(
+        fake.single_posts(),
+        [301, 302, 303],
+        "then one by one, in order"
+    );
+}
+
+#[tokio::test]
+async fn large_results_are_posted_in_bounded_batches() {
+    let fake = FakeCoordinator::start().await;
+    let state = tempfile::tempdir().expect("state dir");
+    // Two results of 1.5 MiB each cannot share a post (about 2 MiB at most); the small one
+    // joins the second.
+    let big = "x".repeat(1536 * 1024);
+    let files = [
+        seed_outbox_with(state.path(), "node-1", 401, &big),
+        seed_outbox_with(state.path(), "node-1", 402, &big),
+        seed_outbox_with(state.path(), "node-1", 403, "small\n"),
+    ];
+    let mut config = config(&fake, state.path());
+    config.node_id = Some("node-1".to_string());
+    let agent = RunningAgent::start(config);
+
+    wait_until("every result left the outbox", || {
+        files.iter().all(|f| !f.exists())
+    })
+    .await;
+    agent.stop().await;
+
+    assert_eq!(fake.single_posts(), [401], "the first went alone");
+    assert_eq!(fake.batches(), [vec![402, 403]]);
+    let results = fake.results();
+    assert_eq!(results.len(), 3);
+    assert!(
+        results
+            .iter()
+            .filter(|r| r.run_id != 403)
+            .all(|r| r.stdout == big)
+    );
 }

@@ -164,6 +164,46 @@ impl Engine {
         Ok(task_id)
     }
 
+    /// Accepts several tasks at once, all or none: every one is validated first (the error
+    /// names the first invalid one by its index), then all are queued in one critical
+    /// section and made durable in one commit. Answers the ids in the order given.
+    /// `submitted_by` is recorded on every task as [`Engine::submit_by`] does.
+    pub async fn submit_batch(
+        &self,
+        requests: Vec<SubmitRequest>,
+        submitted_by: Option<i64>,
+    ) -> Result<Vec<TaskId>, EngineError> {
+        let specs = requests
+            .into_iter()
+            .enumerate()
+            .map(|(index, request)| {
+                let mut task = NewTask::from_request(request, &self.config.limits)
+                    .map_err(|e| ValidationError(format!("tasks[{index}]: {}", e.0)))?;
+                task.spec.submitted_by = submitted_by;
+                Ok::<_, ValidationError>(task)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let now = unix_now();
+        let (task_ids, ack) = self.mutate(|s| {
+            let mut task_ids = Vec::with_capacity(specs.len());
+            let mut changes = Vec::with_capacity(specs.len());
+            for spec in specs {
+                let (task_id, mut created) = s.submit(spec, now);
+                task_ids.push(task_id);
+                changes.append(&mut created);
+            }
+            (task_ids, changes)
+        });
+        self.work.notify_waiters();
+        ack.durable().await?;
+        tracing::debug!(
+            tasks = task_ids.len(),
+            first_task_id = task_ids.first().copied(),
+            "task batch accepted"
+        );
+        Ok(task_ids)
+    }
+
     pub async fn cancel(&self, task_id: TaskId) -> Result<TaskRecord, EngineError> {
         let now = unix_now();
         let (outcome, ack) = self.mutate(|s| match s.cancel(task_id, now) {
@@ -689,6 +729,51 @@ impl Engine {
             task_id: report.task_id,
             run_id: report.run_id,
         })
+    }
+
+    /// Records several runs' outcomes in one critical section and one commit. Each report
+    /// is settled on its own, exactly as [`Engine::report`] would settle it alone (a stale
+    /// one is refused, the others are still recorded); the answer, in order, comes once
+    /// every accepted report is durable. Only a storage failure fails the whole batch.
+    pub async fn report_batch(
+        &self,
+        reports: &[RunReport],
+    ) -> Result<Vec<Result<(), SchedulerError>>, EngineError> {
+        let now = unix_now();
+        let (outcomes, ack) = self.mutate(|s| {
+            let mut changes = Vec::new();
+            let outcomes: Vec<Result<(), SchedulerError>> = reports
+                .iter()
+                .map(|report| {
+                    s.report(report, now)
+                        .map(|mut settled| changes.append(&mut settled))
+                })
+                .collect();
+            (outcomes, changes)
+        });
+        let accepted = outcomes.iter().filter(|o| o.is_ok()).count();
+        if accepted > 0 {
+            // Capacity freed (and maybe tasks requeued): waiting pulls look again, once.
+            self.work.notify_waiters();
+        }
+        ack.durable().await?;
+        for (report, outcome) in reports.iter().zip(&outcomes) {
+            match outcome {
+                Ok(()) => {
+                    tracing::debug!(task_id = report.task_id, run_id = report.run_id, node_id = %report.node_id, outcome = ?report.outcome, "run reported")
+                }
+                Err(e) => {
+                    tracing::info!(task_id = report.task_id, run_id = report.run_id, node_id = %report.node_id, error = %e, "run report refused")
+                }
+            }
+        }
+        tracing::debug!(
+            reports = reports.len(),
+            accepted,
+            refused = reports.len() - accepted,
+            "run reports recorded"
+        );
+        Ok(outcomes)
     }
 
     /// One pass of the periodic checks (silent nodes, lapsed leases).

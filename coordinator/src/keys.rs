@@ -208,8 +208,9 @@ impl Access {
         let cancel = path
             .strip_prefix("/api/v1/tasks/")
             .is_some_and(|rest| rest.ends_with("/cancel") && rest.matches('/').count() == 1);
+        let submit = path == "/submit" || path == "/api/v1/tasks" || path == "/api/v1/tasks/batch";
         let change_points = path == "/api/deployment/task/change_points";
-        if post && (path == "/submit" || path == "/api/v1/tasks" || cancel || change_points) {
+        if post && (submit || cancel || change_points) {
             return Access::Task;
         }
         Access::Admin
@@ -243,6 +244,8 @@ mod tests {
             Access::of("POST", "/api/deployment/task/change_points"),
             Access::Task
         );
+        assert_eq!(Access::of("POST", "/api/v1/tasks/batch"), Access::Task);
+        assert_eq!(Access::of("POST", "/internal/results"), Access::Agent);
         assert_eq!(Access::of("POST", "/api/v1/nodes/n1/drain"), Access::Admin);
         assert_eq!(Access::of("PUT", "/api/v1/nodes/n1/meta"), Access::Admin);
         assert_eq!(Access::of("GET", "/ui"), Access::Open);

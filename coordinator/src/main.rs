@@ -13,6 +13,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc instead of glibc's malloc: dispatch allocates many small, short-lived buffers
+/// (requests, changes, events), and glibc's allocator took about a quarter of the
+/// coordinator's CPU at full load (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Lull coordinator: accepts Python tasks over HTTP and schedules them on idle machines.
 #[derive(Debug, Parser)]
 #[command(name = "lull-coordinator", version)]

@@ -1,6 +1,7 @@
 //! The `loadgen` benchmark's simulated agents (`examples/loadgen/sim.rs`) at a tiny size
 //! against an in-process coordinator on 127.0.0.1:0, so the tool cannot rot: 20 nodes
-//! heartbeat and pull, 200 tasks are submitted, and every one completes exactly once.
+//! heartbeat and pull, 200 tasks are submitted (one by one, or in batches with the results
+//! posted in batches), and every one completes exactly once.
 
 #[path = "../examples/loadgen/sim.rs"]
 #[allow(dead_code)]
@@ -13,6 +14,15 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulated_agents_complete_every_task_exactly_once() {
+    simulate(1, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_submissions_and_results_complete_every_task_exactly_once() {
+    simulate(50, true).await;
+}
+
+async fn simulate(batch: usize, batch_results: bool) {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut config = Config::new(dir.path().to_path_buf());
     config.local_agents = 0;
@@ -33,6 +43,8 @@ async fn simulated_agents_complete_every_task_exactly_once() {
         heartbeat_connections: 2,
         min_window: Duration::from_millis(500),
         deadline: Duration::from_secs(60),
+        batch,
+        batch_results,
         ..sim::Plan::new(&base)
     };
     let mut phases = Vec::new();

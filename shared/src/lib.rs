@@ -650,6 +650,51 @@ pub struct RunReportAck {
     pub run_id: RunId,
 }
 
+/// Most tasks one `POST /api/v1/tasks/batch` may hold.
+pub const MAX_TASK_BATCH: usize = 1000;
+
+/// Most reports one `POST /internal/results` may hold.
+pub const MAX_RESULT_BATCH: usize = 1000;
+
+/// Body of `POST /internal/results`: the outcomes of several runs at once (an agent sends
+/// the results that are ready together). Each is settled on its own; see [`ResultsAck`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunReportBatch {
+    pub results: Vec<RunReport>,
+}
+
+/// What became of one report of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportVerdict {
+    /// Recorded (durable before the answer): forget it.
+    Accepted,
+    /// The run is no longer the sender's (requeued, cancelled, already reported, another
+    /// node's): sending it again can never succeed. `POST /internal/result` says 404/409.
+    Refused,
+    /// The report itself is malformed. `POST /internal/result` says 422.
+    Rejected,
+}
+
+/// One report's answer, in the order the reports were sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportItemAck {
+    pub status: ReportVerdict,
+    /// The status `POST /internal/result` would have answered for this report alone.
+    pub code: u16,
+    /// `None` only for a report too malformed to name them.
+    pub task_id: Option<TaskId>,
+    pub run_id: Option<RunId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// Answer to `POST /internal/results`: one entry per report, in order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResultsAck {
+    pub results: Vec<ReportItemAck>,
+}
+
 /// The `{"detail": ...}` error body used everywhere but the seed 000/002 envelopes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {

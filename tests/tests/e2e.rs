@@ -286,6 +286,131 @@ async fn the_coordinator_killed_under_load_and_restarted_loses_no_task_and_compl
     assert_each_completed_once(&c, &expected).await;
 }
 
+/// Submits `codes` in one `POST /api/v1/tasks/batch`; answers id → expected result for an
+/// accepted batch (each code prints its own result), nothing for a refused one.
+async fn submit_batch(c: &Coordinator, codes: &[(String, String)]) -> HashMap<i64, String> {
+    let body = serde_json::json!({
+        "tasks": codes.iter().map(|(code, _)| serde_json::json!({"code": code})).collect::<Vec<_>>()
+    });
+    let Ok(answer) = c.post("/api/v1/tasks/batch", &body).await else {
+        return HashMap::new();
+    };
+    let ids = answer["task_ids"].as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        ids.len(),
+        codes.len(),
+        "an accepted batch is accepted whole: {answer}"
+    );
+    ids.iter()
+        .zip(codes)
+        .map(|(id, (_, result))| (id.as_i64().expect("task id"), result.clone()))
+        .collect()
+}
+
+fn json_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn batches_through_a_coordinator_killed_mid_flow_complete_every_accepted_task_once() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("coord");
+    let mut args = vec!["--local-agents", "0"];
+    args.extend_from_slice(FAST);
+    let mut c = Coordinator::start(&data, &args).expect("coordinator");
+    let addr = c.addr().to_string();
+    let outboxes = [dir.path().join("a"), dir.path().join("b")];
+    let _a =
+        start_agent(&c.url, &outboxes[0], &agent_args("a", &["--cpus", "2"])).expect("agent a");
+    let _b =
+        start_agent(&c.url, &outboxes[1], &agent_args("b", &["--cpus", "2"])).expect("agent b");
+    c.wait_for_nodes(2).await;
+
+    let batch = |first: u32, n: u32, sleep: &str| -> Vec<(String, String)> {
+        (first..first + n)
+            .map(|i| {
+                (
+                    format!("import time; time.sleep({sleep}); print({i})"),
+                    i.to_string(),
+                )
+            })
+            .collect()
+    };
+    // Batches in flight on both agents; kill the coordinator with SIGKILL while runs are
+    // under way, so that their results pile up in the agents' outboxes.
+    let mut expected = HashMap::new();
+    for k in 0..3 {
+        let accepted = submit_batch(&c, &batch(k * 40, 40, "0.2")).await;
+        assert_eq!(accepted.len(), 40, "batch {k} accepted");
+        expected.extend(accepted);
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "some tasks to complete",
+        || async {
+            let stats = c.get("/stats").await.ok()?;
+            (stats["tasks"]["completed"].as_u64()? >= 4).then_some(())
+        },
+    )
+    .await;
+    c.process.kill9();
+    wait_until(
+        Duration::from_secs(30),
+        "results to wait together in an agent's outbox",
+        || async {
+            // Two or more in one outbox: that agent posts them as one batch once it can.
+            outboxes
+                .iter()
+                .any(|d| json_files(&d.join("outbox")) >= 2)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // Back on the same address: the agents post what waited (together, through
+    // `POST /internal/results`), and more batches arrive.
+    let c = Coordinator::start_on(&addr, &data, &args).expect("coordinator restarts");
+    for k in 3..5 {
+        let accepted = submit_batch(&c, &batch(k * 40, 40, "0")).await;
+        assert_eq!(accepted.len(), 40, "batch {k} accepted after the restart");
+        expected.extend(accepted);
+    }
+    wait_until(
+        Duration::from_secs(300),
+        "every accepted task to complete",
+        || async {
+            for id in expected.keys() {
+                if c.status(*id).await.ok()?["status"] != "completed" {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    assert_eq!(expected.len(), 200);
+    assert_each_completed_once(&c, &expected).await;
+    let stats = c.get("/stats").await.expect("stats");
+    assert_eq!(stats["tasks"]["total"], 200, "{stats}");
+    assert_eq!(stats["tasks"]["completed"], 200, "{stats}");
+    wait_until(Duration::from_secs(30), "the outboxes to empty", || async {
+        (outboxes
+            .iter()
+            .map(|d| json_files(&d.join("outbox")))
+            .sum::<usize>()
+            == 0)
+            .then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_result_made_while_the_coordinator_is_down_is_delivered_after_it_returns() {
     let dir = tempfile::tempdir().expect("dir");

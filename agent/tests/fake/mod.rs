@@ -1,4 +1,4 @@
-//! A fake coordinator for the agent's tests: the three `/internal` endpoints on 127.0.0.1:0,
+//! A fake coordinator for the agent's tests: the `/internal` endpoints on 127.0.0.1:0,
 //! recording what the agent sends and answering as each test scripts it.
 
 use axum::extract::{Query, State};
@@ -7,8 +7,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use lull_shared::{
-    Assignment, ErrorBody, HeartbeatRequest, HeartbeatResponse, PullResponse, RunId, RunReport,
-    RunReportAck,
+    Assignment, ErrorBody, HeartbeatRequest, HeartbeatResponse, PullResponse, ReportItemAck,
+    ReportVerdict, ResultsAck, RunId, RunReport, RunReportAck, RunReportBatch,
 };
 use serde::Deserialize;
 use std::collections::{BTreeSet, HashSet, VecDeque};
@@ -33,6 +33,14 @@ struct FakeState {
     results: Mutex<Vec<RunReport>>,
     /// The status every `POST /internal/result` is answered with (`None`: 200).
     result_status: Mutex<Option<StatusCode>>,
+    /// The run ids of each `POST /internal/result`, and of each `POST /internal/results`.
+    singles: Mutex<Vec<RunId>>,
+    batches: Mutex<Vec<Vec<RunId>>>,
+    /// The status every `POST /internal/results` is answered with as a whole (`None`: 200,
+    /// each report settled on its own).
+    batch_status: Mutex<Option<StatusCode>>,
+    /// Runs whose report a batch answer refuses (409) instead of accepting.
+    refused_runs: Mutex<BTreeSet<RunId>>,
     cancels: Mutex<BTreeSet<RunId>>,
 }
 
@@ -49,6 +57,7 @@ impl FakeCoordinator {
             .route("/internal/heartbeat", post(heartbeat))
             .route("/internal/task", get(pull))
             .route("/internal/result", post(result))
+            .route("/internal/results", post(results))
             .with_state(Arc::clone(&state));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -71,6 +80,26 @@ impl FakeCoordinator {
     /// Answers every result from now on with `status` (`None`: 200).
     pub fn answer_results_with(&self, status: Option<u16>) {
         *lock(&self.state.result_status) = status.map(|s| StatusCode::from_u16(s).expect("status"));
+    }
+
+    /// Answers every batch of results from now on with `status` as a whole (`None`: 200).
+    pub fn answer_batches_with(&self, status: Option<u16>) {
+        *lock(&self.state.batch_status) = status.map(|s| StatusCode::from_u16(s).expect("status"));
+    }
+
+    /// Refuses (409) `run_id`'s report in batch answers from now on.
+    pub fn refuse_in_batches(&self, run_id: RunId) {
+        lock(&self.state.refused_runs).insert(run_id);
+    }
+
+    /// The run ids of every `POST /internal/result`, in order.
+    pub fn single_posts(&self) -> Vec<RunId> {
+        lock(&self.state.singles).clone()
+    }
+
+    /// The run ids of every `POST /internal/results`, batch by batch.
+    pub fn batches(&self) -> Vec<Vec<RunId>> {
+        lock(&self.state.batches).clone()
     }
 
     /// Tells the agent to cancel `run_id` in every heartbeat answer from now on.
@@ -154,6 +183,7 @@ async fn pull(State(state): State<Arc<FakeState>>, Query(query): Query<PullQuery
 
 async fn result(State(state): State<Arc<FakeState>>, Json(report): Json<RunReport>) -> Response {
     let (task_id, run_id) = (report.task_id, report.run_id);
+    lock(&state.singles).push(run_id);
     lock(&state.results).push(report);
     let status = lock(&state.result_status).unwrap_or(StatusCode::OK);
     if status == StatusCode::OK {
@@ -166,4 +196,37 @@ async fn result(State(state): State<Arc<FakeState>>, Json(report): Json<RunRepor
     }
     let detail = format!("scripted {status}");
     (status, Json(ErrorBody { detail })).into_response()
+}
+
+async fn results(
+    State(state): State<Arc<FakeState>>,
+    Json(batch): Json<RunReportBatch>,
+) -> Response {
+    lock(&state.batches).push(batch.results.iter().map(|r| r.run_id).collect());
+    let status = lock(&state.batch_status).unwrap_or(StatusCode::OK);
+    if status != StatusCode::OK {
+        let detail = format!("scripted {status}");
+        return (status, Json(ErrorBody { detail })).into_response();
+    }
+    let refused = lock(&state.refused_runs).clone();
+    let answers = batch
+        .results
+        .iter()
+        .map(|report| {
+            let (status, code) = if refused.contains(&report.run_id) {
+                (ReportVerdict::Refused, 409)
+            } else {
+                (ReportVerdict::Accepted, 200)
+            };
+            ReportItemAck {
+                status,
+                code,
+                task_id: Some(report.task_id),
+                run_id: Some(report.run_id),
+                detail: None,
+            }
+        })
+        .collect();
+    lock(&state.results).extend(batch.results);
+    Json(ResultsAck { results: answers }).into_response()
 }

@@ -73,6 +73,13 @@ struct DispatchArgs {
     /// Submissions in flight at once (closed loop).
     #[arg(long, default_value_t = 64)]
     submitters: usize,
+    /// Tasks per submission: 1 posts `POST /submit`; more posts `POST /api/v1/tasks/batch`
+    /// (1..=1000).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    batch: u16,
+    /// Post each pull's results together to `POST /internal/results`.
+    #[arg(long)]
+    batch_results: bool,
 }
 
 #[derive(Debug, Args)]
@@ -396,6 +403,8 @@ async fn dispatch(a: DispatchArgs, json_out: Option<&Path>) -> anyhow::Result<()
             tasks: a.tasks,
             submitters: a.submitters,
             heartbeat_connections: 4,
+            batch: a.batch.into(),
+            batch_results: a.batch_results,
             ..Plan::new(&base)
         };
         let (mut o, [c0, c1, l0, l1]) = measured(plan, coordinator.pid).await?;
@@ -408,19 +417,23 @@ async fn dispatch(a: DispatchArgs, json_out: Option<&Path>) -> anyhow::Result<()
         );
         let rate = a.tasks as f64 / o.dispatch.as_secs_f64();
         println!(
-            "dispatch sync={} tasks={} nodes={}x{} slots submitters={}: {:.0} tasks/s ({:.2} s); \
-             submit→result p50 {:.2} ms p99 {:.2} ms; submit→handed out p50 {:.2} ms; \
+            "dispatch sync={} tasks={} nodes={}x{} slots submitters={} batch={} batch_results={}: \
+             {:.0} tasks/s ({:.2} s); submit→result p50 {:.2} ms p99 {:.2} ms; \
+             submit→handed out p50 {:.2} ms p99 {:.2} ms; \
              coordinator {:.2} cores, RSS {:.1} MB; loadgen {:.2} cores; 409s {} errors {}",
             a.sync,
             a.tasks,
             a.nodes,
             a.slots,
             a.submitters,
+            a.batch,
+            a.batch_results,
             rate,
             o.dispatch.as_secs_f64(),
             ms(percentile(&mut o.latency, 50.0)),
             ms(percentile(&mut o.latency, 99.0)),
             ms(percentile(&mut o.start_latency, 50.0)),
+            ms(percentile(&mut o.start_latency, 99.0)),
             cores(&c0, &c1),
             c1.rss_mb,
             cores(&l0, &l1),
@@ -432,6 +445,7 @@ async fn dispatch(a: DispatchArgs, json_out: Option<&Path>) -> anyhow::Result<()
             &json!({
                 "bench": "dispatch", "sync": a.sync, "tasks": a.tasks, "nodes": a.nodes,
                 "slots": a.slots, "submitters": a.submitters,
+                "batch": a.batch, "batch_results": a.batch_results,
                 "tasks_per_s": rate.round(), "seconds": o.dispatch.as_secs_f64(),
                 "submit_to_result": latency_json(&mut o.latency),
                 "submit_to_start": latency_json(&mut o.start_latency),

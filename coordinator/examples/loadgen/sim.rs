@@ -18,8 +18,8 @@
 use anyhow::{Context, bail};
 use futures::StreamExt;
 use lull_shared::{
-    AgentState, HeartbeatRequest, Load, NodeResources, PullResponse, RunId, RunOutcome, RunReport,
-    TaskId,
+    AgentState, HeartbeatRequest, Load, NodeResources, PullResponse, ReportVerdict, ResultsAck,
+    RunId, RunOutcome, RunReport, RunReportBatch, TaskId,
 };
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -56,6 +56,12 @@ pub struct Plan {
     pub deadline: Duration,
     /// Node ids are `{node_prefix}{index}`.
     pub node_prefix: String,
+    /// Tasks per submission: 1 posts each to `POST /submit`; more posts them together to
+    /// `POST /api/v1/tasks/batch` (at most 1,000).
+    pub batch: usize,
+    /// Post the results of each pull together to `POST /internal/results` instead of one
+    /// `POST /internal/result` each.
+    pub batch_results: bool,
 }
 
 impl Plan {
@@ -73,6 +79,8 @@ impl Plan {
             min_window: Duration::ZERO,
             deadline: Duration::from_secs(600),
             node_prefix: "sim-".into(),
+            batch: 1,
+            batch_results: false,
         }
     }
 }
@@ -280,15 +288,10 @@ async fn heartbeat_worker(
     Ok((latencies, sent))
 }
 
-async fn report(
-    http: &reqwest::Client,
-    shared: &Shared,
-    node_id: &str,
-    task_id: TaskId,
-    run_id: RunId,
-) -> anyhow::Result<()> {
+/// A simulated run's report: completed at once, printing what the workload prints.
+fn completed(node_id: &str, task_id: TaskId, run_id: RunId) -> RunReport {
     let now = unix_now();
-    let body = RunReport {
+    RunReport {
         node_id: node_id.to_string(),
         task_id,
         run_id,
@@ -301,7 +304,86 @@ async fn report(
         completed_at: Some(now),
         cpu_seconds: Some(0.0),
         max_rss_mb: Some(0.0),
+    }
+}
+
+/// Counts one acknowledgement of `task_id`'s result.
+fn acknowledged(shared: &Shared, task_id: TaskId) {
+    let now = shared.now();
+    let mut tasks = lock(&shared.tasks);
+    let t = tasks.entry(task_id).or_default();
+    t.acks += 1;
+    if t.acks == 1 {
+        t.done = Some(now);
+        drop(tasks);
+        if shared.acked.fetch_add(1, Ordering::Relaxed) + 1 >= shared.plan.tasks {
+            shared.all_done.notify_one();
+        }
+    }
+}
+
+/// Posts `reports` together to `POST /internal/results` and counts what each answer says.
+async fn report_batch(
+    http: &reqwest::Client,
+    shared: &Shared,
+    reports: &[RunReport],
+) -> anyhow::Result<()> {
+    let body = RunReportBatch {
+        results: reports.to_vec(),
     };
+    // As in `report`: after a transport error, post the whole batch again; what was
+    // recorded already is refused (409) the second time, never counted twice.
+    let mut attempt = 0;
+    let answer: ResultsAck = loop {
+        attempt += 1;
+        match http
+            .post(format!("{}/internal/results", shared.plan.base))
+            .json(&body)
+            .send()
+            .await
+        {
+            Ok(resp) if resp.status().is_success() => break resp.json().await?,
+            Ok(resp) => {
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+                bail!("results batch: {}", resp.status());
+            }
+            Err(e) if attempt < 5 => {
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "results post failed; retrying");
+                tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+            }
+            Err(e) => return Err(e).context("posting results"),
+        }
+    };
+    anyhow::ensure!(
+        answer.results.len() == reports.len(),
+        "{} answers for {} reports",
+        answer.results.len(),
+        reports.len()
+    );
+    for (report, item) in reports.iter().zip(&answer.results) {
+        match item.status {
+            ReportVerdict::Accepted => acknowledged(shared, report.task_id),
+            ReportVerdict::Refused => {
+                shared.refused.fetch_add(1, Ordering::Relaxed);
+            }
+            ReportVerdict::Rejected => {
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(task_id = report.task_id, detail = ?item.detail, "report rejected");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn report(
+    http: &reqwest::Client,
+    shared: &Shared,
+    node_id: &str,
+    task_id: TaskId,
+    run_id: RunId,
+) -> anyhow::Result<()> {
+    let body = completed(node_id, task_id, run_id);
     // A transport error leaves the result unknown: post again, as the agent's outbox does.
     // A repeated post of a result already recorded is refused (409), never counted twice.
     let mut attempt = 0;
@@ -334,17 +416,7 @@ async fn report(
         shared.errors.fetch_add(1, Ordering::Relaxed);
         bail!("result of task {task_id}: {status}");
     }
-    let now = shared.now();
-    let mut tasks = lock(&shared.tasks);
-    let t = tasks.entry(task_id).or_default();
-    t.acks += 1;
-    if t.acks == 1 {
-        t.done = Some(now);
-        drop(tasks);
-        if shared.acked.fetch_add(1, Ordering::Relaxed) + 1 >= shared.plan.tasks {
-            shared.all_done.notify_one();
-        }
-    }
+    acknowledged(shared, task_id);
     Ok(())
 }
 
@@ -396,11 +468,20 @@ async fn puller(
             }
         }
         lock(&shared.running[index]).extend(pulled.tasks.iter().map(|a| a.run_id));
-        let reports = pulled
-            .tasks
-            .iter()
-            .map(|a| report(&http, &shared, &node_id, a.task_id, a.run_id));
-        let results = futures::future::join_all(reports).await;
+        let results = if shared.plan.batch_results {
+            let reports: Vec<RunReport> = pulled
+                .tasks
+                .iter()
+                .map(|a| completed(&node_id, a.task_id, a.run_id))
+                .collect();
+            vec![report_batch(&http, &shared, &reports).await]
+        } else {
+            let reports = pulled
+                .tasks
+                .iter()
+                .map(|a| report(&http, &shared, &node_id, a.task_id, a.run_id));
+            futures::future::join_all(reports).await
+        };
         {
             let mut running = lock(&shared.running[index]);
             for a in &pulled.tasks {
@@ -422,6 +503,9 @@ async fn submitter(
     next: Arc<AtomicUsize>,
     pace: Option<Duration>,
 ) -> anyhow::Result<usize> {
+    if shared.plan.batch > 1 {
+        return batch_submitter(shared, http, next, pace).await;
+    }
     let url = format!("{}/submit", shared.plan.base);
     let body = serde_json::json!({ "code": CODE });
     let mut ticker = pace.map(|p| {
@@ -452,6 +536,60 @@ async fn submitter(
             .context("submit answer without task_id")?;
         lock(&shared.tasks).entry(task_id).or_default().submitted = Some(sent);
         accepted += 1;
+    }
+    Ok(accepted)
+}
+
+/// [`submitter`] with `plan.batch` tasks per `POST /api/v1/tasks/batch` (the last batch may
+/// be smaller); `pace` is per batch.
+async fn batch_submitter(
+    shared: Arc<Shared>,
+    http: reqwest::Client,
+    next: Arc<AtomicUsize>,
+    pace: Option<Duration>,
+) -> anyhow::Result<usize> {
+    let url = format!("{}/api/v1/tasks/batch", shared.plan.base);
+    let size = shared.plan.batch;
+    let task = serde_json::json!({ "code": CODE });
+    let mut ticker = pace.map(|p| {
+        let mut t = tokio::time::interval(p);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        t
+    });
+    let mut accepted = 0;
+    loop {
+        let first = next.fetch_add(size, Ordering::Relaxed);
+        if first >= shared.plan.tasks {
+            break;
+        }
+        let n = size.min(shared.plan.tasks - first);
+        let body = serde_json::json!({ "tasks": vec![&task; n] });
+        if let Some(t) = ticker.as_mut() {
+            t.tick().await;
+        }
+        let sent = shared.now();
+        let resp = http
+            .post(&url)
+            .json(&body)
+            .send()
+            .await
+            .context("submitting a batch")?;
+        let status = resp.status();
+        if !status.is_success() {
+            shared.errors.fetch_add(1, Ordering::Relaxed);
+            bail!("batch submit answered {status}");
+        }
+        let answer: serde_json::Value = resp.json().await.context("batch answer")?;
+        let ids = answer["task_ids"]
+            .as_array()
+            .context("batch answer without task_ids")?;
+        anyhow::ensure!(ids.len() == n, "{} ids for {n} tasks", ids.len());
+        let mut tasks = lock(&shared.tasks);
+        for id in ids {
+            let task_id = id.as_i64().context("a task id that is not a number")?;
+            tasks.entry(task_id).or_default().submitted = Some(sent);
+        }
+        accepted += n;
     }
     Ok(accepted)
 }
@@ -519,7 +657,7 @@ pub async fn run(plan: Plan, mut at: impl FnMut(Phase)) -> anyhow::Result<Outcom
     let pace = plan
         .task_rate
         .filter(|r| *r > 0.0)
-        .map(|r| Duration::from_secs_f64(submitters_n as f64 / r));
+        .map(|r| Duration::from_secs_f64(submitters_n as f64 * plan.batch.max(1) as f64 / r));
     let dispatch_began = Instant::now();
     let submitters: Vec<_> = (0..submitters_n)
         .map(|_| tokio::spawn(submitter(shared.clone(), http.clone(), next.clone(), pace)))

@@ -24,24 +24,46 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            let status = rejection.status();
-            if status == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(status, "request body too large")
-            } else {
-                ApiError::bad_request(format!("could not read the request body: {rejection}"))
-            }
-        })?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Err(ApiError::bad_request(
-                "request body is empty; expected a JSON object",
-            ));
-        }
-        let mut de = serde_json::Deserializer::from_slice(&bytes);
-        let value = T::deserialize(&mut de).map_err(json_error)?;
-        de.end().map_err(json_error)?;
-        Ok(JsonBody(value))
+        let BodyBytes(bytes) = BodyBytes::from_request(req, state).await?;
+        parse_json(&bytes).map(JsonBody)
     }
+}
+
+/// The raw body, for handlers that parse it themselves: too large is 413, unreadable 400.
+pub struct BodyBytes(pub Bytes);
+
+impl<S> FromRequest<S> for BodyBytes
+where
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Bytes::from_request(req, state)
+            .await
+            .map(BodyBytes)
+            .map_err(|rejection| {
+                let status = rejection.status();
+                if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(status, "request body too large")
+                } else {
+                    ApiError::bad_request(format!("could not read the request body: {rejection}"))
+                }
+            })
+    }
+}
+
+/// A JSON body already read: empty or malformed is 400, the wrong shape 422 (as [`JsonBody`]).
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request(
+            "request body is empty; expected a JSON object",
+        ));
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = T::deserialize(&mut de).map_err(json_error)?;
+    de.end().map_err(json_error)?;
+    Ok(value)
 }
 
 /// A JSON body that may be left out entirely (an empty body is `T::default()`), for

@@ -4,14 +4,15 @@
 use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
-use super::extract::{JsonBody, QueryParams, task_id_from_path};
+use super::extract::{BodyBytes, JsonBody, QueryParams, parse_json, task_id_from_path};
 use super::views;
 use crate::engine::unix_now;
 use axum::Json;
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use lull_shared::{
-    HeartbeatRequest, HeartbeatResponse, PullResponse, RunId, RunReport, RunReportAck,
-    SubmitRequest, TaskId, TaskStatus,
+    HeartbeatRequest, HeartbeatResponse, MAX_RESULT_BATCH, PullResponse, ReportItemAck,
+    ReportVerdict, ResultsAck, RunId, RunReport, RunReportAck, SubmitRequest, TaskId, TaskStatus,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -307,4 +308,103 @@ pub async fn result(
     JsonBody(report): JsonBody<RunReport>,
 ) -> Result<Json<RunReportAck>, ApiError> {
     Ok(Json(app.engine.report(report).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResultsRequest {
+    results: Vec<RunReport>,
+}
+
+/// The same body with each report kept as JSON, read only when [`ResultsRequest`] did not
+/// parse, so that a malformed report is rejected alone and the others are still settled.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LooseResultsRequest {
+    results: Vec<Value>,
+}
+
+/// `POST /internal/results`: several runs' outcomes in one commit. Each report is settled
+/// on its own, as `POST /internal/result` would settle it alone; the answer lists them in
+/// order. Only a storage failure (503) or a malformed envelope fails the whole request.
+pub async fn results_batch(
+    State(app): State<AppState>,
+    BodyBytes(body): BodyBytes,
+) -> Result<Json<ResultsAck>, ApiError> {
+    // Each entry: a report to settle, or the answer for one that is malformed.
+    let entries: Vec<Result<RunReport, ReportItemAck>> = match parse_json::<ResultsRequest>(&body) {
+        Ok(batch) => batch.results.into_iter().map(Ok).collect(),
+        Err(error) => match parse_json::<LooseResultsRequest>(&body) {
+            Ok(loose) => loose
+                .results
+                .into_iter()
+                .enumerate()
+                .map(|(index, value)| loose_report(index, value))
+                .collect(),
+            Err(_) => return Err(error),
+        },
+    };
+    let n = entries.len();
+    if n == 0 {
+        return Err(ApiError::unprocessable(
+            "results is empty; send 1 to 1000 reports",
+        ));
+    }
+    if n > MAX_RESULT_BATCH {
+        return Err(ApiError::unprocessable(format!(
+            "a batch holds at most {MAX_RESULT_BATCH} reports, got {n}; split it into several"
+        )));
+    }
+    let mut acks: Vec<Option<ReportItemAck>> = Vec::with_capacity(n);
+    let mut reports = Vec::with_capacity(n);
+    for entry in entries {
+        match entry {
+            Ok(report) => {
+                acks.push(None);
+                reports.push(report);
+            }
+            Err(rejected) => acks.push(Some(rejected)),
+        }
+    }
+    let outcomes = app.engine.report_batch(&reports).await?;
+    let mut settled = reports.iter().zip(outcomes).map(|(report, outcome)| {
+        let (status, code, detail) = match outcome {
+            Ok(()) => (ReportVerdict::Accepted, StatusCode::OK, None),
+            Err(e) => {
+                let error = ApiError::from(crate::engine::EngineError::from(e));
+                let verdict = if error.status == StatusCode::UNPROCESSABLE_ENTITY {
+                    ReportVerdict::Rejected
+                } else {
+                    ReportVerdict::Refused
+                };
+                (verdict, error.status, Some(error.detail))
+            }
+        };
+        ReportItemAck {
+            status,
+            code: code.as_u16(),
+            task_id: Some(report.task_id),
+            run_id: Some(report.run_id),
+            detail,
+        }
+    });
+    // One outcome per well-formed report, in order, fills the gaps between rejected ones.
+    let results = acks
+        .into_iter()
+        .filter_map(|ack| ack.or_else(|| settled.next()))
+        .collect();
+    Ok(Json(ResultsAck { results }))
+}
+
+/// One report of a batch that did not parse as a whole: the report, or why it is rejected.
+fn loose_report(index: usize, value: Value) -> Result<RunReport, ReportItemAck> {
+    let id = |field: &str| value.get(field).and_then(Value::as_i64);
+    let (task_id, run_id) = (id("task_id"), id("run_id"));
+    serde_json::from_value::<RunReport>(value).map_err(|e| ReportItemAck {
+        status: ReportVerdict::Rejected,
+        code: StatusCode::UNPROCESSABLE_ENTITY.as_u16(),
+        task_id,
+        run_id,
+        detail: Some(format!("results[{index}]: invalid report: {e}")),
+    })
 }

@@ -3,7 +3,9 @@
 use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
-use super::extract::{JsonBody, QueryParams, page_limit, status_filter, task_id_from_path};
+use super::extract::{
+    BodyBytes, JsonBody, QueryParams, page_limit, parse_json, status_filter, task_id_from_path,
+};
 use super::views;
 use crate::engine::EngineError;
 use crate::model::TaskRecord;
@@ -12,7 +14,7 @@ use crate::store::TaskQuery;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use lull_shared::{SubmitRequest, TaskId, TaskStatus};
+use lull_shared::{MAX_TASK_BATCH, SubmitRequest, TaskId, TaskStatus};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -39,6 +41,66 @@ pub async fn create(
     let task_id = app.engine.submit_by(request, caller.key_id).await?;
     let task = app.engine.task(task_id).await?;
     Ok((StatusCode::CREATED, Json(views::task(&task))))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    tasks: Vec<SubmitRequest>,
+}
+
+/// The same body with each task kept as JSON, read only when [`BatchRequest`] did not parse,
+/// to name the malformed task by its index.
+#[derive(Debug, Deserialize)]
+pub struct LooseBatchRequest {
+    tasks: Vec<Value>,
+}
+
+/// `POST /api/v1/tasks/batch`: 1 to [`MAX_TASK_BATCH`] tasks, all or none, in one durable
+/// commit. Answers 201 with the new ids in the order given.
+pub async fn create_batch(
+    State(app): State<AppState>,
+    caller: Caller,
+    BodyBytes(body): BodyBytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let requests = match parse_json::<BatchRequest>(&body) {
+        Ok(batch) => batch.tasks,
+        Err(error) => return Err(locate_bad_task(&body).unwrap_or(error)),
+    };
+    let n = requests.len();
+    if n == 0 {
+        return Err(ApiError::unprocessable(
+            "tasks is empty; a batch holds 1 to 1000 tasks",
+        ));
+    }
+    if n > MAX_TASK_BATCH {
+        return Err(ApiError::unprocessable(format!(
+            "a batch holds at most {MAX_TASK_BATCH} tasks, got {n}; split it into several"
+        )));
+    }
+    let task_ids = app.engine.submit_batch(requests, caller.key_id).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "task_ids": task_ids,
+            "count": task_ids.len(),
+        })),
+    ))
+}
+
+/// The first task of a batch that is not a valid task, as a 422 naming its index; `None`
+/// when the tasks are not where the error is.
+fn locate_bad_task(body: &[u8]) -> Option<ApiError> {
+    let loose: LooseBatchRequest = serde_json::from_slice(body).ok()?;
+    loose
+        .tasks
+        .into_iter()
+        .enumerate()
+        .find_map(|(index, task)| {
+            serde_json::from_value::<SubmitRequest>(task)
+                .err()
+                .map(|e| ApiError::unprocessable(format!("tasks[{index}]: invalid task: {e}")))
+        })
 }
 
 #[derive(Debug, Deserialize)]

@@ -12,14 +12,15 @@ use crate::model::{
 use crate::operations::{OperationKind, OperationRecord, OperationState, StageRecord};
 use async_trait::async_trait;
 use lull_shared::{
-    CommandKind, CommandStatus, Constraints, NodeResources, NodeStatus, Resources, RunStatus,
-    TaskId, TaskStatus,
+    CommandId, CommandKind, CommandStatus, Constraints, NodeResources, NodeStatus, Resources,
+    RunId, RunStatus, TaskId, TaskStatus,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
 use sqlx::{Row, Sqlite, Transaction};
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -316,164 +317,340 @@ fn command_from_row(row: &SqliteRow) -> Result<CommandRecord, StoreError> {
     })
 }
 
-async fn apply_one(tx: &mut Transaction<'_, Sqlite>, change: &Change) -> Result<(), StoreError> {
-    match change {
-        Change::TaskCreated(t) => {
+/// What a batch of changes leaves behind: every [`Change`] carries the whole mutable state
+/// of its row, so the last change per row is the batch's net effect, and a task created in
+/// the batch is inserted directly in its final state. Rows keep the order they first
+/// appeared in. The tables have no triggers or foreign keys between them, so applying the
+/// net effect table by table, in one transaction, leaves exactly what applying every change
+/// in order would.
+#[derive(Default)]
+struct NetChanges<'a> {
+    created: Keyed<TaskId, (&'a TaskRecord, &'a TaskState)>,
+    updated: Keyed<TaskId, &'a TaskState>,
+    runs: Keyed<RunId, &'a RunRecord>,
+    nodes: Keyed<&'a str, &'a NodeRecord>,
+    commands: Keyed<CommandId, &'a CommandRecord>,
+    operations: Keyed<crate::operations::OperationId, &'a crate::operations::OperationRecord>,
+}
+
+/// Rows by key, last write wins, in the order each key was first seen.
+struct Keyed<K, V> {
+    rows: Vec<V>,
+    index: HashMap<K, usize>,
+}
+
+impl<K, V> Default for Keyed<K, V> {
+    fn default() -> Self {
+        Keyed {
+            rows: Vec::new(),
+            index: HashMap::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq, V> Keyed<K, V> {
+    fn put(&mut self, key: K, row: V) {
+        match self.index.get(&key) {
+            Some(&at) => self.rows[at] = row,
+            None => {
+                self.index.insert(key, self.rows.len());
+                self.rows.push(row);
+            }
+        }
+    }
+
+    fn get_mut(&mut self, key: &K) -> Option<&mut V> {
+        self.index.get(key).map(|&at| &mut self.rows[at])
+    }
+}
+
+impl<'a> NetChanges<'a> {
+    fn of(changes: &'a [Change]) -> NetChanges<'a> {
+        let mut net = NetChanges::default();
+        for change in changes {
+            match change {
+                Change::TaskCreated(t) => net.created.put(t.task_id, (t, &t.state)),
+                Change::TaskUpdated(s) | Change::TaskRevised(s) => {
+                    match net.created.get_mut(&s.task_id) {
+                        Some(created) => created.1 = s,
+                        None => net.updated.put(s.task_id, s),
+                    }
+                }
+                Change::RunSaved(r) => net.runs.put(r.run_id, r),
+                Change::NodeSaved(n) => net.nodes.put(n.node_id.as_str(), n),
+                Change::CommandSaved(c) => net.commands.put(c.command_id, c),
+                Change::OperationSaved(o) => net.operations.put(o.operation_id, o),
+            }
+        }
+        net
+    }
+}
+
+/// Most rows one multi-row statement writes. Longer lists are split into statements of
+/// this size and then of halving sizes (64, 32, ... 1), so that only a handful of distinct
+/// statements exist per table: each stays prepared in the connection's statement cache.
+const MAX_ROWS_PER_STATEMENT: usize = 128;
+
+/// The row counts [`MAX_ROWS_PER_STATEMENT`] splits `n` rows into.
+fn statement_sizes(mut n: usize) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        if n == 0 {
+            return None;
+        }
+        let size = if n >= MAX_ROWS_PER_STATEMENT {
+            MAX_ROWS_PER_STATEMENT
+        } else {
+            1 << n.ilog2()
+        };
+        n -= size;
+        Some(size)
+    })
+}
+
+/// `(?, ?, ?), (?, ?, ?)`: `rows` tuples of `columns` placeholders.
+fn placeholders(columns: usize, rows: usize) -> String {
+    let tuple = format!("({})", vec!["?"; columns].join(", "));
+    vec![tuple; rows].join(", ")
+}
+
+/// Runs `sql(rows)` for each statement-sized slice of `rows`, binding each row with `bind`.
+async fn write_rows<T>(
+    tx: &mut Transaction<'_, Sqlite>,
+    rows: &[T],
+    sql: impl Fn(usize) -> String,
+    bind: impl for<'q> Fn(
+        sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+        &'q T,
+    ) -> Result<
+        sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+        StoreError,
+    >,
+) -> Result<(), StoreError> {
+    let mut rest = rows;
+    for size in statement_sizes(rows.len()) {
+        let (chunk, after) = rest.split_at(size);
+        rest = after;
+        let text = sql(size);
+        let mut query = sqlx::query(&text);
+        for row in chunk {
+            query = bind(query, row)?;
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// How many columns a list like [`TASK_COLUMNS`] names.
+fn column_count(columns: &str) -> usize {
+    columns.split(',').count()
+}
+
+async fn insert_tasks(
+    tx: &mut Transaction<'_, Sqlite>,
+    rows: &[(&TaskRecord, &TaskState)],
+) -> Result<(), StoreError> {
+    write_rows(
+        tx,
+        rows,
+        |n| {
+            format!(
+                "INSERT INTO tasks ({TASK_COLUMNS}) VALUES {}",
+                placeholders(column_count(TASK_COLUMNS), n)
+            )
+        },
+        |query, (t, s)| {
             let constraints = serde_json::to_string(&t.spec.constraints)
                 .map_err(|e| corrupt("tasks", e.to_string()))?;
-            sqlx::query(
-                "INSERT INTO tasks (task_id, code, timeout, cpu, memory_mb, constraints, \
-                 max_attempts, points, status, attempts, losses, created_at, submitted_by) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            Ok(query
+                .bind(t.task_id)
+                .bind(&*t.spec.code)
+                .bind(t.spec.timeout)
+                .bind(t.spec.resources.cpu)
+                .bind(t.spec.resources.memory)
+                .bind(constraints)
+                .bind(t.spec.max_attempts as i64)
+                .bind(s.points as i64)
+                .bind(s.status.as_str())
+                .bind(&s.result)
+                .bind(&s.error)
+                .bind(s.attempts as i64)
+                .bind(s.losses as i64)
+                .bind(&s.node_id)
+                .bind(t.created_at)
+                .bind(s.started_at)
+                .bind(s.completed_at)
+                .bind(t.spec.submitted_by))
+        },
+    )
+    .await
+}
+
+async fn update_tasks(
+    tx: &mut Transaction<'_, Sqlite>,
+    rows: &[&TaskState],
+) -> Result<(), StoreError> {
+    write_rows(
+        tx,
+        rows,
+        |n| {
+            format!(
+                "UPDATE tasks SET status = v.column2, result = v.column3, error = v.column4, \
+                 attempts = v.column5, losses = v.column6, node_id = v.column7, \
+                 started_at = v.column8, completed_at = v.column9, points = v.column10 \
+                 FROM (VALUES {}) AS v WHERE tasks.task_id = v.column1",
+                placeholders(10, n)
             )
-            .bind(t.task_id)
-            .bind(&*t.spec.code)
-            .bind(t.spec.timeout)
-            .bind(t.spec.resources.cpu)
-            .bind(t.spec.resources.memory)
-            .bind(constraints)
-            .bind(t.spec.max_attempts as i64)
-            .bind(t.state.points as i64)
-            .bind(t.state.status.as_str())
-            .bind(t.state.attempts as i64)
-            .bind(t.state.losses as i64)
-            .bind(t.created_at)
-            .bind(t.spec.submitted_by)
-            .execute(&mut **tx)
-            .await?;
-        }
-        Change::TaskUpdated(s) | Change::TaskRevised(s) => {
-            sqlx::query(
-                "UPDATE tasks SET status = ?, result = ?, error = ?, attempts = ?, losses = ?, \
-                 node_id = ?, started_at = ?, completed_at = ?, points = ? WHERE task_id = ?",
-            )
-            .bind(s.status.as_str())
-            .bind(&s.result)
-            .bind(&s.error)
-            .bind(s.attempts as i64)
-            .bind(s.losses as i64)
-            .bind(&s.node_id)
-            .bind(s.started_at)
-            .bind(s.completed_at)
-            .bind(s.points as i64)
-            .bind(s.task_id)
-            .execute(&mut **tx)
-            .await?;
-        }
-        Change::RunSaved(r) => {
-            sqlx::query(
-                "INSERT INTO runs (run_id, task_id, node_id, attempt, point, status, exit_code, \
-                 stdout, stderr, error, started_at, completed_at, cpu_seconds, max_rss_mb) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+        },
+        |query, s| {
+            Ok(query
+                .bind(s.task_id)
+                .bind(s.status.as_str())
+                .bind(&s.result)
+                .bind(&s.error)
+                .bind(s.attempts as i64)
+                .bind(s.losses as i64)
+                .bind(&s.node_id)
+                .bind(s.started_at)
+                .bind(s.completed_at)
+                .bind(s.points as i64))
+        },
+    )
+    .await
+}
+
+async fn save_runs(
+    tx: &mut Transaction<'_, Sqlite>,
+    rows: &[&RunRecord],
+) -> Result<(), StoreError> {
+    write_rows(
+        tx,
+        rows,
+        |n| {
+            format!(
+                "INSERT INTO runs ({RUN_COLUMNS}) VALUES {} \
                  ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, \
                  exit_code = excluded.exit_code, stdout = excluded.stdout, stderr = excluded.stderr, \
                  error = excluded.error, completed_at = excluded.completed_at, \
                  cpu_seconds = excluded.cpu_seconds, max_rss_mb = excluded.max_rss_mb",
+                placeholders(column_count(RUN_COLUMNS), n)
             )
-            .bind(r.run_id)
-            .bind(r.task_id)
-            .bind(&r.node_id)
-            .bind(r.attempt as i64)
-            .bind(r.point as i64)
-            .bind(r.status.as_str())
-            .bind(r.exit_code.map(i64::from))
-            .bind(&r.stdout)
-            .bind(&r.stderr)
-            .bind(&r.error)
-            .bind(r.started_at)
-            .bind(r.completed_at)
-            .bind(r.cpu_seconds)
-            .bind(r.max_rss_mb)
-            .execute(&mut **tx)
-            .await?;
-        }
-        Change::NodeSaved(n) => {
-            let meta = serde_json::Value::Object(n.meta.clone()).to_string();
-            let sandbox = n
-                .sandbox
-                .as_ref()
-                .and_then(|p| serde_json::to_string(p).ok());
-            sqlx::query(
-                "INSERT INTO nodes (node_id, hostname, node_type, zone, cpu_cores, memory_mb, meta, \
-                 status, version, joined_at, last_heartbeat, sandbox, executor, \
-                 drain_requested_at, drain_deadline, group_id, group_operation) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-                 ON CONFLICT (node_id) DO UPDATE SET hostname = excluded.hostname, \
-                 node_type = excluded.node_type, zone = excluded.zone, cpu_cores = excluded.cpu_cores, \
-                 memory_mb = excluded.memory_mb, meta = excluded.meta, status = excluded.status, \
-                 version = excluded.version, joined_at = excluded.joined_at, \
-                 last_heartbeat = excluded.last_heartbeat, sandbox = excluded.sandbox, \
-                 executor = excluded.executor, \
-                 drain_requested_at = excluded.drain_requested_at, \
-                 drain_deadline = excluded.drain_deadline, \
-                 group_id = excluded.group_id, group_operation = excluded.group_operation",
-            )
-            .bind(&n.node_id)
-            .bind(&n.hostname)
-            .bind(&n.node_type)
-            .bind(&n.zone)
-            .bind(n.resources.cpu_cores)
-            .bind(n.resources.memory_mb)
-            .bind(meta)
-            .bind(n.status.as_str())
-            .bind(&n.version)
-            .bind(n.joined_at)
-            .bind(n.last_heartbeat)
-            .bind(sandbox)
-            .bind(&n.executor)
-            .bind(n.drain.map(|d| d.requested_at))
-            .bind(n.drain.and_then(|d| d.deadline))
-            .bind(n.group.id)
-            .bind(n.group.operation_id)
-            .execute(&mut **tx)
-            .await?;
-        }
-        Change::OperationSaved(o) => {
-            sqlx::query(
-                "INSERT INTO operations (operation_id, kind, state, operator, stage, stages, \
-                 additional_data, created_at, start_time, end_time) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-                 ON CONFLICT (operation_id) DO UPDATE SET state = excluded.state, \
-                 operator = excluded.operator, stage = excluded.stage, stages = excluded.stages, \
-                 additional_data = excluded.additional_data, start_time = excluded.start_time, \
-                 end_time = excluded.end_time",
-            )
-            .bind(o.operation_id)
-            .bind(o.kind.as_str())
-            .bind(o.state.as_str())
-            .bind(&o.operator)
-            .bind(o.stage as i64)
-            .bind(stages_to_json(&o.stages))
-            .bind(serde_json::Value::Object(o.additional_data.clone()).to_string())
-            .bind(o.created_at)
-            .bind(o.start_time)
-            .bind(o.end_time)
-            .execute(&mut **tx)
-            .await?;
-        }
-        Change::CommandSaved(c) => {
-            let args = serde_json::Value::Object(c.args.clone()).to_string();
-            sqlx::query(
-                "INSERT INTO node_commands (command_id, node_id, command, args, status, \
-                 created_at, delivered_at, completed_at, error) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
-                 ON CONFLICT (command_id) DO UPDATE SET status = excluded.status, \
-                 delivered_at = excluded.delivered_at, completed_at = excluded.completed_at, \
-                 error = excluded.error",
-            )
-            .bind(c.command_id)
-            .bind(&c.node_id)
-            .bind(c.kind.as_str())
-            .bind(args)
-            .bind(c.status.as_str())
-            .bind(c.created_at)
-            .bind(c.delivered_at)
-            .bind(c.completed_at)
-            .bind(&c.error)
-            .execute(&mut **tx)
-            .await?;
-        }
-    }
+        },
+        |query, r| {
+            Ok(query
+                .bind(r.run_id)
+                .bind(r.task_id)
+                .bind(&r.node_id)
+                .bind(r.attempt as i64)
+                .bind(r.point as i64)
+                .bind(r.status.as_str())
+                .bind(r.exit_code.map(i64::from))
+                .bind(&r.stdout)
+                .bind(&r.stderr)
+                .bind(&r.error)
+                .bind(r.started_at)
+                .bind(r.completed_at)
+                .bind(r.cpu_seconds)
+                .bind(r.max_rss_mb))
+        },
+    )
+    .await
+}
+
+async fn save_node(tx: &mut Transaction<'_, Sqlite>, n: &NodeRecord) -> Result<(), StoreError> {
+    let meta = serde_json::Value::Object(n.meta.clone()).to_string();
+    let sandbox = n
+        .sandbox
+        .as_ref()
+        .and_then(|p| serde_json::to_string(p).ok());
+    sqlx::query(
+        "INSERT INTO nodes (node_id, hostname, node_type, zone, cpu_cores, memory_mb, meta, \
+             status, version, joined_at, last_heartbeat, sandbox, executor, \
+             drain_requested_at, drain_deadline, group_id, group_operation) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (node_id) DO UPDATE SET hostname = excluded.hostname, \
+             node_type = excluded.node_type, zone = excluded.zone, cpu_cores = excluded.cpu_cores, \
+             memory_mb = excluded.memory_mb, meta = excluded.meta, status = excluded.status, \
+             version = excluded.version, joined_at = excluded.joined_at, \
+             last_heartbeat = excluded.last_heartbeat, sandbox = excluded.sandbox, \
+             executor = excluded.executor, \
+             drain_requested_at = excluded.drain_requested_at, \
+             drain_deadline = excluded.drain_deadline, \
+             group_id = excluded.group_id, group_operation = excluded.group_operation",
+    )
+    .bind(&n.node_id)
+    .bind(&n.hostname)
+    .bind(&n.node_type)
+    .bind(&n.zone)
+    .bind(n.resources.cpu_cores)
+    .bind(n.resources.memory_mb)
+    .bind(meta)
+    .bind(n.status.as_str())
+    .bind(&n.version)
+    .bind(n.joined_at)
+    .bind(n.last_heartbeat)
+    .bind(sandbox)
+    .bind(&n.executor)
+    .bind(n.drain.map(|d| d.requested_at))
+    .bind(n.drain.and_then(|d| d.deadline))
+    .bind(n.group.id)
+    .bind(n.group.operation_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn save_operation(
+    tx: &mut Transaction<'_, Sqlite>,
+    o: &crate::operations::OperationRecord,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO operations (operation_id, kind, state, operator, stage, stages, \
+         additional_data, created_at, start_time, end_time) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         ON CONFLICT (operation_id) DO UPDATE SET state = excluded.state, \
+         operator = excluded.operator, stage = excluded.stage, stages = excluded.stages, \
+         additional_data = excluded.additional_data, start_time = excluded.start_time, \
+         end_time = excluded.end_time",
+    )
+    .bind(o.operation_id)
+    .bind(o.kind.as_str())
+    .bind(o.state.as_str())
+    .bind(&o.operator)
+    .bind(o.stage as i64)
+    .bind(stages_to_json(&o.stages))
+    .bind(serde_json::Value::Object(o.additional_data.clone()).to_string())
+    .bind(o.created_at)
+    .bind(o.start_time)
+    .bind(o.end_time)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn save_command(
+    tx: &mut Transaction<'_, Sqlite>,
+    c: &CommandRecord,
+) -> Result<(), StoreError> {
+    let args = serde_json::Value::Object(c.args.clone()).to_string();
+    sqlx::query(
+        "INSERT INTO node_commands (command_id, node_id, command, args, status, \
+             created_at, delivered_at, completed_at, error) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (command_id) DO UPDATE SET status = excluded.status, \
+             delivered_at = excluded.delivered_at, completed_at = excluded.completed_at, \
+             error = excluded.error",
+    )
+    .bind(c.command_id)
+    .bind(&c.node_id)
+    .bind(c.kind.as_str())
+    .bind(args)
+    .bind(c.status.as_str())
+    .bind(c.created_at)
+    .bind(c.delivered_at)
+    .bind(c.completed_at)
+    .bind(&c.error)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
@@ -554,9 +731,19 @@ impl Store for SqliteStore {
     }
 
     async fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
+        let net = NetChanges::of(changes);
         let mut tx = self.pool.begin().await?;
-        for change in changes {
-            apply_one(&mut tx, change).await?;
+        insert_tasks(&mut tx, &net.created.rows).await?;
+        update_tasks(&mut tx, &net.updated.rows).await?;
+        save_runs(&mut tx, &net.runs.rows).await?;
+        for node in net.nodes.rows {
+            save_node(&mut tx, node).await?;
+        }
+        for command in net.commands.rows {
+            save_command(&mut tx, command).await?;
+        }
+        for operation in net.operations.rows {
+            save_operation(&mut tx, operation).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -802,5 +989,214 @@ impl KeyStore for SqliteStore {
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(key_from_row).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::TaskSpec;
+
+    fn task(task_id: TaskId, at: f64) -> TaskRecord {
+        TaskRecord {
+            task_id,
+            spec: TaskSpec {
+                code: format!("print({task_id})").into(),
+                timeout: 30.0,
+                resources: Resources {
+                    cpu: 1.0,
+                    memory: 256.0,
+                },
+                constraints: Constraints::default(),
+                max_attempts: 3,
+                submitted_by: None,
+            },
+            state: TaskState {
+                task_id,
+                points: 1,
+                status: TaskStatus::Pending,
+                result: None,
+                error: None,
+                attempts: 0,
+                losses: 0,
+                node_id: None,
+                started_at: None,
+                completed_at: None,
+            },
+            created_at: at,
+        }
+    }
+
+    fn running(t: &TaskRecord, node: &str, at: f64) -> TaskState {
+        TaskState {
+            status: TaskStatus::Running,
+            attempts: t.state.attempts + 1,
+            node_id: Some(node.into()),
+            started_at: Some(at),
+            ..t.state.clone()
+        }
+    }
+
+    fn completed(state: &TaskState, result: &str, at: f64) -> TaskState {
+        TaskState {
+            status: TaskStatus::Completed,
+            result: Some(result.into()),
+            completed_at: Some(at),
+            ..state.clone()
+        }
+    }
+
+    fn run(run_id: RunId, task_id: TaskId, node: &str, at: f64) -> RunRecord {
+        RunRecord {
+            run_id,
+            task_id,
+            node_id: Some(node.into()),
+            attempt: 1,
+            point: 0,
+            status: RunStatus::Running,
+            exit_code: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            error: None,
+            started_at: at,
+            completed_at: None,
+            cpu_seconds: None,
+            max_rss_mb: None,
+        }
+    }
+
+    async fn store() -> (tempfile::TempDir, Arc<SqliteStore>) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(dir.path(), SyncMode::Normal)
+            .await
+            .expect("store opens");
+        (dir, store)
+    }
+
+    #[test]
+    fn statements_come_in_a_few_fixed_sizes_that_add_up() {
+        for n in [0, 1, 2, 3, 7, 64, 127, 128, 129, 300, 1000, 4096] {
+            let sizes: Vec<usize> = statement_sizes(n).collect();
+            assert_eq!(sizes.iter().sum::<usize>(), n, "{n}: {sizes:?}");
+            assert!(
+                sizes
+                    .iter()
+                    .all(|s| s.is_power_of_two() && *s <= MAX_ROWS_PER_STATEMENT),
+                "{n}: {sizes:?}"
+            );
+        }
+        assert_eq!(
+            statement_sizes(300).collect::<Vec<_>>(),
+            [128, 128, 32, 8, 4]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_leaves_each_rows_last_state() {
+        let (_dir, store) = store().await;
+        let first = task(1, 10.0);
+        let second = task(2, 10.5);
+        let started = running(&first, "n1", 11.0);
+        let finished = completed(&started, "42", 12.0);
+        let mut run_done = run(7, 1, "n1", 11.0);
+        run_done.status = RunStatus::Completed;
+        run_done.stdout = "42\n".into();
+        run_done.exit_code = Some(0);
+        run_done.completed_at = Some(12.0);
+        // Created, started, run saved twice and finished, all in one commit.
+        store
+            .apply(&[
+                Change::TaskCreated(first.clone()),
+                Change::TaskUpdated(started.clone()),
+                Change::RunSaved(run(7, 1, "n1", 11.0)),
+                Change::TaskCreated(second.clone()),
+                Change::RunSaved(run_done.clone()),
+                Change::TaskUpdated(finished.clone()),
+            ])
+            .await
+            .expect("applied");
+
+        let stored = store.task(1).await.expect("read").expect("task 1");
+        assert_eq!(stored.state, finished);
+        assert_eq!(stored.spec, first.spec);
+        assert_eq!(stored.created_at, 10.0);
+        assert_eq!(store.runs(1).await.expect("runs"), [run_done]);
+        let pending = store.task(2).await.expect("read").expect("task 2");
+        assert_eq!(pending.state, second.state);
+
+        // A later commit updates rows that exist: the update path, not the insert.
+        let second_started = running(&second, "n2", 13.0);
+        store
+            .apply(&[
+                Change::TaskUpdated(second_started.clone()),
+                Change::RunSaved(run(8, 2, "n2", 13.0)),
+            ])
+            .await
+            .expect("applied");
+        let stored = store.task(2).await.expect("read").expect("task 2");
+        assert_eq!(stored.state, second_started);
+        assert_eq!(store.runs(2).await.expect("runs"), [run(8, 2, "n2", 13.0)]);
+        assert_eq!(
+            store.task(1).await.expect("read").expect("task 1").state,
+            finished,
+            "untouched"
+        );
+    }
+
+    #[tokio::test]
+    async fn long_batches_span_several_statements() {
+        let (_dir, store) = store().await;
+        let n: TaskId = 300;
+        let tasks: Vec<TaskRecord> = (1..=n).map(|id| task(id, id as f64)).collect();
+        let created: Vec<Change> = tasks.iter().cloned().map(Change::TaskCreated).collect();
+        store.apply(&created).await.expect("created");
+        assert_eq!(
+            store
+                .count_tasks(Some(TaskStatus::Pending), None)
+                .await
+                .expect("count"),
+            300
+        );
+
+        let mut leases = Vec::new();
+        let mut results = Vec::new();
+        for t in &tasks {
+            let started = running(t, "n1", 1000.0 + t.task_id as f64);
+            leases.push(Change::TaskUpdated(started.clone()));
+            leases.push(Change::RunSaved(run(
+                t.task_id + 1000,
+                t.task_id,
+                "n1",
+                1000.0,
+            )));
+            results.push(Change::TaskUpdated(completed(
+                &started,
+                &t.task_id.to_string(),
+                2000.0,
+            )));
+        }
+        store.apply(&leases).await.expect("leased");
+        assert_eq!(
+            store
+                .count_tasks(Some(TaskStatus::Running), None)
+                .await
+                .expect("count"),
+            300
+        );
+        store.apply(&results).await.expect("finished");
+        assert_eq!(
+            store
+                .count_tasks(Some(TaskStatus::Completed), None)
+                .await
+                .expect("count"),
+            300
+        );
+        for id in [1, 128, 129, 256, 257, 299, 300] {
+            let t = store.task(id).await.expect("read").expect("task");
+            assert_eq!(t.state.result.as_deref(), Some(id.to_string().as_str()));
+            assert_eq!(t.state.started_at, Some(1000.0 + id as f64));
+            assert_eq!(t.spec.code.as_ref(), format!("print({id})"));
+            assert_eq!(store.runs(id).await.expect("runs").len(), 1);
+        }
     }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 /// Most changes applied in one transaction; more waits for the next commit.
-const MAX_BATCH_CHANGES: usize = 4096;
+const MAX_BATCH_CHANGES: usize = 16_384;
 
 struct Batch {
     changes: Vec<Change>,
@@ -96,6 +96,10 @@ async fn run(
     while let Some(first) = rx.recv().await {
         changes.extend(first.changes);
         acks.extend(first.ack);
+        // Let the tasks this change just woke run first: a submission wakes the waiting
+        // pulls, and a lease they take now rides in the same commit (one fsync from
+        // submission to start instead of two). Costs one trip through the run queue.
+        tokio::task::yield_now().await;
         while changes.len() < MAX_BATCH_CHANGES {
             match rx.try_recv() {
                 Ok(next) => {

@@ -176,6 +176,7 @@ pub async fn run_with_executor<E: Executor>(
         &config.coordinator,
         config.token.as_deref(),
         config.secret.clone(),
+        config.ca_cert.as_deref(),
     )?;
     let outbox = Outbox::open(config.state_dir.join("outbox")).await?;
     let meter = LoadMeter::new();

@@ -13,6 +13,9 @@ pub struct AgentConfig {
     pub token: Option<String>,
     /// A signed key's secret: when set, every request carries `timestamp` and `sign_str`.
     pub secret: Option<String>,
+    /// PEM certificates trusted for an `https://` coordinator, in addition to the system's
+    /// and the Mozilla roots (a private CA, or a self-signed certificate itself).
+    pub ca_cert: Option<PathBuf>,
     /// `None`: read `state_dir/node_id`, or create `{hostname}-{6 hex}` and save it there.
     pub node_id: Option<String>,
     /// Declared CPU capacity; `None`: the host's logical cores.
@@ -67,6 +70,7 @@ impl AgentConfig {
             coordinator: coordinator.into(),
             token: None,
             secret: None,
+            ca_cert: None,
             node_id: None,
             cpus: None,
             memory_mb: None,

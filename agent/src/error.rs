@@ -10,6 +10,8 @@ pub enum AgentError {
     InvalidConfig(String),
     #[error("invalid coordinator url {url:?}: {reason}")]
     InvalidCoordinatorUrl { url: String, reason: String },
+    #[error("could not use the CA certificate {path}: {reason}")]
+    CaCert { path: PathBuf, reason: String },
     #[error("could not create state directory {path}: {source}")]
     StateDir { path: PathBuf, source: io::Error },
     #[error("could not read the node id from {path}: {source}")]

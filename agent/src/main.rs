@@ -27,6 +27,10 @@ struct Cli {
         default_value = "http://127.0.0.1:8000"
     )]
     coordinator: String,
+    /// PEM certificate(s) to trust for an https:// coordinator, in addition to the system's
+    /// roots: a private CA, or the coordinator's self-signed certificate.
+    #[arg(long, env = "LULL_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// Agent token, sent as the `token` header.
     #[arg(long, env = "LULL_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -171,6 +175,7 @@ impl Cli {
         let mut config = AgentConfig::new(self.coordinator, self.state_dir);
         config.token = given(self.token);
         config.secret = given(self.secret);
+        config.ca_cert = self.ca_cert;
         config.node_id = given(self.node_id);
         config.cpus = self.cpus;
         config.memory_mb = self.memory_mb;

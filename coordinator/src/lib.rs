@@ -12,6 +12,7 @@
 //! - [`http`]: the axum router, extractors and the `{"detail"}` error type.
 //! - [`keys`], [`rate_limit`], [`replay`]: API keys and roles, per-key token buckets, and
 //!   the signatures seen recently: pure rules the HTTP edge applies.
+//! - [`tls`]: the certificate and key HTTPS is served with (`--tls-cert`, `--tls-key`).
 //!
 //! [`run`] wires them together on a listener until a shutdown token fires.
 
@@ -28,6 +29,7 @@ pub mod rate_limit;
 pub mod replay;
 pub mod scheduler;
 pub mod store;
+pub mod tls;
 
 use engine::{Engine, EngineConfig};
 use feed::{Feed, FeedConfig};
@@ -87,6 +89,8 @@ pub struct Config {
     pub cors_origins: Vec<String>,
     /// Longest a request may take (long-polls and the live feed excepted).
     pub request_timeout: Duration,
+    /// Serve HTTPS (and WSS) with this instead of plain HTTP.
+    pub tls: Option<tls::Tls>,
 }
 
 /// Requests per second per key, and the burst, unless configured.
@@ -125,6 +129,7 @@ impl Config {
             ),
             cors_origins: Vec::new(),
             request_timeout: Duration::from_secs_f64(DEFAULT_REQUEST_TIMEOUT_SECS),
+            tls: None,
         }
     }
 }
@@ -247,7 +252,7 @@ pub async fn run(
             coordinator_url: config
                 .advertise_url
                 .clone()
-                .unwrap_or_else(|| local_url(addr)),
+                .unwrap_or_else(|| local_url(addr, config.tls.is_some())),
             auth: config.auth,
             heartbeat_timeout: Duration::from_secs_f64(config.scale_out_heartbeat_timeout),
             agent_timeout: Duration::from_secs(10),
@@ -298,10 +303,13 @@ pub async fn run(
             engine_stop.cancel();
         }
     };
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(stopping)
-        .await
-        .map_err(CoordinatorError::Serve);
+    let served = match &config.tls {
+        None => axum::serve(listener, router)
+            .with_graceful_shutdown(stopping)
+            .await
+            .map_err(CoordinatorError::Serve),
+        Some(tls) => serve_tls(listener, router, tls, stopping).await,
+    };
     engine_stop.cancel();
     let _ = ticker.await;
     drop(engine);
@@ -310,15 +318,42 @@ pub async fn run(
     served
 }
 
+/// Serves `router` over TLS on `listener` until `stopping` completes, then lets open
+/// connections finish, as `axum::serve`'s graceful shutdown does. Each connection's
+/// handshake runs in its own task: a client that is slow or speaks plain HTTP to this port
+/// loses only its own connection.
+async fn serve_tls(
+    listener: TcpListener,
+    router: axum::Router,
+    tls: &tls::Tls,
+    stopping: impl std::future::Future<Output = ()>,
+) -> Result<(), CoordinatorError> {
+    let listener = listener.into_std().map_err(CoordinatorError::Listener)?;
+    let handle = axum_server::Handle::new();
+    let server = axum_server::from_tcp_rustls(
+        listener,
+        axum_server::tls_rustls::RustlsConfig::from_config(tls.server.clone()),
+    )
+    .handle(handle.clone())
+    .serve(router.into_make_service());
+    tokio::pin!(server);
+    tokio::select! {
+        served = &mut server => return served.map_err(CoordinatorError::Serve),
+        () = stopping => handle.graceful_shutdown(None),
+    }
+    server.await.map_err(CoordinatorError::Serve)
+}
+
 /// This coordinator's URL as agents on this host reach it: over loopback even when it
 /// listens on every interface.
-fn local_url(addr: SocketAddr) -> String {
+fn local_url(addr: SocketAddr, tls: bool) -> String {
     let ip = if addr.ip().is_unspecified() {
         std::net::IpAddr::from([127, 0, 0, 1])
     } else {
         addr.ip()
     };
-    format!("http://{}", SocketAddr::new(ip, addr.port()))
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{}", SocketAddr::new(ip, addr.port()))
 }
 
 fn start_local_agents(
@@ -331,7 +366,7 @@ fn start_local_agents(
     if n == 0 {
         return Vec::new();
     }
-    let url = local_url(addr);
+    let url = local_url(addr, config.tls.is_some());
     let host_cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1) as f64;
@@ -343,6 +378,8 @@ fn start_local_agents(
             );
             agent.python = config.python.clone();
             agent.token = token.map(str::to_string);
+            // A self-signed certificate is its own CA; a CA-issued one is in the roots anyway.
+            agent.ca_cert = config.tls.as_ref().map(|tls| tls.cert_path.clone());
             agent.heartbeat_interval = Duration::from_secs_f64(config.heartbeat_interval);
             // The coordinator's host serves Lull: its other load is no owner to yield to
             // (and several local agents would count each other as one).

@@ -25,7 +25,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Address to serve HTTP on.
+    /// Address to serve HTTP on (HTTPS with --tls-cert and --tls-key).
     #[arg(long, env = "LULL_LISTEN", default_value = "127.0.0.1:8000")]
     listen: SocketAddr,
     /// Directory for the SQLite database and the local agents' state.
@@ -114,6 +114,12 @@ struct Cli {
     /// with ?wait= and the live feed are bounded by their own limits instead).
     #[arg(long, env = "LULL_REQUEST_TIMEOUT", default_value_t = lull_coordinator::DEFAULT_REQUEST_TIMEOUT_SECS)]
     request_timeout: f64,
+    /// PEM certificate chain to serve HTTPS and WSS with, on --listen (needs --tls-key).
+    #[arg(long, env = "LULL_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (needs --tls-cert).
+    #[arg(long, env = "LULL_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 /// A CORS origin: `scheme://host[:port]`, nothing after it, and never `*`.
@@ -291,6 +297,13 @@ async fn main() -> anyhow::Result<()> {
             "{flag} must be a positive number of seconds (got {value})"
         );
     }
+    // Read before binding, like the admin key check: a bad certificate stops the start.
+    let tls = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => Some(lull_coordinator::tls::Tls::load(cert, key)?),
+        // clap's `requires` refuses one without the other.
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let config = Config {
         join_secret: cli.join_secret.filter(|s| !s.is_empty()),
         advertise_url: cli
@@ -318,6 +331,7 @@ async fn main() -> anyhow::Result<()> {
         agent_rate_limit: RateLimit::new(cli.agent_rate_limit, 2.0 * cli.agent_rate_limit),
         cors_origins: cli.cors_origins,
         request_timeout: std::time::Duration::from_secs_f64(cli.request_timeout),
+        tls,
         ..Config::new(cli.data_dir)
     };
     // Before binding: a coordinator that refuses to start never looks as if it listened.
@@ -330,7 +344,7 @@ async fn main() -> anyhow::Result<()> {
         .context("could not read the bound address")?;
     // One machine-readable line on stdout (logs go to stderr): tests that bind port 0
     // read the address from here, and a newcomer sees where to point curl.
-    println!("Lull is listening on http://{addr}");
+    println!("Lull is listening on {scheme}://{addr}");
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     run(listener, config, shutdown).await?;

@@ -130,6 +130,26 @@ impl Coordinator {
     }
 
     pub fn start_on(listen: &str, data_dir: &Path, args: &[&str]) -> Result<Coordinator> {
+        Coordinator::start_with(listen, data_dir, args, reqwest::Client::builder())
+    }
+
+    /// As [`Coordinator::start`] for a coordinator serving HTTPS (`--tls-cert`, `--tls-key`
+    /// among `args`): its client trusts the PEM certificates in `ca_cert` and nothing else.
+    pub fn start_tls(data_dir: &Path, args: &[&str], ca_cert: &Path) -> Result<Coordinator> {
+        let pem = std::fs::read(ca_cert).context("reading the test CA")?;
+        let mut client = reqwest::Client::builder().tls_built_in_root_certs(false);
+        for certificate in reqwest::Certificate::from_pem_bundle(&pem)? {
+            client = client.add_root_certificate(certificate);
+        }
+        Coordinator::start_with("127.0.0.1:0", data_dir, args, client)
+    }
+
+    fn start_with(
+        listen: &str,
+        data_dir: &Path,
+        args: &[&str],
+        client: reqwest::ClientBuilder,
+    ) -> Result<Coordinator> {
         let mut child = Command::new(binary("lull-coordinator"))
             .arg("--listen")
             .arg(listen)
@@ -160,15 +180,15 @@ impl Coordinator {
         Ok(Coordinator {
             url: url.to_string(),
             process,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .build()?,
+            http: client.timeout(Duration::from_secs(60)).build()?,
         })
     }
 
     /// The `host:port` the coordinator is bound to.
     pub fn addr(&self) -> &str {
-        self.url.trim_start_matches("http://")
+        self.url
+            .trim_start_matches("https://")
+            .trim_start_matches("http://")
     }
 
     pub async fn get(&self, path: &str) -> Result<Value> {

@@ -1,6 +1,9 @@
 //! End-to-end seed 000: a task on several real agents at once (`points`), scaled up and
 //! down through `POST /api/deployment/task/change_points`, and the seed's own Python
-//! `http.client` example run against a coordinator with auth on.
+//! `http.client` example run, `HTTPSConnection` and all, against a coordinator with auth
+//! on serving HTTPS.
+
+mod certs;
 
 use lull_tests::{Coordinator, Process, bin_dir, processes_of_uid, start_agent, wait_until};
 use serde_json::{Value, json};
@@ -270,10 +273,12 @@ fn create_key(data_dir: &Path, role: &str, mode: &str) -> (String, Option<String
     (field("token:").expect("token printed"), field("secret:"))
 }
 
-/// The seed's example with what a user fills in: the connection (Lull serves plain HTTP:
-/// `HTTPConnection(host, port)`), the token, the task id and, for a signed key, `sign_str`.
+/// The seed's example with what a user fills in: the host and port of the connection (still
+/// `HTTPSConnection`; Python verifies the test CA through `SSL_CERT_FILE`), the token, the
+/// task id and, for a signed key, `sign_str`.
 async fn run_seed_example(
     c: &Coordinator,
+    ca: &Path,
     (token, secret): (&str, Option<&str>),
     task_id: i64,
     points: u32,
@@ -285,10 +290,14 @@ async fn run_seed_example(
     ))
     .expect("seed example");
     let (host, port) = c.addr().split_once(':').expect("host:port");
+    assert!(
+        script.contains("http.client.HTTPSConnection(\"openapi.suanli.cn\")"),
+        "the seed example's connection line changed: update the test"
+    );
     let mut script = script
         .replace(
             "http.client.HTTPSConnection(\"openapi.suanli.cn\")",
-            &format!("http.client.HTTPConnection(\"{host}\", {port})"),
+            &format!("http.client.HTTPSConnection(\"{host}\", {port})"),
         )
         .replace(
             "\"d1e7f0a8-49df-4760-8cb2-09b7aeb48dbf-20250709180338\"",
@@ -314,6 +323,7 @@ async fn run_seed_example(
         Duration::from_secs(60),
         tokio::process::Command::new("python3")
             .arg(&path)
+            .env("SSL_CERT_FILE", ca)
             .kill_on_drop(true)
             .output(),
     )
@@ -335,8 +345,13 @@ async fn the_seeds_python_example_works_with_a_simple_and_a_signed_key() {
     let (admin, _) = create_key(&data, "admin", "simple");
     let (signer, secret) = create_key(&data, "submitter", "signed");
     let secret = secret.expect("a signed key has a secret");
-    let c = Coordinator::start(&data, &["--local-agents", "0", "--auth"]).expect("coordinator");
-    let client = reqwest::Client::new();
+    let certs = certs::TestCerts::create(dir.path());
+    let mut args = vec!["--local-agents".to_string(), "0".into(), "--auth".into()];
+    args.extend(certs.coordinator_args());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let c = Coordinator::start_tls(&data, &args, &certs.ca).expect("coordinator");
+    assert!(c.url.starts_with("https://"), "{}", c.url);
+    let client = &c.http;
     let created: Value = client
         .post(format!("{}/api/v1/tasks", c.url))
         .header("token", &admin)
@@ -361,7 +376,7 @@ async fn the_seeds_python_example_works_with_a_simple_and_a_signed_key() {
         task["points"].clone()
     };
 
-    let out = run_seed_example(&c, (&admin, None), task_id, 2, dir.path()).await;
+    let out = run_seed_example(&c, &certs.ca, (&admin, None), task_id, 2, dir.path()).await;
     assert!(out.contains("状态码: 200 OK"), "{out}");
     assert!(out.contains("\"code\": \"0000\""), "{out}");
     assert!(out.contains("\"message\": \"success\""), "{out}");
@@ -369,11 +384,19 @@ async fn the_seeds_python_example_works_with_a_simple_and_a_signed_key() {
     assert_eq!(points().await, 2);
 
     // The signed key with the seed's empty sign_str is refused; with it computed, accepted.
-    let refused = run_seed_example(&c, (&signer, None), task_id, 3, dir.path()).await;
+    let refused = run_seed_example(&c, &certs.ca, (&signer, None), task_id, 3, dir.path()).await;
     assert!(refused.contains("状态码: 401"), "{refused}");
     assert!(refused.contains("\"code\": \"1003\""), "{refused}");
     assert_eq!(points().await, 2, "refused: nothing changed");
-    let signed = run_seed_example(&c, (&signer, Some(&secret)), task_id, 3, dir.path()).await;
+    let signed = run_seed_example(
+        &c,
+        &certs.ca,
+        (&signer, Some(&secret)),
+        task_id,
+        3,
+        dir.path(),
+    )
+    .await;
     assert!(signed.contains("状态码: 200 OK"), "{signed}");
     assert!(signed.contains("\"code\": \"0000\""), "{signed}");
     assert_eq!(points().await, 3);

@@ -6,6 +6,7 @@
 mod certs;
 
 use lull_tests::{Coordinator, Process, bin_dir, processes_of_uid, start_agent, wait_until};
+use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use std::path::Path;
 use std::process::Command;
@@ -82,16 +83,22 @@ fn placed(task: &Value, status: &str) -> Vec<(u64, String)> {
 }
 
 /// Whether a process of `uid` has a SIGTERM handler (`SigCgt` in `/proc/PID/status`).
+/// Whether a process of `uid` has installed its handlers for SIGTERM and SIGUSR1.
 fn handles_sigterm(uid: u32) -> bool {
-    processes_of_uid(uid).into_iter().any(|pid| {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|status| {
-                let mask = status.lines().find_map(|l| l.strip_prefix("SigCgt:"))?;
-                u64::from_str_radix(mask.trim(), 16).ok()
-            })
-            .is_some_and(|mask| mask & (1 << 14) != 0)
-    })
+    processes_of_uid(uid)
+        .into_iter()
+        .any(|pid| catches(pid, Signal::SIGTERM) && catches(pid, Signal::SIGUSR1))
+}
+
+/// Whether process `pid` has a handler for `signal` (its `SigCgt` mask).
+fn catches(pid: i32, signal: Signal) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            let mask = status.lines().find_map(|l| l.strip_prefix("SigCgt:"))?;
+            u64::from_str_radix(mask.trim(), 16).ok()
+        })
+        .is_some_and(|mask| mask & (1 << (signal as i32 - 1)) != 0)
 }
 
 /// Seed 000's call, as its example makes it (auth off: the token is not checked).
@@ -114,15 +121,6 @@ async fn change_points(c: &Coordinator, task_id: i64, points: u32) -> Value {
 #[tokio::test]
 async fn a_task_scales_up_and_down_across_real_agents_and_completes_once() {
     let dir = tempfile::tempdir().expect("dir");
-    // The gate the runs wait on: a directory every sandbox user can read, outside the
-    // private /tmp runs get.
-    let gate_dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("gate dir");
-    std::fs::set_permissions(
-        gate_dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .expect("chmod");
-    let gate = gate_dir.path().join("go");
     let c = Coordinator::start(&dir.path().join("coord"), COORD_FAST).expect("coordinator");
     let uids = [64_201_u32, 64_202, 64_203];
     let _a = start_node(&c, dir.path(), "pt-a", uids[0], &[]);
@@ -135,15 +133,16 @@ async fn a_task_scales_up_and_down_across_real_agents_and_completes_once() {
         _ => uids[2],
     };
 
-    // Each point prints which it is, then waits for the gate. SIGTERM ends it cleanly.
-    let code = format!(
-        "import os, signal, sys, time\n\
+    // Each point prints which it is, then waits for the gate: a SIGUSR1 from this test (a
+    // file would not do: the test's files may be under /tmp, which runs see privately).
+    // SIGTERM ends it cleanly.
+    let code = "import os, signal, sys, time\n\
          signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n\
+         gate = []\n\
+         signal.signal(signal.SIGUSR1, lambda *_: gate.append(1))\n\
          print(os.environ['LULL_POINT_INDEX'], os.environ['LULL_POINTS'], flush=True)\n\
-         while not os.path.exists({gate:?}):\n    time.sleep(0.05)\n\
-         print('done', os.environ['LULL_POINT_INDEX'])\n",
-        gate = gate.display().to_string()
-    );
+         while not gate:\n    time.sleep(0.05)\n\
+         print('done', os.environ['LULL_POINT_INDEX'])\n";
     let created = c
         .post("/api/v1/tasks", &json!({"code": code, "points": 2}))
         .await
@@ -225,7 +224,11 @@ async fn a_task_scales_up_and_down_across_real_agents_and_completes_once() {
     assert_eq!(status["runs"].as_array().map(Vec::len), Some(3), "{status}");
 
     // Open the gate: point 0 completes the task, exactly once, with its own output.
-    std::fs::write(&gate, b"go").expect("gate");
+    for pid in processes_of_uid(uid_of(&all_three[0].1)) {
+        if catches(pid, Signal::SIGUSR1) {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGUSR1).expect("gate");
+        }
+    }
     let done = wait_task(&c, task_id, "to finish", |t| {
         matches!(
             t["status"].as_str(),

@@ -3,6 +3,7 @@
 
 use lull_coordinator::engine::unix_now;
 use lull_coordinator::keys::{KeyMode, NewKey, Role};
+use lull_coordinator::rate_limit::RateLimit;
 use lull_coordinator::store::{KeyStore, SqliteStore, SyncMode};
 use lull_coordinator::{Config, run};
 use lull_shared::signing;
@@ -53,6 +54,10 @@ impl Headers {
 
 impl Server {
     async fn start(auth: bool) -> Server {
+        Server::start_with(auth, |_| {}).await
+    }
+
+    async fn start_with(auth: bool, tweak: impl FnOnce(&mut Config)) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = SqliteStore::open(dir.path(), SyncMode::Normal)
             .await
@@ -68,6 +73,7 @@ impl Server {
         config.local_agents = 0;
         config.auth = auth;
         config.max_body_bytes = 4096;
+        tweak(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -392,5 +398,40 @@ async fn with_auth_off_the_seed_headers_are_accepted_unchecked_but_version_is_re
         "1006",
     );
     assert_eq!(s.task(task).await["points"], 5);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_key_over_its_rate_limit_gets_4029_with_retry_after() {
+    // A budget of one request, refilled once every 1,000 s: the second request is over it.
+    let s = Server::start_with(true, |c| c.rate_limit = RateLimit::new(0.001, 1.0)).await;
+    let body = json!({"task_id": 1, "points": 2}).to_string();
+    // The first is within the budget (and refused for the viewer's role).
+    let first = s
+        .send(Method::POST, PATH, &Headers::seed(&s.viewer.token), &body)
+        .await;
+    envelope(&first, StatusCode::FORBIDDEN, "1005");
+    let resp = s
+        .http
+        .post(format!("{}{PATH}", s.base))
+        .header("content-type", "application/json")
+        .header("token", &s.viewer.token)
+        .header("version", "1.0.0")
+        .header("timestamp", ((unix_now() * 1000.0) as i64).to_string())
+        .header("sign_str", "")
+        .body(body)
+        .send()
+        .await
+        .expect("request");
+    let retry_after: u64 = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("a Retry-After header in seconds");
+    assert!(retry_after >= 1, "{retry_after}");
+    let status = resp.status();
+    let answer = (status, resp.json::<Value>().await.expect("json"));
+    envelope(&answer, StatusCode::TOO_MANY_REQUESTS, "4029");
     s.shutdown().await;
 }

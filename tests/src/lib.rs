@@ -150,35 +150,17 @@ impl Coordinator {
         args: &[&str],
         client: reqwest::ClientBuilder,
     ) -> Result<Coordinator> {
-        let mut child = Command::new(binary("lull-coordinator"))
+        let mut command = Command::new(binary("lull-coordinator"));
+        command
             .arg("--listen")
             .arg(listen)
             .arg("--data-dir")
             .arg(data_dir)
-            .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("LULL_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting lull-coordinator")?;
-        let stdout = child.stdout.take().context("coordinator stdout")?;
-        let process = Process {
-            child,
-            name: "lull-coordinator".into(),
-        };
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .context("reading the coordinator's address")?;
-        let Some(url) = line.trim().strip_prefix("Lull is listening on ") else {
-            bail!("unexpected first line from lull-coordinator: {line:?}");
-        };
+            .args(args);
+        let (process, url) =
+            spawn_announcing(command, "lull-coordinator", "Lull is listening on ")?;
         Ok(Coordinator {
-            url: url.to_string(),
+            url,
             process,
             http: client.timeout(Duration::from_secs(60)).build()?,
         })
@@ -358,7 +340,8 @@ pub fn start_standby_agent(
     state_dir: &Path,
     args: &[&str],
 ) -> Result<StandbyAgent> {
-    let mut child = Command::new(binary("lull-agent"))
+    let mut command = Command::new(binary("lull-agent"));
+    command
         .arg("--standby")
         .arg("--listen")
         .arg(format!("{ip}:0"))
@@ -367,7 +350,19 @@ pub fn start_standby_agent(
         .arg("--state-dir")
         .arg(state_dir)
         .args(args)
-        .env("LULL_OWNER_POLICY", "off")
+        .env("LULL_OWNER_POLICY", "off");
+    let (process, addr) = spawn_announcing(
+        command,
+        "lull-agent --standby",
+        "Lull agent standing by on ",
+    )?;
+    Ok(StandbyAgent { process, addr })
+}
+
+/// Starts `command` (logs at `LULL_TEST_LOG`, stdin closed, stderr shown) and reads the
+/// address it announces on its first line after `prefix`.
+fn spawn_announcing(mut command: Command, name: &str, prefix: &str) -> Result<(Process, String)> {
+    let mut child = command
         .env(
             "RUST_LOG",
             std::env::var("LULL_TEST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -376,21 +371,21 @@ pub fn start_standby_agent(
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .context("starting lull-agent --standby")?;
-    let stdout = child.stdout.take().context("agent stdout")?;
+        .with_context(|| format!("starting {name}"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .with_context(|| format!("{name} stdout"))?;
     let process = Process {
         child,
-        name: "lull-agent --standby".into(),
+        name: name.into(),
     };
     let mut line = String::new();
     BufReader::new(stdout)
         .read_line(&mut line)
-        .context("reading the standby agent's address")?;
-    let Some(addr) = line.trim().strip_prefix("Lull agent standing by on ") else {
-        bail!("unexpected first line from lull-agent --standby: {line:?}");
+        .with_context(|| format!("reading {name}'s address"))?;
+    let Some(addr) = line.trim().strip_prefix(prefix) else {
+        bail!("unexpected first line from {name}: {line:?}");
     };
-    Ok(StandbyAgent {
-        process,
-        addr: addr.to_string(),
-    })
+    Ok((process, addr.to_string()))
 }

@@ -647,7 +647,13 @@ fn report(
     execution: Execution,
     stopped_because: Option<StopReason>,
 ) -> RunReport {
-    let (outcome, error) = match (execution.outcome, stopped_because) {
+    // A stop begins with SIGTERM, which may end the code before the executor's own cancel
+    // fires: a run that did not complete is then reported as stopped, whatever killed it.
+    let (outcome, error) = match (&execution.outcome, &stopped_because) {
+        (RunOutcome::Failed, Some(_)) => (RunOutcome::Cancelled, Some("cancelled".to_string())),
+        _ => (execution.outcome, execution.error),
+    };
+    let (outcome, error) = match (outcome, stopped_because) {
         (RunOutcome::Cancelled, Some(StopReason::Released)) => {
             (RunOutcome::Released, Some(RELEASED_ERROR.to_string()))
         }
@@ -655,7 +661,7 @@ fn report(
         (RunOutcome::Cancelled, Some(StopReason::Evicted(why))) => {
             (RunOutcome::Released, Some(why))
         }
-        (outcome, _) => (outcome, execution.error),
+        (outcome, _) => (outcome, error),
     };
     RunReport {
         node_id: node_id.to_string(),
@@ -827,5 +833,39 @@ struct RunSlotGuard<'a> {
 impl Drop for RunSlotGuard<'_> {
     fn drop(&mut self) {
         self.shared.runs.remove(self.run_id);
+    }
+}
+
+#[cfg(test)]
+mod report_tests {
+    use super::*;
+
+    fn ended(outcome: RunOutcome) -> Execution {
+        Execution {
+            outcome,
+            exit_code: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            error: Some("killed by signal 15".into()),
+            started_at: 1.0,
+            completed_at: 2.0,
+            cpu_seconds: None,
+            max_rss_mb: None,
+        }
+    }
+
+    fn outcome(execution: RunOutcome, why: Option<StopReason>) -> RunOutcome {
+        report("n", 1, 2, ended(execution), why).outcome
+    }
+
+    #[test]
+    fn a_run_our_sigterm_ended_is_reported_as_stopped_not_failed() {
+        use RunOutcome::*;
+        assert_eq!(outcome(Failed, Some(StopReason::Cancelled)), Cancelled);
+        assert_eq!(outcome(Failed, Some(StopReason::Released)), Released);
+        // Ended on its own, or not stopped by us: as it ended.
+        assert_eq!(outcome(Completed, Some(StopReason::Cancelled)), Completed);
+        assert_eq!(outcome(Failed, None), Failed);
+        assert_eq!(outcome(Lost, Some(StopReason::Cancelled)), Lost);
     }
 }

@@ -5,8 +5,9 @@
 
 Workload: the code string `print(sum(range(1000)))`; the result is its stdout.
 Reports, per executor, with the sandbox level the agent actually used:
-  - batch: submit all tasks, then collect; tasks/s = N / (first submit .. last result),
-    median of --repeat runs with min-max;
+  - batch: submit all tasks (`POST /api/v1/tasks/batch`, 1,000 per request; one request per
+    task with --one-by-one), then collect each result with `GET /api/v1/tasks/{id}?wait=60`;
+    tasks/s = N / (first submit .. last result), median of --repeat runs with min-max;
   - closed loop: 2 clients, one task in flight each; latency submit -> result, p50/p99.
 Everything runs on 127.0.0.1 and is stopped afterwards. This is a benchmark, not a test:
 it asserts nothing about speed.
@@ -63,7 +64,7 @@ def call(method, url, body=None, timeout=120):
 class Cluster:
     """A coordinator (no local agent) and one agent with 2 slots, in a temp dir."""
 
-    def __init__(self, bin_dir, executor, cpus, sync):
+    def __init__(self, bin_dir, executor, cpus, sync, python=None):
         self.dir = tempfile.mkdtemp(prefix="lull-bench-")
         self.procs = []
         coord = subprocess.Popen(
@@ -77,7 +78,11 @@ class Cluster:
         agent = subprocess.Popen(
             [os.path.join(bin_dir, "lull-agent"), "--coordinator", self.url,
              "--state-dir", os.path.join(self.dir, "agent"), "--cpus", str(cpus),
-             "--heartbeat-interval", "1", "--executor", executor],
+             "--heartbeat-interval", "1", "--executor", executor,
+             # The benchmark's own client and coordinator share the host: with the owner policy
+             # on, their CPU (and anything else running) would count as the owner's and pause it.
+             "--owner-policy", "off"]
+            + (["--python", python] if python else []),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append(agent)
         deadline = time.time() + 60
@@ -92,6 +97,16 @@ class Cluster:
 
     def submit(self):
         return call("POST", self.url + "/api/v1/tasks", {"code": CODE})["task_id"]
+
+    def submit_many(self, n):
+        """`POST /api/v1/tasks/batch`: up to 1,000 tasks per request, as a client with many
+        tasks at hand submits them."""
+        ids = []
+        while len(ids) < n:
+            count = min(1000, n - len(ids))
+            answer = call("POST", self.url + "/api/v1/tasks/batch", {"tasks": [{"code": CODE}] * count})
+            ids.extend(answer["task_ids"])
+        return ids
 
     def wait(self, task_id):
         task = call("GET", f"{self.url}/api/v1/tasks/{task_id}?wait=60")
@@ -110,7 +125,9 @@ class Cluster:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def batch(cluster, n, clients=4):
+def batch(cluster, n, one_by_one=False, clients=4):
+    """Submit all (one `POST /api/v1/tasks/batch` per 1,000 tasks, or one request per task
+    from `clients` threads with `one_by_one`), then collect each result; tasks/s."""
     ids = []
     lock = threading.Lock()
 
@@ -121,11 +138,15 @@ def batch(cluster, n, clients=4):
                 ids.append(task_id)
 
     start = time.perf_counter()
-    threads = [threading.Thread(target=submitter, args=(n // clients + (i < n % clients),)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    if one_by_one:
+        threads = [threading.Thread(target=submitter, args=(n // clients + (i < n % clients),))
+                   for i in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        ids = cluster.submit_many(n)
     for task_id in sorted(ids):
         cluster.wait(task_id)
     return n / (time.perf_counter() - start)
@@ -163,17 +184,20 @@ def main():
     ap.add_argument("--cpus", type=float, default=2)
     ap.add_argument("--sync", default="full", choices=["full", "normal"], help="the coordinator's SQLite durability")
     ap.add_argument("--bin-dir", default=os.path.join(os.path.dirname(__file__), "..", "target", "release"))
+    ap.add_argument("--python", help="the agent's --python (the zygote must be built against the same version)")
+    ap.add_argument("--one-by-one", action="store_true",
+                    help="batch mode submits one task per request (4 threads) instead of POST /api/v1/tasks/batch")
     args = ap.parse_args()
 
     rows = []
     for executor in args.executors.split(","):
-        cluster = Cluster(args.bin_dir, executor, args.cpus, args.sync)
+        cluster = Cluster(args.bin_dir, executor, args.cpus, args.sync, args.python)
         try:
             used = cluster.node.get("executor")
             level = (cluster.node.get("sandbox") or {}).get("level", "unknown")
             for _ in range(20):  # warm-up
                 cluster.wait(cluster.submit())
-            rates = [batch(cluster, args.tasks) for _ in range(args.repeat)]
+            rates = [batch(cluster, args.tasks, args.one_by_one) for _ in range(args.repeat)]
             p50, p99 = closed_loop(cluster, args.closed_loop)
         finally:
             cluster.close()

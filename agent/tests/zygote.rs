@@ -758,3 +758,77 @@ async fn runs_share_no_socket_and_nothing_of_one_run_is_left_for_the_next() {
     assert!(after.stdout.starts_with("no socket"), "{after:?}");
     assert!(after.stdout.contains("shm False"), "{after:?}");
 }
+
+#[tokio::test]
+async fn runs_copy_the_shared_mounts_but_keep_their_files_to_themselves() {
+    let host = host().await;
+    if !host.protections.namespaces {
+        eprintln!("no namespaces on this host: runs share the host's files");
+        return;
+    }
+    let name = unique_name("mnt");
+    // A leaves a file in each of its own writable places while B, running at the same time,
+    // looks for them; C looks again once A has ended. Every run copies its mounts from the
+    // zygote's template: none of them may reach it, or the zygote's own namespace.
+    let holder = format!(
+        "import os, time\n\
+         for d in ('/tmp', '/var/tmp', '/dev/shm'):\n    open(os.path.join(d, {name:?}), 'w').write('x')\n\
+         print('left', flush=True)\n\
+         open('/proc/self/comm', 'w').write({name:?})\n\
+         time.sleep(30)\n"
+    );
+    let looker = format!(
+        "import os\n\
+         print(sorted(d for d in ('/tmp', '/var/tmp', '/dev/shm') if os.path.exists(os.path.join(d, {name:?}))))\n\
+         for d in ('/dev', '/run', '/usr', '/'):\n    \
+             try:\n        open(os.path.join(d, {name:?}), 'w')\n        print('wrote', d)\n    \
+             except OSError as e:\n        print('refused', d, e.errno)\n\
+         print(sorted(os.listdir('/dev')))\n"
+    );
+    let executor = Arc::new(zygote().await);
+    let cancel = CancellationToken::new();
+    let holding = tokio::spawn({
+        let executor = Arc::clone(&executor);
+        let cancel = cancel.clone();
+        async move { executor.run(job(&holder, 60.0), cancel).await }
+    });
+    wait_until("the holder has left its files", || {
+        (!processes_named(&name).is_empty()).then_some(())
+    })
+    .await;
+    let during = run(executor.as_ref(), &looker).await;
+    cancel.cancel();
+    let held = holding.await.expect("the holder's task");
+    assert!(held.stdout.starts_with("left"), "{held:?}");
+    let after = run(executor.as_ref(), &looker).await;
+    for seen in [&during, &after] {
+        assert!(
+            seen.stdout.starts_with("[]\n"),
+            "another run's files: {seen:?}"
+        );
+        for dir in ["/dev", "/run", "/usr", "/"] {
+            assert!(
+                seen.stdout.contains(&format!("refused {dir} ")),
+                "{dir} must be read-only: {seen:?}"
+            );
+        }
+        assert!(
+            seen.stdout.contains("'null'") && seen.stdout.contains("'shm'"),
+            "{seen:?}"
+        );
+    }
+    // The zygote itself is back in the mount namespace it started in (this test's).
+    let own = std::fs::read_link("/proc/self/ns/mnt").expect("own mount namespace");
+    let zygotes: Vec<i32> = processes_named("lull-zygote")
+        .into_iter()
+        .filter(|&pid| parent_of(pid) == Some(std::process::id() as i32))
+        .collect();
+    assert!(!zygotes.is_empty(), "the zygote is this test's child");
+    for pid in zygotes {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).expect("zygote's namespace");
+        assert_eq!(
+            theirs, own,
+            "zygote {pid} stayed in a run's or the template's namespace"
+        );
+    }
+}

@@ -46,6 +46,8 @@ impl Drop for ReceivedFd {
 pub(crate) struct RunRequest {
     pub(crate) policy: RunPolicy,
     pub(crate) code: String,
+    /// The run's own environment variables: the zygote's environment holds the rest
+    /// (`Interpreter::share_environment`).
     pub(crate) env: BTreeMap<String, String>,
     pub(crate) stdout: ReceivedFd,
     pub(crate) stderr: ReceivedFd,
@@ -112,7 +114,7 @@ fn prepare<'py>(
         .redirect_stdio(py, request.stdout.raw(), request.stderr.raw())
         .map_err(|err| format!("standard streams: {err}"))?;
     interpreter
-        .set_environment(py, &request.env)
+        .add_environment(py, &request.env)
         .map_err(|err| format!("environment: {err}"))?;
     // Restores the death signal and dumpable after the uid drop (this process never execs).
     launch

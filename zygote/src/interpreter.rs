@@ -58,7 +58,14 @@ pub(crate) struct Interpreter {
     /// The target python's path, for `sys.orig_argv`.
     python: String,
     pub(crate) version: String,
+    /// The environment the zygote's own `os.environ` holds for its runs: what every run's
+    /// environment has but its own `LULL_*` variables.
+    shared_env: Option<BTreeMap<String, String>>,
 }
+
+/// Variables that differ from run to run (task and run ids, points): set in each run's
+/// process, the others once in the zygote.
+const RUN_OWN_PREFIX: &str = "LULL_";
 
 impl Interpreter {
     /// Points the interpreter at `target` (executable, version check, `sys.path`) and imports
@@ -115,6 +122,7 @@ impl Interpreter {
                 .unbind(),
             python: python.to_string(),
             version,
+            shared_env: None,
         };
         Ok((interpreter, failed_preloads))
     }
@@ -169,14 +177,38 @@ impl Interpreter {
         Ok(())
     }
 
-    pub(crate) fn set_environment(
-        &self,
+    /// In the zygote, before a fork: makes the zygote's own environment the part of `env`
+    /// every run shares (all but the `LULL_*` variables of the run), when it is not already.
+    /// Returns what the run still has to add ([`Interpreter::add_environment`]).
+    pub(crate) fn share_environment(
+        &mut self,
         py: Python<'_>,
         env: &BTreeMap<String, String>,
+    ) -> PyResult<BTreeMap<String, String>> {
+        let (own, shared): (BTreeMap<_, _>, BTreeMap<_, _>) = env
+            .iter()
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .partition(|(name, _)| name.starts_with(RUN_OWN_PREFIX));
+        if self.shared_env.as_ref() != Some(&shared) {
+            self.helper
+                .bind(py)
+                .call_method1("set_base_environment", (shared.clone(),))?;
+            self.shared_env = Some(shared);
+        }
+        Ok(own)
+    }
+
+    /// In a run's process: its own variables on top of the shared ones.
+    pub(crate) fn add_environment(
+        &self,
+        py: Python<'_>,
+        own: &BTreeMap<String, String>,
     ) -> PyResult<()> {
-        self.helper
-            .bind(py)
-            .call_method1("set_environment", (env.clone(),))?;
+        if !own.is_empty() {
+            self.helper
+                .bind(py)
+                .call_method1("add_environment", (own.clone(),))?;
+        }
         Ok(())
     }
 

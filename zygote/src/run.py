@@ -42,6 +42,7 @@ def prepare(python, preload):
     if "multiprocessing" in sys.modules:
         # A preload imported it before any run could: make sure it spawns the real python.
         sys.modules["multiprocessing"].set_executable(python)
+    _build_run_state()
     import gc
 
     # What the zygote holds now is shared by every run: keep the collector off it, so that
@@ -51,18 +52,23 @@ def prepare(python, preload):
 
 
 def redirect(stdout_fd, stderr_fd):
-    """In the run's process: its pipes on 1 and 2, /dev/null on 0. Every other descriptor is
-    closed by the sandbox's last steps (some are still needed until then)."""
+    """In the run's process: its pipes on 1 and 2; 0 is /dev/null already (the zygote's own).
+    Every other descriptor is closed by the sandbox's last steps (some are still needed until
+    then)."""
     os.dup2(stdout_fd, 1)
     os.dup2(stderr_fd, 2)
-    null = os.open(os.devnull, os.O_RDONLY)
-    if null != 0:
-        os.dup2(null, 0)
-        os.close(null)
 
 
-def set_environment(env):
+def set_base_environment(env):
+    """In the zygote, when the part of the runs' environment that is the same for every run
+    changes (in practice once): each run then only adds its own few variables, so that a run
+    does not rebuild `os.environ` (and copy the pages that holds) to get the same values."""
     os.environ.clear()
+    os.environ.update(env)
+
+
+def add_environment(env):
+    """In the run's process: the variables of this run on top of the base."""
     os.environ.update(env)
 
 
@@ -87,22 +93,57 @@ def _stream(fd, name, writable, encoding, errors):
     return text
 
 
-def enter(argv):
-    """In the confined run's process, right before the code: the interpreter state of a fresh
-    `python3 -I -u -c`. Returns the globals of a new `__main__`."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    streams = [
-        _stream(fd, name, fd != 0, *_STDIO[fd])
-        for fd, name in enumerate(("<stdin>", "<stdout>", "<stderr>"))
-    ]
-    sys.stdin, sys.stdout, sys.stderr = streams
-    sys.__stdin__, sys.__stdout__, sys.__stderr__ = streams
-    sys.argv = ["-c"]
-    sys.orig_argv = argv
+def _fresh_main():
     main = type(sys)("__main__")
     main.__dict__.update(_MAIN)
     if "__annotations__" in _MAIN:
         main.__annotations__ = {}
+    return main
+
+
+# The interpreter state every run starts from, built once in the zygote, never used by it, and
+# inherited by each forked run as its own copy: what `python3 -I -u -c` builds at startup
+# (standard streams, `__main__`, `sys.argv`), made here instead of in every run's process,
+# where each new object costs copy-on-write page faults. See `build_run_state`.
+_RUN_STREAMS = None
+_RUN_MAIN = None
+
+
+def _build_run_state():
+    """In the zygote, once. A run's fds 1 and 2 are always pipes and 0 is /dev/null (as the
+    zygote's own 0 is): the streams are made while 1 and 2 are a pipe, so that what they learn
+    of their file at creation (not seekable) is what it will be in every run; the zygote's
+    own 1 and 2 are put back afterwards."""
+    global _RUN_STREAMS, _RUN_MAIN
+    read, write = os.pipe()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        os.dup2(write, 1)
+        os.dup2(write, 2)
+        streams = [
+            _stream(fd, name, fd != 0, *_STDIO[fd])
+            for fd, name in enumerate(("<stdin>", "<stdout>", "<stderr>"))
+        ]
+        for stream in streams:
+            stream.seekable()
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved + [read, write]:
+            os.close(fd)
+    _RUN_STREAMS = streams
+    _RUN_MAIN = _fresh_main()
+
+
+def enter(argv):
+    """In the confined run's process, right before the code: the interpreter state of a fresh
+    `python3 -I -u -c`. Returns the globals of the run's `__main__`."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    streams, main = _RUN_STREAMS, _RUN_MAIN
+    sys.stdin, sys.stdout, sys.stderr = streams
+    sys.__stdin__, sys.__stdout__, sys.__stderr__ = streams
+    sys.argv = ["-c"]
+    sys.orig_argv = argv
     sys.modules["__main__"] = main
     return main.__dict__
 

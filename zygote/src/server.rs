@@ -259,6 +259,10 @@ impl Server {
             ))
         })?;
         threads_are_single().map_err(StartError::Fatal)?;
+        let env = self
+            .interpreter
+            .share_environment(py, &env)
+            .map_err(|err| StartError::Run(format!("environment: {err}")))?;
         let mut launch = ForkedRun::prepare(&policy, &mut self.pools)
             .map_err(|err| StartError::Run(format!("sandbox setup failed: {err}")))?;
         let request = RunRequest {

@@ -2,6 +2,7 @@
 """Turns the records `loadgen --json FILE` appended into SVG bar charts (standard library only).
 
     python3 bench/charts.py bench/results/loadgen.jsonl bench/charts
+    python3 bench/charts.py --peers bench/results/peers.json bench/charts   (bench/peers.py does this itself)
 
 Writes dispatch.svg (tasks/s and latency by SQLite sync mode), scale.svg (coordinator and load
 generator CPU, heartbeat latency) and memory.svg (coordinator and agent RSS). For each kind of
@@ -50,6 +51,25 @@ def chart(title, unit, rows, note=""):
     return "\n".join(out) + "\n"
 
 
+def peers_charts(rows, out):
+    """The side-by-side run's rows (`bench/peers.py --json`) as two charts in `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    bars = [(r["system"], r["batch_median"], 0 if r["key"].startswith("lull") else 1) for r in rows]
+    (out / "peers-throughput.svg").write_text(
+        chart("Side by side: print(sum(range(1000))), batch", "tasks/s", bars,
+              "median of the repetitions, same machine, same run; higher is better")
+    )
+    bars = []
+    for r in rows:
+        colour = 0 if r["key"].startswith("lull") else 1
+        bars.append((f'{r["system"]}: p50', r["closed_p50_ms"], colour))
+        bars.append((f'{r["system"]}: p99', r["closed_p99_ms"], colour + 2))
+    (out / "peers-latency.svg").write_text(
+        chart("Side by side: closed loop, 2 clients, submit → result", "ms", bars, "lower is better")
+    )
+
+
 def latest(records, bench, key):
     seen = {}
     for r in records:
@@ -59,8 +79,12 @@ def latest(records, bench, key):
 
 
 def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--peers":
+        peers_charts(json.loads(Path(sys.argv[2]).read_text()), sys.argv[3])
+        print(f"charts written to {sys.argv[3]}")
+        return
     if len(sys.argv) != 3:
-        sys.exit("usage: charts.py RESULTS.jsonl OUT_DIR")
+        sys.exit("usage: charts.py RESULTS.jsonl OUT_DIR | charts.py --peers PEERS.json OUT_DIR")
     records = [json.loads(l) for l in Path(sys.argv[1]).read_text().splitlines() if l.strip()]
     out = Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)

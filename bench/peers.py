@@ -9,7 +9,9 @@ median of --repeat with min-max) and closed loop (2 clients, one task in flight 
 latency submit -> result, p50/p99).
 
   - Lull: coordinator (--sync full) + one agent with 2 slots, over HTTP, zygote executor with
-    the strongest sandbox this host allows (printed), and cold with --cold-tasks.
+    the strongest sandbox this host allows (printed), and cold with --cold-tasks. Batch mode
+    submits with `POST /api/v1/tasks/batch` (1,000 per request), as the others submit from
+    one client in a loop; results are collected one by one with `GET /api/v1/tasks/{id}?wait=`.
   - Celery 5 + Redis broker and result backend, --pool=prefork --concurrency=2, a task that
     exec()s the code with stdout captured.
   - RQ with 2 workers (each forks per job), the same function.
@@ -18,7 +20,8 @@ latency submit -> result, p50/p99).
 The peers are installed by this script into a virtualenv (bench/.venv-peers, from PyPI) and
 started on 127.0.0.1 only: a private redis-server on a free port (no persistence), Celery and
 RQ workers, a local Ray instance. Everything is stopped afterwards. Not a test: it asserts only
-that every result is right.
+that every result is right. Writes the table to stdout, the rows with --json, and two SVG charts
+(bench/charts/peers-throughput.svg, peers-latency.svg; --charts DIR).
 """
 
 import argparse
@@ -273,7 +276,7 @@ def run_lull(args, executor, tasks):
     sys.path.insert(0, HERE)
     import executors as lull  # bench/executors.py
 
-    cluster = lull.Cluster(args.bin_dir, executor, 2, "full")
+    cluster = lull.Cluster(args.bin_dir, executor, 2, "full", args.python)
     try:
         level = (cluster.node.get("sandbox") or {}).get("level", "unknown")
         used = cluster.node.get("executor")
@@ -301,6 +304,8 @@ def main():
     ap.add_argument("--systems", default="lull-zygote,lull-cold,celery,rq,ray")
     ap.add_argument("--bin-dir", default=os.path.join(HERE, "..", "target", "release"))
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--charts", default=os.path.join(HERE, "charts"), help="write the SVG charts here ('' for none)")
+    ap.add_argument("--python", help="Lull agent's --python (the zygote must embed the same version)")
     ap.add_argument("--peer", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     ap.add_argument("--redis-url", help=argparse.SUPPRESS)
@@ -376,6 +381,12 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+    if args.charts:
+        sys.path.insert(0, HERE)
+        import charts
+
+        charts.peers_charts(rows, args.charts)
+        print(f"\ncharts: {args.charts}/peers-throughput.svg, {args.charts}/peers-latency.svg")
 
 
 if __name__ == "__main__":

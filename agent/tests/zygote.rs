@@ -236,6 +236,22 @@ async fn hello_world_completes_with_its_output() {
 }
 
 #[tokio::test]
+async fn a_runs_cpu_time_and_peak_memory_are_reported() {
+    // 80 MB touched, and a fixed amount of work (not a duration) for the CPU.
+    let code = "b = bytearray(80 * 1024 * 1024)\n\
+                for i in range(0, len(b), 4096): b[i] = 1\n\
+                n = 0\n\
+                for i in range(3_000_000): n += i\n\
+                print(n)";
+    let execution = run(&zygote().await, code).await;
+    assert_eq!(execution.outcome, RunOutcome::Completed, "{execution:?}");
+    let cpu = execution.cpu_seconds.expect("cpu time reported");
+    let rss = execution.max_rss_mb.expect("peak memory reported");
+    assert!(cpu > 0.05, "3 million additions take more CPU than {cpu} s");
+    assert!(rss >= 80.0, "80 MB were touched, peak reported {rss} MB");
+}
+
+#[tokio::test]
 async fn runs_are_forks_of_the_zygote_with_the_real_python_as_sys_executable() {
     let host = host().await;
     let code = "import os, sys\nprint(os.readlink('/proc/self/exe'))\nprint(sys.executable)";

@@ -133,19 +133,6 @@ impl Interpreter {
         self.os.bind(py).call_method0("fork")?.extract()
     }
 
-    /// `os.wait4(pid, 0)`: reaps `pid` and returns its (cpu seconds, max rss MB).
-    pub(crate) fn reap(&self, py: Python<'_>, pid: i32) -> PyResult<(f64, f64)> {
-        let (_pid, _status, usage): (i32, i32, Bound<'_, PyAny>) = self
-            .os
-            .bind(py)
-            .call_method1("wait4", (pid, 0))?
-            .extract()?;
-        let seconds = |field: &str| -> PyResult<f64> { usage.getattr(field)?.extract() };
-        let cpu = seconds("ru_utime")? + seconds("ru_stime")?;
-        let max_rss_kb: f64 = usage.getattr("ru_maxrss")?.extract()?;
-        Ok((cpu, max_rss_kb / 1024.0))
-    }
-
     /// One non-blocking `os.write(fd, bytes)` (a received fd is a plain number to the zygote),
     /// so that a pipe nobody drains cannot stall the zygote. Errors on a short write.
     pub(crate) fn write_fd(&self, py: Python<'_>, fd: RawFd, bytes: &[u8]) -> PyResult<()> {

@@ -56,12 +56,13 @@ pub(crate) fn serve(args: &Args) -> Result<(), String> {
             runs: BTreeMap::new(),
             pools: RunPools::default(),
             pid: getpid(),
+            read_buf: vec![0u8; READ_BYTES],
         };
         server.send(&FromZygote::Ready {
             python_version: server.interpreter.version.clone(),
         })?;
         let served = server.serve(py);
-        server.kill_all_and_reap(py);
+        server.kill_all_and_reap();
         served
     })
 }
@@ -118,6 +119,8 @@ struct Server {
     /// Cgroups and network namespaces runs reuse, one run at a time each.
     pools: RunPools,
     pid: Pid,
+    /// Where the socket is read into.
+    read_buf: Vec<u8>,
 }
 
 /// A run's process, as the zygote (its watcher) keeps it until it is reaped.
@@ -173,9 +176,11 @@ impl Server {
 
     /// Reads what the socket has. False when the agent has closed it.
     fn receive(&mut self) -> Result<bool, String> {
-        let mut buf = vec![0u8; READ_BYTES];
+        // One buffer for the zygote's life: a fresh 64 KiB per read was zeroed, written and
+        // freed on every run, and each fork made all those pages fault again.
+        let buf = &mut self.read_buf;
         let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; MAX_FDS_PER_READ]);
-        let mut iov = [IoSliceMut::new(&mut buf)];
+        let mut iov = [IoSliceMut::new(buf)];
         let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
         let received: RecvMsg<'_, '_, UnixAddr> =
             match recvmsg(self.socket.as_raw_fd(), &mut iov, Some(&mut cmsg), flags) {
@@ -199,7 +204,7 @@ impl Server {
         if bytes == 0 && fds.is_empty() {
             return Ok(false);
         }
-        self.inbox.push(&buf[..bytes], fds);
+        self.inbox.push(&self.read_buf[..bytes], fds);
         Ok(true)
     }
 
@@ -323,7 +328,7 @@ impl Server {
             };
             // Whatever the run left in its group (without a PID namespace) dies with it.
             let _ = killpg(pid, Signal::SIGKILL);
-            let usage = self.interpreter.reap(py, pid.as_raw());
+            let usage = lull_agent::sandbox::reap_child(pid);
             let Some(run_id) = self
                 .runs
                 .iter()
@@ -355,7 +360,7 @@ impl Server {
                 }
             };
             let (cpu_seconds, max_rss_mb) = match usage {
-                Ok((cpu, rss)) => (Some(cpu), Some(rss)),
+                Ok(usage) => (Some(usage.cpu_seconds), Some(usage.max_rss_mb)),
                 Err(err) => {
                     log!("could not read run {run_id}'s resource usage: {err}");
                     (None, None)
@@ -372,10 +377,10 @@ impl Server {
     }
 
     /// The agent is gone: nothing may outlive it.
-    fn kill_all_and_reap(&mut self, py: Python<'_>) {
+    fn kill_all_and_reap(&mut self) {
         for (_, run) in std::mem::take(&mut self.runs) {
             kill_run(run.pid);
-            let _ = self.interpreter.reap(py, run.pid.as_raw());
+            let _ = lull_agent::sandbox::reap_child(run.pid);
             let _ = run
                 .launch
                 .finish(&run.policy, WaitStatus::StillAlive, &mut self.pools);

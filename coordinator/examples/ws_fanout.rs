@@ -1,63 +1,78 @@
 //! Live-feed fan-out benchmark (not a test): N WebSocket clients on `/ws/updates` of a release
-//! coordinator while tasks flow, reporting events delivered per second and the delay from
-//! publication (`ts` in the message) to receipt.
+//! coordinator while tasks flow, reporting the events published per second, the messages
+//! delivered, the delay from publication (`ts` in the message) to receipt, `lagged` notices,
+//! and the CPU the coordinator and this program each used.
 //!
 //! ```sh
 //! cargo build --release -p lull-coordinator --bins --examples
-//! target/release/examples/ws_fanout --clients 1000 --tasks 2000
+//! target/release/examples/ws_fanout --clients 1000 --events-per-second 5000 --seconds 10
+//! target/release/examples/ws_fanout --clients 1000 --tasks 2000     # as fast as it goes
 //! ```
 //!
-//! It starts `lull-coordinator` (next to `examples/`, `--local-agents 0 --sync normal`, data
-//! in a temporary directory) unless `--url` names a running one. Tasks flow through seed
-//! 001's hand-run worker protocol (`/submit`, `/get_task`, `/submit_result`), so each task
-//! publishes three events (created, started, completed) without Python in the way: what is
-//! measured is the feed.
+//! It starts `lull-coordinator` (next to `examples/`, `--local-agents 0`, data in a temporary
+//! directory) and stops it by PID afterwards. The events are real: tasks flow through the
+//! `loadgen` benchmark's simulated agents (`loadgen/sim.rs`: batches to
+//! `POST /api/v1/tasks/batch`, long-polls of `GET /internal/task`, results together to
+//! `POST /internal/results`), and each task publishes three events (created, started,
+//! completed). With `--events-per-second R` the tasks are submitted open loop at R/3 per
+//! second for `--seconds`; without it, `--tasks` as fast as they are answered.
+//!
+//! The clients share this machine's cores with the coordinator; the CPU each side used (from
+//! `/proc/PID/stat`, over the same window) says what the coordinator itself costs.
 
+#![forbid(unsafe_code)]
+
+// Shared with `loadgen`, which uses all of it.
+#[path = "loadgen/process.rs"]
+#[allow(dead_code)]
+mod process;
+#[path = "loadgen/sim.rs"]
+#[allow(dead_code)]
+mod sim;
+
+use anyhow::Context;
+use clap::Parser;
 use futures::StreamExt;
+use process::{cores, sample, start_coordinator};
 use serde::Deserialize;
-use std::process::Stdio;
+use sim::{Phase, Plan};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::io::AsyncBufReadExt;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
-struct Options {
-    clients: usize,
-    tasks: usize,
-    workers: usize,
-    url: Option<String>,
-}
+/// Events each task publishes: `task_created`, `task_started`, `task_completed`.
+const EVENTS_PER_TASK: f64 = 3.0;
 
-fn options() -> Result<Options, String> {
-    let mut o = Options {
-        clients: 1000,
-        tasks: 2000,
-        workers: 16,
-        url: None,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        let number = || {
-            value
-                .parse::<usize>()
-                .map_err(|_| format!("{flag} wants a number, got {value:?}"))
-        };
-        match flag.as_str() {
-            "--clients" => o.clients = number()?,
-            "--tasks" => o.tasks = number()?,
-            "--workers" => o.workers = number()?.max(1),
-            "--url" => o.url = Some(value.trim_end_matches('/').to_string()),
-            _ => {
-                return Err(format!(
-                    "unknown flag {flag}; flags: --clients N --tasks N --workers N --url URL"
-                ));
-            }
-        }
-    }
-    Ok(o)
+#[derive(Debug, Parser)]
+#[command(name = "ws_fanout", about = "Lull live-feed fan-out benchmark")]
+struct Cli {
+    /// WebSocket clients on `/ws/updates`, all following every event.
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// Publish at this many events per second (open loop) for `--seconds`; without it,
+    /// `--tasks` tasks flow as fast as the coordinator takes them.
+    #[arg(long)]
+    events_per_second: Option<f64>,
+    /// With `--events-per-second`: how long to publish.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Without `--events-per-second`: tasks to run (three events each).
+    #[arg(long, default_value_t = 2000)]
+    tasks: usize,
+    /// Tasks per submission (`POST /api/v1/tasks/batch`; 1: `POST /submit`).
+    #[arg(long, default_value_t = 10)]
+    batch: usize,
+    /// Submissions in flight at once.
+    #[arg(long, default_value_t = 4)]
+    submitters: usize,
+    /// SQLite durability of the coordinator.
+    #[arg(long, default_value = "normal")]
+    sync: String,
+    /// Longest the clients may take, after the last task, to receive the newest event.
+    #[arg(long, default_value_t = 120.0)]
+    drain_seconds: f64,
 }
 
 fn unix_now() -> f64 {
@@ -68,29 +83,104 @@ fn unix_now() -> f64 {
 }
 
 #[derive(Deserialize)]
-struct Frame {
-    event: String,
+struct Frame<'a> {
+    event: &'a str,
     seq: u64,
     ts: f64,
 }
 
-#[derive(Default)]
+#[derive(Deserialize)]
+struct LaggedFrame {
+    data: LaggedData,
+}
+
+#[derive(Deserialize)]
+struct LaggedData {
+    missed: Option<u64>,
+}
+
+/// Delays in buckets 1 % wide from 10 µs up (a million clients' worth of frames would not
+/// fit as a list): percentiles are read to within 1 %.
+#[derive(Clone)]
+struct Delays {
+    buckets: Vec<u64>,
+    count: u64,
+    max: f64,
+}
+
+const SMALLEST_DELAY: f64 = 1e-5;
+const BUCKET_GROWTH: f64 = 1.01;
+/// 10 µs × 1.01^1800 ≈ 600 s.
+const BUCKETS: usize = 1800;
+
+impl Delays {
+    fn new() -> Delays {
+        Delays {
+            buckets: vec![0; BUCKETS],
+            count: 0,
+            max: 0.0,
+        }
+    }
+
+    fn record(&mut self, seconds: f64) {
+        let seconds = seconds.max(0.0);
+        let index = if seconds <= SMALLEST_DELAY {
+            0
+        } else {
+            ((seconds / SMALLEST_DELAY).ln() / BUCKET_GROWTH.ln()).ceil() as usize
+        };
+        self.buckets[index.min(BUCKETS - 1)] += 1;
+        self.count += 1;
+        self.max = self.max.max(seconds);
+    }
+
+    fn merge(&mut self, other: &Delays) {
+        for (a, b) in self.buckets.iter_mut().zip(&other.buckets) {
+            *a += b;
+        }
+        self.count += other.count;
+        self.max = self.max.max(other.max);
+    }
+
+    /// The `p`th percentile (0–100), seconds: the upper bound of its bucket.
+    fn percentile(&self, p: f64) -> f64 {
+        if self.count == 0 {
+            return f64::NAN;
+        }
+        let rank = ((p / 100.0) * self.count as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return (SMALLEST_DELAY * BUCKET_GROWTH.powi(i as i32)).min(self.max);
+            }
+        }
+        self.max
+    }
+}
+
 struct ClientReport {
-    delays: Vec<f64>,
+    delays: Delays,
     lagged: u64,
+    /// Events the `lagged` notices said were dropped.
+    missed: u64,
 }
 
 /// One subscriber: reads until it has seen `target` (once it is known), recording delays.
 async fn client(
     url: String,
     mut target: watch::Receiver<Option<u64>>,
-    connected: Arc<AtomicU64>,
-) -> Result<ClientReport, String> {
+    connected: Arc<AtomicUsize>,
+) -> anyhow::Result<ClientReport> {
     let (mut socket, _) = tokio_tungstenite::connect_async(&url)
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .context("connect")?;
     connected.fetch_add(1, Ordering::Relaxed);
-    let mut report = ClientReport::default();
+    let mut report = ClientReport {
+        delays: Delays::new(),
+        lagged: 0,
+        missed: 0,
+    };
     let mut newest = 0;
     loop {
         if target.borrow().is_some_and(|t| newest >= t) {
@@ -99,202 +189,198 @@ async fn client(
         tokio::select! {
             changed = target.changed() => {
                 if changed.is_err() {
-                    return Ok(report);
+                    anyhow::bail!("gave up at seq {newest}");
                 }
             }
             frame = socket.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
                     let received = unix_now();
-                    let frame: Frame = serde_json::from_str(&text).map_err(|e| format!("bad frame: {e}"))?;
+                    let frame: Frame = serde_json::from_str(&text).context("bad frame")?;
                     if frame.event == "lagged" {
                         report.lagged += 1;
+                        let notice: LaggedFrame = serde_json::from_str(&text).context("bad lagged")?;
+                        report.missed += notice.data.missed.unwrap_or(0);
                     } else {
-                        report.delays.push(received - frame.ts);
+                        report.delays.record(received - frame.ts);
                         newest = frame.seq;
                     }
                 }
                 Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(format!("read: {e}")),
-                None => return Err("the coordinator closed the feed".into()),
+                Some(Err(e)) => anyhow::bail!("read: {e}"),
+                None => anyhow::bail!("the coordinator closed the feed"),
             },
         }
     }
 }
 
-async fn worker(http: reqwest::Client, base: String, tasks: usize) -> Result<(), String> {
-    let fail = |e: reqwest::Error| e.to_string();
-    for _ in 0..tasks {
-        http.post(format!("{base}/submit"))
-            .json(&serde_json::json!({"code": "print(1)"}))
-            .send()
-            .await
-            .map_err(fail)?;
-        let lease: serde_json::Value = http
-            .get(format!("{base}/get_task"))
-            .send()
-            .await
-            .map_err(fail)?
-            .json()
-            .await
-            .map_err(fail)?;
-        if let Some(task_id) = lease["task_id"].as_i64() {
-            http.post(format!("{base}/submit_result"))
-                .json(&serde_json::json!({"task_id": task_id, "run_id": lease["run_id"], "result": "1"}))
-                .send()
-                .await
-                .map_err(fail)?;
-        }
-    }
-    Ok(())
-}
-
-/// Starts the release coordinator next to this example; returns it and its URL.
-async fn start_coordinator(
-    data_dir: &std::path::Path,
-) -> Result<(tokio::process::Child, String), String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let bin = exe
-        .parent()
-        .and_then(|examples| examples.parent())
-        .map(|dir| dir.join("lull-coordinator"))
-        .ok_or("cannot locate lull-coordinator")?;
-    let mut child = tokio::process::Command::new(&bin)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--local-agents",
-            "0",
-            "--sync",
-            "normal",
-        ])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("could not start {}: {e}", bin.display()))?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut lines = tokio::io::BufReader::new(stdout).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        if let Some(url) = line.strip_prefix("Lull is listening on ") {
-            return Ok((child, url.trim().to_string()));
-        }
-    }
-    Err("lull-coordinator did not say where it listens".into())
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
-
-#[tokio::main]
-async fn main() -> Result<(), String> {
-    let o = options()?;
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let (_child, base) = match &o.url {
-        Some(url) => (None, url.clone()),
-        None => {
-            let (child, url) = start_coordinator(dir.path()).await?;
-            (Some(child), url)
-        }
-    };
-    let http = reqwest::Client::new();
-    let start_seq = http
-        .get(format!("{base}/health"))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?
-        .json::<serde_json::Value>()
-        .await
-        .map_err(|e| e.to_string())?["feed"]["newest_seq"]
-        .as_u64()
-        .unwrap_or(0);
-
-    let ws_url = format!("ws{}/ws/updates", base.trim_start_matches("http"));
-    let (target_tx, target_rx) = watch::channel(None);
-    let connected = Arc::new(AtomicU64::new(0));
-    let mut clients = Vec::with_capacity(o.clients);
-    for _ in 0..o.clients {
-        clients.push(tokio::spawn(client(
-            ws_url.clone(),
-            target_rx.clone(),
-            connected.clone(),
-        )));
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while connected.load(Ordering::Relaxed) < o.clients as u64 {
-        if Instant::now() > deadline {
-            return Err(format!(
-                "only {} of {} clients connected",
-                connected.load(Ordering::Relaxed),
-                o.clients
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    eprintln!("{} clients connected; running {} tasks", o.clients, o.tasks);
-
-    let started = Instant::now();
-    let per_worker = o.tasks.div_ceil(o.workers);
-    let workers: Vec<_> = (0..o.workers)
-        .map(|_| tokio::spawn(worker(http.clone(), base.clone(), per_worker)))
-        .collect();
-    for w in workers {
-        w.await.map_err(|e| e.to_string())??;
-    }
-    let load_secs = started.elapsed().as_secs_f64();
+async fn newest_seq(http: &reqwest::Client, base: &str) -> anyhow::Result<u64> {
     let health: serde_json::Value = http
         .get(format!("{base}/health"))
         .send()
-        .await
-        .map_err(|e| e.to_string())?
+        .await?
         .json()
-        .await
-        .map_err(|e| e.to_string())?;
-    let newest = health["feed"]["newest_seq"].as_u64().unwrap_or(0);
+        .await?;
+    health["feed"]["newest_seq"]
+        .as_u64()
+        .context("/health without feed.newest_seq")
+}
+
+fn ms(seconds: f64) -> f64 {
+    seconds * 1000.0
+}
+
+async fn fanout(
+    cli: &Cli,
+    pid: u32,
+    base: &str,
+    clients_runtime: &tokio::runtime::Handle,
+) -> anyhow::Result<()> {
+    let http = sim::http_client()?;
+    let ws_url = format!("ws{}/ws/updates", base.trim_start_matches("http"));
+    let (target_tx, target_rx) = watch::channel(None);
+    let connected = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..cli.clients)
+        .map(|_| {
+            clients_runtime.spawn(client(ws_url.clone(), target_rx.clone(), connected.clone()))
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while connected.load(Ordering::Relaxed) < cli.clients {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {} of {} clients connected",
+            connected.load(Ordering::Relaxed),
+            cli.clients
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let (tasks, task_rate) = match cli.events_per_second {
+        Some(rate) => (
+            (rate * cli.seconds / EVENTS_PER_TASK).round() as usize,
+            Some(rate / EVENTS_PER_TASK),
+        ),
+        None => (cli.tasks, None),
+    };
+    eprintln!(
+        "{} clients connected; {tasks} tasks at {}",
+        cli.clients,
+        task_rate.map_or("full speed".into(), |r| format!("{r:.0} tasks/s"))
+    );
+    let plan = Plan {
+        nodes: 4,
+        pullers: 4,
+        slots: 64,
+        tasks,
+        submitters: cli.submitters,
+        task_rate,
+        batch: cli.batch.clamp(1, 1000),
+        batch_results: true,
+        ..Plan::new(base)
+    };
+    let first_seq = newest_seq(&http, base).await?;
+    let (me, coordinator) = (std::process::id().to_string(), pid.to_string());
+    let mut marks = Vec::new();
+    let outcome = sim::run(plan, |phase| {
+        if phase == Phase::WindowStart {
+            marks.push((sample(&coordinator), sample(&me)));
+        }
+    })
+    .await?;
+    anyhow::ensure!(
+        outcome.exactly_once(tasks),
+        "not every task completed exactly once ({} of {tasks})",
+        outcome.completed_once
+    );
+    let published_by = sample(&coordinator);
+    let newest = newest_seq(&http, base).await?;
     let _ = target_tx.send(Some(newest));
-    let mut delays = Vec::new();
-    let mut lagged = 0;
-    let mut failed = 0;
-    for c in clients {
-        match c.await.map_err(|e| e.to_string())? {
-            Ok(report) => {
-                delays.extend(report.delays);
-                lagged += report.lagged;
-            }
-            Err(e) => {
-                failed += 1;
-                eprintln!("client failed: {e}");
+
+    let mut delays = Delays::new();
+    let (mut lagged, mut missed, mut failed) = (0, 0, 0);
+    let drain = tokio::time::sleep(Duration::from_secs_f64(cli.drain_seconds));
+    tokio::pin!(drain);
+    let mut waiting = futures::stream::iter(clients).buffer_unordered(cli.clients.max(1));
+    loop {
+        tokio::select! {
+            next = waiting.next() => match next {
+                None => break,
+                Some(Ok(Ok(report))) => {
+                    delays.merge(&report.delays);
+                    lagged += report.lagged;
+                    missed += report.missed;
+                }
+                Some(Ok(Err(e))) => {
+                    failed += 1;
+                    eprintln!("client failed: {e:#}");
+                }
+                Some(Err(e)) => {
+                    failed += 1;
+                    eprintln!("client panicked: {e}");
+                }
+            },
+            _ = &mut drain => {
+                // Dropping the sender tells every client still reading to give up.
+                drop(target_tx);
+                let rest: Vec<_> = waiting.collect().await;
+                failed += rest.iter().filter(|r| !matches!(r, Ok(Ok(_)))).count();
+                break;
             }
         }
     }
-    let total_secs = started.elapsed().as_secs_f64();
-    let published = newest - start_seq;
-    delays.sort_by(f64::total_cmp);
-    let ms = |x: f64| x * 1000.0;
+    let [(c0, l0)] = marks[..] else {
+        anyhow::bail!("the window start was not sampled");
+    };
+    let (c1, l1) = (sample(&coordinator), sample(&me));
+    let window = c1.at.duration_since(c0.at).as_secs_f64();
+    let publishing = outcome.dispatch.as_secs_f64();
+    let published = newest - first_seq;
     println!(
-        "clients {} | tasks {} | events published {} ({:.0}/s over {:.2} s of load)",
-        o.clients,
-        per_worker * o.workers,
-        published,
-        published as f64 / load_secs,
-        load_secs
+        "clients {} | published {published} events in {publishing:.2} s: {:.0} events/s{} | \
+         delivered {} messages in {window:.2} s: {:.0} messages/s | \
+         delay p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms | \
+         lagged notices {lagged} ({missed} events dropped) | failed clients {failed}",
+        cli.clients,
+        published as f64 / publishing,
+        cli.events_per_second
+            .map_or(String::new(), |r| format!(" (asked {r:.0})")),
+        delays.count,
+        delays.count as f64 / window,
+        ms(delays.percentile(50.0)),
+        ms(delays.percentile(99.0)),
+        ms(delays.max),
     );
     println!(
-        "delivered {} messages in {:.2} s: {:.0} events/s | delay p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms | lagged notices {} | failed clients {}",
-        delays.len(),
-        total_secs,
-        delays.len() as f64 / total_secs,
-        ms(percentile(&delays, 50.0)),
-        ms(percentile(&delays, 99.0)),
-        ms(delays.last().copied().unwrap_or(f64::NAN)),
-        lagged,
-        failed
+        "CPU over the {window:.2} s: coordinator {:.2} cores ({:.2} while publishing, {:.2} µs \
+         per message delivered), ws_fanout (clients + publisher) {:.2} cores; load average {}",
+        cores(&c0, &c1),
+        cores(&c0, &published_by),
+        (c1.cpu - c0.cpu) * 1e6 / delays.count.max(1) as f64,
+        cores(&l0, &l1),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
     );
     Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // The clients get threads of their own: busy reading, they would otherwise delay the
+    // publisher's requests in one shared run queue (as they would not, in separate programs).
+    let clients_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("ws-client")
+        .enable_all()
+        .build()?;
+    let dir = tempfile::tempdir()?;
+    let (coordinator, base) = start_coordinator(dir.path(), &cli.sync).await?;
+    let result = fanout(&cli, coordinator.pid, &base, clients_runtime.handle()).await;
+    coordinator.stop().await?;
+    clients_runtime.shutdown_background();
+    result
 }

@@ -12,6 +12,11 @@
 //! told how many (`lagged`). A stuck client costs memory bounded by the buffer, never time on
 //! the commit path or for other clients.
 //!
+//! Architecture Invariant: nobody listening costs (close to) nothing. An event keeps what it
+//! says as typed data; its JSON is encoded once, by the first subscriber (live or replaying)
+//! that sends it, and shared by all the others. The commit path only numbers, stores and
+//! broadcasts.
+//!
 //! Knows neither axum nor SQL: the HTTP layer turns a [`Subscription`] into WebSocket frames.
 
 use crate::engine::unix_now;
@@ -24,7 +29,7 @@ use lull_shared::{
 };
 use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use tokio::sync::broadcast;
 
 /// Longest `error` a task event carries; the whole text is in the task itself.
@@ -47,15 +52,47 @@ impl Default for FeedConfig {
     }
 }
 
-/// One published event, serialised once for every subscriber.
+/// One published event, serialised (at most) once for every subscriber.
 #[derive(Debug)]
 pub struct Event {
     pub seq: u64,
     pub kind: FeedEventKind,
     pub task_id: Option<TaskId>,
     pub node_id: Option<String>,
-    /// The message as sent: `{"event", "data", "seq", "ts"}`.
-    pub json: Bytes,
+    ts: f64,
+    data: EventData,
+    /// The message as sent, encoded when first asked for.
+    json: OnceLock<Bytes>,
+}
+
+/// An event's `data`, as the feed derived it from a change.
+#[derive(Debug)]
+enum EventData {
+    Task(TaskEventData),
+    Run(RunEventData),
+    Node(NodeEventData),
+    Other(Value),
+}
+
+impl Event {
+    /// The message as sent: `{"event", "data", "seq", "ts"}`. The first call encodes it (a
+    /// concurrent one waits for that); every later one shares the same bytes.
+    pub fn json(&self) -> &Bytes {
+        self.json.get_or_init(|| {
+            let data = match &self.data {
+                EventData::Task(d) => to_value(d),
+                EventData::Run(d) => to_value(d),
+                EventData::Node(d) => to_value(d),
+                EventData::Other(v) => v.clone(),
+            };
+            encode(&FeedMessage {
+                event: self.kind,
+                data,
+                seq: self.seq,
+                ts: self.ts,
+            })
+        })
+    }
 }
 
 /// Which events a subscriber wants; every given part must match.
@@ -201,7 +238,14 @@ impl Feed {
     ) {
         let ts = unix_now();
         let mut state = self.state();
-        self.push(&mut state, ts, kind, task_id, node_id, data);
+        self.push(
+            &mut state,
+            ts,
+            kind,
+            task_id,
+            node_id,
+            EventData::Other(data),
+        );
     }
 
     fn push(
@@ -211,21 +255,17 @@ impl Feed {
         kind: FeedEventKind,
         task_id: Option<TaskId>,
         node_id: Option<String>,
-        data: Value,
+        data: EventData,
     ) {
         state.last_seq += 1;
-        let seq = state.last_seq;
         let event = Arc::new(Event {
-            seq,
+            seq: state.last_seq,
             kind,
             task_id,
             node_id,
-            json: encode(&FeedMessage {
-                event: kind,
-                data,
-                seq,
-                ts,
-            }),
+            ts,
+            data,
+            json: OnceLock::new(),
         });
         if state.ring.len() >= self.history {
             state.ring.pop_front();
@@ -327,7 +367,7 @@ impl CommitObserver for Feed {
                         FeedEventKind::OperationUpdated,
                         None,
                         None,
-                        data,
+                        EventData::Other(data),
                     );
                 }
             }
@@ -357,8 +397,8 @@ fn node_event_kinds(previous: Option<NodeStatus>, status: NodeStatus) -> Vec<Fee
     kinds
 }
 
-fn task_data(task: &TaskState) -> Value {
-    to_value(&TaskEventData {
+fn task_data(task: &TaskState) -> EventData {
+    EventData::Task(TaskEventData {
         task_id: task.task_id,
         status: task.status,
         node_id: task.node_id.clone(),
@@ -371,8 +411,8 @@ fn task_data(task: &TaskState) -> Value {
     })
 }
 
-fn run_data(run: &RunRecord) -> Value {
-    to_value(&RunEventData {
+fn run_data(run: &RunRecord) -> EventData {
+    EventData::Run(RunEventData {
         task_id: run.task_id,
         run_id: run.run_id,
         node_id: run.node_id.clone(),
@@ -385,8 +425,8 @@ fn run_data(run: &RunRecord) -> Value {
     })
 }
 
-fn node_data(node: &NodeRecord, previous: Option<NodeStatus>) -> Value {
-    to_value(&NodeEventData {
+fn node_data(node: &NodeRecord, previous: Option<NodeStatus>) -> EventData {
+    EventData::Node(NodeEventData {
         node_id: node.node_id.clone(),
         status: node.status,
         previous_status: previous,
@@ -485,7 +525,7 @@ mod tests {
     }
 
     fn message(event: &Event) -> FeedMessage {
-        serde_json::from_slice(&event.json).expect("a feed message")
+        serde_json::from_slice(event.json()).expect("a feed message")
     }
 
     fn drain(rx: &mut broadcast::Receiver<Arc<Event>>) -> Vec<(u64, FeedEventKind)> {
@@ -522,6 +562,31 @@ mod tests {
         assert_eq!(last.data["task_id"], 1);
         assert_eq!(last.data["status"], "completed");
         assert_eq!(last.data["node_id"], "n1");
+    }
+
+    #[test]
+    fn events_are_encoded_only_when_sent_and_then_once() {
+        let feed = Feed::new(&FeedConfig::default(), []);
+        feed.committed(&[
+            created(1),
+            Change::TaskUpdated(state(1, TaskStatus::Running, Some("n1"))),
+        ]);
+        let replay = feed.subscribe(Some(0));
+        assert!(
+            replay.backlog.iter().all(|e| e.json.get().is_none()),
+            "nobody has sent them yet"
+        );
+        let first = replay.backlog[1].json().clone();
+        let again = feed.subscribe(Some(1)).backlog[0].json().clone();
+        assert_eq!(first.as_ptr(), again.as_ptr(), "one encoding, shared");
+        let message: FeedMessage = serde_json::from_slice(&first).expect("a feed message");
+        assert_eq!(message.event, FeedEventKind::TaskStarted);
+        assert_eq!(message.seq, 2);
+        assert_eq!(message.data["node_id"], "n1");
+        assert!(
+            replay.backlog[0].json.get().is_none(),
+            "the other not sent yet"
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::scheduler::{Explanation, LegacyAssignment, NodeCounts, Scheduler, Sch
 use crate::store::{
     CommandQuery, OperationQuery, ResultRow, Store, StoreError, TaskQuery, TaskStats, WriterHandle,
 };
+use crate::waiters::FinishWaiters;
 use lull_shared::{
     HeartbeatRequest, HeartbeatResponse, PullResponse, RunId, RunReport, RunReportAck,
     SubmitRequest, TaskId, TaskStatus,
@@ -66,8 +67,8 @@ pub struct Engine {
     /// Woken whenever work or capacity may have appeared (and for cancels), so long-polls
     /// answer at once instead of polling.
     work: Notify,
-    /// Woken by the writer after a commit that finished a task.
-    finished: Arc<Notify>,
+    /// Those waiting for a task to finish; the writer wakes them after the commit.
+    finished: Arc<FinishWaiters>,
     /// The live feed; the writer publishes to it, WebSocket clients subscribe.
     feed: Arc<Feed>,
     /// Long-polls waiting for work right now (shown in `/health`).
@@ -83,7 +84,7 @@ impl Engine {
         scheduler: Scheduler,
         store: Arc<dyn Store>,
         writer: WriterHandle,
-        finished: Arc<Notify>,
+        finished: Arc<FinishWaiters>,
         feed: Arc<Feed>,
         config: EngineConfig,
         shutdown: CancellationToken,
@@ -144,24 +145,37 @@ impl Engine {
     // -------------------------------------------------------------------------------------------
 
     pub async fn submit(&self, request: SubmitRequest) -> Result<TaskId, EngineError> {
-        self.submit_by(request, None).await
+        Ok(self.submit_by(request, None).await?.task_id)
     }
 
     /// Accepts a task submitted with API key `submitted_by` (`None`: no key, or an
     /// in-process caller). The key is recorded on the task: a submitter sees its own tasks.
+    /// Answers the task as it was accepted (`pending`), once that is durable: what the
+    /// store holds then, without reading it back.
     pub async fn submit_by(
         &self,
         request: SubmitRequest,
         submitted_by: Option<i64>,
-    ) -> Result<TaskId, EngineError> {
+    ) -> Result<TaskRecord, EngineError> {
         let mut task = NewTask::from_request(request, &self.config.limits)?;
         task.spec.submitted_by = submitted_by;
         let now = unix_now();
-        let (task_id, ack) = self.mutate(|s| s.submit(task, now));
+        let ((task_id, accepted), ack) = self.mutate(|s| {
+            let (task_id, changes) = s.submit(task, now);
+            let accepted = changes.iter().find_map(|change| match change {
+                Change::TaskCreated(record) => Some(record.clone()),
+                _ => None,
+            });
+            ((task_id, accepted), changes)
+        });
         self.work.notify_waiters();
         ack.durable().await?;
-        tracing::debug!(task_id, "task accepted");
-        Ok(task_id)
+        let task = match accepted {
+            Some(task) => task,
+            None => self.task(task_id).await?,
+        };
+        tracing::debug!(task_id = task.task_id, "task accepted");
+        Ok(task)
     }
 
     /// Accepts several tasks at once, all or none: every one is validated first (the error
@@ -274,27 +288,31 @@ impl Engine {
     }
 
     /// The task once it has finished, or as it is after `wait` (a long-poll for clients
-    /// that want a result without polling).
+    /// that want a result without polling). `visible` is asked about the task as first read;
+    /// one it refuses is not found (a submitter's scope). One store read: the commit that
+    /// finishes the task hands its final state to the waiter.
     pub async fn wait_finished(
         &self,
         task_id: TaskId,
         wait: Duration,
+        visible: impl FnOnce(&TaskRecord) -> bool,
     ) -> Result<TaskRecord, EngineError> {
         let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let notified = self.finished.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let task = self.task(task_id).await?;
-            if task.state.status.is_terminal() {
-                return Ok(task);
-            }
-            tokio::select! {
-                _ = &mut notified => {}
-                _ = tokio::time::sleep_until(deadline) => return Ok(task),
-                _ = self.shutdown.cancelled() => return Ok(task),
-            }
+        // Before the read: a commit between the read and the wait still wakes us.
+        let watch = self.finished.watch(task_id);
+        let mut task = self.task(task_id).await?;
+        if !visible(&task) {
+            return Err(SchedulerError::TaskNotFound(task_id).into());
         }
+        if task.state.status.is_terminal() {
+            return Ok(task);
+        }
+        tokio::select! {
+            state = watch.finished() => task.state = state,
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = self.shutdown.cancelled() => {}
+        }
+        Ok(task)
     }
 
     pub async fn runs(&self, task_id: TaskId) -> Result<Vec<RunRecord>, EngineError> {

@@ -45,7 +45,7 @@ pub async fn submit(
     caller: Caller,
     JsonBody(request): JsonBody<SubmitRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let task_id = app.engine.submit_by(request, caller.key_id).await?;
+    let task_id = app.engine.submit_by(request, caller.key_id).await?.task_id;
     Ok(Json(json!({
         "task_id": task_id,
         "status": "submitted",

@@ -753,12 +753,17 @@ impl Engine {
     /// is settled on its own, exactly as [`Engine::report`] would settle it alone (a stale
     /// one is refused, the others are still recorded); the answer, in order, comes once
     /// every accepted report is durable. Only a storage failure fails the whole batch.
+    ///
+    /// With `refill` (a node and at most how many runs), the same critical section then
+    /// places runs on that node as [`Engine::pull`] would (without waiting): the capacity
+    /// the reports freed is leased again in their commit, and handed out in their answer.
     pub async fn report_batch(
         &self,
         reports: &[RunReport],
-    ) -> Result<Vec<Result<(), SchedulerError>>, EngineError> {
+        refill: Option<(&str, usize)>,
+    ) -> Result<(Vec<Result<(), SchedulerError>>, PullResponse), EngineError> {
         let now = unix_now();
-        let (outcomes, ack) = self.mutate(|s| {
+        let ((outcomes, pulled), ack) = self.mutate(|s| {
             let mut changes = Vec::new();
             let outcomes: Vec<Result<(), SchedulerError>> = reports
                 .iter()
@@ -767,7 +772,19 @@ impl Engine {
                         .map(|mut settled| changes.append(&mut settled))
                 })
                 .collect();
-            (outcomes, changes)
+            let mut pulled = PullResponse::default();
+            if let Some((node_id, max)) = refill {
+                match s.pull(node_id, max, now) {
+                    Ok(mut out) => {
+                        changes.append(&mut out.changes);
+                        pulled.tasks = out.assignments;
+                        pulled.cancel = out.cancel;
+                    }
+                    // Only a courtesy: the node's own pull says what is wrong.
+                    Err(e) => tracing::debug!(node_id, error = %e, "no refill with the results"),
+                }
+            }
+            ((outcomes, pulled), changes)
         });
         let accepted = outcomes.iter().filter(|o| o.is_ok()).count();
         if accepted > 0 {
@@ -791,7 +808,14 @@ impl Engine {
             refused = reports.len() - accepted,
             "run reports recorded"
         );
-        Ok(outcomes)
+        for a in &pulled.tasks {
+            tracing::debug!(
+                task_id = a.task_id,
+                run_id = a.run_id,
+                "run handed out with the results' answer"
+            );
+        }
+        Ok((outcomes, pulled))
     }
 
     /// One pass of the periodic checks (silent nodes, lapsed leases).

@@ -233,11 +233,16 @@ pub async fn run_with_executor<E: Executor>(
     let stop_delivery = CancellationToken::new();
     let delivery = tokio::spawn({
         let shared = Arc::clone(&shared);
+        let refill = RefillWithResults {
+            shared: Arc::clone(&shared),
+            executor: Arc::clone(&executor),
+            stop_pulling: stop_pulling.clone(),
+        };
         let stop = stop_delivery.clone();
         async move {
             shared
                 .outbox
-                .deliver_until_stopped(&shared.client, stop)
+                .deliver_until_stopped(&shared.client, &refill, stop)
                 .await
         }
     });
@@ -522,6 +527,30 @@ async fn pull_until_stopped<E: Executor>(
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(backoff.next_delay()) => {}
             }
+        }
+    }
+}
+
+/// Asks for new runs with every results post while the agent takes work (as the pull loop
+/// would), and starts what comes back like a pull's answer.
+struct RefillWithResults<E> {
+    shared: Arc<Shared>,
+    executor: Arc<E>,
+    stop_pulling: CancellationToken,
+}
+
+impl<E: Executor> crate::outbox::Refill for RefillWithResults<E> {
+    fn wanted(&self) -> Option<(String, usize)> {
+        let takes_work = !self.stop_pulling.is_cancelled() && !self.shared.pause_clock.is_paused();
+        takes_work.then(|| (self.shared.node_id.clone(), PULL_MAX))
+    }
+
+    fn pulled(&self, answer: lull_shared::PullResponse) {
+        for run_id in answer.cancel {
+            self.shared.cancel_run(run_id);
+        }
+        for assignment in answer.tasks {
+            start_run(&self.shared, &self.executor, assignment);
         }
     }
 }

@@ -53,8 +53,9 @@ pub(crate) enum Delivery {
 /// What became of one `POST /internal/results`.
 #[derive(Debug)]
 pub(crate) enum BatchDelivery {
-    /// The coordinator settled each report: one [`Delivery`] per report, in order.
-    Settled(Vec<Delivery>),
+    /// The coordinator settled each report: one [`Delivery`] per report, in order; and the
+    /// runs it handed out with the answer, when asked for some.
+    Settled(Vec<Delivery>, PullResponse),
     /// The coordinator took none of them as a batch (it has no such endpoint, or the body
     /// was too large or not understood): post them one at a time instead.
     OneByOne { status: StatusCode, detail: String },
@@ -251,18 +252,24 @@ impl CoordinatorClient {
 
 impl CoordinatorClient {
     /// Posts several results in one request; the coordinator records them in one commit
-    /// and answers each on its own.
-    pub(crate) async fn post_results(&self, reports: &[Arc<RunReport>]) -> BatchDelivery {
+    /// and answers each on its own. With `refill` (this node, at most how many runs), the
+    /// answer also brings the runs a pull would (leased in the same commit).
+    pub(crate) async fn post_results(
+        &self,
+        reports: &[Arc<RunReport>],
+        refill: Option<(&str, usize)>,
+    ) -> BatchDelivery {
         let body = ResultsBody {
             results: reports.iter().map(|report| &**report).collect(),
         };
-        let sent = self
-            .send(
-                self.http
-                    .post(format!("{}/internal/results", self.base))
-                    .json(&body),
-            )
-            .await;
+        let mut request = self
+            .http
+            .post(format!("{}/internal/results", self.base))
+            .json(&body);
+        if let Some((node_id, max)) = refill {
+            request = request.query(&[("node_id", node_id), ("max", &max.to_string())]);
+        }
+        let sent = self.send(request).await;
         let response = match sent {
             Ok(response) => response,
             Err(err) => return BatchDelivery::Retry(transport(err)),
@@ -286,6 +293,10 @@ impl CoordinatorClient {
             // recorded is refused the second time, never recorded twice).
             Err(err) => return BatchDelivery::Retry(decode(err)),
         };
+        let pulled = PullResponse {
+            tasks: answer.tasks,
+            cancel: answer.cancel,
+        };
         let mut items = answer.results.into_iter();
         BatchDelivery::Settled(
             reports
@@ -299,6 +310,7 @@ impl CoordinatorClient {
                     ))),
                 })
                 .collect(),
+            pulled,
         )
     }
 }

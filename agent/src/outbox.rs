@@ -10,6 +10,7 @@ use crate::AgentError;
 use crate::client::{BatchDelivery, CallError, CoordinatorClient, Delivery};
 use crate::node_id::write_replacing;
 use crate::retry::{Backoff, FailureLog};
+use lull_shared::PullResponse;
 use lull_shared::{RunId, RunReport};
 use std::collections::BTreeMap;
 use std::io;
@@ -35,6 +36,17 @@ enum Pending {
     /// Writing it failed (disk full, read-only): it is kept in memory and still delivered,
     /// it just would not survive an agent restart.
     InMemory(Arc<RunReport>),
+}
+
+/// New work asked for with the results: the capacity a result frees is refilled by the
+/// answer to its post (`POST /internal/results?node_id=&max=`), leased in the results'
+/// commit, instead of by a second round trip through the long-poll.
+pub(crate) trait Refill: Send + Sync {
+    /// This node and at most how many runs to ask for with the next post; `None` while the
+    /// agent takes no work (paused for its owner, stopping).
+    fn wanted(&self) -> Option<(String, usize)>;
+    /// Runs to start and runs to cancel that came with a post's answer.
+    fn pulled(&self, answer: PullResponse);
 }
 
 #[derive(Debug)]
@@ -124,9 +136,12 @@ impl Outbox {
     /// [`MAX_BATCH_BYTES`]) in one `POST /internal/results`, which the coordinator records in
     /// one commit and answers report by report. While one post is in flight, new results
     /// queue up for the next, so batches grow with load and a lone result goes at once.
+    ///
+    /// Each post asks for new runs as [`Refill`] says, and hands it what comes back.
     pub(crate) async fn deliver_until_stopped(
         &self,
         client: &CoordinatorClient,
+        refill: &dyn Refill,
         stop: CancellationToken,
     ) {
         let mut changes = self.pending.subscribe();
@@ -178,10 +193,14 @@ impl Outbox {
                 continue;
             }
 
-            let deliveries = tokio::select! {
+            let (deliveries, pulled) = tokio::select! {
                 () = stop.cancelled() => return,
-                deliveries = deliver(client, &batch) => deliveries,
+                delivered = deliver(client, &batch, refill.wanted()) => delivered,
             };
+            // Leased to us already: start them before the bookkeeping below.
+            if !pulled.tasks.is_empty() || !pulled.cancel.is_empty() {
+                refill.pulled(pulled);
+            }
             let mut retry = false;
             for (report, delivery) in batch.iter().zip(deliveries) {
                 let (task_id, run_id) = (report.task_id, report.run_id);
@@ -261,15 +280,26 @@ impl Outbox {
     }
 }
 
-/// Posts one result alone (`POST /internal/result`), several together
-/// (`POST /internal/results`); a coordinator that does not take the batch gets them one at
-/// a time. One [`Delivery`] per report, in order.
-async fn deliver(client: &CoordinatorClient, batch: &[Arc<RunReport>]) -> Vec<Delivery> {
-    if let [report] = batch {
-        return vec![client.post_result(report).await];
+/// Posts results together (`POST /internal/results`, asking for `refill`), or one alone
+/// (`POST /internal/result`) when no new runs are wanted; a coordinator that does not take
+/// the batch gets them one at a time (and hands out nothing with them). One [`Delivery`]
+/// per report, in order, and the runs handed out with the answer.
+async fn deliver(
+    client: &CoordinatorClient,
+    batch: &[Arc<RunReport>],
+    refill: Option<(String, usize)>,
+) -> (Vec<Delivery>, PullResponse) {
+    if let ([report], None) = (batch, &refill) {
+        return (
+            vec![client.post_result(report).await],
+            PullResponse::default(),
+        );
     }
-    match client.post_results(batch).await {
-        BatchDelivery::Settled(deliveries) => return deliveries,
+    let refill = refill
+        .as_ref()
+        .map(|(node_id, max)| (node_id.as_str(), *max));
+    match client.post_results(batch, refill).await {
+        BatchDelivery::Settled(deliveries, pulled) => return (deliveries, pulled),
         BatchDelivery::Retry(err) => {
             let message = err.to_string();
             let mut deliveries = vec![Delivery::Retry(err)];
@@ -278,7 +308,7 @@ async fn deliver(client: &CoordinatorClient, batch: &[Arc<RunReport>]) -> Vec<De
                     .iter()
                     .map(|_| Delivery::Retry(CallError::Transport(message.clone()))),
             );
-            return deliveries;
+            return (deliveries, PullResponse::default());
         }
         BatchDelivery::OneByOne { status, detail } => {
             debug!(%status, detail, results = batch.len(), "batch not taken; posting the results one by one");
@@ -288,7 +318,7 @@ async fn deliver(client: &CoordinatorClient, batch: &[Arc<RunReport>]) -> Vec<De
     for report in batch {
         deliveries.push(client.post_result(report).await);
     }
-    deliveries
+    (deliveries, PullResponse::default())
 }
 
 /// How many of the leading results (of these serialised sizes) one post carries: as many as

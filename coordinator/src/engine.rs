@@ -20,6 +20,7 @@ use crate::scheduler::{Explanation, LegacyAssignment, NodeCounts, Scheduler, Sch
 use crate::store::{
     CommandQuery, OperationQuery, ResultRow, Store, StoreError, TaskQuery, TaskStats, WriterHandle,
 };
+use crate::waiters::FinishWaiters;
 use lull_shared::{
     HeartbeatRequest, HeartbeatResponse, PullResponse, RunId, RunReport, RunReportAck,
     SubmitRequest, TaskId, TaskStatus,
@@ -66,8 +67,8 @@ pub struct Engine {
     /// Woken whenever work or capacity may have appeared (and for cancels), so long-polls
     /// answer at once instead of polling.
     work: Notify,
-    /// Woken by the writer after a commit that finished a task.
-    finished: Arc<Notify>,
+    /// Those waiting for a task to finish; the writer wakes them after the commit.
+    finished: Arc<FinishWaiters>,
     /// The live feed; the writer publishes to it, WebSocket clients subscribe.
     feed: Arc<Feed>,
     /// Long-polls waiting for work right now (shown in `/health`).
@@ -83,7 +84,7 @@ impl Engine {
         scheduler: Scheduler,
         store: Arc<dyn Store>,
         writer: WriterHandle,
-        finished: Arc<Notify>,
+        finished: Arc<FinishWaiters>,
         feed: Arc<Feed>,
         config: EngineConfig,
         shutdown: CancellationToken,
@@ -144,24 +145,37 @@ impl Engine {
     // -------------------------------------------------------------------------------------------
 
     pub async fn submit(&self, request: SubmitRequest) -> Result<TaskId, EngineError> {
-        self.submit_by(request, None).await
+        Ok(self.submit_by(request, None).await?.task_id)
     }
 
     /// Accepts a task submitted with API key `submitted_by` (`None`: no key, or an
     /// in-process caller). The key is recorded on the task: a submitter sees its own tasks.
+    /// Answers the task as it was accepted (`pending`), once that is durable: what the
+    /// store holds then, without reading it back.
     pub async fn submit_by(
         &self,
         request: SubmitRequest,
         submitted_by: Option<i64>,
-    ) -> Result<TaskId, EngineError> {
+    ) -> Result<TaskRecord, EngineError> {
         let mut task = NewTask::from_request(request, &self.config.limits)?;
         task.spec.submitted_by = submitted_by;
         let now = unix_now();
-        let (task_id, ack) = self.mutate(|s| s.submit(task, now));
+        let ((task_id, accepted), ack) = self.mutate(|s| {
+            let (task_id, changes) = s.submit(task, now);
+            let accepted = changes.iter().find_map(|change| match change {
+                Change::TaskCreated(record) => Some(record.clone()),
+                _ => None,
+            });
+            ((task_id, accepted), changes)
+        });
         self.work.notify_waiters();
         ack.durable().await?;
-        tracing::debug!(task_id, "task accepted");
-        Ok(task_id)
+        let task = match accepted {
+            Some(task) => task,
+            None => self.task(task_id).await?,
+        };
+        tracing::debug!(task_id = task.task_id, "task accepted");
+        Ok(task)
     }
 
     /// Accepts several tasks at once, all or none: every one is validated first (the error
@@ -274,27 +288,31 @@ impl Engine {
     }
 
     /// The task once it has finished, or as it is after `wait` (a long-poll for clients
-    /// that want a result without polling).
+    /// that want a result without polling). `visible` is asked about the task as first read;
+    /// one it refuses is not found (a submitter's scope). One store read: the commit that
+    /// finishes the task hands its final state to the waiter.
     pub async fn wait_finished(
         &self,
         task_id: TaskId,
         wait: Duration,
+        visible: impl FnOnce(&TaskRecord) -> bool,
     ) -> Result<TaskRecord, EngineError> {
         let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let notified = self.finished.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let task = self.task(task_id).await?;
-            if task.state.status.is_terminal() {
-                return Ok(task);
-            }
-            tokio::select! {
-                _ = &mut notified => {}
-                _ = tokio::time::sleep_until(deadline) => return Ok(task),
-                _ = self.shutdown.cancelled() => return Ok(task),
-            }
+        // Before the read: a commit between the read and the wait still wakes us.
+        let watch = self.finished.watch(task_id);
+        let mut task = self.task(task_id).await?;
+        if !visible(&task) {
+            return Err(SchedulerError::TaskNotFound(task_id).into());
         }
+        if task.state.status.is_terminal() {
+            return Ok(task);
+        }
+        tokio::select! {
+            state = watch.finished() => task.state = state,
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = self.shutdown.cancelled() => {}
+        }
+        Ok(task)
     }
 
     pub async fn runs(&self, task_id: TaskId) -> Result<Vec<RunRecord>, EngineError> {
@@ -735,12 +753,17 @@ impl Engine {
     /// is settled on its own, exactly as [`Engine::report`] would settle it alone (a stale
     /// one is refused, the others are still recorded); the answer, in order, comes once
     /// every accepted report is durable. Only a storage failure fails the whole batch.
+    ///
+    /// With `refill` (a node and at most how many runs), the same critical section then
+    /// places runs on that node as [`Engine::pull`] would (without waiting): the capacity
+    /// the reports freed is leased again in their commit, and handed out in their answer.
     pub async fn report_batch(
         &self,
         reports: &[RunReport],
-    ) -> Result<Vec<Result<(), SchedulerError>>, EngineError> {
+        refill: Option<(&str, usize)>,
+    ) -> Result<(Vec<Result<(), SchedulerError>>, PullResponse), EngineError> {
         let now = unix_now();
-        let (outcomes, ack) = self.mutate(|s| {
+        let ((outcomes, pulled), ack) = self.mutate(|s| {
             let mut changes = Vec::new();
             let outcomes: Vec<Result<(), SchedulerError>> = reports
                 .iter()
@@ -749,7 +772,19 @@ impl Engine {
                         .map(|mut settled| changes.append(&mut settled))
                 })
                 .collect();
-            (outcomes, changes)
+            let mut pulled = PullResponse::default();
+            if let Some((node_id, max)) = refill {
+                match s.pull(node_id, max, now) {
+                    Ok(mut out) => {
+                        changes.append(&mut out.changes);
+                        pulled.tasks = out.assignments;
+                        pulled.cancel = out.cancel;
+                    }
+                    // Only a courtesy: the node's own pull says what is wrong.
+                    Err(e) => tracing::debug!(node_id, error = %e, "no refill with the results"),
+                }
+            }
+            ((outcomes, pulled), changes)
         });
         let accepted = outcomes.iter().filter(|o| o.is_ok()).count();
         if accepted > 0 {
@@ -773,7 +808,14 @@ impl Engine {
             refused = reports.len() - accepted,
             "run reports recorded"
         );
-        Ok(outcomes)
+        for a in &pulled.tasks {
+            tracing::debug!(
+                task_id = a.task_id,
+                run_id = a.run_id,
+                "run handed out with the results' answer"
+            );
+        }
+        Ok((outcomes, pulled))
     }
 
     /// One pass of the periodic checks (silent nodes, lapsed leases).

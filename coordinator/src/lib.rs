@@ -13,6 +13,7 @@
 //! - [`keys`], [`rate_limit`], [`replay`]: API keys and roles, per-key token buckets, and
 //!   the signatures seen recently: pure rules the HTTP edge applies.
 //! - [`tls`]: the certificate and key HTTPS is served with (`--tls-cert`, `--tls-key`).
+//! - [`waiters`]: clients waiting for a task to finish, woken by the commit that finished it.
 //!
 //! [`run`] wires them together on a listener until a shutdown token fires.
 
@@ -30,6 +31,7 @@ pub mod replay;
 pub mod scheduler;
 pub mod store;
 pub mod tls;
+pub mod waiters;
 
 use engine::{Engine, EngineConfig};
 use feed::{Feed, FeedConfig};
@@ -221,7 +223,7 @@ pub async fn run(
         snapshot,
         engine::unix_now(),
     );
-    let finished = Arc::new(tokio::sync::Notify::new());
+    let finished = Arc::new(waiters::FinishWaiters::default());
     let (writer, writer_task) = Writer::spawn(store.clone(), finished.clone(), feed.clone());
     let server_id = format!("{:08x}", rand::random::<u32>());
     let engine_stop = CancellationToken::new();

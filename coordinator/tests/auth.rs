@@ -746,6 +746,9 @@ async fn submitters_see_and_act_on_only_their_own_tasks() {
     for (path, id) in [
         (format!("/status/{bob_done}"), bob_done),
         (format!("/api/v1/tasks/{bob_done}"), bob_done),
+        // Waiting for one is no way around it, finished or not.
+        (format!("/api/v1/tasks/{bob_done}?wait=5"), bob_done),
+        (format!("/api/v1/tasks/{bob_pending}?wait=5"), bob_pending),
         (format!("/api/v1/tasks/{bob_pending}/explain"), bob_pending),
         ("/status/999".to_string(), 999),
     ] {

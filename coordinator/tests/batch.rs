@@ -477,3 +477,56 @@ async fn a_batched_result_for_a_requeued_run_is_refused() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_results_post_can_bring_the_next_runs_leased_in_its_commit() {
+    let s = Server::start(false).await;
+    s.heartbeat("n1", 1.0).await;
+    let (status, body) = s
+        .post(
+            "/api/v1/tasks/batch",
+            &tasks(&["print(1)", "print(2)", "print(3)"]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let first = s.pull("n1", 1).await;
+    assert_eq!(first.len(), 1);
+
+    // Asked for: the answer settles the result and hands out the next run, as a pull would.
+    let (status, answer) = s
+        .post(
+            "/internal/results?node_id=n1&max=1",
+            &json!({"results": [report("n1", &first[0], "1\n")]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["results"][0]["status"], "accepted", "{answer}");
+    let next = answer["tasks"].as_array().expect("runs handed out");
+    assert_eq!(next.len(), 1, "{answer}");
+    assert_ne!(next[0]["task_id"], first[0]["task_id"]);
+    let leased = s.task(next[0]["task_id"].as_i64().expect("task_id")).await;
+    assert_eq!(leased["status"], "running", "leased to n1: {leased}");
+    assert_eq!(leased["node_id"], "n1");
+    assert_eq!(leased["runs"][0]["run_id"], next[0]["run_id"]);
+
+    // Not asked for: nothing handed out, the last task still waits for a pull.
+    let (status, answer) = s
+        .post(
+            "/internal/results",
+            &json!({"results": [report("n1", &next[0], "2\n")]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert!(answer.get("tasks").is_none(), "{answer}");
+    let last = s.pull("n1", 4).await;
+    assert_eq!(last.len(), 1, "the third task was not handed out before");
+
+    let (status, refused) = s
+        .post(
+            "/internal/results?max=2",
+            &json!({"results": [report("n1", &last[0], "3\n")]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{refused}");
+    s.shutdown().await;
+}

@@ -693,6 +693,14 @@ pub struct ReportItemAck {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ResultsAck {
     pub results: Vec<ReportItemAck>,
+    /// With `?node_id=..&max=..`: runs handed to that node with this answer, exactly as
+    /// `GET /internal/task` would hand them out, leased in the results' commit. The
+    /// capacity the results freed is refilled without another round trip.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<Assignment>,
+    /// Runs that node must kill, as in a pull answer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cancel: Vec<RunId>,
 }
 
 /// The `{"detail": ...}` error body used everywhere but the seed 000/002 envelopes.

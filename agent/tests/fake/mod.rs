@@ -77,7 +77,9 @@ impl FakeCoordinator {
         self.state.work_arrived.notify_one();
     }
 
-    /// Answers every result from now on with `status` (`None`: 200).
+    /// Answers every result from now on with `status` (`None`: 200); a post of several
+    /// (or of one asking for new runs) is answered with it as a whole, like a coordinator
+    /// whose storage fails.
     pub fn answer_results_with(&self, status: Option<u16>) {
         *lock(&self.state.result_status) = status.map(|s| StatusCode::from_u16(s).expect("status"));
     }
@@ -203,6 +205,20 @@ async fn results(
     Json(batch): Json<RunReportBatch>,
 ) -> Response {
     lock(&state.batches).push(batch.results.iter().map(|r| r.run_id).collect());
+    // A scripted answer for every result: refusals item by item, as the coordinator
+    // answers them in a batch; anything else fails the post whole (a storage failure).
+    let scripted = lock(&state.result_status).filter(|status| *status != StatusCode::OK);
+    let item_verdict = match scripted {
+        Some(StatusCode::NOT_FOUND | StatusCode::CONFLICT | StatusCode::GONE) => {
+            scripted.map(|status| (ReportVerdict::Refused, status.as_u16()))
+        }
+        Some(status) => {
+            lock(&state.results).extend(batch.results);
+            let detail = format!("scripted {status}");
+            return (status, Json(ErrorBody { detail })).into_response();
+        }
+        None => None,
+    };
     let status = lock(&state.batch_status).unwrap_or(StatusCode::OK);
     if status != StatusCode::OK {
         let detail = format!("scripted {status}");
@@ -216,7 +232,7 @@ async fn results(
             let (status, code) = if refused.contains(&report.run_id) {
                 (ReportVerdict::Refused, 409)
             } else {
-                (ReportVerdict::Accepted, 200)
+                item_verdict.unwrap_or((ReportVerdict::Accepted, 200))
             };
             ReportItemAck {
                 status,
@@ -228,5 +244,10 @@ async fn results(
         })
         .collect();
     lock(&state.results).extend(batch.results);
-    Json(ResultsAck { results: answers }).into_response()
+    Json(ResultsAck {
+        results: answers,
+        tasks: Vec::new(),
+        cancel: Vec::new(),
+    })
+    .into_response()
 }

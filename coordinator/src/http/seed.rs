@@ -45,7 +45,7 @@ pub async fn submit(
     caller: Caller,
     JsonBody(request): JsonBody<SubmitRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let task_id = app.engine.submit_by(request, caller.key_id).await?;
+    let task_id = app.engine.submit_by(request, caller.key_id).await?.task_id;
     Ok(Json(json!({
         "task_id": task_id,
         "status": "submitted",
@@ -324,13 +324,33 @@ pub struct LooseResultsRequest {
     results: Vec<Value>,
 }
 
+/// `?node_id=..&max=..` on `POST /internal/results`: hand that node new runs with the answer.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefillParams {
+    node_id: Option<String>,
+    max: Option<usize>,
+}
+
 /// `POST /internal/results`: several runs' outcomes in one commit. Each report is settled
 /// on its own, as `POST /internal/result` would settle it alone; the answer lists them in
 /// order. Only a storage failure (503) or a malformed envelope fails the whole request.
+/// With `?node_id=&max=`, the answer also carries the runs a pull would hand that node now
+/// (leased in the same commit), so an agent refills its slots without another round trip.
 pub async fn results_batch(
     State(app): State<AppState>,
+    QueryParams(refill): QueryParams<RefillParams>,
     BodyBytes(body): BodyBytes,
 ) -> Result<Json<ResultsAck>, ApiError> {
+    let refill = match (refill.node_id.filter(|id| !id.is_empty()), refill.max) {
+        (Some(node_id), max) => Some((node_id, max.unwrap_or(1).clamp(1, 256))),
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(ApiError::unprocessable(
+                "max needs node_id: the node to hand new runs to",
+            ));
+        }
+    };
     // Each entry: a report to settle, or the answer for one that is malformed.
     let entries: Vec<Result<RunReport, ReportItemAck>> = match parse_json::<ResultsRequest>(&body) {
         Ok(batch) => batch.results.into_iter().map(Ok).collect(),
@@ -366,7 +386,15 @@ pub async fn results_batch(
             Err(rejected) => acks.push(Some(rejected)),
         }
     }
-    let outcomes = app.engine.report_batch(&reports).await?;
+    let (outcomes, pulled) = app
+        .engine
+        .report_batch(
+            &reports,
+            refill
+                .as_ref()
+                .map(|(node_id, max)| (node_id.as_str(), *max)),
+        )
+        .await?;
     let mut settled = reports.iter().zip(outcomes).map(|(report, outcome)| {
         let (status, code, detail) = match outcome {
             Ok(()) => (ReportVerdict::Accepted, StatusCode::OK, None),
@@ -393,7 +421,11 @@ pub async fn results_batch(
         .into_iter()
         .filter_map(|ack| ack.or_else(|| settled.next()))
         .collect();
-    Ok(Json(ResultsAck { results }))
+    Ok(Json(ResultsAck {
+        results,
+        tasks: pulled.tasks,
+        cancel: pulled.cancel,
+    }))
 }
 
 /// One report of a batch that did not parse as a whole: the report, or why it is rejected.

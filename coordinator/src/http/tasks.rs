@@ -38,8 +38,7 @@ pub async fn create(
     caller: Caller,
     JsonBody(request): JsonBody<SubmitRequest>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let task_id = app.engine.submit_by(request, caller.key_id).await?;
-    let task = app.engine.task(task_id).await?;
+    let task = app.engine.submit_by(request, caller.key_id).await?;
     Ok((StatusCode::CREATED, Json(views::task(&task))))
 }
 
@@ -165,18 +164,21 @@ pub async fn get(
     QueryParams(params): QueryParams<GetParams>,
 ) -> Result<Json<Value>, ApiError> {
     let task_id = task_id_from_path(&raw)?;
-    visible_task(&app, caller, task_id).await?;
     let task = match params.wait {
-        None => app.engine.task(task_id).await?,
         Some(w) if w.is_finite() && w >= 0.0 => {
+            let wait = std::time::Duration::from_secs_f64(w.min(60.0));
             app.engine
-                .wait_finished(task_id, std::time::Duration::from_secs_f64(w.min(60.0)))
+                .wait_finished(task_id, wait, |task| caller.sees(task.spec.submitted_by))
                 .await?
         }
-        Some(_) => {
-            return Err(ApiError::unprocessable(
-                "wait must be a non-negative number of seconds",
-            ));
+        wait => {
+            let task = visible_task(&app, caller, task_id).await?;
+            if wait.is_some() {
+                return Err(ApiError::unprocessable(
+                    "wait must be a non-negative number of seconds",
+                ));
+            }
+            task
         }
     };
     let runs = app.engine.runs(task_id).await?;

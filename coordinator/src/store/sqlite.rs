@@ -85,6 +85,10 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .min_connections(1)
+            // sqlx pings a connection before lending it by default: one more hand-off to
+            // its SQLite thread (and back) on every read and every commit, checking a
+            // connection to a local file that cannot have gone away.
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;

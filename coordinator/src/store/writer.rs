@@ -10,8 +10,9 @@
 
 use super::{Store, StoreError};
 use crate::model::Change;
+use crate::waiters::FinishWaiters;
 use std::sync::Arc;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 /// Most changes applied in one transaction; more waits for the next commit.
 const MAX_BATCH_CHANGES: usize = 16_384;
@@ -71,12 +72,11 @@ pub struct Writer;
 
 impl Writer {
     /// Starts the writer task. It ends once every handle is dropped and the queue is drained.
-    /// `finished` is woken after every commit that finished a task (never before: whoever
-    /// wakes reads the store and must find the task finished). `observer` sees every
-    /// committed batch.
+    /// `finished` is shown every commit, to wake those waiting for a task it finished (never
+    /// before: what they answer must be durable). `observer` sees every committed batch.
     pub fn spawn(
         store: Arc<dyn Store>,
-        finished: Arc<Notify>,
+        finished: Arc<FinishWaiters>,
         observer: Arc<dyn CommitObserver>,
     ) -> (WriterHandle, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -88,7 +88,7 @@ impl Writer {
 async fn run(
     store: Arc<dyn Store>,
     mut rx: mpsc::UnboundedReceiver<Batch>,
-    finished: Arc<Notify>,
+    finished: Arc<FinishWaiters>,
     observer: Arc<dyn CommitObserver>,
 ) {
     let mut changes = Vec::new();
@@ -119,11 +119,8 @@ async fn run(
         for ack in acks.drain(..) {
             let _ = ack.send(outcome.clone());
         }
-        let any_finished = changes
-            .iter()
-            .any(|c| matches!(c, Change::TaskUpdated(s) if s.status.is_terminal()));
-        if outcome.is_ok() && any_finished {
-            finished.notify_waiters();
+        if outcome.is_ok() {
+            finished.committed(&changes);
         }
         changes.clear();
     }

@@ -655,8 +655,10 @@ async fn run_on(
     if let Some(workdir) = workdir {
         remove_workdir(workdir).await;
     }
-    if policy.protections.cgroups {
-        // The run's watcher removes it; this covers a watcher that was killed.
+    if policy.protections.cgroups && !policy.protections.namespaces {
+        // The run's watcher removes it; this covers a watcher that was killed. Runs with
+        // namespaces borrow a cgroup from the zygote's pool instead (named after the zygote,
+        // swept by the next one if it dies): nothing is named after this run to remove.
         crate::sandbox::remove_run_cgroup(&policy.cgroup);
     }
     execution

@@ -16,6 +16,8 @@ latency submit -> result, p50/p99).
     exec()s the code with stdout captured.
   - RQ with 2 workers (each forks per job), the same function.
   - Ray with num_cpus=2, a remote function that exec()s the code.
+  - bare-python: a fresh `python3 -I -c CODE` per task, 2 at a time, nothing else — the floor
+    for Lull's cold executor (--cold-tasks per batch).
 
 The peers are installed by this script into a virtualenv (bench/.venv-peers, from PyPI) and
 started on 127.0.0.1 only: a private redis-server on a free port (no persistence), Celery and
@@ -295,13 +297,37 @@ def run_lull(args, executor, tasks):
         cluster.close()
 
 
+def run_bare(args, tasks):
+    """The floor for a fresh interpreter per task: `python3 -I -c CODE` (the interpreter Lull
+    runs), two at a time from two threads, no Lull, no HTTP, no sandbox."""
+    import concurrent.futures
+
+    python = shutil.which("python3") or sys.executable
+    python = subprocess.run([python, "-c", "import sys; print(sys.executable)"], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    expected = str(sum(range(1000)))
+
+    def one():
+        out = subprocess.run([python, "-I", "-c", CODE], capture_output=True, text=True, check=True).stdout
+        if out.strip() != expected:
+            raise RuntimeError(f"python3 -I printed {out!r}")
+
+    def batch(n):
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda _: one(), range(n)))
+        return time.perf_counter() - t0
+
+    return measure(batch, one, tasks, args.repeat, args.closed_loop)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=1000)
     ap.add_argument("--cold-tasks", type=int, default=200, help="tasks per batch for Lull's cold executor")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--closed-loop", type=int, default=200, help="tasks per client in the closed loop")
-    ap.add_argument("--systems", default="lull-zygote,lull-cold,celery,rq,ray")
+    ap.add_argument("--systems", default="lull-zygote,lull-cold,bare-python,celery,rq,ray")
     ap.add_argument("--bin-dir", default=os.path.join(HERE, "..", "target", "release"))
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--charts", default=os.path.join(HERE, "charts"), help="write the SVG charts here ('' for none)")
@@ -346,6 +372,9 @@ def main():
             elif system == "lull-cold":
                 row = run_lull(args, "cold", args.cold_tasks)
                 row["system"] = f"Lull, cold ({row['sandbox']} sandbox, a new python3 per task)"
+            elif system == "bare-python":
+                row = run_bare(args, args.cold_tasks)
+                row["system"] = "a fresh `python3 -I -c` per task, 2 at a time (no Lull, no sandbox)"
             elif system in PEERS:
                 if redis is not None:
                     subprocess.run(["redis-cli", "-p", str(port), "flushall"], capture_output=True)

@@ -722,6 +722,33 @@ async fn a_run_may_start_its_own_session_and_has_no_terminal() {
     );
 }
 
+/// On one zygote: starts `holder` (which renames itself `name` once it holds what it holds,
+/// then sleeps), runs `looker` while it holds, stops the holder, and runs `looker` again.
+/// Returns (holder, looker during, looker after).
+async fn look_while_held_and_after(
+    holder: &str,
+    looker: &str,
+    name: &str,
+) -> (Execution, Execution, Execution) {
+    let executor = Arc::new(zygote().await);
+    let cancel = CancellationToken::new();
+    let holding = tokio::spawn({
+        let executor = Arc::clone(&executor);
+        let cancel = cancel.clone();
+        let holder = holder.to_string();
+        async move { executor.run(job(&holder, 60.0), cancel).await }
+    });
+    wait_until("the holder holds", || {
+        (!processes_named(name).is_empty()).then_some(())
+    })
+    .await;
+    let during = run(executor.as_ref(), looker).await;
+    cancel.cancel();
+    let held = holding.await.expect("the holder's task");
+    let after = run(executor.as_ref(), looker).await;
+    (held, during, after)
+}
+
 #[tokio::test]
 async fn runs_share_no_socket_and_nothing_of_one_run_is_left_for_the_next() {
     let host = host().await;
@@ -752,25 +779,10 @@ async fn runs_share_no_socket_and_nothing_of_one_run_is_left_for_the_next() {
          libc = ctypes.CDLL(None, use_errno=True)\n\
          print('shm', libc.shmget(0x4c554c4c, 0, 0) >= 0)\n"
     );
-    let executor = Arc::new(zygote().await);
-    let cancel = CancellationToken::new();
-    let holding = tokio::spawn({
-        let executor = Arc::clone(&executor);
-        let cancel = cancel.clone();
-        async move { executor.run(job(&holder, 60.0), cancel).await }
-    });
-    wait_until("the holder has its socket", || {
-        (!processes_named(&name).is_empty()).then_some(())
-    })
-    .await;
-    let during = run(executor.as_ref(), &looker).await;
-    cancel.cancel();
-    let held = holding.await.expect("the holder's task");
+    let (held, during, after) = look_while_held_and_after(&holder, &looker, &name).await;
     assert!(held.stdout.starts_with("holding True"), "{held:?}");
     assert!(during.stdout.starts_with("no socket"), "{during:?}");
     assert!(during.stdout.contains("shm False"), "{during:?}");
-
-    let after = run(executor.as_ref(), &looker).await;
     assert!(after.stdout.starts_with("no socket"), "{after:?}");
     assert!(after.stdout.contains("shm False"), "{after:?}");
 }
@@ -801,22 +813,8 @@ async fn runs_copy_the_shared_mounts_but_keep_their_files_to_themselves() {
              except OSError as e:\n        print('refused', d, e.errno)\n\
          print(sorted(os.listdir('/dev')))\n"
     );
-    let executor = Arc::new(zygote().await);
-    let cancel = CancellationToken::new();
-    let holding = tokio::spawn({
-        let executor = Arc::clone(&executor);
-        let cancel = cancel.clone();
-        async move { executor.run(job(&holder, 60.0), cancel).await }
-    });
-    wait_until("the holder has left its files", || {
-        (!processes_named(&name).is_empty()).then_some(())
-    })
-    .await;
-    let during = run(executor.as_ref(), &looker).await;
-    cancel.cancel();
-    let held = holding.await.expect("the holder's task");
+    let (held, during, after) = look_while_held_and_after(&holder, &looker, &name).await;
     assert!(held.stdout.starts_with("left"), "{held:?}");
-    let after = run(executor.as_ref(), &looker).await;
     for seen in [&during, &after] {
         assert!(
             seen.stdout.starts_with("[]\n"),

@@ -103,8 +103,8 @@ def _fresh_main():
 
 # The interpreter state every run starts from, built once in the zygote, never used by it, and
 # inherited by each forked run as its own copy: what `python3 -I -u -c` builds at startup
-# (standard streams, `__main__`, `sys.argv`), made here instead of in every run's process,
-# where each new object costs copy-on-write page faults. See `build_run_state`.
+# (the standard streams and `__main__`), made here instead of in every run's process, where
+# each new object costs copy-on-write page faults. See `_build_run_state`.
 _RUN_STREAMS = None
 _RUN_MAIN = None
 

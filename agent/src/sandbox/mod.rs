@@ -311,7 +311,7 @@ pub struct MountTemplate {
     /// The template and what it was built for: the directories it exposes (the only part of
     /// a policy it depends on; empty when runs keep root's uid).
     built: Option<(Vec<PathBuf>, std::fs::File)>,
-    /// Why a template could not be built, once: runs then build all their mounts themselves.
+    /// A template could not be built (said once): runs then build all their mounts themselves.
     failed: bool,
 }
 

@@ -223,6 +223,22 @@ impl Coordinator {
     }
 
     /// Waits until the coordinator knows `n` non-offline nodes.
+    /// The task (`GET /api/v1/tasks/{id}`, with its runs) once `pred` holds for it; panics
+    /// naming `what` after 120 s.
+    pub async fn wait_task(
+        &self,
+        task_id: i64,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        wait_until(
+            Duration::from_secs(120),
+            &format!("task {task_id} {what}"),
+            || async { self.task(task_id).await.ok().filter(|t| pred(t)) },
+        )
+        .await
+    }
+
     pub async fn wait_for_nodes(&self, n: u64) {
         wait_until(Duration::from_secs(30), "agents to join", || async {
             let stats = self.get("/stats").await.ok()?;
@@ -388,4 +404,38 @@ fn spawn_announcing(mut command: Command, name: &str, prefix: &str) -> Result<(P
         bail!("unexpected first line from {name}: {line:?}");
     };
     Ok((process, addr.to_string()))
+}
+
+/// The runs of `task` (as `GET /api/v1/tasks/{id}` shows it) with `status`.
+pub fn runs_with<'a>(task: &'a Value, status: &str) -> Vec<&'a Value> {
+    task["runs"]
+        .as_array()
+        .map(|runs| runs.iter().filter(|r| r["status"] == status).collect())
+        .unwrap_or_default()
+}
+
+/// Runs `lull-coordinator keys create` (named after its role) against `data_dir` and answers
+/// (token, secret): the secret only for `mode` `signed`.
+pub fn create_key(data_dir: &Path, role: &str, mode: &str) -> (String, Option<String>) {
+    let out = Command::new(bin_dir().join("lull-coordinator"))
+        .args([
+            "keys", "create", "--role", role, "--mode", mode, "--name", role,
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("lull-coordinator keys create");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+    };
+    (field("token:").expect("token printed"), field("secret:"))
 }

@@ -1,7 +1,7 @@
 //! End-to-end with auth on: keys made with `lull-coordinator keys create`, a coordinator
 //! started with `--auth`, and real agents holding an agent key (signed) or a submitter key.
 
-use lull_tests::{Coordinator, bin_dir, start_agent, wait_until};
+use lull_tests::{Coordinator, bin_dir, create_key, start_agent, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use reqwest::StatusCode;
@@ -11,31 +11,6 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// Runs `lull-coordinator keys create` and answers (token, secret).
-fn create_key(data_dir: &Path, role: &str, mode: &str) -> (String, Option<String>) {
-    let out = Command::new(bin_dir().join("lull-coordinator"))
-        .args([
-            "keys", "create", "--role", role, "--mode", mode, "--name", role,
-        ])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("lull-coordinator keys create");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(|v| v.trim().to_string())
-    };
-    (field("token:").expect("token printed"), field("secret:"))
-}
 
 /// A client that sends `token` on every request.
 fn client_with(token: &str) -> reqwest::Client {

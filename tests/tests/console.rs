@@ -6,7 +6,7 @@
 //! Screenshots of every page (1280×800 and narrow) go to the folder each test prints.
 //! A browser that cannot start fails the test, with the reason: it never passes silently.
 
-use lull_tests::{Coordinator, Process, bin_dir, start_agent};
+use lull_tests::{Coordinator, Process, bin_dir, create_key, start_agent};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -176,31 +176,6 @@ async fn console_submits_follows_drains_and_cancels_in_a_real_browser() {
     let node: &Value = &nodes["items"][0];
     assert_eq!(node["status"], "idle", "undrained from the page: {node}");
     assert_eq!(node["meta"]["rack"], 7, "meta saved from the page: {node}");
-}
-
-/// Runs `lull-coordinator keys create` and answers (token, secret).
-fn create_key(data_dir: &Path, role: &str, mode: &str) -> (String, Option<String>) {
-    let out = Command::new(bin_dir().join("lull-coordinator"))
-        .args([
-            "keys", "create", "--role", role, "--mode", mode, "--name", role,
-        ])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("lull-coordinator keys create");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(|v| v.trim().to_string())
-    };
-    (field("token:").expect("token printed"), field("secret:"))
 }
 
 #[tokio::test]

@@ -5,11 +5,12 @@
 
 mod certs;
 
-use lull_tests::{Coordinator, Process, bin_dir, processes_of_uid, start_agent, wait_until};
+use lull_tests::{
+    Coordinator, Process, create_key, processes_of_uid, runs_with, start_agent, wait_until,
+};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 const COORD_FAST: &[&str] = &[
@@ -44,27 +45,6 @@ fn start_node(c: &Coordinator, dir: &Path, node_id: &str, uid: u32, extra: &[&st
     ];
     args.extend_from_slice(extra);
     start_agent(&c.url, &dir.join(node_id), &args).expect("agent starts")
-}
-
-async fn wait_task(
-    c: &Coordinator,
-    task_id: i64,
-    what: &str,
-    pred: impl Fn(&Value) -> bool,
-) -> Value {
-    wait_until(
-        Duration::from_secs(120),
-        &format!("task {task_id} {what}"),
-        || async { c.task(task_id).await.ok().filter(|t| pred(t)) },
-    )
-    .await
-}
-
-fn runs_with<'a>(task: &'a Value, status: &str) -> Vec<&'a Value> {
-    task["runs"]
-        .as_array()
-        .map(|runs| runs.iter().filter(|r| r["status"] == status).collect())
-        .unwrap_or_default()
 }
 
 /// `(point, node)` of the runs with `status`, sorted by point.
@@ -150,10 +130,11 @@ async fn a_task_scales_up_and_down_across_real_agents_and_completes_once() {
     let task_id = created["task_id"].as_i64().expect("task id");
     assert_eq!(created["points"], 2);
 
-    let two = wait_task(&c, task_id, "to run on two nodes", |t| {
-        placed(t, "running").len() == 2
-    })
-    .await;
+    let two = c
+        .wait_task(task_id, "to run on two nodes", |t| {
+            placed(t, "running").len() == 2
+        })
+        .await;
     let first_two = placed(&two, "running");
     assert_eq!(
         first_two.iter().map(|(p, _)| *p).collect::<Vec<_>>(),
@@ -168,10 +149,11 @@ async fn a_task_scales_up_and_down_across_real_agents_and_completes_once() {
         answer,
         json!({"code": "0000", "message": "success", "data": null})
     );
-    let three = wait_task(&c, task_id, "to run on three nodes", |t| {
-        placed(t, "running").len() == 3
-    })
-    .await;
+    let three = c
+        .wait_task(task_id, "to run on three nodes", |t| {
+            placed(t, "running").len() == 3
+        })
+        .await;
     let all_three = placed(&three, "running");
     let mut nodes: Vec<&str> = all_three.iter().map(|(_, n)| n.as_str()).collect();
     nodes.sort();
@@ -229,13 +211,14 @@ async fn a_task_scales_up_and_down_across_real_agents_and_completes_once() {
             nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGUSR1).expect("gate");
         }
     }
-    let done = wait_task(&c, task_id, "to finish", |t| {
-        matches!(
-            t["status"].as_str(),
-            Some("completed" | "failed" | "cancelled")
-        )
-    })
-    .await;
+    let done = c
+        .wait_task(task_id, "to finish", |t| {
+            matches!(
+                t["status"].as_str(),
+                Some("completed" | "failed" | "cancelled")
+            )
+        })
+        .await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["result"], "0 2\ndone 0", "{done}");
     assert_eq!(runs_with(&done, "completed").len(), 1, "{done}");
@@ -251,29 +234,6 @@ async fn a_task_scales_up_and_down_across_real_agents_and_completes_once() {
         "completed",
         "a late result changes nothing"
     );
-}
-
-/// Runs `lull-coordinator keys create` and answers (token, secret).
-fn create_key(data_dir: &Path, role: &str, mode: &str) -> (String, Option<String>) {
-    let out = Command::new(bin_dir().join("lull-coordinator"))
-        .args(["keys", "create", "--role", role, "--mode", mode])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("lull-coordinator keys create");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(|v| v.trim().to_string())
-    };
-    (field("token:").expect("token printed"), field("secret:"))
 }
 
 /// The seed's example with what a user fills in: the host and port of the connection (still

@@ -3,7 +3,9 @@
 //! rolled back, shrink online and offline with work in flight, and a coordinator killed
 //! in the middle of an operation.
 
-use lull_tests::{Coordinator, StandbyAgent, start_agent, start_standby_agent, wait_until};
+use lull_tests::{
+    Coordinator, StandbyAgent, create_key, runs_with, start_agent, start_standby_agent, wait_until,
+};
 use serde_json::{Value, json};
 use std::path::Path;
 use std::time::Duration;
@@ -142,27 +144,6 @@ async fn submit(c: &Coordinator, body: Value) -> i64 {
         .expect("task id")
 }
 
-async fn wait_task(
-    c: &Coordinator,
-    task_id: i64,
-    what: &str,
-    pred: impl Fn(&Value) -> bool,
-) -> Value {
-    wait_until(
-        Duration::from_secs(120),
-        &format!("task {task_id} {what}"),
-        || async { c.task(task_id).await.ok().filter(|t| pred(t)) },
-    )
-    .await
-}
-
-fn runs_with_status<'a>(task: &'a Value, status: &str) -> Vec<&'a Value> {
-    task["runs"]
-        .as_array()
-        .map(|runs| runs.iter().filter(|r| r["status"] == status).collect())
-        .unwrap_or_default()
-}
-
 async fn shrink(c: &Coordinator, body: Value) -> (u16, Value) {
     let resp = c
         .http
@@ -240,7 +221,9 @@ async fn two_standby_agents_join_as_one_group_run_work_and_leave_with_a_shrink()
         .await,
     ];
     for t in tasks {
-        let task = wait_task(&c, t, "completed", |t| t["status"] == "completed").await;
+        let task = c
+            .wait_task(t, "completed", |t| t["status"] == "completed")
+            .await;
         assert!(node_ids.contains(&task["node_id"].as_str().unwrap_or_default().to_string()));
     }
 
@@ -384,7 +367,7 @@ async fn an_online_shrink_lets_the_running_task_finish_on_the_leaving_node() {
         json!({"code": "import time\ntime.sleep(3)\nprint('finished')", "constraints": {"zone": "zone2"}}),
     )
     .await;
-    wait_task(&c, task, "running on the adopted node", |t| {
+    c.wait_task(task, "running on the adopted node", |t| {
         t["status"] == "running" && t["node_id"] == adopted.as_str()
     })
     .await;
@@ -400,11 +383,13 @@ async fn an_online_shrink_lets_the_running_task_finish_on_the_leaving_node() {
     assert_eq!(op["state"], "SUCCEEDED", "{op}");
 
     // It finished where it ran, once; nothing was requeued.
-    let done = wait_task(&c, task, "completed", |t| t["status"] == "completed").await;
+    let done = c
+        .wait_task(task, "completed", |t| t["status"] == "completed")
+        .await;
     assert_eq!(done["result"], "finished");
     assert_eq!(done["runs"].as_array().map(Vec::len), Some(1), "{done}");
     assert_eq!(
-        runs_with_status(&done, "completed")[0]["node_id"],
+        runs_with(&done, "completed")[0]["node_id"],
         adopted.as_str()
     );
     assert_eq!(
@@ -460,7 +445,7 @@ async fn an_offline_shrink_requeues_the_running_task_which_completes_elsewhere_o
         json!({"code": "import time\ntime.sleep(4)\nprint('done')"}),
     )
     .await;
-    wait_task(&c, task, "running on the adopted node", |t| {
+    c.wait_task(task, "running on the adopted node", |t| {
         t["status"] == "running" && t["node_id"] == adopted.as_str()
     })
     .await;
@@ -481,12 +466,14 @@ async fn an_offline_shrink_requeues_the_running_task_which_completes_elsewhere_o
         "{op}"
     );
 
-    let done = wait_task(&c, task, "completed", |t| t["status"] == "completed").await;
+    let done = c
+        .wait_task(task, "completed", |t| t["status"] == "completed")
+        .await;
     assert_eq!(done["result"], "done");
-    let completed = runs_with_status(&done, "completed");
+    let completed = runs_with(&done, "completed");
     assert_eq!(completed.len(), 1, "completed exactly once: {done}");
     assert_eq!(completed[0]["node_id"], "own");
-    let released = runs_with_status(&done, "released");
+    let released = runs_with(&done, "released");
     assert_eq!(released.len(), 1, "{done}");
     assert_eq!(released[0]["node_id"], adopted.as_str());
     assert_eq!(
@@ -553,39 +540,12 @@ async fn a_scale_out_cut_short_by_a_killed_coordinator_fails_cleanly_after_the_r
     assert_eq!(finished(&c, &id).await["state"], "SUCCEEDED");
 }
 
-/// Runs `lull-coordinator keys create --role ROLE` and answers the token.
-fn create_key(data_dir: &Path, role: &str) -> String {
-    let out = std::process::Command::new(lull_tests::bin_dir().join("lull-coordinator"))
-        .args([
-            "keys",
-            "create",
-            "--role",
-            role,
-            "--name",
-            role,
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("lull-coordinator keys create");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("token:").map(|t| t.trim().to_string()))
-        .expect("token printed")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_auth_only_admins_scale_out_and_each_adopted_agent_gets_its_own_agent_key() {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("coordinator");
-    let admin = create_key(&data, "admin");
-    let viewer = create_key(&data, "viewer");
+    let admin = create_key(&data, "admin", "simple").0;
+    let viewer = create_key(&data, "viewer", "simple").0;
     let c = coordinator(dir.path(), &["--auth"]);
     let a = standby(dir.path(), "a", "127.0.0.2", SECRET);
     let call = |token: &str, path: &str, body: Value| {
@@ -741,7 +701,8 @@ async fn a_shrink_cut_short_by_a_killed_coordinator_resumes_after_the_restart() 
         json!({"code": "import time\ntime.sleep(5)\nprint('survived')"}),
     )
     .await;
-    wait_task(&c, task, "running", |t| t["status"] == "running").await;
+    c.wait_task(task, "running", |t| t["status"] == "running")
+        .await;
 
     let (status, body) = shrink(
         &c,
@@ -774,9 +735,11 @@ async fn a_shrink_cut_short_by_a_killed_coordinator_resumes_after_the_restart() 
     .expect("coordinator restarts");
     let op = finished(&c, &job).await;
     assert_eq!(op["state"], "SUCCEEDED", "{op}");
-    let done = wait_task(&c, task, "completed", |t| t["status"] == "completed").await;
+    let done = c
+        .wait_task(task, "completed", |t| t["status"] == "completed")
+        .await;
     assert_eq!(done["result"], "survived");
-    assert_eq!(runs_with_status(&done, "completed").len(), 1, "{done}");
+    assert_eq!(runs_with(&done, "completed").len(), 1, "{done}");
     assert_eq!(
         node(&c, &adopted).await.expect("record")["status"],
         "removed"

@@ -172,16 +172,28 @@ impl Interpreter {
         py: Python<'_>,
         env: &BTreeMap<String, String>,
     ) -> PyResult<BTreeMap<String, String>> {
-        let (own, shared): (BTreeMap<_, _>, BTreeMap<_, _>) = env
-            .iter()
-            .map(|(name, value)| (name.clone(), value.clone()))
-            .partition(|(name, _)| name.starts_with(RUN_OWN_PREFIX));
-        if self.shared_env.as_ref() != Some(&shared) {
+        let is_own = |name: &String| name.starts_with(RUN_OWN_PREFIX);
+        let shared = || env.iter().filter(|(name, _)| !is_own(name));
+        // Compared in place: this runs before every fork, and what the zygote allocates here
+        // is written to pages each run's fork protects again.
+        if !self
+            .shared_env
+            .as_ref()
+            .is_some_and(|held| held.iter().eq(shared()))
+        {
+            let shared: BTreeMap<String, String> = shared()
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect();
             self.helper
                 .bind(py)
-                .call_method1("set_base_environment", (shared.clone(),))?;
+                .call_method1("set_base_environment", (&shared,))?;
             self.shared_env = Some(shared);
         }
+        let own = env
+            .iter()
+            .filter(|(name, _)| is_own(name))
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
         Ok(own)
     }
 
@@ -194,7 +206,7 @@ impl Interpreter {
         if !own.is_empty() {
             self.helper
                 .bind(py)
-                .call_method1("add_environment", (own.clone(),))?;
+                .call_method1("add_environment", (own,))?;
         }
         Ok(())
     }

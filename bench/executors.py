@@ -8,7 +8,9 @@ Reports, per executor, with the sandbox level the agent actually used:
   - batch: submit all tasks (`POST /api/v1/tasks/batch`, 1,000 per request; one request per
     task with --one-by-one), then collect each result with `GET /api/v1/tasks/{id}?wait=60`;
     tasks/s = N / (first submit .. last result), median of --repeat runs with min-max;
-  - closed loop: 2 clients, one task in flight each; latency submit -> result, p50/p99.
+  - closed loop: 2 clients, one task in flight each; latency submit -> result, p50/p99;
+  - idle node: one task at a time, each after --idle-gap seconds of quiet (a user with an
+    idle node); latency submit -> result, p50 and max.
 Everything runs on 127.0.0.1 and is stopped afterwards. This is a benchmark, not a test:
 it asserts nothing about speed.
 """
@@ -125,6 +127,49 @@ class Cluster:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def process_cpu(pid, reaped=False):
+    """CPU seconds a process used so far (with its reaped children's when `reaped`)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid):
+    kids = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            kids.extend(int(k) for k in f.read().split())
+    return kids
+
+
+class CpuMeter:
+    """CPU per part over a stretch of the benchmark: coordinator, agent, zygote with its
+    runs (or the cold executor's reaped launchers), this client. Kernel threads (namespace
+    teardown, block I/O) are not counted anywhere."""
+
+    def __init__(self, cluster):
+        self.parts = {"coordinator": (cluster.procs[0].pid, False), "agent": (cluster.procs[1].pid, True)}
+        for kid in children(cluster.procs[1].pid):
+            with open(f"/proc/{kid}/comm") as f:
+                if f.read().strip() == "lull-zygote":
+                    # Its runs are reaped by it: they count with it, not with the agent.
+                    self.parts["zygote+runs"] = (kid, True)
+                    self.parts["agent"] = (cluster.procs[1].pid, False)
+        self.start = self.read()
+
+    def read(self):
+        now = {name: process_cpu(pid, reaped) for name, (pid, reaped) in self.parts.items()}
+        now["client"] = sum(os.times()[:2])
+        return now
+
+    def per_task_ms(self, n):
+        end = self.read()
+        return {name: (end[name] - self.start[name]) / n * 1000 for name in end}
+
+
 def batch(cluster, n, one_by_one=False, clients=4):
     """Submit all (one `POST /api/v1/tasks/batch` per 1,000 tasks, or one request per task
     from `clients` threads with `one_by_one`), then collect each result; tasks/s."""
@@ -175,11 +220,26 @@ def closed_loop(cluster, per_client, clients=2):
     return pick(0.50), pick(0.99)
 
 
+def idle(cluster, count, gap):
+    """One task at a time with `gap` seconds of quiet before each, as a user with an idle
+    node meets it: latency submit -> result, p50 and max."""
+    latencies = []
+    for _ in range(count):
+        time.sleep(gap)
+        t0 = time.perf_counter()
+        cluster.wait(cluster.submit())
+        latencies.append(time.perf_counter() - t0)
+    latencies.sort()
+    return latencies[len(latencies) // 2] * 1000, latencies[-1] * 1000
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--closed-loop", type=int, default=200, help="tasks per client in the closed loop")
+    ap.add_argument("--idle", type=int, default=20, help="tasks in the idle mode (0: skip it)")
+    ap.add_argument("--idle-gap", type=float, default=0.2, help="seconds of quiet before each idle-mode task")
     ap.add_argument("--executors", default="cold,zygote")
     ap.add_argument("--cpus", type=float, default=2)
     ap.add_argument("--sync", default="full", choices=["full", "normal"], help="the coordinator's SQLite durability")
@@ -197,23 +257,32 @@ def main():
             level = (cluster.node.get("sandbox") or {}).get("level", "unknown")
             for _ in range(20):  # warm-up
                 cluster.wait(cluster.submit())
+            meter = CpuMeter(cluster)
             rates = [batch(cluster, args.tasks, args.one_by_one) for _ in range(args.repeat)]
+            cpu = meter.per_task_ms(args.tasks * args.repeat)
             p50, p99 = closed_loop(cluster, args.closed_loop)
+            idle_p50, idle_max = idle(cluster, args.idle, args.idle_gap) if args.idle else (None, None)
         finally:
             cluster.close()
         rows.append({"asked": executor, "executor": used, "sandbox": level,
                      "batch_median": statistics.median(rates), "batch_min": min(rates), "batch_max": max(rates),
-                     "closed_p50_ms": p50, "closed_p99_ms": p99})
+                     "closed_p50_ms": p50, "closed_p99_ms": p99, "idle_p50_ms": idle_p50, "idle_max_ms": idle_max,
+                     "cpu_ms_per_task": cpu})
         print(json.dumps(rows[-1]), file=sys.stderr)
 
     print(f"\n{args.tasks} tasks of `{CODE}`, one agent with {args.cpus:g} slots, {os.cpu_count()} cores, "
           f"coordinator --sync {args.sync}\n")
-    print("| executor | sandbox | batch tasks/s (median, min-max) | closed loop p50 | p99 |")
-    print("|---|---|---|---|---|")
+    print("| executor | sandbox | batch tasks/s (median, min-max) | closed loop p50 | p99 | idle node p50 (max) |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         name = r["executor"] if r["executor"] == r["asked"] else f"{r['asked']} (ran {r['executor']})"
         print(f"| {name} | {r['sandbox']} | {r['batch_median']:.0f} ({r['batch_min']:.0f}-{r['batch_max']:.0f}) "
-              f"| {r['closed_p50_ms']:.1f} ms | {r['closed_p99_ms']:.1f} ms |")
+              f"| {r['closed_p50_ms']:.1f} ms | {r['closed_p99_ms']:.1f} ms "
+              + (f"| {r['idle_p50_ms']:.1f} ms ({r['idle_max_ms']:.1f}) |" if r["idle_p50_ms"] is not None else "| - |"))
+    print("\nCPU per task in batch mode (ms; kernel threads not counted):")
+    for r in rows:
+        parts = ", ".join(f"{name} {ms:.2f}" for name, ms in r["cpu_ms_per_task"].items())
+        print(f"- {r['executor']}: {parts}, total {sum(r['cpu_ms_per_task'].values()):.2f}")
 
 
 if __name__ == "__main__":

@@ -846,3 +846,90 @@ async fn runs_copy_the_shared_mounts_but_keep_their_files_to_themselves() {
         );
     }
 }
+
+/// The zygote's children that are not `run` (by host pid).
+fn other_children_of(zygote: i32, run: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{zygote}/task/{zygote}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|pid| pid.parse().ok())
+        .filter(|&pid| pid != run && is_running(pid))
+        .collect()
+}
+
+/// What each descriptor above 2 of `pid` is (`pipe:[N]`, `socket:[N]`, ...).
+fn descriptors_above_2(pid: i32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|entries| {
+            entries
+                .filter_map(|entry| {
+                    let entry = entry.ok()?;
+                    let fd: i32 = entry.file_name().to_str()?.parse().ok()?;
+                    let target = std::fs::read_link(entry.path()).ok()?;
+                    (fd > 2).then(|| target.display().to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn an_idle_zygote_forks_the_next_run_ahead_holding_nothing_of_other_runs() {
+    let host = host().await;
+    if !host.protections.namespaces {
+        eprintln!("no namespaces on this host: each run is forked when it comes");
+        return;
+    }
+    let executor = Arc::new(zygote().await);
+    let holder_name = unique_name("held");
+    let cancel = CancellationToken::new();
+    let holding = tokio::spawn({
+        let executor = Arc::clone(&executor);
+        let cancel = cancel.clone();
+        let code = format!("{}\nimport time\ntime.sleep(60)", rename_to(&holder_name));
+        async move { executor.run(job(&code, 60.0), cancel).await }
+    });
+    let holder = wait_until("the holder runs", || {
+        processes_named(&holder_name).first().copied()
+    })
+    .await;
+    let zygote = parent_of(holder).expect("the holder's parent");
+    // The zygote, idle while the holder sleeps, forks the next run's process ahead of it.
+    let standby = wait_until("a standby is forked", || {
+        other_children_of(zygote, holder).first().copied()
+    })
+    .await;
+    // It was forked while the zygote held the holder's stderr: a copy kept open would keep
+    // the holder's reader from ever seeing the end of its output.
+    let held = descriptors_above_2(standby);
+    assert!(
+        held.iter().all(|what| !what.starts_with("pipe:")),
+        "the standby holds pipes: {held:?}"
+    );
+    cancel.cancel();
+    let stopped = holding.await.expect("the holder's task");
+    assert_eq!(stopped.outcome, RunOutcome::Cancelled, "{stopped:?}");
+
+    let name = unique_name("next");
+    let stop_next = CancellationToken::new();
+    let next = tokio::spawn({
+        let executor = Arc::clone(&executor);
+        let cancel = stop_next.clone();
+        let code = format!(
+            "{}\nimport time\nprint('ran', flush=True)\ntime.sleep(60)",
+            rename_to(&name)
+        );
+        async move { executor.run(job(&code, 60.0), cancel).await }
+    });
+    let ran_in = wait_until("the next run runs", || {
+        processes_named(&name).first().copied()
+    })
+    .await;
+    assert_eq!(
+        ran_in, standby,
+        "the next run ran in the standby forked ahead of it"
+    );
+    stop_next.cancel();
+    let execution = next.await.expect("the next run's task");
+    assert_eq!(execution.stdout, "ran\n", "{execution:?}");
+}

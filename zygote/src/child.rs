@@ -1,18 +1,23 @@
 //! One run's process, from the moment `os.fork()` returned 0 in it: wire its pipes, confine it
 //! with `lull_agent::sandbox::ForkedRun::confine` (it was born PID 1 of the run's own PID
 //! namespace, where the host allows one), run the code as `python3 -I -u -c` would, exit.
+//! A standby ([`standby`]) is the same process forked before its run: it joins its cgroup,
+//! waits for the run on a socket, then goes on as [`run`] does.
 //!
 //! Architecture Invariant: this path never returns to the zygote's loop. Every way out, a
 //! panic included, ends in `os._exit`.
 
 use crate::interpreter::Interpreter;
+use lull_agent::executor::zygote_protocol::{RUN_FDS, ToZygote};
 use lull_agent::sandbox::{ForkedRun, RunPolicy};
+use nix::errno::Errno;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, RecvMsg, UnixAddr, recvmsg};
 use nix::unistd::{Pid, getppid};
 use pyo3::prelude::*;
 use std::collections::BTreeMap;
-use std::io::Write as _;
-use std::os::fd::RawFd;
+use std::io::{IoSliceMut, Write as _};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::panic::AssertUnwindSafe;
 
 /// The exit status of a run whose sandbox could not be set up (as `lull-sandbox` uses).
@@ -63,17 +68,111 @@ pub(crate) fn run(
     launch: &ForkedRun,
 ) -> ! {
     let status = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        match prepare(py, interpreter, request, zygote, launch) {
-            Ok(globals) => interpreter.run_main(py, &request.code, &globals),
+        let prepared = outlive_no_zygote(request.policy.protections.namespaces, zygote)
+            .and_then(|()| prepare(py, interpreter, request, launch, Cgroup::Join));
+        execute(py, interpreter, request, prepared)
+    }))
+    .unwrap_or(SETUP_FAILED);
+    interpreter.exit(py, status)
+}
+
+/// A child the zygote forked before it had a run for it (its standby, always PID 1 of a PID
+/// namespace of its own): it gets into its cgroup now, the one step of a run's start that can
+/// wait on the kernel for long, then waits on `socket` for its run (the `run` message and the
+/// run's stdout and stderr, from the zygote) and runs it as [`run`] would. If the zygote
+/// closes the socket instead, it exits.
+pub(crate) fn standby(
+    py: Python<'_>,
+    interpreter: &Interpreter,
+    socket: OwnedFd,
+    zygote: Pid,
+    launch: &ForkedRun,
+) -> ! {
+    let status = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let waited = launch
+            .close_other_fds(socket.as_raw_fd())
+            .map_err(|err| err.to_string())
+            .and_then(|()| outlive_no_zygote(true, zygote))
+            .and_then(|()| launch.enter_cgroup().map_err(|err| err.to_string()))
+            .and_then(|()| receive_run(&socket));
+        drop(socket);
+        match waited {
+            Ok(request) => {
+                let prepared = prepare(py, interpreter, &request, launch, Cgroup::Joined);
+                execute(py, interpreter, &request, prepared)
+            }
             Err(err) => {
-                // fd 2 is the run's stderr once redirected (the zygote's log before that).
-                let _ = writeln!(std::io::stderr(), "lull: sandbox setup failed: {err}");
+                // Still the zygote's stderr: its log.
+                let _ = writeln!(std::io::stderr(), "lull-zygote standby: {err}");
                 SETUP_FAILED
             }
         }
     }))
     .unwrap_or(SETUP_FAILED);
     interpreter.exit(py, status)
+}
+
+fn execute(
+    py: Python<'_>,
+    interpreter: &Interpreter,
+    request: &RunRequest,
+    prepared: Result<Bound<'_, pyo3::types::PyDict>, String>,
+) -> i32 {
+    match prepared {
+        Ok(globals) => interpreter.run_main(py, &request.code, &globals),
+        Err(err) => {
+            // fd 2 is the run's stderr once redirected (the zygote's log before that).
+            let _ = writeln!(std::io::stderr(), "lull: sandbox setup failed: {err}");
+            SETUP_FAILED
+        }
+    }
+}
+
+/// A standby's run, as the zygote hands it over: the `run` message's line, with the run's
+/// stdout and stderr attached to its first bytes.
+fn receive_run(socket: &OwnedFd) -> Result<RunRequest, String> {
+    let mut line = Vec::new();
+    let mut fds = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    while !line.ends_with(b"\n") {
+        let mut cmsg = nix::cmsg_space!([RawFd; 16]);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let received: RecvMsg<'_, '_, UnixAddr> = match recvmsg(
+            socket.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(received) => received,
+            Err(Errno::EINTR) => continue,
+            Err(err) => return Err(format!("waiting for a run: {err}")),
+        };
+        let bytes = received.bytes;
+        if let Ok(cmsgs) = received.cmsgs() {
+            for cmsg in cmsgs {
+                if let ControlMessageOwned::ScmRights(rights) = cmsg {
+                    fds.extend(rights.into_iter().map(ReceivedFd::new));
+                }
+            }
+        }
+        if bytes == 0 {
+            return Err("the zygote gave no run".to_string());
+        }
+        line.extend_from_slice(&buf[..bytes]);
+    }
+    let Ok(ToZygote::Run { policy, code, env }) = serde_json::from_slice(&line) else {
+        return Err("the zygote handed over something other than a run".to_string());
+    };
+    let [stdout, stderr]: [ReceivedFd; RUN_FDS] = fds
+        .try_into()
+        .map_err(|fds: Vec<_>| format!("a run needs {RUN_FDS} descriptors; {} came", fds.len()))?;
+    Ok(RunRequest {
+        policy: *policy,
+        code,
+        env,
+        stdout,
+        stderr,
+    })
 }
 
 /// Whether `pid` (in the host's PID namespace) exists and has not exited.
@@ -85,14 +184,9 @@ fn process_is_alive(pid: Pid) -> bool {
     })
 }
 
-/// The setup steps, in order; each error names its step.
-fn prepare<'py>(
-    py: Python<'py>,
-    interpreter: &Interpreter,
-    request: &RunRequest,
-    zygote: Pid,
-    launch: &ForkedRun,
-) -> Result<Bound<'py, pyo3::types::PyDict>, String> {
+/// The first steps of every child: the signal mask the zygote blocked, and the death signal,
+/// checking that the zygote did not die before it was set.
+fn outlive_no_zygote(namespaces: bool, zygote: Pid) -> Result<(), String> {
     // The zygote blocks SIGCHLD (it reads it from a signalfd); the run must not inherit that.
     sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
         .map_err(|err| format!("signal mask: {err}"))?;
@@ -102,14 +196,33 @@ fn prepare<'py>(
     // Did the zygote die before the death signal was set? PID 1 of a new namespace sees no
     // parent (getppid() is 0), so it looks the zygote up in the host's /proc, still mounted
     // here (the run's own /proc comes with its mount namespace, later).
-    let zygote_alive = if request.policy.protections.namespaces {
+    let zygote_alive = if namespaces {
         process_is_alive(zygote)
     } else {
         getppid() == zygote
     };
-    if !zygote_alive {
-        return Err("the zygote exited before the run started".to_string());
+    if zygote_alive {
+        Ok(())
+    } else {
+        Err("the zygote exited before the run started".to_string())
     }
+}
+
+/// Whether the child still has to join its cgroup, or did while it waited as a standby.
+#[derive(Clone, Copy, PartialEq)]
+enum Cgroup {
+    Join,
+    Joined,
+}
+
+/// The setup steps after [`outlive_no_zygote`], in order; each error names its step.
+fn prepare<'py>(
+    py: Python<'py>,
+    interpreter: &Interpreter,
+    request: &RunRequest,
+    launch: &ForkedRun,
+    cgroup: Cgroup,
+) -> Result<Bound<'py, pyo3::types::PyDict>, String> {
     interpreter
         .redirect_stdio(py, request.stdout.raw(), request.stderr.raw())
         .map_err(|err| format!("standard streams: {err}"))?;
@@ -117,9 +230,11 @@ fn prepare<'py>(
         .add_environment(py, &request.env)
         .map_err(|err| format!("environment: {err}"))?;
     // Restores the death signal and dumpable after the uid drop (this process never execs).
-    launch
-        .confine(&request.policy)
-        .map_err(|err| err.to_string())?;
+    let confined = match cgroup {
+        Cgroup::Join => launch.confine(&request.policy),
+        Cgroup::Joined => launch.confine_in_cgroup(&request.policy),
+    };
+    confined.map_err(|err| err.to_string())?;
     interpreter
         .enter(py, &request.code)
         .map_err(|err| format!("interpreter state: {err}"))

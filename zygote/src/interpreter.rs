@@ -61,6 +61,9 @@ pub(crate) struct Interpreter {
     /// The environment the zygote's own `os.environ` holds for its runs: what every run's
     /// environment has but its own `LULL_*` variables.
     shared_env: Option<BTreeMap<String, String>>,
+    /// Counts the changes of the shared environment: a process forked ahead of its run (the
+    /// standby) has the environment of the generation it was forked in.
+    pub(crate) env_generation: u64,
 }
 
 /// Variables that differ from run to run (task and run ids, points): set in each run's
@@ -123,6 +126,7 @@ impl Interpreter {
             python: python.to_string(),
             version,
             shared_env: None,
+            env_generation: 0,
         };
         Ok((interpreter, failed_preloads))
     }
@@ -188,6 +192,7 @@ impl Interpreter {
                 .bind(py)
                 .call_method1("set_base_environment", (&shared,))?;
             self.shared_env = Some(shared);
+            self.env_generation += 1;
         }
         let own = env
             .iter()

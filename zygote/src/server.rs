@@ -11,16 +11,24 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, Signal, kill, killpg};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use nix::sys::socket::{ControlMessageOwned, MsgFlags, RecvMsg, UnixAddr, recvmsg, send, sockopt};
+use nix::sys::socket::{
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, RecvMsg, SockFlag, SockType,
+    UnixAddr, recvmsg, send, sendmsg, socketpair, sockopt,
+};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 use nix::unistd::{Pid, getpid};
 use pyo3::prelude::*;
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
-use std::io::IoSliceMut;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
 const READ_BYTES: usize = 64 * 1024;
+/// How long the zygote waits with nothing to do before it forks a standby. Under a steady
+/// stream of runs it makes none: a standby costs the zygote a little CPU per run (its pages
+/// stay shared with one more process), and while runs keep coming a run's own cgroup attach
+/// is quick (the kernel's grace period was paid by an earlier one).
+const STANDBY_AFTER_IDLE_MS: u16 = 5;
 /// Room for more descriptors than a message may carry, so that a wrong sender cannot make
 /// the kernel truncate (and leak) what it sent.
 const MAX_FDS_PER_READ: usize = 16;
@@ -57,6 +65,9 @@ pub(crate) fn serve(args: &Args) -> Result<(), String> {
             pools: RunPools::default(),
             pid: getpid(),
             read_buf: vec![0u8; READ_BYTES],
+            standby: None,
+            standby_off: false,
+            last_policy: None,
         };
         server.send(&FromZygote::Ready {
             python_version: server.interpreter.version.clone(),
@@ -121,6 +132,28 @@ struct Server {
     pid: Pid,
     /// Where the socket is read into.
     read_buf: Vec<u8>,
+    /// The next run's process, forked ahead of it (see [`Standby`]).
+    standby: Option<Standby>,
+    /// A standby failed (said once): every run is forked when it comes.
+    standby_off: bool,
+    /// The last run's policy, for the next standby.
+    last_policy: Option<RunPolicy>,
+}
+
+/// A child forked before its run comes, made like a run's process for the last run's policy
+/// ([`ForkedRun::prepare`]: its cgroup, network namespace and mount template lent, born PID 1
+/// of a PID namespace of its own), that joins its cgroup while it waits
+/// ([`child::standby`]). The step it does ahead is the one that makes an idle host slow: on
+/// cgroup v1, the first cgroup attach after a quiet spell waits for an RCU grace period
+/// (10-30 ms on a VM), while a run's whole start takes about a millisecond. The next run that
+/// fits what it was made for ([`ForkedRun::fits`]; the same shared environment) is handed to
+/// it over `socket`; any other is forked as before, and the standby discarded.
+struct Standby {
+    pid: Pid,
+    made_for: RunPolicy,
+    launch: ForkedRun,
+    socket: OwnedFd,
+    env_generation: u64,
 }
 
 /// A run's process, as the zygote (its watcher) keeps it until it is reaped.
@@ -150,7 +183,16 @@ impl Server {
                     PollFd::new(self.socket.as_fd(), wanted),
                     PollFd::new(self.child_exits.as_fd(), wanted),
                 ];
-                match poll(&mut fds, PollTimeout::NONE) {
+                let timeout = if self.wants_standby() {
+                    PollTimeout::from(STANDBY_AFTER_IDLE_MS)
+                } else {
+                    PollTimeout::NONE
+                };
+                match poll(&mut fds, timeout) {
+                    Ok(0) => {
+                        self.make_standby(py)?;
+                        continue;
+                    }
                     Ok(_) => {}
                     Err(Errno::EINTR) => continue,
                     Err(err) => return Err(format!("poll: {err}")),
@@ -263,11 +305,26 @@ impl Server {
                 fds.len()
             ))
         })?;
-        threads_are_single().map_err(StartError::Fatal)?;
         let env = self
             .interpreter
             .share_environment(py, &env)
             .map_err(|err| StartError::Run(format!("environment: {err}")))?;
+        if let Some((pid, launch)) = self.start_on_standby(&policy, &code, &env, [&stdout, &stderr])
+        {
+            // The standby has its own copies of the pipes; the zygote keeps stderr until the reap.
+            self.last_policy = Some(policy.clone());
+            self.runs.insert(
+                run_id,
+                RunProcess {
+                    pid,
+                    policy,
+                    launch,
+                    stderr,
+                },
+            );
+            return Ok(pid);
+        }
+        threads_are_single().map_err(StartError::Fatal)?;
         let mut launch = ForkedRun::prepare(&policy, &mut self.pools)
             .map_err(|err| StartError::Run(format!("sandbox setup failed: {err}")))?;
         let request = RunRequest {
@@ -299,6 +356,7 @@ impl Server {
         };
         // The child has its own copies of the pipes; the zygote keeps stderr until the reap.
         let RunRequest { policy, stderr, .. } = request;
+        self.last_policy = Some(policy.clone());
         self.runs.insert(
             run_id,
             RunProcess {
@@ -309,6 +367,129 @@ impl Server {
             },
         );
         Ok(pid)
+    }
+
+    /// Hands the run to the standby if it can take it: its pid and what was lent for it.
+    /// Otherwise (none, it does not fit, it is gone) the standby is discarded and the caller
+    /// forks the run itself.
+    fn start_on_standby(
+        &mut self,
+        policy: &RunPolicy,
+        code: &str,
+        env: &BTreeMap<String, String>,
+        fds: [&ReceivedFd; RUN_FDS],
+    ) -> Option<(Pid, ForkedRun)> {
+        let mut standby = self.standby.take()?;
+        if standby.env_generation != self.interpreter.env_generation
+            || !standby.launch.fits(&standby.made_for, policy)
+        {
+            self.discard(standby);
+            return None;
+        }
+        let line = ToZygote::Run {
+            policy: Box::new(policy.clone()),
+            code: code.to_string(),
+            env: env.clone(),
+        }
+        .to_line();
+        match hand_over(&standby.socket, &line, fds.map(ReceivedFd::raw)) {
+            Ok(()) => Some((standby.pid, standby.launch)),
+            Err(err) => {
+                log!("could not hand a run to the standby ({err}); forking it instead");
+                self.discard(standby);
+                None
+            }
+        }
+    }
+
+    /// Whether a standby should be made once the zygote is idle: none waits, a run came
+    /// already (its policy is the guess for the next), and standbys work here. Runs without
+    /// namespaces get a cgroup of their own, named after them: nothing to do ahead for them.
+    fn wants_standby(&self) -> bool {
+        self.standby.is_none()
+            && !self.standby_off
+            && self
+                .last_policy
+                .as_ref()
+                .is_some_and(|policy| policy.protections.namespaces)
+    }
+
+    /// Forks the next run's process ahead of it, for the last run's policy (see
+    /// [`Server::wants_standby`]).
+    fn make_standby(&mut self, py: Python<'_>) -> Result<(), String> {
+        if !self.wants_standby() {
+            return Ok(());
+        }
+        let Some(policy) = self.last_policy.clone() else {
+            return Ok(());
+        };
+        threads_are_single()?;
+        let (ours, theirs) = match socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        ) {
+            Ok(pair) => pair,
+            Err(err) => {
+                self.stop_standbys(&format!("no socket pair: {err}"));
+                return Ok(());
+            }
+        };
+        let mut launch = match ForkedRun::prepare(&policy, &mut self.pools) {
+            Ok(launch) => launch,
+            Err(err) => {
+                self.stop_standbys(&format!("sandbox setup failed: {err}"));
+                return Ok(());
+            }
+        };
+        let forked = self.interpreter.fork(py);
+        if let Ok(0) = forked {
+            drop(ours);
+            child::standby(py, &self.interpreter, theirs, self.pid, &launch);
+        }
+        drop(theirs);
+        if let Err(err) = launch.restore() {
+            if let Ok(pid) = forked {
+                kill_run(Pid::from_raw(pid));
+            }
+            return Err(format!(
+                "could not return to the zygote's PID namespace: {err}"
+            ));
+        }
+        match forked {
+            Ok(pid) => {
+                self.standby = Some(Standby {
+                    pid: Pid::from_raw(pid),
+                    made_for: policy,
+                    launch,
+                    socket: ours,
+                    env_generation: self.interpreter.env_generation,
+                });
+            }
+            Err(err) => {
+                let _ = launch.finish(&policy, WaitStatus::StillAlive, &mut self.pools);
+                self.stop_standbys(&format!("could not fork: {err}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn stop_standbys(&mut self, why: &str) {
+        log!("no standby process ({why}); each run is forked when it comes");
+        self.standby_off = true;
+    }
+
+    /// Kills and reaps a standby that will not get a run, and gives back what it held.
+    fn discard(&mut self, standby: Standby) {
+        kill_run(standby.pid);
+        let status = lull_agent::sandbox::reap_child(standby.pid)
+            .map_or(WaitStatus::StillAlive, |_| {
+                WaitStatus::Signaled(standby.pid, Signal::SIGKILL, false)
+            });
+        let _ = standby
+            .launch
+            .finish(&standby.made_for, status, &mut self.pools);
     }
 
     /// Reaps every child that has exited and reports the runs among them.
@@ -329,6 +510,18 @@ impl Server {
             // Whatever the run left in its group (without a PID namespace) dies with it.
             let _ = killpg(pid, Signal::SIGKILL);
             let usage = lull_agent::sandbox::reap_child(pid);
+            if self
+                .standby
+                .as_ref()
+                .is_some_and(|standby| standby.pid == pid)
+                && let Some(standby) = self.standby.take()
+            {
+                let _ = standby
+                    .launch
+                    .finish(&standby.made_for, status, &mut self.pools);
+                self.stop_standbys(&format!("the standby ended before its run: {status:?}"));
+                continue;
+            }
             let Some(run_id) = self
                 .runs
                 .iter()
@@ -378,6 +571,9 @@ impl Server {
 
     /// The agent is gone: nothing may outlive it.
     fn kill_all_and_reap(&mut self) {
+        if let Some(standby) = self.standby.take() {
+            self.discard(standby);
+        }
         for (_, run) in std::mem::take(&mut self.runs) {
             kill_run(run.pid);
             let _ = lull_agent::sandbox::reap_child(run.pid);
@@ -403,6 +599,32 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// Sends a standby its run: `line` with the run's stdout and stderr attached to its first bytes.
+fn hand_over(socket: &OwnedFd, line: &[u8], fds: [RawFd; RUN_FDS]) -> Result<(), Errno> {
+    let rights = [ControlMessage::ScmRights(&fds)];
+    let mut sent = loop {
+        match sendmsg::<UnixAddr>(
+            socket.as_raw_fd(),
+            &[IoSlice::new(line)],
+            &rights,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Ok(n) => break n,
+            Err(Errno::EINTR) => {}
+            Err(err) => return Err(err),
+        }
+    };
+    while sent < line.len() {
+        match send(socket.as_raw_fd(), &line[sent..], MsgFlags::MSG_NOSIGNAL) {
+            Ok(n) => sent += n,
+            Err(Errno::EINTR) => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
 }
 
 /// SIGKILL to the run's process and its process group (the sandbox made it a session leader);

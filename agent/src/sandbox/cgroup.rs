@@ -191,21 +191,6 @@ impl RunCgroup {
             })
             .unwrap_or(0)
     }
-
-    /// Leaves the cgroup (back to the hierarchy's root) so that it can be removed.
-    pub(super) fn leave(&self) {
-        let pid = std::process::id().to_string();
-        for dir in &self.dirs {
-            if let Some(root) = hierarchy_root(dir) {
-                let _ = fs::write(root.join("cgroup.procs"), &pid);
-            }
-        }
-    }
-}
-
-fn hierarchy_root(dir: &Path) -> Option<PathBuf> {
-    // .../lull/run-N -> the directory holding `lull`.
-    dir.parent().and_then(Path::parent).map(Path::to_path_buf)
 }
 
 /// Removes a run's cgroup directories (they must be empty: the run is over). Safe to call

@@ -39,6 +39,7 @@ use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Gid, Pid, Uid, getpid, getppid, setresgid, setresuid, setsid};
 use serde::{Deserialize, Serialize};
 use std::io::Write as _;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -577,6 +578,50 @@ impl ForkedRun {
     /// In the forked child: the rest of the sandbox. Returns in the process that must now run
     /// the code (this one: it is PID 1 of the run's namespace when there are namespaces).
     pub fn confine(&self, policy: &RunPolicy) -> Result<(), SandboxError> {
+        self.enter_cgroup()?;
+        self.confine_in_cgroup(policy)
+    }
+
+    /// In the forked child, first: the parent-death signal, then the run's cgroup. Joining a
+    /// cgroup can block for an RCU grace period (on cgroup v1, the first attach after a quiet
+    /// spell waits one: 10-30 ms on a VM, far longer than the rest of a run's start), so a
+    /// parent may fork a run's process ahead of its run and have it do this step while it
+    /// waits (the zygote's standby); [`ForkedRun::confine_in_cgroup`] does the rest.
+    pub fn enter_cgroup(&self) -> Result<(), SandboxError> {
+        die_with_parent()?;
+        if let Some(lent) = &self.cgroup {
+            lent.group.join()?;
+        }
+        Ok(())
+    }
+
+    /// In a child forked ahead of its run, first: closes every descriptor it inherited but
+    /// 0-2, `keep`, and what it will enter (its network namespace and mount template). It
+    /// must hold nothing of other runs while it waits: a pipe's reader sees its end only once
+    /// every copy of the write end is closed, and the parent's copies of other runs' pipes
+    /// came with the fork.
+    pub fn close_other_fds(&self, keep: RawFd) -> Result<(), SandboxError> {
+        let mut own: Vec<RawFd> = [&self.network, &self.mounts]
+            .into_iter()
+            .flatten()
+            .map(AsRawFd::as_raw_fd)
+            .chain([keep])
+            .collect();
+        own.sort_unstable();
+        let mut from = 3;
+        for fd in own.into_iter().filter(|fd| *fd >= 3) {
+            if fd > from {
+                close_range(from, fd - 1)?;
+            }
+            from = fd + 1;
+        }
+        close_range(from, RawFd::MAX)
+    }
+
+    /// In the forked child, after [`ForkedRun::enter_cgroup`]: everything else, for `policy`
+    /// (which may be a later run's than the one this was prepared for, if
+    /// [`ForkedRun::fits`] said so).
+    pub fn confine_in_cgroup(&self, policy: &RunPolicy) -> Result<(), SandboxError> {
         let p = &policy.protections;
         let filters: &[seccompiler::BpfProgram] =
             if p.seccomp { seccomp::programs()? } else { &[] };
@@ -586,10 +631,6 @@ impl ForkedRun {
             // leader, or the code could not `setsid()` as it can under `python3 -c`; it stays
             // in the parent's session, which has no controlling terminal (the zygote's own).
             new_session()?;
-        }
-        die_with_parent()?;
-        if let Some(lent) = &self.cgroup {
-            lent.group.join()?;
         }
         if p.namespaces {
             let mut fresh = RUN_NAMESPACES;
@@ -612,6 +653,36 @@ impl ForkedRun {
             nix::unistd::sethostname("lull").map_err(SandboxError::Hostname)?;
         }
         confine_process(policy, filters)
+    }
+
+    /// In the parent: whether a process forked with this (prepared for `made_for`) can take
+    /// `policy`'s run instead, its cgroup set to `policy`'s limits if they differ. Only with
+    /// pooled (reusable) cgroups and namespaces: what [`ForkedRun::prepare`] lent then depends
+    /// on nothing of a run but the protections and the exposed directories.
+    pub fn fits(&mut self, made_for: &RunPolicy, policy: &RunPolicy) -> bool {
+        let (p, q) = (&made_for.protections, &policy.protections);
+        if p != q || !q.namespaces || made_for.expose != policy.expose {
+            return false;
+        }
+        let Some(lent) = &mut self.cgroup else {
+            return !q.cgroups;
+        };
+        if !lent.reusable {
+            return false;
+        }
+        let limits = (
+            policy.memory_mb.saturating_mul(1024 * 1024),
+            policy.max_processes,
+        );
+        if lent.limits != limits {
+            if lent.group.set_limits(limits.0, limits.1).is_err() {
+                // Perhaps half set: the pool must not trust what it holds.
+                lent.limits_kept = false;
+                return false;
+            }
+            lent.limits = limits;
+        }
+        true
     }
 
     /// In the parent, once the run's process is reaped (`status` is how it ended): what only
@@ -729,10 +800,6 @@ fn watch_run(child: Pid, policy: &RunPolicy, cgroup: Option<&cgroup::RunCgroup>)
     let note = limit_note(policy, oom, status.as_ref());
     if let Some(note) = note {
         let _ = writeln!(std::io::stderr(), "lull: {note}");
-    }
-    if let Some(group) = cgroup {
-        group.leave();
-        remove_run_cgroup(&policy.cgroup);
     }
     match status {
         Some(WaitStatus::Exited(_, 0)) if oom => exit_now(137),
@@ -1028,17 +1095,25 @@ fn drop_user(uid: u32, gid: u32) -> Result<(), SandboxError> {
 }
 
 fn close_inherited_fds() -> Result<(), SandboxError> {
-    // SAFETY: close_range takes no pointers; closing every descriptor from 3 up is what this
-    // function is for, and nothing of ours uses one of them after this point.
-    let closed = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    close_range(3, RawFd::MAX)
+}
+
+/// Closes the descriptors `first..=last` (those that are open).
+fn close_range(first: RawFd, last: RawFd) -> Result<(), SandboxError> {
+    let (Ok(low), Ok(high)) = (u32::try_from(first), u32::try_from(last)) else {
+        return Ok(());
+    };
+    // SAFETY: close_range takes no pointers; closing these descriptors is what the caller
+    // asks for, and nothing of ours uses one of them after this point.
+    let closed = unsafe { libc::syscall(libc::SYS_close_range, low, high, 0u32) };
     if closed == 0 {
         return Ok(());
     }
     // Kernels before 5.9 lack close_range: list and close them one by one.
-    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+    let fds: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
         .map_err(SandboxError::CloseFds)?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|fd| *fd > 2)
+        .filter(|fd| (first..=last).contains(fd))
         .collect();
     for fd in fds {
         // The directory handle itself is among them and already closed: errors are expected.

@@ -292,3 +292,86 @@ async fn a_timeout_that_fires_while_the_sandbox_is_being_set_up_still_kills_the_
     assert_eq!(e.outcome, RunOutcome::Failed, "{e:?}");
     assert_eq!(e.error.as_deref(), Some("timed out after 0.001 s"), "{e:?}");
 }
+
+/// This process's `lull-sandbox` children (other tests' included).
+fn launchers_of_this_process() -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|kids| {
+            kids.split_whitespace()
+                .filter_map(|pid| pid.parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim_end() == "lull-sandbox")
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_cold_run_starts_on_a_launcher_started_ahead_of_it_with_its_own_limits() {
+    let (executor, p) = setup().await;
+    if !(p.namespaces && p.cgroups) {
+        eprintln!("no namespaces and cgroups here: each launcher starts with its run");
+        return;
+    }
+    let first = executor
+        .run(job(4300, "print('first')", 256.0), CancellationToken::new())
+        .await;
+    assert_eq!(first.stdout, "first\n", "{first:?}");
+    // The first run's launcher started with it, and one more for the next run.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let waiting = loop {
+        let launchers = launchers_of_this_process();
+        if !launchers.is_empty() {
+            break launchers;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no launcher waits for the next run"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // The run reports its cgroup's memory limit (v1, else v2), to see that its own (128 MB)
+    // replaced the one the launcher was started with.
+    let code = "path = [l for l in open('/proc/self/cgroup') if ':memory:' in l or l.startswith('0::')][0].strip().split(':', 2)[2]\n\
+                for f in ('/sys/fs/cgroup/memory' + path + '/memory.limit_in_bytes', '/sys/fs/cgroup' + path + '/memory.max'):\n\
+                \x20   try:\n\
+                \x20       print(open(f).read().strip())\n\
+                \x20       break\n\
+                \x20   except OSError:\n\
+                \x20       pass\n";
+    let second = job(4301, code, 128.0);
+    let process = second.control.process.clone();
+    let run = tokio::spawn({
+        let executor = executor.clone();
+        async move { executor.run(second, CancellationToken::new()).await }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let pid = loop {
+        if let Some(pid) = process.pid() {
+            break pid;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the run never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let second = run.await.expect("the run's task");
+    assert!(
+        waiting.contains(&pid),
+        "the run's launcher {pid} is not one that waited: {waiting:?}"
+    );
+    assert_eq!(second.outcome, RunOutcome::Completed, "{second:?}");
+    assert_eq!(
+        second.stdout.trim(),
+        (128u64 << 20).to_string(),
+        "{second:?}"
+    );
+}

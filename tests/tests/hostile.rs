@@ -367,12 +367,12 @@ fn processes_owned_by(uid: u32) -> Vec<HostProcess> {
         .collect()
 }
 
-/// The agent's long-lived helpers (its zygote): its direct children that are not runs. Taken
-/// between runs, when no launcher of a run is left.
+/// The agent's long-lived helpers (its zygote): its direct children that are not runs. Cold
+/// launchers (`lull-sandbox`) belong to one run each, those waiting for their run included.
 fn helpers_of(agent: i32, uid: u32) -> Vec<HostProcess> {
     HostProcess::all()
         .into_iter()
-        .filter(|p| p.ppid == agent && !p.uids.contains(&uid))
+        .filter(|p| p.ppid == agent && !p.uids.contains(&uid) && p.name != "lull-sandbox")
         .collect()
 }
 

@@ -4,6 +4,10 @@
 //! lull-sandbox --policy JSON -- PROGRAM [ARGS...]   run PROGRAM confined by the policy
 //! lull-sandbox --check JSON PYTHON                    apply the policy, verify it (and that
 //!                                                     PYTHON starts) from inside, exit 0
+//! lull-sandbox --standby JSON                          started ahead of a run: join a cgroup
+//!                                                     made for the template policy, then
+//!                                                     read the run (a `LaunchRequest` line)
+//!                                                     on stdin and go on as --policy
 //! ```
 //!
 //! Started by the agent only; a separate small process because setup must happen in a
@@ -11,7 +15,8 @@
 
 #![forbid(unsafe_code)]
 
-use lull_agent::sandbox::{self, RunPolicy};
+use lull_agent::sandbox::{self, LaunchRequest, RunPolicy};
+use std::io::BufRead as _;
 use std::process::ExitCode;
 
 /// The exit status for "the sandbox could not be set up" (as `env` and `nohup` use 125).
@@ -34,9 +39,13 @@ fn main() -> ExitCode {
                 Err(code) => code,
             }
         }
+        [flag, json] if flag == "--standby" => match parse(json) {
+            Ok(template) => standby(&template),
+            Err(code) => code,
+        },
         _ => {
             eprintln!(
-                "usage: lull-sandbox --policy JSON -- PROGRAM [ARGS...] | lull-sandbox --check JSON PYTHON"
+                "usage: lull-sandbox --policy JSON -- PROGRAM [ARGS...] | lull-sandbox --check JSON PYTHON | lull-sandbox --standby JSON"
             );
             ExitCode::from(2)
         }
@@ -63,4 +72,45 @@ fn check(policy: &RunPolicy, python: &str) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Started ahead of its run: gets into a cgroup now, then waits for the run on stdin. Stdin
+/// is `/dev/null` again before anything of the run starts (a run's stdin is closed).
+fn standby(template: &RunPolicy) -> ExitCode {
+    let prepared = match sandbox::prepare_launch(template) {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            eprintln!("lull: sandbox setup failed: {e}");
+            return ExitCode::from(SETUP_FAILED);
+        }
+    };
+    let mut line = String::new();
+    let read = std::io::stdin().lock().read_line(&mut line);
+    let request: LaunchRequest = match read.map(|_| serde_json::from_str(&line)) {
+        Ok(Ok(request)) => request,
+        // The agent let it go without a run (it is stopping): nothing to say.
+        Ok(Err(_)) if line.is_empty() => return ExitCode::from(SETUP_FAILED),
+        Ok(Err(e)) => {
+            eprintln!("lull: bad run for a waiting launcher: {e}");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("lull: could not read the run: {e}");
+            return ExitCode::from(SETUP_FAILED);
+        }
+    };
+    let null = match std::fs::File::open("/dev/null") {
+        Ok(null) => null,
+        Err(e) => {
+            eprintln!("lull: sandbox setup failed: /dev/null: {e}");
+            return ExitCode::from(SETUP_FAILED);
+        }
+    };
+    if let Err(e) = nix::unistd::dup2_stdin(&null) {
+        eprintln!("lull: sandbox setup failed: /dev/null on stdin: {e}");
+        return ExitCode::from(SETUP_FAILED);
+    }
+    let err = prepared.launch(&request);
+    eprintln!("lull: sandbox setup failed: {err}");
+    ExitCode::from(SETUP_FAILED)
 }

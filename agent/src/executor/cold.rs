@@ -11,25 +11,27 @@
 //! leave the process group with `setsid`.
 
 use super::{Execution, Executor, Job, RunTimer, format_seconds, unix_now};
-use crate::sandbox::{RunPolicy, SandboxSettings};
+use crate::sandbox::{LaunchRequest, RunPolicy, SandboxSettings};
 use lull_shared::Protections;
 use lull_shared::RunOutcome;
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tempfile::TempDir;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{debug, warn};
 
 /// The `PATH` runs get when the agent itself has none.
 pub(super) const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
@@ -54,7 +56,24 @@ pub struct ColdExecutor {
     max_output_bytes: usize,
     path: OsString,
     sandbox: Option<ColdSandbox>,
+    /// Launchers started ahead of their runs, shared by the executor's clones.
+    standbys: Arc<Mutex<Vec<Standby>>>,
 }
+
+/// A `lull-sandbox --standby` waiting for its run in a cgroup it made and joined: on cgroup
+/// v1 the first attach after a quiet spell waits for an RCU grace period (10-30 ms on a VM,
+/// `perf trace`), which a launcher started when its run comes would add to the run's start.
+/// Used only with namespaces and cgroups (the run's cgroup and session are all it prepares;
+/// without namespaces a run also needs a working directory on the host). Dropped unused, it
+/// is killed; its empty cgroup is swept when the next agent starts.
+#[derive(Debug)]
+struct Standby {
+    child: Child,
+    cgroup: String,
+}
+
+/// At most this many launchers wait: one per run that ran at once, as runs found none.
+const MAX_STANDBYS: usize = 8;
 
 /// How runs are confined: through the `lull-sandbox` launcher, with what the probe found.
 #[derive(Debug, Clone)]
@@ -79,6 +98,7 @@ impl ColdExecutor {
             max_output_bytes,
             path,
             sandbox: None,
+            standbys: Arc::default(),
         }
     }
 
@@ -184,24 +204,141 @@ impl ColdExecutor {
             }
         };
         command
-            .args(["-I", "-u", "-c"])
-            .arg(&job.code)
+            .args(python_args(job))
             .env_clear()
-            .env("PATH", &self.path)
-            .env("LANG", "C.UTF-8")
-            .env("PYTHONIOENCODING", "utf-8")
-            .env("PYTHONUNBUFFERED", "1")
-            .env("HOME", &home)
-            .env("TMPDIR", &home)
-            .env("LULL_TASK_ID", job.task_id.to_string())
-            .env("LULL_RUN_ID", job.run_id.to_string())
-            .envs(job.point.environment())
+            .envs(self.run_environment(job, &home))
             .current_dir(workdir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         (command, cgroup)
+    }
+
+    /// Everything a run's environment holds.
+    fn run_environment(&self, job: &Job, home: &Path) -> BTreeMap<String, String> {
+        let text = |value: &std::ffi::OsStr| value.to_string_lossy().into_owned();
+        let mut env = BTreeMap::from([
+            ("PATH".to_string(), text(&self.path)),
+            ("LANG".to_string(), "C.UTF-8".to_string()),
+            ("PYTHONIOENCODING".to_string(), "utf-8".to_string()),
+            ("PYTHONUNBUFFERED".to_string(), "1".to_string()),
+            ("HOME".to_string(), text(home.as_os_str())),
+            ("TMPDIR".to_string(), text(home.as_os_str())),
+            ("LULL_TASK_ID".to_string(), job.task_id.to_string()),
+            ("LULL_RUN_ID".to_string(), job.run_id.to_string()),
+        ]);
+        env.extend(
+            job.point
+                .environment()
+                .map(|(name, value)| (name.to_string(), value)),
+        );
+        env
+    }
+
+    /// The sandbox, when runs may start on a launcher started ahead (see [`Standby`]).
+    fn standby_sandbox(&self) -> Option<&ColdSandbox> {
+        self.sandbox
+            .as_ref()
+            .filter(|s| s.protections.namespaces && s.protections.cgroups)
+    }
+
+    /// Starts one more launcher ahead of its run, unless enough wait.
+    fn add_standby(&self) {
+        let Some(sandbox) = self.standby_sandbox() else {
+            return;
+        };
+        let Ok(mut standbys) = self.standbys.lock() else {
+            return;
+        };
+        if standbys.len() >= MAX_STANDBYS {
+            return;
+        }
+        // Its cgroup's name and first limits; the run's own limits replace these.
+        let template = RunPolicy::for_job(
+            0,
+            &sandbox.protections,
+            &sandbox.settings,
+            lull_shared::Resources::default().memory,
+            Duration::from_secs(60),
+            None,
+        );
+        let spawned = Command::new(&sandbox.launcher)
+            .arg("--standby")
+            .arg(serde_json::to_string(&template).unwrap_or_default())
+            .env_clear()
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn();
+        match spawned {
+            Ok(child) => standbys.push(Standby {
+                child,
+                cgroup: template.cgroup,
+            }),
+            Err(err) => debug!(%err, "could not start a launcher ahead of its run"),
+        }
+    }
+
+    /// Hands the run to a launcher started ahead of it, if one waits: the process and its
+    /// cgroup's name.
+    async fn start_on_standby(&self, job: &Job) -> Option<(Child, String)> {
+        let sandbox = self.standby_sandbox()?;
+        loop {
+            let mut standby = self.standbys.lock().ok()?.pop()?;
+            let mut policy = RunPolicy::for_job(
+                job.run_id,
+                &sandbox.protections,
+                &sandbox.settings,
+                job.resources.memory,
+                job.timeout,
+                None,
+            );
+            policy.cgroup = standby.cgroup.clone();
+            let request = LaunchRequest {
+                env: self.run_environment(job, &policy.home()),
+                policy,
+                program: self.python.clone(),
+                args: python_args(job),
+            };
+            // Serialising plain data cannot fail; an empty line would be refused loudly.
+            let mut line = serde_json::to_vec(&request).unwrap_or_default();
+            line.push(b'\n');
+            let Some(mut stdin) = standby.child.stdin.take() else {
+                continue;
+            };
+            if stdin.write_all(&line).await.is_ok() && stdin.flush().await.is_ok() {
+                return Some((standby.child, standby.cgroup));
+            }
+            // It died waiting (dropping it reaps it): its cgroup is empty, or about to be.
+            drop(standby.child);
+            crate::sandbox::remove_run_cgroup(&standby.cgroup);
+        }
+    }
+
+    /// The run's process, its working directory on the host (none on a standby, whose runs
+    /// have a private `/tmp`) and its cgroup's name.
+    async fn start(&self, job: &Job) -> Result<(Child, Option<TempDir>, Option<String>), String> {
+        if let Some((child, cgroup)) = self.start_on_standby(job).await {
+            self.add_standby();
+            return Ok((child, None, Some(cgroup)));
+        }
+        let workdir = self
+            .make_workdir()
+            .map_err(|err| format!("could not create a working directory: {err}"))?;
+        let (mut command, cgroup) = self.command(job, workdir.path());
+        match command.spawn() {
+            Ok(child) => {
+                self.add_standby();
+                Ok((child, Some(workdir), cgroup))
+            }
+            Err(err) => {
+                remove_workdir(workdir).await;
+                Err(format!("could not start {}: {err}", self.python))
+            }
+        }
     }
 
     /// A working directory on the host, for runs without a private `/tmp`; handed to the
@@ -233,22 +370,9 @@ impl Executor for ColdExecutor {
 
     async fn run(&self, job: Job, cancel: CancellationToken) -> Execution {
         let started_at = unix_now();
-        let workdir = match self.make_workdir() {
-            Ok(workdir) => workdir,
-            Err(err) => {
-                let error = format!("could not create a working directory: {err}");
-                return Execution::not_started(started_at, error);
-            }
-        };
-
-        let (mut command, cgroup) = self.command(&job, workdir.path());
-        let mut child = match command.spawn() {
-            Ok(child) => child,
-            Err(err) => {
-                remove_workdir(workdir).await;
-                let error = format!("could not start {}: {err}", self.python);
-                return Execution::not_started(started_at, error);
-            }
+        let (mut child, workdir, cgroup) = match self.start(&job).await {
+            Ok(started) => started,
+            Err(error) => return Execution::not_started(started_at, error),
         };
         if let Some(pid) = child.id() {
             job.control.process.set(pid);
@@ -276,9 +400,11 @@ impl Executor for ColdExecutor {
         // supervise killed the group; stop the drop guard from killing a recycled pgid later.
         group.disarm();
         let completed_at = unix_now();
-        remove_workdir(workdir).await;
+        if let Some(workdir) = workdir {
+            remove_workdir(workdir).await;
+        }
         if let Some(cgroup) = &cgroup {
-            // The run's watcher removes it; this covers a watcher that was killed.
+            // Empty now: its last process, the run's watcher, has exited.
             crate::sandbox::remove_run_cgroup(cgroup);
         }
 
@@ -292,6 +418,13 @@ impl Executor for ColdExecutor {
             (None, None),
         )
     }
+}
+
+/// `python3 -I -u -c CODE`'s arguments.
+fn python_args(job: &Job) -> Vec<String> {
+    ["-I", "-u", "-c", job.code.as_str()]
+        .map(String::from)
+        .to_vec()
 }
 
 /// Why a supervised run stopped.

@@ -223,23 +223,100 @@ pub fn confine_run(policy: &RunPolicy) -> Result<(), SandboxError> {
     let filters: &[seccompiler::BpfProgram] = if p.seccomp { seccomp::programs()? } else { &[] };
     new_session()?;
     die_with_parent()?;
-    let cgroup = if p.cgroups {
-        let group = cgroup::RunCgroup::create(
-            &policy.cgroup,
-            policy.memory_mb.saturating_mul(1024 * 1024),
-            policy.max_processes,
-        )?;
-        group.join()?;
-        Some(group)
-    } else {
-        None
-    };
+    let cgroup = join_new_cgroup(policy)?;
+    confine_in_cgroup(policy, cgroup.as_ref(), filters)
+}
+
+/// The run's cgroup, made for `policy` (its name and limits) and joined, if it gets one.
+fn join_new_cgroup(policy: &RunPolicy) -> Result<Option<cgroup::RunCgroup>, SandboxError> {
+    if !policy.protections.cgroups {
+        return Ok(None);
+    }
+    let group = cgroup::RunCgroup::create(
+        &policy.cgroup,
+        policy.memory_mb.saturating_mul(1024 * 1024),
+        policy.max_processes,
+    )?;
+    group.join()?;
+    Ok(Some(group))
+}
+
+/// What a cold launcher started ahead of its run holds while it waits: see
+/// [`prepare_launch`].
+#[derive(Debug)]
+pub struct PreparedLaunch {
+    cgroup: Option<cgroup::RunCgroup>,
+}
+
+/// What the agent sends a launcher started ahead of its run (`lull-sandbox --standby`), as
+/// one line of JSON on its stdin: the run's policy (naming the cgroup the launcher made) and
+/// what to exec, with the environment it gets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LaunchRequest {
+    pub policy: RunPolicy,
+    pub program: String,
+    pub args: Vec<String>,
+    pub env: std::collections::BTreeMap<String, String>,
+}
+
+/// In a cold launcher started before its run (the agent keeps a few ready): its session, the
+/// parent-death signal and its cgroup (named and first limited by `template`), the step that
+/// can wait on the kernel for long: on cgroup v1 the first attach after a quiet spell waits
+/// an RCU grace period (10-30 ms on a VM, against a few for the rest of the launcher's work).
+/// [`PreparedLaunch::launch`] does the rest once the run is known.
+pub fn prepare_launch(template: &RunPolicy) -> Result<PreparedLaunch, SandboxError> {
+    new_session()?;
+    die_with_parent()?;
+    Ok(PreparedLaunch {
+        cgroup: join_new_cgroup(template)?,
+    })
+}
+
+impl PreparedLaunch {
+    /// Confines this launcher for `request`'s run (its cgroup's limits set to the policy's) as
+    /// [`launch`] would, and execs the program with exactly `request.env`. Returns only on
+    /// failure.
+    pub fn launch(self, request: &LaunchRequest) -> std::io::Error {
+        use std::os::unix::process::CommandExt as _;
+        let policy = &request.policy;
+        let confined = (|| {
+            let filters: &[seccompiler::BpfProgram] = if policy.protections.seccomp {
+                seccomp::programs()?
+            } else {
+                &[]
+            };
+            if let Some(group) = &self.cgroup {
+                group.set_limits(
+                    policy.memory_mb.saturating_mul(1024 * 1024),
+                    policy.max_processes,
+                )?;
+            }
+            confine_in_cgroup(policy, self.cgroup.as_ref(), filters)
+        })();
+        if let Err(e) = confined {
+            return std::io::Error::other(e.to_string());
+        }
+        Command::new(&request.program)
+            .args(&request.args)
+            .env_clear()
+            .envs(&request.env)
+            .exec()
+    }
+}
+
+/// [`confine_run`] from the moment the process is in its cgroup.
+fn confine_in_cgroup(
+    policy: &RunPolicy,
+    cgroup: Option<&cgroup::RunCgroup>,
+    filters: &[seccompiler::BpfProgram],
+) -> Result<(), SandboxError> {
+    let p = &policy.protections;
     if p.namespaces {
         unshare(CloneFlags::CLONE_NEWPID | RUN_NAMESPACES).map_err(SandboxError::Namespaces)?;
         // The watcher must not be what the OOM killer picks in the run's cgroup: it reports
         // the kill and cleans up. PID 1 goes back to 0.
         let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
-        fork_pid_one(policy, cgroup.as_ref())?;
+        fork_pid_one(policy, cgroup)?;
         // From here on: PID 1 of the run's namespace.
         let _ = std::fs::write("/proc/self/oom_score_adj", "0");
         die_with_parent()?;

@@ -874,7 +874,7 @@ fn descriptors_above_2(pid: i32) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn an_idle_zygote_forks_the_next_run_ahead_holding_nothing_of_other_runs() {
+async fn the_zygote_forks_the_next_run_ahead_holding_nothing_of_other_runs() {
     let host = host().await;
     if !host.protections.namespaces {
         eprintln!("no namespaces on this host: each run is forked when it comes");
@@ -894,17 +894,17 @@ async fn an_idle_zygote_forks_the_next_run_ahead_holding_nothing_of_other_runs()
     })
     .await;
     let zygote = parent_of(holder).expect("the holder's parent");
-    // The zygote, idle while the holder sleeps, forks the next run's process ahead of it.
-    let standby = wait_until("a standby is forked", || {
+    // While the holder sleeps, the zygote forks the next run's process ahead of it.
+    let spare = wait_until("a spare is forked", || {
         other_children_of(zygote, holder).first().copied()
     })
     .await;
     // It was forked while the zygote held the holder's stderr: a copy kept open would keep
     // the holder's reader from ever seeing the end of its output.
-    let held = descriptors_above_2(standby);
+    let held = descriptors_above_2(spare);
     assert!(
         held.iter().all(|what| !what.starts_with("pipe:")),
-        "the standby holds pipes: {held:?}"
+        "the spare holds pipes: {held:?}"
     );
     cancel.cancel();
     let stopped = holding.await.expect("the holder's task");
@@ -926,8 +926,8 @@ async fn an_idle_zygote_forks_the_next_run_ahead_holding_nothing_of_other_runs()
     })
     .await;
     assert_eq!(
-        ran_in, standby,
-        "the next run ran in the standby forked ahead of it"
+        ran_in, spare,
+        "the next run ran in the spare forked ahead of it"
     );
     stop_next.cancel();
     let execution = next.await.expect("the next run's task");

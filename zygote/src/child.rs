@@ -1,7 +1,7 @@
 //! One run's process, from the moment `os.fork()` returned 0 in it: wire its pipes, confine it
 //! with `lull_agent::sandbox::ForkedRun::confine` (it was born PID 1 of the run's own PID
 //! namespace, where the host allows one), run the code as `python3 -I -u -c` would, exit.
-//! A standby ([`standby`]) is the same process forked before its run: it joins its cgroup,
+//! A spare ([`spare`]) is the same process forked before its run: it joins its cgroup,
 //! waits for the run on a socket, then goes on as [`run`] does.
 //!
 //! Architecture Invariant: this path never returns to the zygote's loop. Every way out, a
@@ -76,12 +76,12 @@ pub(crate) fn run(
     interpreter.exit(py, status)
 }
 
-/// A child the zygote forked before it had a run for it (its standby, always PID 1 of a PID
+/// A child the zygote forked before it had a run for it (its spare, always PID 1 of a PID
 /// namespace of its own): it gets into its cgroup now, the one step of a run's start that can
 /// wait on the kernel for long, then waits on `socket` for its run (the `run` message and the
 /// run's stdout and stderr, from the zygote) and runs it as [`run`] would. If the zygote
 /// closes the socket instead, it exits.
-pub(crate) fn standby(
+pub(crate) fn spare(
     py: Python<'_>,
     interpreter: &Interpreter,
     socket: OwnedFd,
@@ -103,7 +103,7 @@ pub(crate) fn standby(
             }
             Err(err) => {
                 // Still the zygote's stderr: its log.
-                let _ = writeln!(std::io::stderr(), "lull-zygote standby: {err}");
+                let _ = writeln!(std::io::stderr(), "lull-zygote spare: {err}");
                 SETUP_FAILED
             }
         }
@@ -128,7 +128,7 @@ fn execute(
     }
 }
 
-/// A standby's run, as the zygote hands it over: the `run` message's line, with the run's
+/// A spare's run, as the zygote hands it over: the `run` message's line, with the run's
 /// stdout and stderr attached to its first bytes.
 fn receive_run(socket: &OwnedFd) -> Result<RunRequest, String> {
     let mut line = Vec::new();
@@ -208,7 +208,7 @@ fn outlive_no_zygote(namespaces: bool, zygote: Pid) -> Result<(), String> {
     }
 }
 
-/// Whether the child still has to join its cgroup, or did while it waited as a standby.
+/// Whether the child still has to join its cgroup, or did while it waited as a spare.
 #[derive(Clone, Copy, PartialEq)]
 enum Cgroup {
     Join,

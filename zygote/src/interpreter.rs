@@ -62,7 +62,7 @@ pub(crate) struct Interpreter {
     /// environment has but its own `LULL_*` variables.
     shared_env: Option<BTreeMap<String, String>>,
     /// Counts the changes of the shared environment: a process forked ahead of its run (the
-    /// standby) has the environment of the generation it was forked in.
+    /// spare) has the environment of the generation it was forked in.
     pub(crate) env_generation: u64,
 }
 

@@ -12,7 +12,7 @@
 //! 2. initialises CPython once, points `sys.executable` at `--python` (so `multiprocessing` and
 //!    `subprocess.run([sys.executable, ...])` never start a zygote) and imports `--preload`;
 //! 3. serves ([`server`]): waits on the socket and on child exits, forks a child per `run`
-//!    ([`child`]; when idle, the next one ahead of its run: a standby), kills on `kill`, reaps
+//!    ([`child`]; when idle, the next one ahead of its run: a spare), kills on `kill`, reaps
 //!    and reports every exit. It exits when the socket closes, killing the runs it still has.
 //!
 //! Architecture Invariant: the zygote never runs user code, and stays single-threaded: it checks

@@ -24,11 +24,6 @@ use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
 const READ_BYTES: usize = 64 * 1024;
-/// How long the zygote waits with nothing to do before it forks a standby. Under a steady
-/// stream of runs it makes none: a standby costs the zygote a little CPU per run (its pages
-/// stay shared with one more process), and while runs keep coming a run's own cgroup attach
-/// is quick (the kernel's grace period was paid by an earlier one).
-const STANDBY_AFTER_IDLE_MS: u16 = 5;
 /// Room for more descriptors than a message may carry, so that a wrong sender cannot make
 /// the kernel truncate (and leak) what it sent.
 const MAX_FDS_PER_READ: usize = 16;
@@ -65,8 +60,8 @@ pub(crate) fn serve(args: &Args) -> Result<(), String> {
             pools: RunPools::default(),
             pid: getpid(),
             read_buf: vec![0u8; READ_BYTES],
-            standby: None,
-            standby_off: false,
+            spare: None,
+            spare_off: false,
             last_policy: None,
         };
         server.send(&FromZygote::Ready {
@@ -132,23 +127,23 @@ struct Server {
     pid: Pid,
     /// Where the socket is read into.
     read_buf: Vec<u8>,
-    /// The next run's process, forked ahead of it (see [`Standby`]).
-    standby: Option<Standby>,
-    /// A standby failed (said once): every run is forked when it comes.
-    standby_off: bool,
-    /// The last run's policy, for the next standby.
+    /// The next run's process, forked ahead of it (see [`Spare`]).
+    spare: Option<Spare>,
+    /// A spare failed (said once): every run is forked when it comes.
+    spare_off: bool,
+    /// The last run's policy, for the next spare.
     last_policy: Option<RunPolicy>,
 }
 
 /// A child forked before its run comes, made like a run's process for the last run's policy
 /// ([`ForkedRun::prepare`]: its cgroup, network namespace and mount template lent, born PID 1
 /// of a PID namespace of its own), that joins its cgroup while it waits
-/// ([`child::standby`]). The step it does ahead is the one that makes an idle host slow: on
+/// ([`child::spare`]). The step it does ahead is the one that makes an idle host slow: on
 /// cgroup v1, the first cgroup attach after a quiet spell waits for an RCU grace period
 /// (10-30 ms on a VM), while a run's whole start takes about a millisecond. The next run that
 /// fits what it was made for ([`ForkedRun::fits`]; the same shared environment) is handed to
-/// it over `socket`; any other is forked as before, and the standby discarded.
-struct Standby {
+/// it over `socket`; any other is forked as before, and the spare discarded.
+struct Spare {
     pid: Pid,
     made_for: RunPolicy,
     launch: ForkedRun,
@@ -183,16 +178,7 @@ impl Server {
                     PollFd::new(self.socket.as_fd(), wanted),
                     PollFd::new(self.child_exits.as_fd(), wanted),
                 ];
-                let timeout = if self.wants_standby() {
-                    PollTimeout::from(STANDBY_AFTER_IDLE_MS)
-                } else {
-                    PollTimeout::NONE
-                };
-                match poll(&mut fds, timeout) {
-                    Ok(0) => {
-                        self.make_standby(py)?;
-                        continue;
-                    }
+                match poll(&mut fds, PollTimeout::NONE) {
                     Ok(_) => {}
                     Err(Errno::EINTR) => continue,
                     Err(err) => return Err(format!("poll: {err}")),
@@ -213,6 +199,9 @@ impl Server {
                     self.handle(py, &line, fds)?;
                 }
             }
+            // Right after a run started, or once nothing else is left to do: while this run
+            // executes, the next one's process gets ready.
+            self.make_spare(py)?;
         }
     }
 
@@ -309,9 +298,8 @@ impl Server {
             .interpreter
             .share_environment(py, &env)
             .map_err(|err| StartError::Run(format!("environment: {err}")))?;
-        if let Some((pid, launch)) = self.start_on_standby(&policy, &code, &env, [&stdout, &stderr])
-        {
-            // The standby has its own copies of the pipes; the zygote keeps stderr until the reap.
+        if let Some((pid, launch)) = self.start_on_spare(&policy, &code, &env, [&stdout, &stderr]) {
+            // The spare has its own copies of the pipes; the zygote keeps stderr until the reap.
             self.last_policy = Some(policy.clone());
             self.runs.insert(
                 run_id,
@@ -369,21 +357,21 @@ impl Server {
         Ok(pid)
     }
 
-    /// Hands the run to the standby if it can take it: its pid and what was lent for it.
-    /// Otherwise (none, it does not fit, it is gone) the standby is discarded and the caller
+    /// Hands the run to the spare if it can take it: its pid and what was lent for it.
+    /// Otherwise (none, it does not fit, it is gone) the spare is discarded and the caller
     /// forks the run itself.
-    fn start_on_standby(
+    fn start_on_spare(
         &mut self,
         policy: &RunPolicy,
         code: &str,
         env: &BTreeMap<String, String>,
         fds: [&ReceivedFd; RUN_FDS],
     ) -> Option<(Pid, ForkedRun)> {
-        let mut standby = self.standby.take()?;
-        if standby.env_generation != self.interpreter.env_generation
-            || !standby.launch.fits(&standby.made_for, policy)
+        let mut spare = self.spare.take()?;
+        if spare.env_generation != self.interpreter.env_generation
+            || !spare.launch.fits(&spare.made_for, policy)
         {
-            self.discard(standby);
+            self.discard(spare);
             return None;
         }
         let line = ToZygote::Run {
@@ -392,22 +380,22 @@ impl Server {
             env: env.clone(),
         }
         .to_line();
-        match hand_over(&standby.socket, &line, fds.map(ReceivedFd::raw)) {
-            Ok(()) => Some((standby.pid, standby.launch)),
+        match hand_over(&spare.socket, &line, fds.map(ReceivedFd::raw)) {
+            Ok(()) => Some((spare.pid, spare.launch)),
             Err(err) => {
-                log!("could not hand a run to the standby ({err}); forking it instead");
-                self.discard(standby);
+                log!("could not hand a run to the spare ({err}); forking it instead");
+                self.discard(spare);
                 None
             }
         }
     }
 
-    /// Whether a standby should be made once the zygote is idle: none waits, a run came
-    /// already (its policy is the guess for the next), and standbys work here. Runs without
+    /// Whether a spare should be made: none waits, a run came
+    /// already (its policy is the guess for the next), and spares work here. Runs without
     /// namespaces get a cgroup of their own, named after them: nothing to do ahead for them.
-    fn wants_standby(&self) -> bool {
-        self.standby.is_none()
-            && !self.standby_off
+    fn wants_spare(&self) -> bool {
+        self.spare.is_none()
+            && !self.spare_off
             && self
                 .last_policy
                 .as_ref()
@@ -415,9 +403,9 @@ impl Server {
     }
 
     /// Forks the next run's process ahead of it, for the last run's policy (see
-    /// [`Server::wants_standby`]).
-    fn make_standby(&mut self, py: Python<'_>) -> Result<(), String> {
-        if !self.wants_standby() {
+    /// [`Server::wants_spare`]).
+    fn make_spare(&mut self, py: Python<'_>) -> Result<(), String> {
+        if !self.wants_spare() {
             return Ok(());
         }
         let Some(policy) = self.last_policy.clone() else {
@@ -432,21 +420,21 @@ impl Server {
         ) {
             Ok(pair) => pair,
             Err(err) => {
-                self.stop_standbys(&format!("no socket pair: {err}"));
+                self.stop_spares(&format!("no socket pair: {err}"));
                 return Ok(());
             }
         };
         let mut launch = match ForkedRun::prepare(&policy, &mut self.pools) {
             Ok(launch) => launch,
             Err(err) => {
-                self.stop_standbys(&format!("sandbox setup failed: {err}"));
+                self.stop_spares(&format!("sandbox setup failed: {err}"));
                 return Ok(());
             }
         };
         let forked = self.interpreter.fork(py);
         if let Ok(0) = forked {
             drop(ours);
-            child::standby(py, &self.interpreter, theirs, self.pid, &launch);
+            child::spare(py, &self.interpreter, theirs, self.pid, &launch);
         }
         drop(theirs);
         if let Err(err) = launch.restore() {
@@ -459,7 +447,7 @@ impl Server {
         }
         match forked {
             Ok(pid) => {
-                self.standby = Some(Standby {
+                self.spare = Some(Spare {
                     pid: Pid::from_raw(pid),
                     made_for: policy,
                     launch,
@@ -469,27 +457,27 @@ impl Server {
             }
             Err(err) => {
                 let _ = launch.finish(&policy, WaitStatus::StillAlive, &mut self.pools);
-                self.stop_standbys(&format!("could not fork: {err}"));
+                self.stop_spares(&format!("could not fork: {err}"));
             }
         }
         Ok(())
     }
 
-    fn stop_standbys(&mut self, why: &str) {
-        log!("no standby process ({why}); each run is forked when it comes");
-        self.standby_off = true;
+    fn stop_spares(&mut self, why: &str) {
+        log!("no spare process ({why}); each run is forked when it comes");
+        self.spare_off = true;
     }
 
-    /// Kills and reaps a standby that will not get a run, and gives back what it held.
-    fn discard(&mut self, standby: Standby) {
-        kill_run(standby.pid);
-        let status = lull_agent::sandbox::reap_child(standby.pid)
+    /// Kills and reaps a spare that will not get a run, and gives back what it held.
+    fn discard(&mut self, spare: Spare) {
+        kill_run(spare.pid);
+        let status = lull_agent::sandbox::reap_child(spare.pid)
             .map_or(WaitStatus::StillAlive, |_| {
-                WaitStatus::Signaled(standby.pid, Signal::SIGKILL, false)
+                WaitStatus::Signaled(spare.pid, Signal::SIGKILL, false)
             });
-        let _ = standby
+        let _ = spare
             .launch
-            .finish(&standby.made_for, status, &mut self.pools);
+            .finish(&spare.made_for, status, &mut self.pools);
     }
 
     /// Reaps every child that has exited and reports the runs among them.
@@ -510,16 +498,13 @@ impl Server {
             // Whatever the run left in its group (without a PID namespace) dies with it.
             let _ = killpg(pid, Signal::SIGKILL);
             let usage = lull_agent::sandbox::reap_child(pid);
-            if self
-                .standby
-                .as_ref()
-                .is_some_and(|standby| standby.pid == pid)
-                && let Some(standby) = self.standby.take()
+            if self.spare.as_ref().is_some_and(|spare| spare.pid == pid)
+                && let Some(spare) = self.spare.take()
             {
-                let _ = standby
+                let _ = spare
                     .launch
-                    .finish(&standby.made_for, status, &mut self.pools);
-                self.stop_standbys(&format!("the standby ended before its run: {status:?}"));
+                    .finish(&spare.made_for, status, &mut self.pools);
+                self.stop_spares(&format!("the spare ended before its run: {status:?}"));
                 continue;
             }
             let Some(run_id) = self
@@ -571,8 +556,8 @@ impl Server {
 
     /// The agent is gone: nothing may outlive it.
     fn kill_all_and_reap(&mut self) {
-        if let Some(standby) = self.standby.take() {
-            self.discard(standby);
+        if let Some(spare) = self.spare.take() {
+            self.discard(spare);
         }
         for (_, run) in std::mem::take(&mut self.runs) {
             kill_run(run.pid);
@@ -601,7 +586,7 @@ impl Server {
     }
 }
 
-/// Sends a standby its run: `line` with the run's stdout and stderr attached to its first bytes.
+/// Sends a spare its run: `line` with the run's stdout and stderr attached to its first bytes.
 fn hand_over(socket: &OwnedFd, line: &[u8], fds: [RawFd; RUN_FDS]) -> Result<(), Errno> {
     let rights = [ControlMessage::ScmRights(&fds)];
     let mut sent = loop {

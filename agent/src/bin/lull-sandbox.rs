@@ -4,7 +4,7 @@
 //! lull-sandbox --policy JSON -- PROGRAM [ARGS...]   run PROGRAM confined by the policy
 //! lull-sandbox --check JSON PYTHON                    apply the policy, verify it (and that
 //!                                                     PYTHON starts) from inside, exit 0
-//! lull-sandbox --standby JSON                          started ahead of a run: join a cgroup
+//! lull-sandbox --spare JSON                          started ahead of a run: join a cgroup
 //!                                                     made for the template policy, then
 //!                                                     read the run (a `LaunchRequest` line)
 //!                                                     on stdin and go on as --policy
@@ -39,13 +39,13 @@ fn main() -> ExitCode {
                 Err(code) => code,
             }
         }
-        [flag, json] if flag == "--standby" => match parse(json) {
-            Ok(template) => standby(&template),
+        [flag, json] if flag == "--spare" => match parse(json) {
+            Ok(template) => spare(&template),
             Err(code) => code,
         },
         _ => {
             eprintln!(
-                "usage: lull-sandbox --policy JSON -- PROGRAM [ARGS...] | lull-sandbox --check JSON PYTHON | lull-sandbox --standby JSON"
+                "usage: lull-sandbox --policy JSON -- PROGRAM [ARGS...] | lull-sandbox --check JSON PYTHON | lull-sandbox --spare JSON"
             );
             ExitCode::from(2)
         }
@@ -76,7 +76,7 @@ fn check(policy: &RunPolicy, python: &str) -> ExitCode {
 
 /// Started ahead of its run: gets into a cgroup now, then waits for the run on stdin. Stdin
 /// is `/dev/null` again before anything of the run starts (a run's stdin is closed).
-fn standby(template: &RunPolicy) -> ExitCode {
+fn spare(template: &RunPolicy) -> ExitCode {
     let prepared = match sandbox::prepare_launch(template) {
         Ok(prepared) => prepared,
         Err(e) => {

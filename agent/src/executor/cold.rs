@@ -57,23 +57,23 @@ pub struct ColdExecutor {
     path: OsString,
     sandbox: Option<ColdSandbox>,
     /// Launchers started ahead of their runs, shared by the executor's clones.
-    standbys: Arc<Mutex<Vec<Standby>>>,
+    spares: Arc<Mutex<Vec<Spare>>>,
 }
 
-/// A `lull-sandbox --standby` waiting for its run in a cgroup it made and joined: on cgroup
+/// A `lull-sandbox --spare` waiting for its run in a cgroup it made and joined: on cgroup
 /// v1 the first attach after a quiet spell waits for an RCU grace period (10-30 ms on a VM,
 /// `perf trace`), which a launcher started when its run comes would add to the run's start.
 /// Used only with namespaces and cgroups (the run's cgroup and session are all it prepares;
 /// without namespaces a run also needs a working directory on the host). Dropped unused, it
 /// is killed; its empty cgroup is swept when the next agent starts.
 #[derive(Debug)]
-struct Standby {
+struct Spare {
     child: Child,
     cgroup: String,
 }
 
 /// At most this many launchers wait: one per run that ran at once, as runs found none.
-const MAX_STANDBYS: usize = 8;
+const MAX_SPARES: usize = 8;
 
 /// How runs are confined: through the `lull-sandbox` launcher, with what the probe found.
 #[derive(Debug, Clone)]
@@ -98,7 +98,7 @@ impl ColdExecutor {
             max_output_bytes,
             path,
             sandbox: None,
-            standbys: Arc::default(),
+            spares: Arc::default(),
         }
     }
 
@@ -236,22 +236,22 @@ impl ColdExecutor {
         env
     }
 
-    /// The sandbox, when runs may start on a launcher started ahead (see [`Standby`]).
-    fn standby_sandbox(&self) -> Option<&ColdSandbox> {
+    /// The sandbox, when runs may start on a launcher started ahead (see [`Spare`]).
+    fn spare_sandbox(&self) -> Option<&ColdSandbox> {
         self.sandbox
             .as_ref()
             .filter(|s| s.protections.namespaces && s.protections.cgroups)
     }
 
     /// Starts one more launcher ahead of its run, unless enough wait.
-    fn add_standby(&self) {
-        let Some(sandbox) = self.standby_sandbox() else {
+    fn add_spare(&self) {
+        let Some(sandbox) = self.spare_sandbox() else {
             return;
         };
-        let Ok(mut standbys) = self.standbys.lock() else {
+        let Ok(mut spares) = self.spares.lock() else {
             return;
         };
-        if standbys.len() >= MAX_STANDBYS {
+        if spares.len() >= MAX_SPARES {
             return;
         }
         // Its cgroup's name and first limits; the run's own limits replace these.
@@ -264,7 +264,7 @@ impl ColdExecutor {
             None,
         );
         let spawned = Command::new(&sandbox.launcher)
-            .arg("--standby")
+            .arg("--spare")
             .arg(serde_json::to_string(&template).unwrap_or_default())
             .env_clear()
             .current_dir("/")
@@ -274,7 +274,7 @@ impl ColdExecutor {
             .kill_on_drop(true)
             .spawn();
         match spawned {
-            Ok(child) => standbys.push(Standby {
+            Ok(child) => spares.push(Spare {
                 child,
                 cgroup: template.cgroup,
             }),
@@ -284,10 +284,10 @@ impl ColdExecutor {
 
     /// Hands the run to a launcher started ahead of it, if one waits: the process and its
     /// cgroup's name.
-    async fn start_on_standby(&self, job: &Job) -> Option<(Child, String)> {
-        let sandbox = self.standby_sandbox()?;
+    async fn start_on_spare(&self, job: &Job) -> Option<(Child, String)> {
+        let sandbox = self.spare_sandbox()?;
         loop {
-            let mut standby = self.standbys.lock().ok()?.pop()?;
+            let mut spare = self.spares.lock().ok()?.pop()?;
             let mut policy = RunPolicy::for_job(
                 job.run_id,
                 &sandbox.protections,
@@ -296,7 +296,7 @@ impl ColdExecutor {
                 job.timeout,
                 None,
             );
-            policy.cgroup = standby.cgroup.clone();
+            policy.cgroup = spare.cgroup.clone();
             let request = LaunchRequest {
                 env: self.run_environment(job, &policy.home()),
                 policy,
@@ -306,23 +306,23 @@ impl ColdExecutor {
             // Serialising plain data cannot fail; an empty line would be refused loudly.
             let mut line = serde_json::to_vec(&request).unwrap_or_default();
             line.push(b'\n');
-            let Some(mut stdin) = standby.child.stdin.take() else {
+            let Some(mut stdin) = spare.child.stdin.take() else {
                 continue;
             };
             if stdin.write_all(&line).await.is_ok() && stdin.flush().await.is_ok() {
-                return Some((standby.child, standby.cgroup));
+                return Some((spare.child, spare.cgroup));
             }
             // It died waiting (dropping it reaps it): its cgroup is empty, or about to be.
-            drop(standby.child);
-            crate::sandbox::remove_run_cgroup(&standby.cgroup);
+            drop(spare.child);
+            crate::sandbox::remove_run_cgroup(&spare.cgroup);
         }
     }
 
-    /// The run's process, its working directory on the host (none on a standby, whose runs
+    /// The run's process, its working directory on the host (none on a spare, whose runs
     /// have a private `/tmp`) and its cgroup's name.
     async fn start(&self, job: &Job) -> Result<(Child, Option<TempDir>, Option<String>), String> {
-        if let Some((child, cgroup)) = self.start_on_standby(job).await {
-            self.add_standby();
+        if let Some((child, cgroup)) = self.start_on_spare(job).await {
+            self.add_spare();
             return Ok((child, None, Some(cgroup)));
         }
         let workdir = self
@@ -331,7 +331,7 @@ impl ColdExecutor {
         let (mut command, cgroup) = self.command(job, workdir.path());
         match command.spawn() {
             Ok(child) => {
-                self.add_standby();
+                self.add_spare();
                 Ok((child, Some(workdir), cgroup))
             }
             Err(err) => {

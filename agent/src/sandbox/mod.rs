@@ -248,7 +248,7 @@ pub struct PreparedLaunch {
     cgroup: Option<cgroup::RunCgroup>,
 }
 
-/// What the agent sends a launcher started ahead of its run (`lull-sandbox --standby`), as
+/// What the agent sends a launcher started ahead of its run (`lull-sandbox --spare`), as
 /// one line of JSON on its stdin: the run's policy (naming the cgroup the launcher made) and
 /// what to exec, with the environment it gets.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -663,7 +663,7 @@ impl ForkedRun {
     /// cgroup can block for an RCU grace period (on cgroup v1, the first attach after a quiet
     /// spell waits one: 10-30 ms on a VM, far longer than the rest of a run's start), so a
     /// parent may fork a run's process ahead of its run and have it do this step while it
-    /// waits (the zygote's standby); [`ForkedRun::confine_in_cgroup`] does the rest.
+    /// waits (the zygote's spare); [`ForkedRun::confine_in_cgroup`] does the rest.
     pub fn enter_cgroup(&self) -> Result<(), SandboxError> {
         die_with_parent()?;
         if let Some(lent) = &self.cgroup {

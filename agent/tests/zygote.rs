@@ -224,6 +224,20 @@ async fn wait_until<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// Starts `code` on `executor` in a task of its own; cancelling the token stops it.
+fn spawn_run(
+    executor: &Arc<ZygoteExecutor>,
+    code: String,
+) -> (CancellationToken, tokio::task::JoinHandle<Execution>) {
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn({
+        let executor = Arc::clone(executor);
+        let cancel = cancel.clone();
+        async move { executor.run(job(&code, 60.0), cancel).await }
+    });
+    (cancel, task)
+}
+
 #[tokio::test]
 async fn hello_world_completes_with_its_output() {
     let execution = run(&zygote().await, "print('Hello World')").await;
@@ -731,13 +745,7 @@ async fn look_while_held_and_after(
     name: &str,
 ) -> (Execution, Execution, Execution) {
     let executor = Arc::new(zygote().await);
-    let cancel = CancellationToken::new();
-    let holding = tokio::spawn({
-        let executor = Arc::clone(&executor);
-        let cancel = cancel.clone();
-        let holder = holder.to_string();
-        async move { executor.run(job(&holder, 60.0), cancel).await }
-    });
+    let (cancel, holding) = spawn_run(&executor, holder.to_string());
     wait_until("the holder holds", || {
         (!processes_named(name).is_empty()).then_some(())
     })
@@ -882,13 +890,10 @@ async fn the_zygote_forks_the_next_run_ahead_holding_nothing_of_other_runs() {
     }
     let executor = Arc::new(zygote().await);
     let holder_name = unique_name("held");
-    let cancel = CancellationToken::new();
-    let holding = tokio::spawn({
-        let executor = Arc::clone(&executor);
-        let cancel = cancel.clone();
-        let code = format!("{}\nimport time\ntime.sleep(60)", rename_to(&holder_name));
-        async move { executor.run(job(&code, 60.0), cancel).await }
-    });
+    let (cancel, holding) = spawn_run(
+        &executor,
+        format!("{}\nimport time\ntime.sleep(60)", rename_to(&holder_name)),
+    );
     let holder = wait_until("the holder runs", || {
         processes_named(&holder_name).first().copied()
     })
@@ -911,16 +916,13 @@ async fn the_zygote_forks_the_next_run_ahead_holding_nothing_of_other_runs() {
     assert_eq!(stopped.outcome, RunOutcome::Cancelled, "{stopped:?}");
 
     let name = unique_name("next");
-    let stop_next = CancellationToken::new();
-    let next = tokio::spawn({
-        let executor = Arc::clone(&executor);
-        let cancel = stop_next.clone();
-        let code = format!(
+    let (stop_next, next) = spawn_run(
+        &executor,
+        format!(
             "{}\nimport time\nprint('ran', flush=True)\ntime.sleep(60)",
             rename_to(&name)
-        );
-        async move { executor.run(job(&code, 60.0), cancel).await }
-    });
+        ),
+    );
     let ran_in = wait_until("the next run runs", || {
         processes_named(&name).first().copied()
     })

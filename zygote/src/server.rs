@@ -299,18 +299,7 @@ impl Server {
             .share_environment(py, &env)
             .map_err(|err| StartError::Run(format!("environment: {err}")))?;
         if let Some((pid, launch)) = self.start_on_spare(&policy, &code, &env, [&stdout, &stderr]) {
-            // The spare has its own copies of the pipes; the zygote keeps stderr until the reap.
-            self.last_policy = Some(policy.clone());
-            self.runs.insert(
-                run_id,
-                RunProcess {
-                    pid,
-                    policy,
-                    launch,
-                    stderr,
-                },
-            );
-            return Ok(pid);
+            return Ok(self.track(pid, policy, launch, stderr));
         }
         threads_are_single().map_err(StartError::Fatal)?;
         let mut launch = ForkedRun::prepare(&policy, &mut self.pools)
@@ -342,11 +331,16 @@ impl Server {
                 return Err(StartError::Run(format!("could not fork: {err}")));
             }
         };
-        // The child has its own copies of the pipes; the zygote keeps stderr until the reap.
         let RunRequest { policy, stderr, .. } = request;
+        Ok(self.track(pid, policy, launch, stderr))
+    }
+
+    /// Keeps a started run until it is reaped; its policy is the next spare's guess. The run's
+    /// process has its own copies of the pipes; the zygote keeps stderr until the reap.
+    fn track(&mut self, pid: Pid, policy: RunPolicy, launch: ForkedRun, stderr: ReceivedFd) -> Pid {
         self.last_policy = Some(policy.clone());
         self.runs.insert(
-            run_id,
+            policy.run_id,
             RunProcess {
                 pid,
                 policy,
@@ -354,7 +348,7 @@ impl Server {
                 stderr,
             },
         );
-        Ok(pid)
+        pid
     }
 
     /// Hands the run to the spare if it can take it: its pid and what was lent for it.

@@ -5,7 +5,8 @@
 //! lull-sandbox --check JSON PYTHON                    apply the policy, verify it (and that
 //!                                                     PYTHON starts) from inside, exit 0
 //! lull-sandbox --spare JSON                          started ahead of a run: join a cgroup
-//!                                                     made for the template policy, then
+//!                                                     named after this process, limited as
+//!                                                     the template policy says, then
 //!                                                     read the run (a `LaunchRequest` line)
 //!                                                     on stdin and go on as --policy
 //! ```
@@ -77,7 +78,9 @@ fn check(policy: &RunPolicy, python: &str) -> ExitCode {
 /// Started ahead of its run: gets into a cgroup now, then waits for the run on stdin. Stdin
 /// is `/dev/null` again before anything of the run starts (a run's stdin is closed).
 fn spare(template: &RunPolicy) -> ExitCode {
-    let prepared = match sandbox::prepare_launch(template) {
+    let mut template = template.clone();
+    template.cgroup = sandbox::spare_cgroup_name(std::process::id());
+    let prepared = match sandbox::prepare_launch(&template) {
         Ok(prepared) => prepared,
         Err(e) => {
             eprintln!("lull: sandbox setup failed: {e}");

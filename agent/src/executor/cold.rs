@@ -65,7 +65,7 @@ pub struct ColdExecutor {
 /// `perf trace`), which a launcher started when its run comes would add to the run's start.
 /// Used only with namespaces and cgroups (the run's cgroup and session are all it prepares;
 /// without namespaces a run also needs a working directory on the host). Dropped unused, it
-/// is killed; its empty cgroup is swept when the next agent starts.
+/// is killed; its empty cgroup (named after it) is swept when an agent next starts.
 #[derive(Debug)]
 struct Spare {
     child: Child,
@@ -254,7 +254,8 @@ impl ColdExecutor {
         if spares.len() >= MAX_SPARES {
             return;
         }
-        // Its cgroup's name and first limits; the run's own limits replace these.
+        // Its cgroup's first limits; the run's own limits replace these. The launcher names
+        // its cgroup after itself (`spare_cgroup_name`).
         let template = RunPolicy::for_job(
             0,
             &sandbox.protections,
@@ -274,10 +275,13 @@ impl ColdExecutor {
             .kill_on_drop(true)
             .spawn();
         match spawned {
-            Ok(child) => spares.push(Spare {
-                child,
-                cgroup: template.cgroup,
-            }),
+            Ok(child) => match child.id() {
+                Some(pid) => spares.push(Spare {
+                    child,
+                    cgroup: crate::sandbox::spare_cgroup_name(pid),
+                }),
+                None => debug!("a launcher started ahead of its run exited at once"),
+            },
             Err(err) => debug!(%err, "could not start a launcher ahead of its run"),
         }
     }

@@ -241,6 +241,13 @@ fn join_new_cgroup(policy: &RunPolicy) -> Result<Option<cgroup::RunCgroup>, Sand
     Ok(Some(group))
 }
 
+/// The cgroup of the cold launcher `pid` started ahead of its run: named after the launcher,
+/// so that [`sweep_stale_cgroups`] removes it once that process is gone, whatever became of
+/// the agent (a restart keeps the agent's pid).
+pub fn spare_cgroup_name(pid: u32) -> String {
+    format!("{pid}-spare")
+}
+
 /// What a cold launcher started ahead of its run holds while it waits: see
 /// [`prepare_launch`].
 #[derive(Debug)]

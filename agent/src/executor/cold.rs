@@ -318,7 +318,7 @@ impl ColdExecutor {
             }
             // It died waiting (dropping it reaps it): its cgroup is empty, or about to be.
             drop(spare.child);
-            crate::sandbox::remove_run_cgroup(&spare.cgroup);
+            super::remove_run_cgroup_in_background(spare.cgroup);
         }
     }
 
@@ -407,9 +407,9 @@ impl Executor for ColdExecutor {
         if let Some(workdir) = workdir {
             remove_workdir(workdir).await;
         }
-        if let Some(cgroup) = &cgroup {
+        if let Some(cgroup) = cgroup {
             // Empty now: its last process, the run's watcher, has exited.
-            crate::sandbox::remove_run_cgroup(cgroup);
+            super::remove_run_cgroup_in_background(cgroup);
         }
 
         // Per-run CPU and memory accounting: the zygote has it (wait4); cold has not yet.

@@ -659,7 +659,7 @@ async fn run_on(
         // The run's watcher removes it; this covers a watcher that was killed. Runs with
         // namespaces borrow a cgroup from the zygote's pool instead (named after the zygote,
         // swept by the next one if it dies): nothing is named after this run to remove.
-        crate::sandbox::remove_run_cgroup(&policy.cgroup);
+        super::remove_run_cgroup_in_background(policy.cgroup.clone());
     }
     execution
 }

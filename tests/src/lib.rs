@@ -222,7 +222,6 @@ impl Coordinator {
         self.get(&format!("/api/v1/tasks/{task_id}")).await
     }
 
-    /// Waits until the coordinator knows `n` non-offline nodes.
     /// The task (`GET /api/v1/tasks/{id}`, with its runs) once `pred` holds for it; panics
     /// naming `what` after 120 s.
     pub async fn wait_task(
@@ -239,6 +238,7 @@ impl Coordinator {
         .await
     }
 
+    /// Waits until the coordinator knows `n` non-offline nodes.
     pub async fn wait_for_nodes(&self, n: u64) {
         wait_until(Duration::from_secs(30), "agents to join", || async {
             let stats = self.get("/stats").await.ok()?;

@@ -53,20 +53,6 @@ async fn submit(c: &Coordinator, body: Value) -> i64 {
     created["task_id"].as_i64().expect("task id")
 }
 
-async fn wait_task(
-    c: &Coordinator,
-    task_id: i64,
-    what: &str,
-    pred: impl Fn(&Value) -> bool,
-) -> Value {
-    wait_until(
-        Duration::from_secs(120),
-        &format!("task {task_id} {what}"),
-        || async { c.task(task_id).await.ok().filter(|t| pred(t)) },
-    )
-    .await
-}
-
 fn completed_runs(task: &Value) -> Vec<&Value> {
     task["runs"]
         .as_array()
@@ -102,7 +88,7 @@ async fn drain_lets_a_short_run_finish_and_moves_a_long_one_to_another_node_once
     )
     .await;
     for t in [short, long] {
-        wait_task(&c, t, "running on drain-a", |t| {
+        c.wait_task(t, "running on drain-a", |t| {
             t["status"] == "running" && t["node_id"] == "drain-a"
         })
         .await;
@@ -114,7 +100,9 @@ async fn drain_lets_a_short_run_finish_and_moves_a_long_one_to_another_node_once
     assert_eq!(drained["node"]["status"], "draining");
     let command_id = drained["command"]["id"].as_i64().expect("command id");
 
-    let done = wait_task(&c, short, "to complete", |t| t["status"] == "completed").await;
+    let done = c
+        .wait_task(short, "to complete", |t| t["status"] == "completed")
+        .await;
     assert_eq!(done["result"], "short");
     assert_eq!(
         done["node_id"], "drain-a",
@@ -123,22 +111,24 @@ async fn drain_lets_a_short_run_finish_and_moves_a_long_one_to_another_node_once
 
     // At the deadline the long run is stopped and requeued; the node is drained.
     wait_node_status(&c, "drain-a", "drained").await;
-    let requeued = wait_task(&c, long, "to be requeued", |t| {
-        t["runs"][0]["status"] != "running"
-    })
-    .await;
+    let requeued = c
+        .wait_task(long, "to be requeued", |t| {
+            t["runs"][0]["status"] != "running"
+        })
+        .await;
     assert_eq!(requeued["status"], "pending", "{requeued}");
     assert_eq!(requeued["runs"][0]["status"], "released", "{requeued}");
 
     // Another node takes it and it completes there, exactly once.
     let _b = start_node(&c, dir.path(), "drain-b", &[]);
-    let finished = wait_task(&c, long, "to complete", |t| {
-        matches!(
-            t["status"].as_str(),
-            Some("completed" | "failed" | "cancelled")
-        )
-    })
-    .await;
+    let finished = c
+        .wait_task(long, "to complete", |t| {
+            matches!(
+                t["status"].as_str(),
+                Some("completed" | "failed" | "cancelled")
+            )
+        })
+        .await;
     assert_eq!(finished["status"], "completed", "{finished}");
     assert_eq!(finished["result"], "long");
     assert_eq!(finished["node_id"], "drain-b");
@@ -166,7 +156,9 @@ async fn drain_lets_a_short_run_finish_and_moves_a_long_one_to_another_node_once
         json!({"code": "print('after')", "resources": {"cpu": 2, "memory": 512}}),
     )
     .await;
-    let after = wait_task(&c, after, "to complete", |t| t["status"] == "completed").await;
+    let after = c
+        .wait_task(after, "to complete", |t| t["status"] == "completed")
+        .await;
     assert_eq!(after["result"], "after");
 }
 
@@ -184,7 +176,8 @@ async fn a_restarted_agent_finishes_its_run_and_rejoins_with_the_same_id_and_pid
         json!({"code": "import time; time.sleep(2); print('inflight')"}),
     )
     .await;
-    wait_task(&c, inflight, "running", |t| t["status"] == "running").await;
+    c.wait_task(inflight, "running", |t| t["status"] == "running")
+        .await;
     let answer = c
         .post("/api/v1/nodes/restart-1/restart", &json!({}))
         .await
@@ -211,7 +204,9 @@ async fn a_restarted_agent_finishes_its_run_and_rejoins_with_the_same_id_and_pid
 
     let back = wait_node_status(&c, "restart-1", "idle").await;
     assert_ne!(back["joined_at"], joined_before, "it left and rejoined");
-    let inflight = wait_task(&c, inflight, "to complete", |t| t["status"] == "completed").await;
+    let inflight = c
+        .wait_task(inflight, "to complete", |t| t["status"] == "completed")
+        .await;
     assert_eq!(inflight["result"], "inflight");
     assert_eq!(completed_runs(&inflight).len(), 1);
     assert_eq!(
@@ -221,7 +216,9 @@ async fn a_restarted_agent_finishes_its_run_and_rejoins_with_the_same_id_and_pid
     );
 
     let after = submit(&c, json!({"code": "print('after restart')"})).await;
-    let after = wait_task(&c, after, "to complete", |t| t["status"] == "completed").await;
+    let after = c
+        .wait_task(after, "to complete", |t| t["status"] == "completed")
+        .await;
     assert_eq!(after["node_id"], "restart-1");
     assert_eq!(after["result"], "after restart");
     assert!(
@@ -266,7 +263,9 @@ async fn operator_meta_steers_a_constrained_task_to_its_node() {
         tasks.push(submit(&c, picky.clone()).await);
     }
     for t in tasks {
-        let done = wait_task(&c, t, "to complete", |t| t["status"] == "completed").await;
+        let done = c
+            .wait_task(t, "to complete", |t| t["status"] == "completed")
+            .await;
         assert_eq!(done["node_id"], "meta-blue", "{done}");
         assert_eq!(done["result"], "blue");
     }

@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeout, expect, sync_playwright
 
 WIDE = {"width": 1280, "height": 800}
 NARROW = {"width": 420, "height": 860}
@@ -97,12 +97,18 @@ def scenario_open(page, url, shots, node):
     page.goto(f"{url}/ui")
     expect(page.locator(".counter.completed .value")).to_have_text("1", timeout=WAIT_MS)
     expect(page.locator("svg.chart rect.c-bar")).to_have_count(1)
-    # Both read from one element in one go: the live feed may redraw the chart in between two
-    # separate reads, and a replaced element has no box.
-    height, drawn = page.locator("svg.chart rect.c-bar").evaluate(
-        "bar => [parseFloat(bar.getAttribute('height')), bar.getBoundingClientRect().height]"
-    )
-    assert drawn > 0.5 * height, f"the bar is drawn {drawn} px high for a height of {height}"
+    # The bar as drawn, once the page has laid it out (right after a load, or after the live
+    # feed replaced the chart, it can be in the document with no size yet): both figures read
+    # from one element in one go, polled until drawn or WAIT_MS.
+    measure = "() => { const bar = document.querySelector('svg.chart rect.c-bar'); " \
+        "return bar ? [parseFloat(bar.getAttribute('height')), bar.getBoundingClientRect().height] : [0, 0]; }"
+    try:
+        page.wait_for_function(f"() => {{ const [h, d] = ({measure})(); return h > 0 && d > 0.5 * h; }}",
+                               timeout=WAIT_MS)
+    except PlaywrightTimeout:
+        pass
+    height, drawn = page.evaluate(measure)
+    assert height > 0 and drawn > 0.5 * height, f"the bar is drawn {drawn} px high for a height of {height}"
     check("the throughput chart has a bar for the completed task")
     both_widths(page, shots, "overview")
 

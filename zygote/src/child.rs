@@ -101,6 +101,8 @@ pub(crate) fn spare(
                 let prepared = prepare(py, interpreter, &request, launch, Cgroup::Joined);
                 execute(py, interpreter, &request, prepared)
             }
+            // The zygote closed the socket without a run: it is going away, nothing to say.
+            Err(err) if err == NO_RUN => SETUP_FAILED,
             Err(err) => {
                 // Still the zygote's stderr: its log.
                 let _ = writeln!(std::io::stderr(), "lull-zygote spare: {err}");
@@ -127,6 +129,9 @@ fn execute(
         }
     }
 }
+
+/// Why a spare ends when its socket closed before a run came.
+const NO_RUN: &str = "the zygote gave no run";
 
 /// A spare's run, as the zygote hands it over: the `run` message's line, with the run's
 /// stdout and stderr attached to its first bytes.
@@ -156,7 +161,7 @@ fn receive_run(socket: &OwnedFd) -> Result<RunRequest, String> {
             }
         }
         if bytes == 0 {
-            return Err("the zygote gave no run".to_string());
+            return Err(NO_RUN.to_string());
         }
         line.extend_from_slice(&buf[..bytes]);
     }

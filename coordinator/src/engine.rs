@@ -315,6 +315,19 @@ impl Engine {
         Ok(task)
     }
 
+    /// The task and its runs as of one moment.
+    pub async fn task_with_runs(
+        &self,
+        task_id: TaskId,
+    ) -> Result<(TaskRecord, Vec<RunRecord>), EngineError> {
+        self.store
+            .task_with_runs(task_id)
+            .await?
+            .ok_or(EngineError::Scheduler(SchedulerError::TaskNotFound(
+                task_id,
+            )))
+    }
+
     pub async fn runs(&self, task_id: TaskId) -> Result<Vec<RunRecord>, EngineError> {
         Ok(self.store.runs(task_id).await?)
     }

@@ -164,24 +164,35 @@ pub async fn get(
     QueryParams(params): QueryParams<GetParams>,
 ) -> Result<Json<Value>, ApiError> {
     let task_id = task_id_from_path(&raw)?;
-    let task = match params.wait {
+    let (task, runs) = match params.wait {
         Some(w) if w.is_finite() && w >= 0.0 => {
             let wait = std::time::Duration::from_secs_f64(w.min(60.0));
-            app.engine
+            let task = app
+                .engine
                 .wait_finished(task_id, wait, |task| caller.sees(task.spec.submitted_by))
-                .await?
+                .await?;
+            // A finished task's runs are final with it; one still active is read again with
+            // its runs, as of one moment.
+            if task.state.status.is_terminal() {
+                let runs = app.engine.runs(task_id).await?;
+                (task, runs)
+            } else {
+                app.engine.task_with_runs(task_id).await?
+            }
         }
         wait => {
-            let task = visible_task(&app, caller, task_id).await?;
+            let (task, runs) = app.engine.task_with_runs(task_id).await?;
+            if !caller.sees(task.spec.submitted_by) {
+                return Err(EngineError::Scheduler(SchedulerError::TaskNotFound(task_id)).into());
+            }
             if wait.is_some() {
                 return Err(ApiError::unprocessable(
                     "wait must be a non-negative number of seconds",
                 ));
             }
-            task
+            (task, runs)
         }
     };
-    let runs = app.engine.runs(task_id).await?;
     Ok(Json(views::task_with_runs(&task, &runs)))
 }
 

@@ -108,6 +108,12 @@ pub trait Store: Send + Sync + 'static {
     async fn apply(&self, changes: &[Change]) -> Result<(), StoreError>;
     async fn task(&self, task_id: TaskId) -> Result<Option<TaskRecord>, StoreError>;
     async fn runs(&self, task_id: TaskId) -> Result<Vec<RunRecord>, StoreError>;
+    /// The task and its runs from one snapshot: read apart, a commit in between could show a
+    /// task still pending beside its running runs.
+    async fn task_with_runs(
+        &self,
+        task_id: TaskId,
+    ) -> Result<Option<(TaskRecord, Vec<RunRecord>)>, StoreError>;
     async fn tasks(&self, query: &TaskQuery) -> Result<Vec<TaskRecord>, StoreError>;
     /// Tasks with `status` (any if `None`), submitted with key `submitted_by` if given.
     async fn count_tasks(

@@ -773,6 +773,34 @@ impl Store for SqliteStore {
         rows.iter().map(run_from_row).collect()
     }
 
+    async fn task_with_runs(
+        &self,
+        task_id: TaskId,
+    ) -> Result<Option<(TaskRecord, Vec<RunRecord>)>, StoreError> {
+        // One read transaction: in WAL mode it reads one snapshot, whatever commits meanwhile.
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE task_id = ?"
+        ))
+        .bind(task_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let task = task_from_row(&row)?;
+        let rows = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE task_id = ? ORDER BY run_id"
+        ))
+        .bind(task_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let runs = rows.iter().map(run_from_row).collect::<Result<_, _>>()?;
+        Ok(Some((task, runs)))
+    }
+
     async fn tasks(&self, query: &TaskQuery) -> Result<Vec<TaskRecord>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {TASK_COLUMNS} FROM tasks WHERE (?1 IS NULL OR status = ?1) \

@@ -311,21 +311,13 @@ impl Server {
             stdout,
             stderr,
         };
-        let forked = self.interpreter.fork(py);
-        if let Ok(0) = forked {
-            child::run(py, &self.interpreter, &request, self.pid, &launch);
-        }
-        // The parent. Its later children must be born in its own PID namespace again.
-        if let Err(err) = launch.restore() {
-            if let Ok(pid) = forked {
-                kill_run(Pid::from_raw(pid));
-            }
-            return Err(StartError::Fatal(format!(
-                "could not return to the zygote's PID namespace: {err}"
-            )));
-        }
+        let forked = self
+            .fork_with(py, &mut launch, |launch| {
+                child::run(py, &self.interpreter, &request, self.pid, launch)
+            })
+            .map_err(StartError::Fatal)?;
         let pid = match forked {
-            Ok(pid) => Pid::from_raw(pid),
+            Ok(pid) => pid,
             Err(err) => {
                 let _ = launch.finish(&request.policy, WaitStatus::StillAlive, &mut self.pools);
                 return Err(StartError::Run(format!("could not fork: {err}")));
@@ -425,24 +417,15 @@ impl Server {
                 return Ok(());
             }
         };
-        let forked = self.interpreter.fork(py);
-        if let Ok(0) = forked {
-            drop(ours);
-            child::spare(py, &self.interpreter, theirs, self.pid, &launch);
-        }
-        drop(theirs);
-        if let Err(err) = launch.restore() {
-            if let Ok(pid) = forked {
-                kill_run(Pid::from_raw(pid));
-            }
-            return Err(format!(
-                "could not return to the zygote's PID namespace: {err}"
-            ));
-        }
+        // The spare closes `ours` with every other descriptor it inherited; `theirs` closes
+        // here once the fork is done.
+        let forked = self.fork_with(py, &mut launch, |launch| {
+            child::spare(py, &self.interpreter, theirs, self.pid, launch)
+        })?;
         match forked {
             Ok(pid) => {
                 self.spare = Some(Spare {
-                    pid: Pid::from_raw(pid),
+                    pid,
                     made_for: policy,
                     launch,
                     socket: ours,
@@ -455,6 +438,32 @@ impl Server {
             }
         }
         Ok(())
+    }
+
+    /// Forks a child that runs `in_child` (which never returns) with `launch`, prepared for
+    /// it by [`ForkedRun::prepare`], then puts the zygote back in its own PID namespace for
+    /// its later children. `Err` when it cannot be put back (fatal: every later child would
+    /// land in this one's namespace); `Ok(Err)` when the fork itself failed.
+    fn fork_with(
+        &self,
+        py: Python<'_>,
+        launch: &mut ForkedRun,
+        in_child: impl FnOnce(&ForkedRun) -> std::convert::Infallible,
+    ) -> Result<Result<Pid, PyErr>, String> {
+        let forked = self.interpreter.fork(py);
+        if let Ok(0) = forked {
+            // Never returns: the child ends in `os._exit`.
+            in_child(launch);
+        }
+        if let Err(err) = launch.restore() {
+            if let Ok(pid) = forked {
+                kill_run(Pid::from_raw(pid));
+            }
+            return Err(format!(
+                "could not return to the zygote's PID namespace: {err}"
+            ));
+        }
+        Ok(forked.map(Pid::from_raw))
     }
 
     fn stop_spares(&mut self, why: &str) {

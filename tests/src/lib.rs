@@ -238,6 +238,17 @@ impl Coordinator {
         .await
     }
 
+    /// The task once it has ended (`completed`, `failed` or `cancelled`); panics after 120 s.
+    pub async fn wait_ended(&self, task_id: i64) -> Value {
+        self.wait_task(task_id, "to end", |t| {
+            matches!(
+                t["status"].as_str(),
+                Some("completed" | "failed" | "cancelled")
+            )
+        })
+        .await
+    }
+
     /// Waits until the coordinator knows `n` non-offline nodes.
     pub async fn wait_for_nodes(&self, n: u64) {
         wait_until(Duration::from_secs(30), "agents to join", || async {

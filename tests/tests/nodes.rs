@@ -121,14 +121,7 @@ async fn drain_lets_a_short_run_finish_and_moves_a_long_one_to_another_node_once
 
     // Another node takes it and it completes there, exactly once.
     let _b = start_node(&c, dir.path(), "drain-b", &[]);
-    let finished = c
-        .wait_task(long, "to complete", |t| {
-            matches!(
-                t["status"].as_str(),
-                Some("completed" | "failed" | "cancelled")
-            )
-        })
-        .await;
+    let finished = c.wait_ended(long).await;
     assert_eq!(finished["status"], "completed", "{finished}");
     assert_eq!(finished["result"], "long");
     assert_eq!(finished["node_id"], "drain-b");

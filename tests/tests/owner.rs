@@ -136,18 +136,6 @@ async fn wait_running_on(c: &Coordinator, task_id: i64, node_id: &str) {
     .await
 }
 
-async fn wait_terminal(c: &Coordinator, task_id: i64) -> Value {
-    wait_until(LIMIT * 2, &format!("task {task_id} to finish"), || async {
-        let task = c.task(task_id).await.ok()?;
-        matches!(
-            task["status"].as_str(),
-            Some("completed" | "failed" | "cancelled")
-        )
-        .then_some(task)
-    })
-    .await
-}
-
 /// CPU time (utime + stime, clock ticks) of every process running as the run uid.
 fn run_cpu_ticks() -> Option<u64> {
     let pids = processes_of_uid(RUN_UID);
@@ -212,7 +200,7 @@ async fn a_busy_owner_pauses_the_node_and_the_run_resumes_and_completes_after() 
         node(&c, "lender").await.filter(|n| n["status"] != "paused")
     })
     .await;
-    let task = wait_terminal(&c, task_id).await;
+    let task = c.wait_ended(task_id).await;
     assert_eq!(task["status"], "completed", "{task}");
     assert_eq!(task["result"], "done", "{task}");
     assert_eq!(task["runs"].as_array().map(Vec::len), Some(1), "{task}");
@@ -239,7 +227,7 @@ async fn a_run_paused_past_the_eviction_limit_completes_on_another_node() {
         &["--node-id", "spare", "--heartbeat-interval", "0.3"],
     )
     .expect("agent");
-    let task = wait_terminal(&c, task_id).await;
+    let task = c.wait_ended(task_id).await;
     assert_eq!(task["status"], "completed", "{task}");
     assert_eq!(task["result"], "done", "{task}");
     let runs = task["runs"].as_array().expect("runs");

@@ -211,14 +211,7 @@ async fn a_task_scales_up_and_down_across_real_agents_and_completes_once() {
             nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGUSR1).expect("gate");
         }
     }
-    let done = c
-        .wait_task(task_id, "to finish", |t| {
-            matches!(
-                t["status"].as_str(),
-                Some("completed" | "failed" | "cancelled")
-            )
-        })
-        .await;
+    let done = c.wait_ended(task_id).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["result"], "0 2\ndone 0", "{done}");
     assert_eq!(runs_with(&done, "completed").len(), 1, "{done}");

@@ -5,7 +5,7 @@
 mod certs;
 
 use certs::TestCerts;
-use lull_tests::{Coordinator, bin_dir, poll_until, start_agent, wait_until};
+use lull_tests::{Coordinator, bin_dir, poll_until, start_agent};
 use serde_json::Value;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -21,22 +21,6 @@ fn tls_coordinator(dir: &std::path::Path, certs: &TestCerts, local_agents: &str)
     let c = Coordinator::start_tls(&dir.join("coord"), &args, &certs.ca).expect("coordinator");
     assert!(c.url.starts_with("https://127.0.0.1:"), "{}", c.url);
     c
-}
-
-async fn wait_terminal(c: &Coordinator, task_id: i64) -> Value {
-    wait_until(
-        Duration::from_secs(60),
-        &format!("task {task_id} to finish"),
-        || async {
-            let task = c.task(task_id).await.ok()?;
-            matches!(
-                task["status"].as_str(),
-                Some("completed" | "failed" | "cancelled")
-            )
-            .then_some(task)
-        },
-    )
-    .await
 }
 
 /// The task completed once: one run, completed, with the expected output.
@@ -74,7 +58,7 @@ async fn an_agent_with_ca_cert_runs_a_task_over_https() {
     .expect("agent");
     c.wait_for_nodes(1).await;
     let id = c.submit("print(6 * 7)").await.expect("submit over https");
-    let task = wait_terminal(&c, id).await;
+    let task = c.wait_ended(id).await;
     assert_completed_once(&task, "42\n");
     assert_eq!(task["runs"][0]["node_id"], "tls-node", "{task}");
 }

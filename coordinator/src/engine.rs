@@ -25,10 +25,12 @@ use lull_shared::{
     HeartbeatRequest, HeartbeatResponse, PullResponse, RunId, RunReport, RunReportAck,
     SubmitRequest, TaskId, TaskStatus,
 };
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::BTreeMap;
+use std::ops::Bound::{Excluded, Unbounded};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +54,34 @@ pub struct EngineConfig {
     pub server_id: String,
 }
 
+/// Most parked long-polls one submission leases to in its own critical section; others still
+/// waiting are woken and look for themselves. (With thousands of idle nodes parked, a
+/// submission of one task must not try them all under the lock.)
+const MAX_HAND_OFFS: usize = 64;
+
+/// A long-poll parked until work appears. A submission leases to it in the submission's own
+/// critical section and commit, and hands it the lease with an [`Ack`] for that commit: the
+/// node starts the run as soon as the task is durable, not one commit later.
+struct ParkedPull {
+    node_id: String,
+    max: usize,
+    handed: oneshot::Sender<(PullResponse, crate::store::Ack)>,
+}
+
+/// A parked long-poll's place on the list, given up when the request is dropped.
+struct Parked<'a> {
+    engine: &'a Engine,
+    id: Option<u64>,
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            self.engine.unpark(id);
+        }
+    }
+}
+
 /// Unix time in seconds.
 pub fn unix_now() -> f64 {
     SystemTime::now()
@@ -73,6 +103,11 @@ pub struct Engine {
     feed: Arc<Feed>,
     /// Long-polls waiting for work right now (shown in `/health`).
     waiting_pulls: AtomicUsize,
+    /// The long-polls a submission may lease to directly, by park id (oldest first).
+    /// Locked only while the scheduler's lock is held (so a park and a submission are
+    /// ordered).
+    parked: Mutex<BTreeMap<u64, ParkedPull>>,
+    next_park_id: AtomicU64,
     /// The queue's length over the last hour, sampled by the ticker (the console's chart).
     queue_history: Mutex<QueueHistory>,
     shutdown: CancellationToken,
@@ -97,6 +132,8 @@ impl Engine {
             finished,
             feed,
             waiting_pulls: AtomicUsize::new(0),
+            parked: Mutex::new(BTreeMap::new()),
+            next_park_id: AtomicU64::new(0),
             queue_history: Mutex::new(QueueHistory::default()),
             shutdown,
             config,
@@ -127,6 +164,84 @@ impl Engine {
         self.scheduler
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The parked long-polls. Called only with the scheduler's lock held.
+    fn parked(&self) -> MutexGuard<'_, BTreeMap<u64, ParkedPull>> {
+        self.parked.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// As [`Engine::mutate`] for a submission: in the same critical section, the parked
+    /// long-polls (oldest first, at most [`MAX_HAND_OFFS`]) lease what now fits them, and
+    /// their leases ride in the submission's commit. Each is handed its runs and an
+    /// acknowledgement of that commit; the rest are woken by `work` as before.
+    fn submit_and_lease<T>(
+        &self,
+        now: f64,
+        f: impl FnOnce(&mut Scheduler) -> (T, Vec<Change>),
+    ) -> (T, crate::store::Ack) {
+        let mut sched = self.scheduler();
+        let (value, mut changes) = f(&mut sched);
+        let mut handed = Vec::new();
+        {
+            let mut parked = self.parked();
+            let mut after = None;
+            let mut tried = 0;
+            while tried < MAX_HAND_OFFS && sched.pending_count() > 0 {
+                let next = match after {
+                    None => parked.keys().next(),
+                    Some(id) => parked
+                        .range((Excluded(id), Unbounded))
+                        .next()
+                        .map(|(k, _)| k),
+                };
+                let Some(&id) = next else { break };
+                after = Some(id);
+                let Some(pull) = parked.get(&id) else { break };
+                if pull.handed.is_closed() {
+                    // Its request went away (the client hung up): nothing to lease to.
+                    parked.remove(&id);
+                    continue;
+                }
+                tried += 1;
+                match sched.pull(&pull.node_id, pull.max, now) {
+                    Ok(mut out) => {
+                        changes.append(&mut out.changes);
+                        if out.assignments.is_empty() && out.cancel.is_empty() {
+                            continue;
+                        }
+                        let response = PullResponse {
+                            tasks: out.assignments,
+                            cancel: out.cancel,
+                        };
+                        if let Some(pull) = parked.remove(&id) {
+                            handed.push((pull, response));
+                        }
+                    }
+                    // Dropping it wakes the long-poll, whose own pull says what is wrong.
+                    Err(_) => drop(parked.remove(&id)),
+                }
+            }
+        }
+        let mut acks = self.writer.send_to(changes, 1 + handed.len());
+        let ack = acks.remove(0);
+        for ((pull, response), ack) in handed.into_iter().zip(acks) {
+            // Sent under the scheduler's lock: a long-poll that finds itself unparked
+            // (it takes that lock to look) finds its lease already sent.
+            if let Err((response, _)) = pull.handed.send((response, ack)) {
+                // Gone since the check above: the lease lapses like any lease whose
+                // holder vanished, and the task is queued again.
+                tracing::debug!(node_id = %pull.node_id, runs = response.tasks.len(), "long-poll gone before its lease");
+            }
+        }
+        (value, ack)
+    }
+
+    /// Takes a long-poll off the parked list; false if a submission already took it (and
+    /// so has sent it a lease, or dropped its sender).
+    fn unpark(&self, id: u64) -> bool {
+        let _sched = self.scheduler();
+        self.parked().remove(&id).is_some()
     }
 
     /// Runs `f` on the scheduler and queues its changes in the same critical section.
@@ -160,7 +275,7 @@ impl Engine {
         let mut task = NewTask::from_request(request, &self.config.limits)?;
         task.spec.submitted_by = submitted_by;
         let now = unix_now();
-        let ((task_id, accepted), ack) = self.mutate(|s| {
+        let ((task_id, accepted), ack) = self.submit_and_lease(now, |s| {
             let (task_id, changes) = s.submit(task, now);
             let accepted = changes.iter().find_map(|change| match change {
                 Change::TaskCreated(record) => Some(record.clone()),
@@ -198,7 +313,7 @@ impl Engine {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let now = unix_now();
-        let (task_ids, ack) = self.mutate(|s| {
+        let (task_ids, ack) = self.submit_and_lease(now, |s| {
             let mut task_ids = Vec::with_capacity(specs.len());
             let mut changes = Vec::with_capacity(specs.len());
             for spec in specs {
@@ -706,42 +821,92 @@ impl Engine {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let now = unix_now();
+            let park_id = self.next_park_id.fetch_add(1, Ordering::Relaxed);
+            let (handed_tx, handed_rx) = oneshot::channel();
             let (outcome, ack) = self.mutate(|s| match s.pull(node_id, max, now) {
                 Ok(mut out) => {
                     let changes = std::mem::take(&mut out.changes);
+                    if out.assignments.is_empty() && out.cancel.is_empty() {
+                        // Parked in the same critical section as the look: the next
+                        // submission sees it.
+                        self.parked().insert(
+                            park_id,
+                            ParkedPull {
+                                node_id: node_id.to_string(),
+                                max,
+                                handed: handed_tx,
+                            },
+                        );
+                    }
                     (Ok(out), changes)
                 }
                 Err(e) => (Err(e), Vec::new()),
             });
             let out = outcome?;
             if !out.assignments.is_empty() || !out.cancel.is_empty() {
-                // A lease is handed out only once it is durable: a restarted coordinator
-                // must never reuse a run id an agent already holds.
-                ack.durable().await?;
-                for a in &out.assignments {
-                    tracing::debug!(
-                        task_id = a.task_id,
-                        run_id = a.run_id,
-                        node_id,
-                        "run handed out"
-                    );
-                }
-                return Ok(PullResponse {
-                    tasks: out.assignments,
-                    cancel: out.cancel,
-                });
+                return self
+                    .hand_out(node_id, out.assignments, out.cancel, ack)
+                    .await;
             }
+            // If this request is dropped while parked (its client hung up), it unparks.
+            let mut parked = Parked {
+                engine: self,
+                id: Some(park_id),
+            };
             self.waiting_pulls.fetch_add(1, Ordering::Relaxed);
+            let mut handed_rx = handed_rx;
             let woken = tokio::select! {
-                _ = &mut notified => true,
-                _ = tokio::time::sleep_until(deadline) => false,
-                _ = self.shutdown.cancelled() => false,
+                handed = &mut handed_rx => Some(handed),
+                _ = &mut notified => None,
+                _ = tokio::time::sleep_until(deadline) => None,
+                _ = self.shutdown.cancelled() => None,
             };
             self.waiting_pulls.fetch_sub(1, Ordering::Relaxed);
-            if !woken {
-                return Ok(PullResponse::default());
+            parked.id = None;
+            let handed = match woken {
+                Some(handed) => handed,
+                // Still parked: nobody leased to it.
+                None if self.unpark(park_id) => {
+                    if tokio::time::Instant::now() >= deadline || self.shutdown.is_cancelled() {
+                        return Ok(PullResponse::default());
+                    }
+                    continue;
+                }
+                // A submission took it off the list: its lease was sent before the lock
+                // was let go (or its sender dropped), so this does not wait.
+                None => handed_rx.await,
+            };
+            match handed {
+                Ok((response, ack)) => {
+                    return self
+                        .hand_out(node_id, response.tasks, response.cancel, ack)
+                        .await;
+                }
+                // Unparked without a lease (its node is unknown now): look again.
+                Err(_) => continue,
             }
         }
+    }
+
+    /// Answers a pull once its leases are durable: a restarted coordinator must never
+    /// reuse a run id an agent already holds.
+    async fn hand_out(
+        &self,
+        node_id: &str,
+        tasks: Vec<lull_shared::Assignment>,
+        cancel: Vec<RunId>,
+        ack: crate::store::Ack,
+    ) -> Result<PullResponse, EngineError> {
+        ack.durable().await?;
+        for a in &tasks {
+            tracing::debug!(
+                task_id = a.task_id,
+                run_id = a.run_id,
+                node_id,
+                "run handed out"
+            );
+        }
+        Ok(PullResponse { tasks, cancel })
     }
 
     pub async fn report(&self, report: RunReport) -> Result<RunReportAck, EngineError> {

@@ -309,6 +309,93 @@ async fn each_task_s_life_arrives_in_order_completed_failed_and_cancelled() {
     s.shutdown().await;
 }
 
+/// Tasks submitted while nodes' long-polls wait are leased to those nodes in the
+/// submission's own commit (one fsync from submission to start, not two): the feed stamps
+/// one commit's events with one time, so every `task_created` and `task_started` here
+/// carries the same `ts`, and each waiting node is answered with its run. A task leased
+/// in the submission's critical section starts at the very time it was created. (On
+/// several worker threads, as the coordinator runs: on one, a woken long-poll could lease
+/// before the writer commits anyway.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_submitted_to_waiting_nodes_are_leased_in_the_submission_s_commit() {
+    let s = Server::start().await;
+    let mut feed = s.connect("?events=task_created,task_started").await;
+    let nodes = ["n1", "n2"];
+    let mut polls = Vec::new();
+    for node in nodes {
+        s.heartbeat(node, 1.0).await;
+        let url = format!(
+            "http://{}/internal/task?node_id={node}&wait=30&max=1",
+            s.addr
+        );
+        polls.push(tokio::spawn(async move {
+            let resp = reqwest::get(url).await.expect("poll");
+            resp.json::<Value>().await.expect("json")
+        }));
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while s.get("/health").await.1["waiting_pulls"] != 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the polls never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, body) = s
+        .post(
+            "/api/v1/tasks/batch",
+            json!({"tasks": [{"code": "print(1)"}, {"code": "print(2)"}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let mut submitted: Vec<i64> = body["task_ids"]
+        .as_array()
+        .expect("task_ids")
+        .iter()
+        .filter_map(Value::as_i64)
+        .collect();
+    let mut leased = Vec::new();
+    for poll in polls {
+        let answer = tokio::time::timeout(WAIT, poll)
+            .await
+            .expect("the poll answered")
+            .expect("poll task");
+        assert_eq!(
+            answer["tasks"].as_array().map(Vec::len),
+            Some(1),
+            "{answer}"
+        );
+        leased.push(answer["tasks"][0]["task_id"].as_i64().expect("task_id"));
+    }
+    leased.sort();
+    submitted.sort();
+    assert_eq!(leased, submitted);
+    let mut seen = Vec::new();
+    for &id in &submitted {
+        let mut more = feed.until(is(TaskStarted, id)).await;
+        seen.append(&mut more);
+    }
+    let created_and_started: Vec<f64> = seen
+        .iter()
+        .filter(|m| submitted.contains(&m.data["task_id"].as_i64().unwrap_or(0)))
+        .map(|m| m.ts)
+        .collect();
+    assert_eq!(created_and_started.len(), 4, "{seen:?}");
+    assert!(
+        created_and_started
+            .iter()
+            .all(|&ts| ts == created_and_started[0]),
+        "created and started in more than one commit: {seen:?}"
+    );
+    for id in submitted {
+        let (_, task) = s.get(&format!("/api/v1/tasks/{id}")).await;
+        assert_eq!(task["status"], "running", "{task}");
+        assert_eq!(task["started_at"], task["created_at"], "{task}");
+    }
+    feed.close().await;
+    s.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_node_leaving_and_coming_back_is_announced() {
     let s = Server::start().await;

@@ -19,7 +19,7 @@ const MAX_BATCH_CHANGES: usize = 16_384;
 
 struct Batch {
     changes: Vec<Change>,
-    ack: Option<oneshot::Sender<Result<(), String>>>,
+    acks: Vec<oneshot::Sender<Result<(), String>>>,
 }
 
 /// The sending side, cheap to clone.
@@ -48,17 +48,25 @@ impl WriterHandle {
     /// Queues changes; the returned [`Ack`] resolves when they are committed.
     /// An empty list is durable already.
     pub fn send(&self, changes: Vec<Change>) -> Ack {
+        let mut acks = self.send_to(changes, 1);
+        acks.pop().unwrap_or(Ack(None))
+    }
+
+    /// Queues changes for `awaiting` parties at once (the changes are one whole: a
+    /// submission and the leases it allowed): each gets an [`Ack`] for the same commit.
+    pub fn send_to(&self, changes: Vec<Change>, awaiting: usize) -> Vec<Ack> {
         if changes.is_empty() {
-            return Ack(None);
+            return (0..awaiting).map(|_| Ack(None)).collect();
         }
-        let (tx, rx) = oneshot::channel();
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..awaiting).map(|_| oneshot::channel()).unzip();
         let batch = Batch {
             changes,
-            ack: Some(tx),
+            acks: senders,
         };
-        // If the writer is gone, the receiver reports it when awaited.
+        // If the writer is gone, the receivers report it when awaited.
         let _ = self.tx.send(batch);
-        Ack(Some(rx))
+        receivers.into_iter().map(|rx| Ack(Some(rx))).collect()
     }
 }
 
@@ -95,16 +103,15 @@ async fn run(
     let mut acks = Vec::new();
     while let Some(first) = rx.recv().await {
         changes.extend(first.changes);
-        acks.extend(first.ack);
-        // Let the tasks this change just woke run first: a submission wakes the waiting
-        // pulls, and a lease they take now rides in the same commit (one fsync from
-        // submission to start instead of two). Costs one trip through the run queue.
+        acks.extend(first.acks);
+        // Let the tasks this change just woke run first: what they queue now rides in the
+        // same commit. (A submission leases to waiting pulls itself, in its own batch.)
         tokio::task::yield_now().await;
         while changes.len() < MAX_BATCH_CHANGES {
             match rx.try_recv() {
                 Ok(next) => {
                     changes.extend(next.changes);
-                    acks.extend(next.ack);
+                    acks.extend(next.acks);
                 }
                 Err(_) => break,
             }

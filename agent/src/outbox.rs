@@ -1,7 +1,9 @@
 //! The outbox: every result is written to `state_dir/outbox/{run_id}.json` before it is
 //! posted, and deleted only once the coordinator acknowledged or refused it. Results survive
 //! a coordinator restart and an agent restart; the ids of those waiting are reported in every
-//! heartbeat (`finished`) so that the coordinator does not count those runs as lost.
+//! heartbeat (`finished`) so that the coordinator does not count those runs as lost. A copy
+//! of each saved result stays in memory (up to [`MAX_KEPT_BYTES`] in all) for the post, so
+//! that delivering it does not read back the file just written.
 //!
 //! Architecture Invariant: a result leaves the outbox only on an answer that settles it
 //! (2xx, or a 4xx that can never turn into a success); never because posting failed.
@@ -16,6 +18,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -29,10 +32,20 @@ const MAX_BATCH_BYTES: usize = 2 * 1024 * 1024;
 const RETRY_INITIAL: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// Most bytes of saved results the outbox also keeps in memory, so that posting a result
+/// does not read back the file it just wrote; past this, results are read from their files
+/// when posted (a backlog while the coordinator is away stays on disk).
+const MAX_KEPT_BYTES: usize = 8 * 1024 * 1024;
+
+/// A result held in memory, with about how many bytes it adds to a post.
+type Kept = (Arc<RunReport>, usize);
+
 /// Where a waiting result lives.
 #[derive(Debug)]
 enum Pending {
-    OnDisk,
+    /// In its file; with a copy in memory (and that copy's size) while the outbox keeps
+    /// fewer than [`MAX_KEPT_BYTES`] of them.
+    OnDisk(Option<Kept>),
     /// Writing it failed (disk full, read-only): it is kept in memory and still delivered,
     /// it just would not survive an agent restart.
     InMemory(Arc<RunReport>),
@@ -53,6 +66,8 @@ pub(crate) trait Refill: Send + Sync {
 pub(crate) struct Outbox {
     dir: PathBuf,
     pending: watch::Sender<BTreeMap<RunId, Pending>>,
+    /// Bytes of the copies kept in memory of saved results (at most [`MAX_KEPT_BYTES`]).
+    kept_bytes: AtomicUsize,
 }
 
 impl Outbox {
@@ -70,11 +85,12 @@ impl Outbox {
             })?;
         let pending = scanned
             .into_iter()
-            .map(|run_id| (run_id, Pending::OnDisk))
+            .map(|run_id| (run_id, Pending::OnDisk(None)))
             .collect();
         Ok(Outbox {
             dir,
             pending: watch::Sender::new(pending),
+            kept_bytes: AtomicUsize::new(0),
         })
     }
 
@@ -101,17 +117,27 @@ impl Outbox {
         let written = match serde_json::to_string(&*report) {
             Ok(json) => {
                 let dir = self.dir.clone();
+                let size = json.len();
                 tokio::task::spawn_blocking(move || {
                     write_replacing(&dir, &file_name(run_id), &json, false)
                 })
                 .await
                 .map_err(io::Error::other)
                 .and_then(|written| written)
+                .map(|()| size)
             }
             Err(err) => Err(io::Error::other(err)),
         };
         let entry = match written {
-            Ok(()) => Pending::OnDisk,
+            Ok(size) => {
+                let kept = self.kept_bytes.load(Ordering::Relaxed);
+                if kept + size <= MAX_KEPT_BYTES {
+                    self.kept_bytes.fetch_add(size, Ordering::Relaxed);
+                    Pending::OnDisk(Some((Arc::clone(&report), size)))
+                } else {
+                    Pending::OnDisk(None)
+                }
+            }
             Err(err) => {
                 error!(run_id, %err, dir = %self.dir.display(), "could not save the result to the outbox; keeping it in memory");
                 Pending::InMemory(report)
@@ -148,13 +174,19 @@ impl Outbox {
         let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
         let mut failures = FailureLog::new("posting results");
         loop {
-            let waiting: Vec<(RunId, Option<Arc<RunReport>>)> = changes
+            let waiting: Vec<(RunId, Option<Kept>)> = changes
                 .borrow_and_update()
                 .iter()
                 .take(MAX_BATCH_REPORTS)
                 .map(|(run_id, entry)| match entry {
-                    Pending::OnDisk => (*run_id, None),
-                    Pending::InMemory(report) => (*run_id, Some(Arc::clone(report))),
+                    Pending::OnDisk(None) => (*run_id, None),
+                    Pending::OnDisk(Some((report, size))) => {
+                        (*run_id, Some((Arc::clone(report), *size)))
+                    }
+                    Pending::InMemory(report) => (
+                        *run_id,
+                        Some((Arc::clone(report), approximate_size(report))),
+                    ),
                 })
                 .collect();
             if waiting.is_empty() {
@@ -169,10 +201,7 @@ impl Outbox {
             let mut sizes = Vec::with_capacity(waiting.len());
             for (run_id, in_memory) in waiting {
                 let (report, size) = match in_memory {
-                    Some(report) => {
-                        let size = approximate_size(&report);
-                        (report, size)
-                    }
+                    Some(kept) => kept,
                     None => match self.read(run_id).await {
                         Ok((report, size)) => (Arc::new(report), size),
                         Err(err) => {
@@ -271,7 +300,9 @@ impl Outbox {
 
     fn forget(&self, run_id: RunId) {
         self.pending.send_modify(|pending| {
-            pending.remove(&run_id);
+            if let Some(Pending::OnDisk(Some((_, size)))) = pending.remove(&run_id) {
+                self.kept_bytes.fetch_sub(size, Ordering::Relaxed);
+            }
         });
     }
 
@@ -392,6 +423,64 @@ mod tests {
             batch_len(&[1, 500, 1], 100),
             1,
             "stops at the first that does not fit"
+        );
+    }
+
+    fn result(run_id: RunId, stdout: String) -> RunReport {
+        RunReport {
+            node_id: "n".into(),
+            task_id: run_id,
+            run_id,
+            outcome: lull_shared::RunOutcome::Completed,
+            exit_code: Some(0),
+            stdout,
+            stderr: String::new(),
+            error: None,
+            started_at: None,
+            completed_at: None,
+            cpu_seconds: None,
+            max_rss_mb: None,
+        }
+    }
+
+    fn kept(outbox: &Outbox, run_id: RunId) -> bool {
+        matches!(
+            outbox.pending.borrow().get(&run_id),
+            Some(Pending::OnDisk(Some(_)))
+        )
+    }
+
+    /// A saved result is also kept in memory (posting it need not read its file back),
+    /// up to [`MAX_KEPT_BYTES`] in all; past that, results wait only in their files, and a
+    /// settled result gives its room back.
+    #[tokio::test]
+    async fn saved_results_are_kept_in_memory_up_to_a_bound() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let outbox = Outbox::open(dir.path().join("outbox")).await.expect("open");
+        let big = "x".repeat(MAX_KEPT_BYTES / 2);
+        for run_id in 1..=3 {
+            outbox.store(result(run_id, big.clone())).await;
+            assert!(outbox.path(run_id).exists(), "every result is saved");
+        }
+        assert!(kept(&outbox, 1));
+        assert!(
+            !kept(&outbox, 2),
+            "two halves and the JSON around them pass the bound"
+        );
+        assert!(!kept(&outbox, 3));
+        outbox.store(result(4, "small".into())).await;
+        assert!(kept(&outbox, 4), "what fits beside the first is kept");
+        outbox.remove(1).await;
+        assert!(!outbox.path(1).exists());
+        outbox.store(result(5, big.clone())).await;
+        assert!(kept(&outbox, 5), "room given back by a settled result");
+        let after_restart = Outbox::open(dir.path().join("outbox"))
+            .await
+            .expect("reopen");
+        assert_eq!(after_restart.ids(), vec![2, 3, 4, 5]);
+        assert!(
+            (2..=5).all(|run_id| !kept(&after_restart, run_id)),
+            "a new life reads them from disk"
         );
     }
 

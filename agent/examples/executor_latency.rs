@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo build --release --workspace --bins --examples
-//! target/release/examples/executor_latency [RUNS] [--unsandboxed] [--zygote-only]
+//! target/release/examples/executor_latency [RUNS] [--unsandboxed] [--zygote-only] [--gap-ms=N]
 //! ```
 //!
 //! RUNS defaults to 200. `--unsandboxed` measures the executors alone: no launcher,
@@ -74,7 +74,7 @@ fn own_cpu_seconds() -> f64 {
     ticks as f64 / TICKS
 }
 
-async fn measure(name: &str, executor: &impl Executor, runs: usize) {
+async fn measure(name: &str, executor: &impl Executor, runs: usize, gap: Duration) {
     let mut latencies = Vec::with_capacity(runs);
     let cpu_before = own_cpu_seconds();
     let started = Instant::now();
@@ -88,6 +88,9 @@ async fn measure(name: &str, executor: &impl Executor, runs: usize) {
             point: Default::default(),
             control: Default::default(),
         };
+        if !gap.is_zero() {
+            tokio::time::sleep(gap).await;
+        }
         let begun = Instant::now();
         let execution = executor.run(job, CancellationToken::new()).await;
         latencies.push(begun.elapsed());
@@ -119,6 +122,12 @@ async fn main() {
         .find(|arg| !arg.starts_with("--"))
         .map(|n| n.parse().expect("RUNS is a number"))
         .unwrap_or(200);
+    // `--gap-ms=N`: wait N ms before each run, as a node that was quiet meets its next task.
+    let gap = args
+        .iter()
+        .find_map(|arg| arg.strip_prefix("--gap-ms="))
+        .map(|n| Duration::from_millis(n.parse().expect("--gap-ms=N takes a number")))
+        .unwrap_or_default();
     let dir = bin_dir();
     let python = ColdExecutor::resolve_interpreter("python3").await;
     let launcher = dir.join("lull-sandbox");
@@ -153,7 +162,7 @@ async fn main() {
     .expect("the zygote starts");
 
     if !zygote_only {
-        measure("cold", &cold, runs).await;
+        measure("cold", &cold, runs, gap).await;
     }
-    measure("zygote", &zygote, runs).await;
+    measure("zygote", &zygote, runs, gap).await;
 }

@@ -174,7 +174,9 @@ impl Engine {
     /// As [`Engine::mutate`] for a submission: in the same critical section, the parked
     /// long-polls (oldest first, at most [`MAX_HAND_OFFS`]) lease what now fits them, and
     /// their leases ride in the submission's commit. Each is handed its runs and an
-    /// acknowledgement of that commit; the rest are woken by `work` as before.
+    /// acknowledgement of that commit. Only if work is left over are the waiting pulls
+    /// woken (`work`) to look for themselves: a submission the parked pulls took whole
+    /// wakes nobody else (no herd of thousands of idle nodes per task).
     fn submit_and_lease<T>(
         &self,
         now: f64,
@@ -223,6 +225,8 @@ impl Engine {
                 }
             }
         }
+        // Work the parked pulls did not take: wake every waiting pull to look for itself.
+        let left = sched.pending_count() > 0;
         let mut acks = self.writer.send_to(changes, 1 + handed.len());
         let ack = acks.remove(0);
         for ((pull, response), ack) in handed.into_iter().zip(acks) {
@@ -233,6 +237,10 @@ impl Engine {
                 // holder vanished, and the task is queued again.
                 tracing::debug!(node_id = %pull.node_id, runs = response.tasks.len(), "long-poll gone before its lease");
             }
+        }
+        drop(sched);
+        if left {
+            self.work.notify_waiters();
         }
         (value, ack)
     }
@@ -283,7 +291,7 @@ impl Engine {
             });
             ((task_id, accepted), changes)
         });
-        self.work.notify_waiters();
+
         ack.durable().await?;
         let task = match accepted {
             Some(task) => task,
@@ -323,7 +331,7 @@ impl Engine {
             }
             (task_ids, changes)
         });
-        self.work.notify_waiters();
+
         ack.durable().await?;
         tracing::debug!(
             tasks = task_ids.len(),

@@ -276,6 +276,55 @@ pub fn start_agent_with_env(
     args: &[&str],
     env: &[(&str, &OsStr)],
 ) -> Result<Process> {
+    let level = std::env::var("LULL_TEST_LOG").unwrap_or_else(|_| "warn".into());
+    spawn_agent(
+        coordinator_url,
+        state_dir,
+        args,
+        env,
+        &level,
+        Stdio::inherit(),
+    )
+}
+
+/// As [`start_agent`], logging at `info` into `log` (a test reads there what the agent did,
+/// e.g. that it started a run: [`agent_log_has`]).
+pub fn start_agent_logging_to(
+    coordinator_url: &str,
+    state_dir: &Path,
+    args: &[&str],
+    log: &Path,
+) -> Result<Process> {
+    let file = std::fs::File::create(log).context("creating the agent's log")?;
+    spawn_agent(
+        coordinator_url,
+        state_dir,
+        args,
+        &[],
+        "info",
+        Stdio::from(file),
+    )
+}
+
+/// Whether a line of the agent's log (see [`start_agent_logging_to`]) holds every one of
+/// `words`.
+pub fn agent_log_has(log: &Path, words: &[&str]) -> bool {
+    std::fs::read_to_string(log)
+        .map(|text| {
+            text.lines()
+                .any(|line| words.iter().all(|word| line.contains(word)))
+        })
+        .unwrap_or(false)
+}
+
+fn spawn_agent(
+    coordinator_url: &str,
+    state_dir: &Path,
+    args: &[&str],
+    env: &[(&str, &OsStr)],
+    log_level: &str,
+    stderr: Stdio,
+) -> Result<Process> {
     let child = Command::new(binary("lull-agent"))
         .arg("--coordinator")
         .arg(coordinator_url)
@@ -284,13 +333,10 @@ pub fn start_agent_with_env(
         .args(args)
         .env("LULL_OWNER_POLICY", "off")
         .envs(env.iter().copied())
-        .env(
-            "RUST_LOG",
-            std::env::var("LULL_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
+        .env("RUST_LOG", log_level)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .context("starting lull-agent")?;
     Ok(Process {

@@ -1,6 +1,6 @@
 //! End-to-end: real coordinator and agent processes on 127.0.0.1, real Python.
 
-use lull_tests::{Coordinator, start_agent, wait_until};
+use lull_tests::{Coordinator, agent_log_has, start_agent, start_agent_logging_to, wait_until};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
@@ -420,15 +420,22 @@ async fn a_result_made_while_the_coordinator_is_down_is_delivered_after_it_retur
     let mut c = Coordinator::start(&data, &args).expect("coordinator");
     let addr = c.addr().to_string();
     let agent_dir = dir.path().join("a");
-    let _a = start_agent(&c.url, &agent_dir, &agent_args("a", &[])).expect("agent");
+    let log = dir.path().join("agent.log");
+    let _a =
+        start_agent_logging_to(&c.url, &agent_dir, &agent_args("a", &[]), &log).expect("agent");
     c.wait_for_nodes(1).await;
     let id = c
         .submit("import time\ntime.sleep(1.5)\nprint('kept')")
         .await
         .expect("submit");
-    wait_until(Duration::from_secs(30), "the task to start", || async {
-        (c.status(id).await.ok()?["status"] == "running").then_some(())
-    })
+    // Running by the agent's own word, not only leased by the coordinator's: the lease is
+    // durable (and the task `running`) a moment before the agent holds the answer.
+    let started = format!("task_id={id} ");
+    wait_until(
+        Duration::from_secs(30),
+        "the agent to start the run",
+        || async { agent_log_has(&log, &["run started", &started]).then_some(()) },
+    )
     .await;
     c.process.kill9();
     // The run finishes while nobody can take its result: the agent keeps it on disk.

@@ -130,13 +130,12 @@ impl Outbox {
         };
         let entry = match written {
             Ok(size) => {
-                let kept = self.kept_bytes.load(Ordering::Relaxed);
-                if kept + size <= MAX_KEPT_BYTES {
-                    self.kept_bytes.fetch_add(size, Ordering::Relaxed);
-                    Pending::OnDisk(Some((Arc::clone(&report), size)))
-                } else {
-                    Pending::OnDisk(None)
-                }
+                let room =
+                    self.kept_bytes
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |kept| {
+                            (kept + size <= MAX_KEPT_BYTES).then_some(kept + size)
+                        });
+                Pending::OnDisk(room.is_ok().then(|| (Arc::clone(&report), size)))
             }
             Err(err) => {
                 error!(run_id, %err, dir = %self.dir.display(), "could not save the result to the outbox; keeping it in memory");
@@ -144,7 +143,9 @@ impl Outbox {
             }
         };
         self.pending.send_modify(|pending| {
-            pending.insert(run_id, entry);
+            if let Some(Pending::OnDisk(Some((_, size)))) = pending.insert(run_id, entry) {
+                self.kept_bytes.fetch_sub(size, Ordering::Relaxed);
+            }
         });
     }
 

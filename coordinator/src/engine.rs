@@ -3,7 +3,8 @@
 //! in the same critical section, and awaits durability after letting go.
 //!
 //! Architecture Invariant: no lock is held across an `.await`. The only waiting on the
-//! dispatch path is for the group commit and for the `work` notification.
+//! dispatch path is for the group commit, for the `work` notification, and (a parked
+//! long-poll) for the lease a submission hands it.
 //!
 //! Architecture Invariant: a client is answered only after what it was told is durable: an
 //! accepted task, a handed-out lease, a recorded result.
@@ -291,7 +292,6 @@ impl Engine {
             });
             ((task_id, accepted), changes)
         });
-
         ack.durable().await?;
         let task = match accepted {
             Some(task) => task,
@@ -331,7 +331,6 @@ impl Engine {
             }
             (task_ids, changes)
         });
-
         ack.durable().await?;
         tracing::debug!(
             tasks = task_ids.len(),

@@ -337,6 +337,22 @@ async fn a_cold_run_starts_on_a_launcher_started_ahead_of_it_with_its_own_limits
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    // While it waits, a launcher has made the run's network namespace already (fresh, its
+    // own): not this process's.
+    let own = std::fs::read_link("/proc/self/ns/net").expect("own network namespace");
+    loop {
+        let apart = waiting.iter().all(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/ns/net")).is_ok_and(|theirs| theirs != own)
+        });
+        if apart {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the waiting launchers {waiting:?} are still in the agent's network namespace"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // The run reports its cgroup's memory limit (v1, else v2), to see that its own (128 MB)
     // replaced the one the launcher was started with.
     let code = "path = [l for l in open('/proc/self/cgroup') if ':memory:' in l or l.startswith('0::')][0].strip().split(':', 2)[2]\n\

@@ -224,7 +224,7 @@ pub fn confine_run(policy: &RunPolicy) -> Result<(), SandboxError> {
     new_session()?;
     die_with_parent()?;
     let cgroup = join_new_cgroup(policy)?;
-    confine_in_cgroup(policy, cgroup.as_ref(), filters)
+    confine_in_cgroup(policy, cgroup.as_ref(), filters, CloneFlags::empty())
 }
 
 /// The run's cgroup, made for `policy` (its name and limits) and joined, if it gets one.
@@ -253,7 +253,18 @@ pub fn spare_cgroup_name(pid: u32) -> String {
 #[derive(Debug)]
 pub struct PreparedLaunch {
     cgroup: Option<cgroup::RunCgroup>,
+    /// Namespaces already made while waiting ([`AHEAD_NAMESPACES`], or none).
+    made: CloneFlags,
 }
+
+/// The namespaces a cold launcher started ahead of its run makes while it waits: fresh and
+/// unused (nothing ran in them yet), exactly what the run would get at its start, minus the
+/// time. A new network namespace is most of it (a few ms of kernel work); the mount and PID
+/// namespaces are made at the run's start as before (the PID namespace needs the fork that
+/// only the run's start does, and the mounts are the run's own).
+const AHEAD_NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWNET
+    .union(CloneFlags::CLONE_NEWIPC)
+    .union(CloneFlags::CLONE_NEWUTS);
 
 /// What the agent sends a launcher started ahead of its run (`lull-sandbox --spare`), as
 /// one line of JSON on its stdin: the run's policy (naming the cgroup the launcher made) and
@@ -274,9 +285,14 @@ pub struct LaunchRequest {
 pub fn prepare_launch(template: &RunPolicy) -> Result<PreparedLaunch, SandboxError> {
     new_session()?;
     die_with_parent()?;
-    Ok(PreparedLaunch {
-        cgroup: join_new_cgroup(template)?,
-    })
+    let cgroup = join_new_cgroup(template)?;
+    let made = if template.protections.namespaces {
+        unshare(AHEAD_NAMESPACES).map_err(SandboxError::Namespaces)?;
+        AHEAD_NAMESPACES
+    } else {
+        CloneFlags::empty()
+    };
+    Ok(PreparedLaunch { cgroup, made })
 }
 
 impl PreparedLaunch {
@@ -298,7 +314,7 @@ impl PreparedLaunch {
                     policy.max_processes,
                 )?;
             }
-            confine_in_cgroup(policy, self.cgroup.as_ref(), filters)
+            confine_in_cgroup(policy, self.cgroup.as_ref(), filters, self.made)
         })();
         if let Err(e) = confined {
             return std::io::Error::other(e.to_string());
@@ -311,15 +327,18 @@ impl PreparedLaunch {
     }
 }
 
-/// [`confine_run`] from the moment the process is in its cgroup.
+/// [`confine_run`] from the moment the process is in its cgroup. `made`: the namespaces this
+/// process made fresh already (a launcher started ahead of its run), not made again.
 fn confine_in_cgroup(
     policy: &RunPolicy,
     cgroup: Option<&cgroup::RunCgroup>,
     filters: &[seccompiler::BpfProgram],
+    made: CloneFlags,
 ) -> Result<(), SandboxError> {
     let p = &policy.protections;
     if p.namespaces {
-        unshare(CloneFlags::CLONE_NEWPID | RUN_NAMESPACES).map_err(SandboxError::Namespaces)?;
+        unshare((CloneFlags::CLONE_NEWPID | RUN_NAMESPACES).difference(made))
+            .map_err(SandboxError::Namespaces)?;
         // The watcher must not be what the OOM killer picks in the run's cgroup: it reports
         // the kill and cleans up. PID 1 goes back to 0.
         let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");

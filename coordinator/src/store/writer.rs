@@ -48,8 +48,16 @@ impl WriterHandle {
     /// Queues changes; the returned [`Ack`] resolves when they are committed.
     /// An empty list is durable already.
     pub fn send(&self, changes: Vec<Change>) -> Ack {
-        let mut acks = self.send_to(changes, 1);
-        acks.pop().unwrap_or(Ack(None))
+        if changes.is_empty() {
+            return Ack(None);
+        }
+        let (tx, rx) = oneshot::channel();
+        // If the writer is gone, the receiver reports it when awaited.
+        let _ = self.tx.send(Batch {
+            changes,
+            acks: vec![tx],
+        });
+        Ack(Some(rx))
     }
 
     /// Queues changes for `awaiting` parties at once (the changes are one whole: a

@@ -340,7 +340,13 @@ impl ColdExecutor {
             }
             Err(err) => {
                 remove_workdir(workdir).await;
-                Err(format!("could not start {}: {err}", self.python))
+                // The interpreter, or the sandbox's launcher that would have started it.
+                let program = command
+                    .as_std()
+                    .get_program()
+                    .to_string_lossy()
+                    .into_owned();
+                Err(format!("could not start {program}: {err}"))
             }
         }
     }
@@ -827,6 +833,27 @@ mod tests {
         let error = execution.error.unwrap_or_default();
         assert!(
             error.starts_with("could not start /nonexistent/python3: "),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_launcher_is_named_not_the_interpreter() {
+        let mut protections = Protections::none("a test of the launcher's absence");
+        protections.launcher = true;
+        let execution = ColdExecutor::new("python3", MAX_OUTPUT)
+            .with_sandbox(
+                PathBuf::from("/nonexistent/lull-sandbox"),
+                protections,
+                SandboxSettings::default(),
+            )
+            .run(job("print(1)", 60.0), CancellationToken::new())
+            .await;
+
+        assert_eq!(execution.outcome, RunOutcome::Failed);
+        let error = execution.error.unwrap_or_default();
+        assert!(
+            error.starts_with("could not start /nonexistent/lull-sandbox: "),
             "{error}"
         );
     }

@@ -443,14 +443,7 @@ async fn a_result_made_while_the_coordinator_is_down_is_delivered_after_it_retur
     wait_until(
         Duration::from_secs(30),
         "the result to be kept in the agent's outbox",
-        || async {
-            let n = std::fs::read_dir(&outbox)
-                .ok()?
-                .filter_map(Result::ok)
-                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-                .count();
-            (n == 1).then_some(())
-        },
+        || async { (json_files(&outbox) == 1).then_some(()) },
     )
     .await;
     let c = Coordinator::start_on(&addr, &data, &args).expect("coordinator restarts");
@@ -464,12 +457,7 @@ async fn a_result_made_while_the_coordinator_is_down_is_delivered_after_it_retur
         "not run again: {task}"
     );
     wait_until(Duration::from_secs(30), "the outbox to empty", || async {
-        let n = std::fs::read_dir(&outbox)
-            .ok()?
-            .filter_map(Result::ok)
-            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-            .count();
-        (n == 0).then_some(())
+        (json_files(&outbox) == 0).then_some(())
     })
     .await;
 }

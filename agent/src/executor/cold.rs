@@ -829,10 +829,15 @@ mod tests {
             .run(job("print(1)", 60.0), CancellationToken::new())
             .await;
 
+        assert_could_not_start(execution, "/nonexistent/python3");
+    }
+
+    /// The run failed before it began, its error naming `program`.
+    fn assert_could_not_start(execution: Execution, program: &str) {
         assert_eq!(execution.outcome, RunOutcome::Failed);
         let error = execution.error.unwrap_or_default();
         assert!(
-            error.starts_with("could not start /nonexistent/python3: "),
+            error.starts_with(&format!("could not start {program}: ")),
             "{error}"
         );
     }
@@ -850,12 +855,7 @@ mod tests {
             .run(job("print(1)", 60.0), CancellationToken::new())
             .await;
 
-        assert_eq!(execution.outcome, RunOutcome::Failed);
-        let error = execution.error.unwrap_or_default();
-        assert!(
-            error.starts_with("could not start /nonexistent/lull-sandbox: "),
-            "{error}"
-        );
+        assert_could_not_start(execution, "/nonexistent/lull-sandbox");
     }
 
     // Three seconds, not one: the code must have printed before the timeout fires, and a

@@ -197,6 +197,7 @@ pub async fn run(
     if config.auth {
         require_admin_key(keys.as_ref(), &config.data_dir).await?;
     }
+    let committer = Box::new(sqlite.committer()?);
     let store: Arc<dyn Store> = sqlite;
     let mut snapshot = store.load().await?;
     tracing::info!(
@@ -224,7 +225,7 @@ pub async fn run(
         engine::unix_now(),
     );
     let finished = Arc::new(waiters::FinishWaiters::default());
-    let (writer, writer_task) = Writer::spawn(store.clone(), finished.clone(), feed.clone());
+    let (writer, writer_stopped) = Writer::spawn(committer, finished.clone(), feed.clone())?;
     let server_id = format!("{:08x}", rand::random::<u32>());
     let engine_stop = CancellationToken::new();
     let engine = Arc::new(Engine::new(
@@ -315,7 +316,7 @@ pub async fn run(
     engine_stop.cancel();
     let _ = ticker.await;
     drop(engine);
-    let _ = writer_task.await;
+    let _ = writer_stopped.await;
     tracing::info!("coordinator stopped");
     served
 }

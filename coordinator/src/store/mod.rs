@@ -13,7 +13,7 @@ mod sqlite;
 mod writer;
 
 pub use key_cache::CachedKeys;
-pub use sqlite::{SqliteStore, SyncMode};
+pub use sqlite::{SqliteCommitter, SqliteStore, SyncMode};
 pub use writer::{Ack, CommitObserver, Writer, WriterHandle};
 
 use crate::keys::{ApiKey, NewKey};
@@ -25,6 +25,8 @@ use lull_shared::{CommandStatus, TaskId, TaskStatus};
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("corrupt row in {table}: {what}")]
@@ -36,6 +38,8 @@ pub enum StoreError {
     },
     #[error("commit failed: {0}")]
     Commit(String),
+    #[error("could not start the store writer's thread: {0}")]
+    WriterThread(std::io::Error),
     #[error("the store writer has stopped")]
     WriterGone,
 }
@@ -100,12 +104,17 @@ impl TaskStats {
     }
 }
 
+/// Applies the writer's commits: blocking, on the writer's own thread, one call per commit.
+pub trait Committer: Send + 'static {
+    /// Applies changes in order, atomically.
+    fn apply(&mut self, changes: &[Change]) -> Result<(), StoreError>;
+}
+
+/// The read model (and what a restart resumes from); written only through a [`Committer`].
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Everything the scheduler needs to resume after a restart.
     async fn load(&self) -> Result<Snapshot, StoreError>;
-    /// Applies changes in order, atomically.
-    async fn apply(&self, changes: &[Change]) -> Result<(), StoreError>;
     async fn task(&self, task_id: TaskId) -> Result<Option<TaskRecord>, StoreError>;
     async fn runs(&self, task_id: TaskId) -> Result<Vec<RunRecord>, StoreError>;
     /// The task and its runs from one snapshot: read apart, a commit in between could show a

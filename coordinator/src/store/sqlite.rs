@@ -15,13 +15,13 @@ use lull_shared::{
     CommandId, CommandKind, CommandStatus, Constraints, NodeResources, NodeStatus, Resources,
     RunId, RunStatus, TaskId, TaskStatus,
 };
+use sqlx::Row;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, Transaction};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,7 +50,13 @@ impl FromStr for SyncMode {
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// The database file, for the writer's own connection ([`SqliteStore::committer`]).
+    path: PathBuf,
+    sync: SyncMode,
 }
+
+/// How long a connection waits for another's write lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 const TASK_COLUMNS: &str = "task_id, code, timeout, cpu, memory_mb, constraints, max_attempts, \
     points, status, result, error, attempts, losses, node_id, created_at, started_at, completed_at, \
@@ -72,15 +78,16 @@ impl SqliteStore {
             path: data_dir.display().to_string(),
             source,
         })?;
+        let path = data_dir.join("lull.db");
         let options = SqliteConnectOptions::new()
-            .filename(data_dir.join("lull.db"))
+            .filename(&path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(match sync {
                 SyncMode::Full => SqliteSynchronous::Full,
                 SyncMode::Normal => SqliteSynchronous::Normal,
             })
-            .busy_timeout(Duration::from_secs(10))
+            .busy_timeout(BUSY_TIMEOUT)
             .pragma("temp_store", "memory");
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -92,7 +99,7 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Arc::new(SqliteStore { pool }))
+        Ok(Arc::new(SqliteStore { pool, path, sync }))
     }
 }
 
@@ -417,29 +424,115 @@ fn placeholders(columns: usize, rows: usize) -> String {
     vec![tuple; rows].join(", ")
 }
 
+/// The writer's own connection to the store's file: every commit is applied through it, on
+/// the writer's thread, in one call (see [`super::writer`]). Reads go through the pool.
+pub struct SqliteCommitter {
+    conn: rusqlite::Connection,
+}
+
+/// Distinct statements the committer keeps prepared: up to eight sizes for each of the
+/// three multi-row statements, and one each for nodes, commands and operations.
+const PREPARED_STATEMENTS: usize = 64;
+
+impl SqliteStore {
+    /// Opens the connection the store's writer commits through. The schema must be in place
+    /// (it is once [`SqliteStore::open`] has returned).
+    pub fn committer(&self) -> Result<SqliteCommitter, StoreError> {
+        let conn = rusqlite::Connection::open(&self.path)?;
+        // WAL is the file's (set by `open`); durability, the busy wait and temp storage
+        // are the connection's own, as on the pool's connections.
+        conn.pragma_update(
+            None,
+            "synchronous",
+            match self.sync {
+                SyncMode::Full => "FULL",
+                SyncMode::Normal => "NORMAL",
+            },
+        )?;
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        conn.set_prepared_statement_cache_capacity(PREPARED_STATEMENTS);
+        Ok(SqliteCommitter { conn })
+    }
+}
+
+impl super::Committer for SqliteCommitter {
+    fn apply(&mut self, changes: &[Change]) -> Result<(), StoreError> {
+        let net = NetChanges::of(changes);
+        // Immediate: the write lock is taken (waiting up to the busy timeout for a key
+        // being written through the pool) before anything is read, never upgraded midway.
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        insert_tasks(&tx, &net.created.rows)?;
+        update_tasks(&tx, &net.updated.rows)?;
+        save_runs(&tx, &net.runs.rows)?;
+        for node in net.nodes.rows {
+            save_node(&tx, node)?;
+        }
+        for command in net.commands.rows {
+            save_command(&tx, command)?;
+        }
+        for operation in net.operations.rows {
+            save_operation(&tx, operation)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+/// Binds one statement's parameters in order; the first error is kept for [`Self::done`].
+struct Binder<'s, 'c> {
+    statement: &'s mut rusqlite::Statement<'c>,
+    next: usize,
+    error: Option<rusqlite::Error>,
+}
+
+impl<'s, 'c> Binder<'s, 'c> {
+    fn new(statement: &'s mut rusqlite::Statement<'c>) -> Self {
+        Binder {
+            statement,
+            next: 1,
+            error: None,
+        }
+    }
+
+    fn put(&mut self, value: impl rusqlite::ToSql) -> &mut Self {
+        if self.error.is_none()
+            && let Err(e) = self.statement.raw_bind_parameter(self.next, value)
+        {
+            self.error = Some(e);
+        }
+        self.next += 1;
+        self
+    }
+
+    fn done(self) -> Result<(), StoreError> {
+        match self.error {
+            None => Ok(()),
+            Some(e) => Err(e.into()),
+        }
+    }
+}
+
 /// Runs `sql(rows)` for each statement-sized slice of `rows`, binding each row with `bind`.
-async fn write_rows<T>(
-    tx: &mut Transaction<'_, Sqlite>,
+fn write_rows<T>(
+    tx: &rusqlite::Transaction<'_>,
     rows: &[T],
     sql: impl Fn(usize) -> String,
-    bind: impl for<'q> Fn(
-        sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
-        &'q T,
-    ) -> Result<
-        sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
-        StoreError,
-    >,
+    bind: impl Fn(&mut Binder<'_, '_>, &T) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     let mut rest = rows;
     for size in statement_sizes(rows.len()) {
         let (chunk, after) = rest.split_at(size);
         rest = after;
-        let text = sql(size);
-        let mut query = sqlx::query(&text);
+        let mut statement = tx.prepare_cached(&sql(size))?;
+        let mut binder = Binder::new(&mut statement);
         for row in chunk {
-            query = bind(query, row)?;
+            bind(&mut binder, row)?;
         }
-        query.execute(&mut **tx).await?;
+        binder.done()?;
+        statement.raw_execute()?;
     }
     Ok(())
 }
@@ -449,8 +542,8 @@ fn column_count(columns: &str) -> usize {
     columns.split(',').count()
 }
 
-async fn insert_tasks(
-    tx: &mut Transaction<'_, Sqlite>,
+fn insert_tasks(
+    tx: &rusqlite::Transaction<'_>,
     rows: &[(&TaskRecord, &TaskState)],
 ) -> Result<(), StoreError> {
     write_rows(
@@ -462,37 +555,33 @@ async fn insert_tasks(
                 placeholders(column_count(TASK_COLUMNS), n)
             )
         },
-        |query, (t, s)| {
+        |b, (t, s)| {
             let constraints = serde_json::to_string(&t.spec.constraints)
                 .map_err(|e| corrupt("tasks", e.to_string()))?;
-            Ok(query
-                .bind(t.task_id)
-                .bind(&*t.spec.code)
-                .bind(t.spec.timeout)
-                .bind(t.spec.resources.cpu)
-                .bind(t.spec.resources.memory)
-                .bind(constraints)
-                .bind(t.spec.max_attempts as i64)
-                .bind(s.points as i64)
-                .bind(s.status.as_str())
-                .bind(&s.result)
-                .bind(&s.error)
-                .bind(s.attempts as i64)
-                .bind(s.losses as i64)
-                .bind(&s.node_id)
-                .bind(t.created_at)
-                .bind(s.started_at)
-                .bind(s.completed_at)
-                .bind(t.spec.submitted_by))
+            b.put(t.task_id)
+                .put(&*t.spec.code)
+                .put(t.spec.timeout)
+                .put(t.spec.resources.cpu)
+                .put(t.spec.resources.memory)
+                .put(constraints)
+                .put(t.spec.max_attempts as i64)
+                .put(s.points as i64)
+                .put(s.status.as_str())
+                .put(&s.result)
+                .put(&s.error)
+                .put(s.attempts as i64)
+                .put(s.losses as i64)
+                .put(&s.node_id)
+                .put(t.created_at)
+                .put(s.started_at)
+                .put(s.completed_at)
+                .put(t.spec.submitted_by);
+            Ok(())
         },
     )
-    .await
 }
 
-async fn update_tasks(
-    tx: &mut Transaction<'_, Sqlite>,
-    rows: &[&TaskState],
-) -> Result<(), StoreError> {
+fn update_tasks(tx: &rusqlite::Transaction<'_>, rows: &[&TaskState]) -> Result<(), StoreError> {
     write_rows(
         tx,
         rows,
@@ -505,27 +594,23 @@ async fn update_tasks(
                 placeholders(10, n)
             )
         },
-        |query, s| {
-            Ok(query
-                .bind(s.task_id)
-                .bind(s.status.as_str())
-                .bind(&s.result)
-                .bind(&s.error)
-                .bind(s.attempts as i64)
-                .bind(s.losses as i64)
-                .bind(&s.node_id)
-                .bind(s.started_at)
-                .bind(s.completed_at)
-                .bind(s.points as i64))
+        |b, s| {
+            b.put(s.task_id)
+                .put(s.status.as_str())
+                .put(&s.result)
+                .put(&s.error)
+                .put(s.attempts as i64)
+                .put(s.losses as i64)
+                .put(&s.node_id)
+                .put(s.started_at)
+                .put(s.completed_at)
+                .put(s.points as i64);
+            Ok(())
         },
     )
-    .await
 }
 
-async fn save_runs(
-    tx: &mut Transaction<'_, Sqlite>,
-    rows: &[&RunRecord],
-) -> Result<(), StoreError> {
+fn save_runs(tx: &rusqlite::Transaction<'_>, rows: &[&RunRecord]) -> Result<(), StoreError> {
     write_rows(
         tx,
         rows,
@@ -539,34 +624,33 @@ async fn save_runs(
                 placeholders(column_count(RUN_COLUMNS), n)
             )
         },
-        |query, r| {
-            Ok(query
-                .bind(r.run_id)
-                .bind(r.task_id)
-                .bind(&r.node_id)
-                .bind(r.attempt as i64)
-                .bind(r.point as i64)
-                .bind(r.status.as_str())
-                .bind(r.exit_code.map(i64::from))
-                .bind(&r.stdout)
-                .bind(&r.stderr)
-                .bind(&r.error)
-                .bind(r.started_at)
-                .bind(r.completed_at)
-                .bind(r.cpu_seconds)
-                .bind(r.max_rss_mb))
+        |b, r| {
+            b.put(r.run_id)
+                .put(r.task_id)
+                .put(&r.node_id)
+                .put(r.attempt as i64)
+                .put(r.point as i64)
+                .put(r.status.as_str())
+                .put(r.exit_code.map(i64::from))
+                .put(&r.stdout)
+                .put(&r.stderr)
+                .put(&r.error)
+                .put(r.started_at)
+                .put(r.completed_at)
+                .put(r.cpu_seconds)
+                .put(r.max_rss_mb);
+            Ok(())
         },
     )
-    .await
 }
 
-async fn save_node(tx: &mut Transaction<'_, Sqlite>, n: &NodeRecord) -> Result<(), StoreError> {
+fn save_node(tx: &rusqlite::Transaction<'_>, n: &NodeRecord) -> Result<(), StoreError> {
     let meta = serde_json::Value::Object(n.meta.clone()).to_string();
     let sandbox = n
         .sandbox
         .as_ref()
         .and_then(|p| serde_json::to_string(p).ok());
-    sqlx::query(
+    let mut statement = tx.prepare_cached(
         "INSERT INTO nodes (node_id, hostname, node_type, zone, cpu_cores, memory_mb, meta, \
              status, version, joined_at, last_heartbeat, sandbox, executor, \
              drain_requested_at, drain_deadline, group_id, group_operation) \
@@ -580,34 +664,35 @@ async fn save_node(tx: &mut Transaction<'_, Sqlite>, n: &NodeRecord) -> Result<(
              drain_requested_at = excluded.drain_requested_at, \
              drain_deadline = excluded.drain_deadline, \
              group_id = excluded.group_id, group_operation = excluded.group_operation",
-    )
-    .bind(&n.node_id)
-    .bind(&n.hostname)
-    .bind(&n.node_type)
-    .bind(&n.zone)
-    .bind(n.resources.cpu_cores)
-    .bind(n.resources.memory_mb)
-    .bind(meta)
-    .bind(n.status.as_str())
-    .bind(&n.version)
-    .bind(n.joined_at)
-    .bind(n.last_heartbeat)
-    .bind(sandbox)
-    .bind(&n.executor)
-    .bind(n.drain.map(|d| d.requested_at))
-    .bind(n.drain.and_then(|d| d.deadline))
-    .bind(n.group.id)
-    .bind(n.group.operation_id)
-    .execute(&mut **tx)
-    .await?;
+    )?;
+    let mut b = Binder::new(&mut statement);
+    b.put(&n.node_id)
+        .put(&n.hostname)
+        .put(&n.node_type)
+        .put(&n.zone)
+        .put(n.resources.cpu_cores)
+        .put(n.resources.memory_mb)
+        .put(meta)
+        .put(n.status.as_str())
+        .put(&n.version)
+        .put(n.joined_at)
+        .put(n.last_heartbeat)
+        .put(sandbox)
+        .put(&n.executor)
+        .put(n.drain.map(|d| d.requested_at))
+        .put(n.drain.and_then(|d| d.deadline))
+        .put(n.group.id)
+        .put(n.group.operation_id);
+    b.done()?;
+    statement.raw_execute()?;
     Ok(())
 }
 
-async fn save_operation(
-    tx: &mut Transaction<'_, Sqlite>,
+fn save_operation(
+    tx: &rusqlite::Transaction<'_>,
     o: &crate::operations::OperationRecord,
 ) -> Result<(), StoreError> {
-    sqlx::query(
+    let mut statement = tx.prepare_cached(
         "INSERT INTO operations (operation_id, kind, state, operator, stage, stages, \
          additional_data, created_at, start_time, end_time) \
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
@@ -615,46 +700,45 @@ async fn save_operation(
          operator = excluded.operator, stage = excluded.stage, stages = excluded.stages, \
          additional_data = excluded.additional_data, start_time = excluded.start_time, \
          end_time = excluded.end_time",
-    )
-    .bind(o.operation_id)
-    .bind(o.kind.as_str())
-    .bind(o.state.as_str())
-    .bind(&o.operator)
-    .bind(o.stage as i64)
-    .bind(stages_to_json(&o.stages))
-    .bind(serde_json::Value::Object(o.additional_data.clone()).to_string())
-    .bind(o.created_at)
-    .bind(o.start_time)
-    .bind(o.end_time)
-    .execute(&mut **tx)
-    .await?;
+    )?;
+    let mut b = Binder::new(&mut statement);
+    b.put(o.operation_id)
+        .put(o.kind.as_str())
+        .put(o.state.as_str())
+        .put(&o.operator)
+        .put(o.stage as i64)
+        .put(stages_to_json(&o.stages))
+        .put(serde_json::Value::Object(o.additional_data.clone()).to_string())
+        .put(o.created_at)
+        .put(o.start_time)
+        .put(o.end_time);
+    b.done()?;
+    statement.raw_execute()?;
     Ok(())
 }
 
-async fn save_command(
-    tx: &mut Transaction<'_, Sqlite>,
-    c: &CommandRecord,
-) -> Result<(), StoreError> {
+fn save_command(tx: &rusqlite::Transaction<'_>, c: &CommandRecord) -> Result<(), StoreError> {
     let args = serde_json::Value::Object(c.args.clone()).to_string();
-    sqlx::query(
+    let mut statement = tx.prepare_cached(
         "INSERT INTO node_commands (command_id, node_id, command, args, status, \
              created_at, delivered_at, completed_at, error) \
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
              ON CONFLICT (command_id) DO UPDATE SET status = excluded.status, \
              delivered_at = excluded.delivered_at, completed_at = excluded.completed_at, \
              error = excluded.error",
-    )
-    .bind(c.command_id)
-    .bind(&c.node_id)
-    .bind(c.kind.as_str())
-    .bind(args)
-    .bind(c.status.as_str())
-    .bind(c.created_at)
-    .bind(c.delivered_at)
-    .bind(c.completed_at)
-    .bind(&c.error)
-    .execute(&mut **tx)
-    .await?;
+    )?;
+    let mut b = Binder::new(&mut statement);
+    b.put(c.command_id)
+        .put(&c.node_id)
+        .put(c.kind.as_str())
+        .put(args)
+        .put(c.status.as_str())
+        .put(c.created_at)
+        .put(c.delivered_at)
+        .put(c.completed_at)
+        .put(&c.error);
+    b.done()?;
+    statement.raw_execute()?;
     Ok(())
 }
 
@@ -732,25 +816,6 @@ impl Store for SqliteStore {
                 .collect::<Result<_, _>>()?,
             max_operation_id: ids.try_get("max_operation")?,
         })
-    }
-
-    async fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
-        let net = NetChanges::of(changes);
-        let mut tx = self.pool.begin().await?;
-        insert_tasks(&mut tx, &net.created.rows).await?;
-        update_tasks(&mut tx, &net.updated.rows).await?;
-        save_runs(&mut tx, &net.runs.rows).await?;
-        for node in net.nodes.rows {
-            save_node(&mut tx, node).await?;
-        }
-        for command in net.commands.rows {
-            save_command(&mut tx, command).await?;
-        }
-        for operation in net.operations.rows {
-            save_operation(&mut tx, operation).await?;
-        }
-        tx.commit().await?;
-        Ok(())
     }
 
     async fn task(&self, task_id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
@@ -1028,6 +1093,7 @@ impl KeyStore for SqliteStore {
 mod tests {
     use super::*;
     use crate::model::TaskSpec;
+    use crate::store::Committer;
 
     fn task(task_id: TaskId, at: f64) -> TaskRecord {
         TaskRecord {
@@ -1097,12 +1163,13 @@ mod tests {
         }
     }
 
-    async fn store() -> (tempfile::TempDir, Arc<SqliteStore>) {
+    async fn store() -> (tempfile::TempDir, Arc<SqliteStore>, SqliteCommitter) {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = SqliteStore::open(dir.path(), SyncMode::Normal)
             .await
             .expect("store opens");
-        (dir, store)
+        let committer = store.committer().expect("committer opens");
+        (dir, store, committer)
     }
 
     #[test]
@@ -1125,7 +1192,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_leaves_each_rows_last_state() {
-        let (_dir, store) = store().await;
+        let (_dir, store, mut committer) = store().await;
         let first = task(1, 10.0);
         let second = task(2, 10.5);
         let started = running(&first, "n1", 11.0);
@@ -1136,7 +1203,7 @@ mod tests {
         run_done.exit_code = Some(0);
         run_done.completed_at = Some(12.0);
         // Created, started, run saved twice and finished, all in one commit.
-        store
+        committer
             .apply(&[
                 Change::TaskCreated(first.clone()),
                 Change::TaskUpdated(started.clone()),
@@ -1145,7 +1212,6 @@ mod tests {
                 Change::RunSaved(run_done.clone()),
                 Change::TaskUpdated(finished.clone()),
             ])
-            .await
             .expect("applied");
 
         let stored = store.task(1).await.expect("read").expect("task 1");
@@ -1158,12 +1224,11 @@ mod tests {
 
         // A later commit updates rows that exist: the update path, not the insert.
         let second_started = running(&second, "n2", 13.0);
-        store
+        committer
             .apply(&[
                 Change::TaskUpdated(second_started.clone()),
                 Change::RunSaved(run(8, 2, "n2", 13.0)),
             ])
-            .await
             .expect("applied");
         let stored = store.task(2).await.expect("read").expect("task 2");
         assert_eq!(stored.state, second_started);
@@ -1177,11 +1242,11 @@ mod tests {
 
     #[tokio::test]
     async fn long_batches_span_several_statements() {
-        let (_dir, store) = store().await;
+        let (_dir, store, mut committer) = store().await;
         let n: TaskId = 300;
         let tasks: Vec<TaskRecord> = (1..=n).map(|id| task(id, id as f64)).collect();
         let created: Vec<Change> = tasks.iter().cloned().map(Change::TaskCreated).collect();
-        store.apply(&created).await.expect("created");
+        committer.apply(&created).expect("created");
         assert_eq!(
             store
                 .count_tasks(Some(TaskStatus::Pending), None)
@@ -1207,7 +1272,7 @@ mod tests {
                 2000.0,
             )));
         }
-        store.apply(&leases).await.expect("leased");
+        committer.apply(&leases).expect("leased");
         assert_eq!(
             store
                 .count_tasks(Some(TaskStatus::Running), None)
@@ -1215,7 +1280,7 @@ mod tests {
                 .expect("count"),
             300
         );
-        store.apply(&results).await.expect("finished");
+        committer.apply(&results).expect("finished");
         assert_eq!(
             store
                 .count_tasks(Some(TaskStatus::Completed), None)

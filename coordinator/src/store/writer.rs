@@ -1,5 +1,11 @@
-//! The single writer: every change goes through one task that applies whatever has queued
+//! The single writer: every change goes through one thread that applies whatever has queued
 //! up as one transaction (a group commit), then acknowledges each sender.
+//!
+//! The writer is an OS thread that owns its [`Committer`] (its own database connection), not
+//! an async task: a commit is one blocking call there, so a change costs one hand-off to the
+//! writer and one acknowledgement back, whatever the number of statements. (Through sqlx,
+//! every statement, the `BEGIN` and the `COMMIT` were each a round trip to its SQLite
+//! thread.) While a commit is in flight, what queues up rides in the next one.
 //!
 //! Senders enqueue while holding the scheduler's lock (the send never blocks), so the durable
 //! order is the scheduler's order; they await the acknowledgement after releasing the lock.
@@ -8,11 +14,12 @@
 //! (the live feed) is shown the committed changes: what it publishes is durable, in commit
 //! order.
 
-use super::{Store, StoreError};
+use super::{Committer, StoreError};
 use crate::model::Change;
 use crate::waiters::FinishWaiters;
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use std::sync::mpsc;
+use tokio::sync::oneshot;
 
 /// Most changes applied in one transaction; more waits for the next commit.
 const MAX_BATCH_CHANGES: usize = 16_384;
@@ -25,7 +32,7 @@ struct Batch {
 /// The sending side, cheap to clone.
 #[derive(Clone)]
 pub struct WriterHandle {
-    tx: mpsc::UnboundedSender<Batch>,
+    tx: mpsc::Sender<Batch>,
 }
 
 /// Resolves once the changes it was issued for are durable.
@@ -86,35 +93,44 @@ pub trait CommitObserver: Send + Sync + 'static {
 
 pub struct Writer;
 
+/// Resolves once the writer's thread has ended (every handle dropped, the queue drained).
+pub type WriterStopped = oneshot::Receiver<()>;
+
 impl Writer {
-    /// Starts the writer task. It ends once every handle is dropped and the queue is drained.
-    /// `finished` is shown every commit, to wake those waiting for a task it finished (never
-    /// before: what they answer must be durable). `observer` sees every committed batch.
+    /// Starts the writer's thread, which commits through `committer`. It ends once every
+    /// handle is dropped and the queue is drained. `finished` is shown every commit, to wake
+    /// those waiting for a task it finished (never before: what they answer must be
+    /// durable). `observer` sees every committed batch.
     pub fn spawn(
-        store: Arc<dyn Store>,
+        committer: Box<dyn Committer>,
         finished: Arc<FinishWaiters>,
         observer: Arc<dyn CommitObserver>,
-    ) -> (WriterHandle, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(store, rx, finished, observer));
-        (WriterHandle { tx }, task)
+    ) -> Result<(WriterHandle, WriterStopped), StoreError> {
+        let (tx, rx) = mpsc::channel();
+        let (stopped_tx, stopped) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("lull-writer".into())
+            .spawn(move || {
+                // Dropped when the thread ends, however it ends: resolves `stopped`.
+                let _stopped = stopped_tx;
+                run(committer, rx, &finished, observer.as_ref());
+            })
+            .map_err(StoreError::WriterThread)?;
+        Ok((WriterHandle { tx }, stopped))
     }
 }
 
-async fn run(
-    store: Arc<dyn Store>,
-    mut rx: mpsc::UnboundedReceiver<Batch>,
-    finished: Arc<FinishWaiters>,
-    observer: Arc<dyn CommitObserver>,
+fn run(
+    mut committer: Box<dyn Committer>,
+    rx: mpsc::Receiver<Batch>,
+    finished: &FinishWaiters,
+    observer: &dyn CommitObserver,
 ) {
     let mut changes = Vec::new();
     let mut acks = Vec::new();
-    while let Some(first) = rx.recv().await {
+    while let Ok(first) = rx.recv() {
         changes.extend(first.changes);
         acks.extend(first.acks);
-        // Let the tasks this change just woke run first: what they queue now rides in the
-        // same commit. (A submission leases to waiting pulls itself, in its own batch.)
-        tokio::task::yield_now().await;
         while changes.len() < MAX_BATCH_CHANGES {
             match rx.try_recv() {
                 Ok(next) => {
@@ -124,7 +140,7 @@ async fn run(
                 Err(_) => break,
             }
         }
-        let outcome = store.apply(&changes).await.map_err(|e| {
+        let outcome = committer.apply(&changes).map_err(|e| {
             tracing::error!(error = %e, changes = changes.len(), "commit failed");
             e.to_string()
         });

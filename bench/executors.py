@@ -237,7 +237,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--closed-loop", type=int, default=200, help="tasks per client in the closed loop")
+    ap.add_argument("--closed-loop", type=int, default=200, help="tasks per client in the closed loop (0: skip it)")
     ap.add_argument("--idle", type=int, default=20, help="tasks in the idle mode (0: skip it)")
     ap.add_argument("--idle-gap", type=float, default=0.2, help="seconds of quiet before each idle-mode task")
     ap.add_argument("--executors", default="cold,zygote")
@@ -260,7 +260,7 @@ def main():
             meter = CpuMeter(cluster)
             rates = [batch(cluster, args.tasks, args.one_by_one) for _ in range(args.repeat)]
             cpu = meter.per_task_ms(args.tasks * args.repeat)
-            p50, p99 = closed_loop(cluster, args.closed_loop)
+            p50, p99 = closed_loop(cluster, args.closed_loop) if args.closed_loop else (None, None)
             idle_p50, idle_max = idle(cluster, args.idle, args.idle_gap) if args.idle else (None, None)
         finally:
             cluster.close()
@@ -276,8 +276,10 @@ def main():
     print("|---|---|---|---|---|---|")
     for r in rows:
         name = r["executor"] if r["executor"] == r["asked"] else f"{r['asked']} (ran {r['executor']})"
+        closed = (f"| {r['closed_p50_ms']:.1f} ms | {r['closed_p99_ms']:.1f} ms "
+                  if r["closed_p50_ms"] is not None else "| - | - ")
         print(f"| {name} | {r['sandbox']} | {r['batch_median']:.0f} ({r['batch_min']:.0f}-{r['batch_max']:.0f}) "
-              f"| {r['closed_p50_ms']:.1f} ms | {r['closed_p99_ms']:.1f} ms "
+              + closed
               + (f"| {r['idle_p50_ms']:.1f} ms ({r['idle_max_ms']:.1f}) |" if r["idle_p50_ms"] is not None else "| - |"))
     print("\nCPU per task in batch mode (ms; kernel threads not counted):")
     for r in rows:

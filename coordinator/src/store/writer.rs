@@ -156,3 +156,175 @@ fn run(
         changes.clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::CommandRecord;
+    use lull_shared::{CommandKind, CommandStatus};
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    /// What the writer did, in order: `commit N` (the command ids committed) or `seen N` (the
+    /// observer shown them).
+    type Log = Arc<Mutex<Vec<String>>>;
+
+    fn ids(changes: &[Change]) -> String {
+        let ids: Vec<String> = changes
+            .iter()
+            .map(|c| match c {
+                Change::CommandSaved(c) => c.command_id.to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        ids.join(",")
+    }
+
+    /// Commits by logging; fails the commits whose first id is listed in `fail`.
+    struct Logging {
+        log: Log,
+        fail: Vec<i64>,
+    }
+
+    impl Committer for Logging {
+        fn apply(&mut self, changes: &[Change]) -> Result<(), StoreError> {
+            let first = match changes.first() {
+                Some(Change::CommandSaved(c)) => c.command_id,
+                _ => 0,
+            };
+            if self.fail.contains(&first) {
+                return Err(StoreError::Commit(format!("disk full at {first}")));
+            }
+            lock(&self.log).push(format!("commit {}", ids(changes)));
+            Ok(())
+        }
+    }
+
+    /// Logs what it is shown; the first time, it first waits for `gate` (if any) to open.
+    struct Seen {
+        log: Log,
+        gate: Mutex<Option<mpsc::Receiver<()>>>,
+    }
+
+    impl CommitObserver for Seen {
+        fn committed(&self, changes: &[Change]) {
+            let gate = self
+                .gate
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(gate) = gate {
+                let _ = gate.recv_timeout(Duration::from_secs(10));
+            }
+            lock(&self.log).push(format!("seen {}", ids(changes)));
+        }
+    }
+
+    fn lock(log: &Log) -> std::sync::MutexGuard<'_, Vec<String>> {
+        log.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn command(command_id: i64) -> Change {
+        Change::CommandSaved(CommandRecord {
+            command_id,
+            node_id: "n1".into(),
+            kind: CommandKind::Drain,
+            args: serde_json::Map::new(),
+            status: CommandStatus::Pending,
+            created_at: 1.0,
+            delivered_at: None,
+            completed_at: None,
+            error: None,
+        })
+    }
+
+    fn start(
+        fail: Vec<i64>,
+        gate: Option<mpsc::Receiver<()>>,
+    ) -> (WriterHandle, WriterStopped, Log) {
+        let log = Log::default();
+        let (writer, stopped) = Writer::spawn(
+            Box::new(Logging {
+                log: log.clone(),
+                fail,
+            }),
+            Arc::new(FinishWaiters::default()),
+            Arc::new(Seen {
+                log: log.clone(),
+                gate: Mutex::new(gate),
+            }),
+        )
+        .expect("writer starts");
+        (writer, stopped, log)
+    }
+
+    #[tokio::test]
+    async fn changes_are_committed_in_order_and_shown_before_their_sender_hears() {
+        let (open, gate) = mpsc::channel();
+        let (writer, _stopped, log) = start(Vec::new(), Some(gate));
+        let first = writer.send(vec![command(1), command(2)]);
+        let mut first = tokio::spawn(first.durable());
+        // The observer is held at the first commit: its sender must not have heard yet (what
+        // the feed publishes is never behind what a client was told).
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), &mut first)
+                .await
+                .is_err(),
+            "acknowledged before the observer was shown the commit: {:?}",
+            lock(&log)
+        );
+        let second = writer.send(vec![command(3)]);
+        open.send(()).expect("observer waiting");
+        first.await.expect("joined").expect("first durable");
+        second.durable().await.expect("second durable");
+        let log = lock(&log).clone();
+        // The second send waited for the next commit; never reordered.
+        let committed: Vec<&String> = log.iter().filter(|l| l.starts_with("commit")).collect();
+        assert_eq!(committed, ["commit 1,2", "commit 3"], "{log:?}");
+        for (i, line) in log.iter().enumerate() {
+            if let Some(batch) = line.strip_prefix("commit ") {
+                assert_eq!(log.get(i + 1), Some(&format!("seen {batch}")), "{log:?}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_is_reported_to_its_senders_and_the_writer_goes_on() {
+        let (writer, _stopped, log) = start(vec![1], None);
+        let failed = writer.send_to(vec![command(1)], 2);
+        for ack in failed {
+            match ack.durable().await {
+                Err(StoreError::Commit(msg)) => assert!(msg.contains("disk full at 1"), "{msg}"),
+                other => panic!("expected the commit's failure, got {other:?}"),
+            }
+        }
+        writer
+            .send(vec![command(2)])
+            .durable()
+            .await
+            .expect("next commit");
+        assert_eq!(
+            *lock(&log),
+            ["commit 2", "seen 2"],
+            "nothing shown of a failed commit"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_thread_ends_once_every_handle_is_dropped() {
+        let (writer, stopped, _log) = start(Vec::new(), None);
+        let other = writer.clone();
+        drop(writer);
+        other
+            .send(vec![command(1)])
+            .durable()
+            .await
+            .expect("still running");
+        drop(other);
+        tokio::time::timeout(Duration::from_secs(10), stopped)
+            .await
+            .expect("the writer's thread ended")
+            .ok();
+    }
+}

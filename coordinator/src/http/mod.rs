@@ -134,15 +134,12 @@ pub fn router(
         }),
         guards: Arc::new(Guards::new(crate::replay::DEFAULT_PER_KEY)),
     };
-    let guarded = |router: Router<AppState>| {
-        router
-            .method_not_allowed_fallback(method_not_allowed)
-            .layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                auth::authenticate,
-            ))
-            .layer(DefaultBodyLimit::max(config.max_body_bytes))
-    };
+    // Layers are given as tuples, outermost first: one `Router::layer` boxes every route's
+    // service and its future once more per request, so each call wraps a whole stack.
+    let guard = (
+        DefaultBodyLimit::max(config.max_body_bytes),
+        axum::middleware::from_fn_with_state(state.clone(), auth::authenticate),
+    );
     let timed = Router::new()
         .route("/", get(seed::root))
         .route("/submit", post(seed::submit))
@@ -181,12 +178,14 @@ pub fn router(
             post(change_points::change_points).fallback(change_points::method_not_allowed),
         )
         .fallback(not_found);
-    // Outermost on these routes: a slow client (headers in, body dripping) cannot hold a
-    // handler, nor the signature check reading the body, past the timeout.
-    let timed = guarded(timed).layer(TimeoutLayer::with_status_code(
-        StatusCode::REQUEST_TIMEOUT,
-        config.request_timeout,
-    ));
+    // The timeout outermost on these routes: a slow client (headers in, body dripping)
+    // cannot hold a handler, nor the signature check reading the body, past it.
+    let timed = timed
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer((
+            TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, config.request_timeout),
+            guard.clone(),
+        ));
     // These wait by design, each bounded by itself: the agents' long-poll (`wait`, at most
     // 60 s), a task read with `?wait=` (at most 60 s), and the live feed.
     let waiting = Router::new()
@@ -194,12 +193,18 @@ pub fn router(
         .route("/api/v1/tasks/{task_id}", get(tasks::get))
         .route("/ws/updates", get(feed::updates));
     timed
-        .merge(guarded(waiting))
-        .layer(axum::middleware::map_response(detail_for_bare_errors))
-        // Preflights are answered here, before authentication, so browsers can send the
-        // key headers.
-        .layer(cors(config))
-        .layer(TraceLayer::new_for_http())
+        .merge(
+            waiting
+                .method_not_allowed_fallback(method_not_allowed)
+                .layer(guard),
+        )
+        .layer((
+            TraceLayer::new_for_http(),
+            // Preflights are answered here, before authentication, so browsers can send
+            // the key headers.
+            cors(config),
+            axum::middleware::map_response(detail_for_bare_errors),
+        ))
         .with_state(state)
 }
 

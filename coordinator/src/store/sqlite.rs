@@ -18,7 +18,6 @@ use lull_shared::{
 use sqlx::Row;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -35,6 +34,16 @@ pub enum SyncMode {
     /// fsync at checkpoints only: survives a killed process, may lose the last commits on
     /// power loss.
     Normal,
+}
+
+impl SyncMode {
+    /// The value of SQLite's `synchronous` pragma for this mode.
+    fn pragma(self) -> &'static str {
+        match self {
+            SyncMode::Full => "FULL",
+            SyncMode::Normal => "NORMAL",
+        }
+    }
 }
 
 impl FromStr for SyncMode {
@@ -83,10 +92,7 @@ impl SqliteStore {
             .filename(&path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(match sync {
-                SyncMode::Full => SqliteSynchronous::Full,
-                SyncMode::Normal => SqliteSynchronous::Normal,
-            })
+            .pragma("synchronous", sync.pragma())
             .busy_timeout(BUSY_TIMEOUT)
             .pragma("temp_store", "memory");
         let pool = SqlitePoolOptions::new()
@@ -428,6 +434,28 @@ fn placeholders(columns: usize, rows: usize) -> String {
 /// the writer's thread, in one call (see [`super::writer`]). Reads go through the pool.
 pub struct SqliteCommitter {
     conn: rusqlite::Connection,
+    insert_tasks: MultiRowSql,
+    update_tasks: MultiRowSql,
+    save_runs: MultiRowSql,
+}
+
+/// One multi-row statement's text for each size [`statement_sizes`] yields (1, 2, 4, ...
+/// [`MAX_ROWS_PER_STATEMENT`]), written once rather than on every commit.
+struct MultiRowSql(Vec<String>);
+
+impl MultiRowSql {
+    fn new(sql: impl Fn(usize) -> String) -> Self {
+        MultiRowSql(
+            (0..=MAX_ROWS_PER_STATEMENT.ilog2())
+                .map(|power| sql(1 << power))
+                .collect(),
+        )
+    }
+
+    /// The text for `rows` rows, a power of two no larger than [`MAX_ROWS_PER_STATEMENT`].
+    fn of(&self, rows: usize) -> &str {
+        &self.0[rows.ilog2() as usize]
+    }
 }
 
 /// Distinct statements the committer keeps prepared: up to eight sizes for each of the
@@ -441,18 +469,39 @@ impl SqliteStore {
         let conn = rusqlite::Connection::open(&self.path)?;
         // WAL is the file's (set by `open`); durability, the busy wait and temp storage
         // are the connection's own, as on the pool's connections.
-        conn.pragma_update(
-            None,
-            "synchronous",
-            match self.sync {
-                SyncMode::Full => "FULL",
-                SyncMode::Normal => "NORMAL",
-            },
-        )?;
+        conn.pragma_update(None, "synchronous", self.sync.pragma())?;
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         conn.set_prepared_statement_cache_capacity(PREPARED_STATEMENTS);
-        Ok(SqliteCommitter { conn })
+        Ok(SqliteCommitter {
+            conn,
+            insert_tasks: MultiRowSql::new(|n| {
+                format!(
+                    "INSERT INTO tasks ({TASK_COLUMNS}) VALUES {}",
+                    placeholders(column_count(TASK_COLUMNS), n)
+                )
+            }),
+            update_tasks: MultiRowSql::new(|n| {
+                format!(
+                    "UPDATE tasks SET status = v.column2, result = v.column3, error = v.column4, \
+                     attempts = v.column5, losses = v.column6, node_id = v.column7, \
+                     started_at = v.column8, completed_at = v.column9, points = v.column10 \
+                     FROM (VALUES {}) AS v WHERE tasks.task_id = v.column1",
+                    placeholders(10, n)
+                )
+            }),
+            save_runs: MultiRowSql::new(|n| {
+                format!(
+                    "INSERT INTO runs ({RUN_COLUMNS}) VALUES {} \
+                     ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, \
+                     exit_code = excluded.exit_code, stdout = excluded.stdout, \
+                     stderr = excluded.stderr, error = excluded.error, \
+                     completed_at = excluded.completed_at, cpu_seconds = excluded.cpu_seconds, \
+                     max_rss_mb = excluded.max_rss_mb",
+                    placeholders(column_count(RUN_COLUMNS), n)
+                )
+            }),
+        })
     }
 }
 
@@ -464,9 +513,9 @@ impl super::Committer for SqliteCommitter {
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        insert_tasks(&tx, &net.created.rows)?;
-        update_tasks(&tx, &net.updated.rows)?;
-        save_runs(&tx, &net.runs.rows)?;
+        insert_tasks(&tx, &self.insert_tasks, &net.created.rows)?;
+        update_tasks(&tx, &self.update_tasks, &net.updated.rows)?;
+        save_runs(&tx, &self.save_runs, &net.runs.rows)?;
         for node in net.nodes.rows {
             save_node(&tx, node)?;
         }
@@ -481,7 +530,7 @@ impl super::Committer for SqliteCommitter {
     }
 }
 
-/// Binds one statement's parameters in order; the first error is kept for [`Self::done`].
+/// Binds one statement's parameters in order; the first error is kept for [`Self::execute`].
 struct Binder<'s, 'c> {
     statement: &'s mut rusqlite::Statement<'c>,
     next: usize,
@@ -507,34 +556,58 @@ impl<'s, 'c> Binder<'s, 'c> {
         self
     }
 
-    fn done(self) -> Result<(), StoreError> {
-        match self.error {
-            None => Ok(()),
-            Some(e) => Err(e.into()),
+    /// Runs the statement with what was bound, or says what could not be bound.
+    fn execute(self) -> Result<(), StoreError> {
+        if let Some(e) = self.error {
+            return Err(e.into());
         }
+        self.statement.raw_execute()?;
+        Ok(())
+    }
+
+    /// A task's outcome columns, in the order both the insert and the update name them:
+    /// status, result, error, attempts, losses, node_id.
+    fn put_outcome(&mut self, s: &TaskState) -> &mut Self {
+        self.put(s.status.as_str())
+            .put(&s.result)
+            .put(&s.error)
+            .put(s.attempts as i64)
+            .put(s.losses as i64)
+            .put(&s.node_id)
     }
 }
 
 /// Runs `sql(rows)` for each statement-sized slice of `rows`, binding each row with `bind`.
 fn write_rows<T>(
     tx: &rusqlite::Transaction<'_>,
+    sql: &MultiRowSql,
     rows: &[T],
-    sql: impl Fn(usize) -> String,
     bind: impl Fn(&mut Binder<'_, '_>, &T) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     let mut rest = rows;
     for size in statement_sizes(rows.len()) {
         let (chunk, after) = rest.split_at(size);
         rest = after;
-        let mut statement = tx.prepare_cached(&sql(size))?;
+        let mut statement = tx.prepare_cached(sql.of(size))?;
         let mut binder = Binder::new(&mut statement);
         for row in chunk {
             bind(&mut binder, row)?;
         }
-        binder.done()?;
-        statement.raw_execute()?;
+        binder.execute()?;
     }
     Ok(())
+}
+
+/// Runs the one-row statement `sql` with what `bind` binds.
+fn write_one(
+    tx: &rusqlite::Transaction<'_>,
+    sql: &str,
+    bind: impl FnOnce(&mut Binder<'_, '_>),
+) -> Result<(), StoreError> {
+    let mut statement = tx.prepare_cached(sql)?;
+    let mut binder = Binder::new(&mut statement);
+    bind(&mut binder);
+    binder.execute()
 }
 
 /// How many columns a list like [`TASK_COLUMNS`] names.
@@ -544,104 +617,66 @@ fn column_count(columns: &str) -> usize {
 
 fn insert_tasks(
     tx: &rusqlite::Transaction<'_>,
+    sql: &MultiRowSql,
     rows: &[(&TaskRecord, &TaskState)],
 ) -> Result<(), StoreError> {
-    write_rows(
-        tx,
-        rows,
-        |n| {
-            format!(
-                "INSERT INTO tasks ({TASK_COLUMNS}) VALUES {}",
-                placeholders(column_count(TASK_COLUMNS), n)
-            )
-        },
-        |b, (t, s)| {
-            let constraints = serde_json::to_string(&t.spec.constraints)
-                .map_err(|e| corrupt("tasks", e.to_string()))?;
-            b.put(t.task_id)
-                .put(&*t.spec.code)
-                .put(t.spec.timeout)
-                .put(t.spec.resources.cpu)
-                .put(t.spec.resources.memory)
-                .put(constraints)
-                .put(t.spec.max_attempts as i64)
-                .put(s.points as i64)
-                .put(s.status.as_str())
-                .put(&s.result)
-                .put(&s.error)
-                .put(s.attempts as i64)
-                .put(s.losses as i64)
-                .put(&s.node_id)
-                .put(t.created_at)
-                .put(s.started_at)
-                .put(s.completed_at)
-                .put(t.spec.submitted_by);
-            Ok(())
-        },
-    )
+    write_rows(tx, sql, rows, |b, (t, s)| {
+        let constraints = serde_json::to_string(&t.spec.constraints)
+            .map_err(|e| corrupt("tasks", e.to_string()))?;
+        b.put(t.task_id)
+            .put(&*t.spec.code)
+            .put(t.spec.timeout)
+            .put(t.spec.resources.cpu)
+            .put(t.spec.resources.memory)
+            .put(constraints)
+            .put(t.spec.max_attempts as i64)
+            .put(s.points as i64)
+            .put_outcome(s)
+            .put(t.created_at)
+            .put(s.started_at)
+            .put(s.completed_at)
+            .put(t.spec.submitted_by);
+        Ok(())
+    })
 }
 
-fn update_tasks(tx: &rusqlite::Transaction<'_>, rows: &[&TaskState]) -> Result<(), StoreError> {
-    write_rows(
-        tx,
-        rows,
-        |n| {
-            format!(
-                "UPDATE tasks SET status = v.column2, result = v.column3, error = v.column4, \
-                 attempts = v.column5, losses = v.column6, node_id = v.column7, \
-                 started_at = v.column8, completed_at = v.column9, points = v.column10 \
-                 FROM (VALUES {}) AS v WHERE tasks.task_id = v.column1",
-                placeholders(10, n)
-            )
-        },
-        |b, s| {
-            b.put(s.task_id)
-                .put(s.status.as_str())
-                .put(&s.result)
-                .put(&s.error)
-                .put(s.attempts as i64)
-                .put(s.losses as i64)
-                .put(&s.node_id)
-                .put(s.started_at)
-                .put(s.completed_at)
-                .put(s.points as i64);
-            Ok(())
-        },
-    )
+fn update_tasks(
+    tx: &rusqlite::Transaction<'_>,
+    sql: &MultiRowSql,
+    rows: &[&TaskState],
+) -> Result<(), StoreError> {
+    write_rows(tx, sql, rows, |b, s| {
+        b.put(s.task_id)
+            .put_outcome(s)
+            .put(s.started_at)
+            .put(s.completed_at)
+            .put(s.points as i64);
+        Ok(())
+    })
 }
 
-fn save_runs(tx: &rusqlite::Transaction<'_>, rows: &[&RunRecord]) -> Result<(), StoreError> {
-    write_rows(
-        tx,
-        rows,
-        |n| {
-            format!(
-                "INSERT INTO runs ({RUN_COLUMNS}) VALUES {} \
-                 ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, \
-                 exit_code = excluded.exit_code, stdout = excluded.stdout, stderr = excluded.stderr, \
-                 error = excluded.error, completed_at = excluded.completed_at, \
-                 cpu_seconds = excluded.cpu_seconds, max_rss_mb = excluded.max_rss_mb",
-                placeholders(column_count(RUN_COLUMNS), n)
-            )
-        },
-        |b, r| {
-            b.put(r.run_id)
-                .put(r.task_id)
-                .put(&r.node_id)
-                .put(r.attempt as i64)
-                .put(r.point as i64)
-                .put(r.status.as_str())
-                .put(r.exit_code.map(i64::from))
-                .put(&r.stdout)
-                .put(&r.stderr)
-                .put(&r.error)
-                .put(r.started_at)
-                .put(r.completed_at)
-                .put(r.cpu_seconds)
-                .put(r.max_rss_mb);
-            Ok(())
-        },
-    )
+fn save_runs(
+    tx: &rusqlite::Transaction<'_>,
+    sql: &MultiRowSql,
+    rows: &[&RunRecord],
+) -> Result<(), StoreError> {
+    write_rows(tx, sql, rows, |b, r| {
+        b.put(r.run_id)
+            .put(r.task_id)
+            .put(&r.node_id)
+            .put(r.attempt as i64)
+            .put(r.point as i64)
+            .put(r.status.as_str())
+            .put(r.exit_code.map(i64::from))
+            .put(&r.stdout)
+            .put(&r.stderr)
+            .put(&r.error)
+            .put(r.started_at)
+            .put(r.completed_at)
+            .put(r.cpu_seconds)
+            .put(r.max_rss_mb);
+        Ok(())
+    })
 }
 
 fn save_node(tx: &rusqlite::Transaction<'_>, n: &NodeRecord) -> Result<(), StoreError> {
@@ -650,7 +685,8 @@ fn save_node(tx: &rusqlite::Transaction<'_>, n: &NodeRecord) -> Result<(), Store
         .sandbox
         .as_ref()
         .and_then(|p| serde_json::to_string(p).ok());
-    let mut statement = tx.prepare_cached(
+    write_one(
+        tx,
         "INSERT INTO nodes (node_id, hostname, node_type, zone, cpu_cores, memory_mb, meta, \
              status, version, joined_at, last_heartbeat, sandbox, executor, \
              drain_requested_at, drain_deadline, group_id, group_operation) \
@@ -664,35 +700,34 @@ fn save_node(tx: &rusqlite::Transaction<'_>, n: &NodeRecord) -> Result<(), Store
              drain_requested_at = excluded.drain_requested_at, \
              drain_deadline = excluded.drain_deadline, \
              group_id = excluded.group_id, group_operation = excluded.group_operation",
-    )?;
-    let mut b = Binder::new(&mut statement);
-    b.put(&n.node_id)
-        .put(&n.hostname)
-        .put(&n.node_type)
-        .put(&n.zone)
-        .put(n.resources.cpu_cores)
-        .put(n.resources.memory_mb)
-        .put(meta)
-        .put(n.status.as_str())
-        .put(&n.version)
-        .put(n.joined_at)
-        .put(n.last_heartbeat)
-        .put(sandbox)
-        .put(&n.executor)
-        .put(n.drain.map(|d| d.requested_at))
-        .put(n.drain.and_then(|d| d.deadline))
-        .put(n.group.id)
-        .put(n.group.operation_id);
-    b.done()?;
-    statement.raw_execute()?;
-    Ok(())
+        |b| {
+            b.put(&n.node_id)
+                .put(&n.hostname)
+                .put(&n.node_type)
+                .put(&n.zone)
+                .put(n.resources.cpu_cores)
+                .put(n.resources.memory_mb)
+                .put(meta)
+                .put(n.status.as_str())
+                .put(&n.version)
+                .put(n.joined_at)
+                .put(n.last_heartbeat)
+                .put(sandbox)
+                .put(&n.executor)
+                .put(n.drain.map(|d| d.requested_at))
+                .put(n.drain.and_then(|d| d.deadline))
+                .put(n.group.id)
+                .put(n.group.operation_id);
+        },
+    )
 }
 
 fn save_operation(
     tx: &rusqlite::Transaction<'_>,
     o: &crate::operations::OperationRecord,
 ) -> Result<(), StoreError> {
-    let mut statement = tx.prepare_cached(
+    write_one(
+        tx,
         "INSERT INTO operations (operation_id, kind, state, operator, stage, stages, \
          additional_data, created_at, start_time, end_time) \
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
@@ -700,46 +735,43 @@ fn save_operation(
          operator = excluded.operator, stage = excluded.stage, stages = excluded.stages, \
          additional_data = excluded.additional_data, start_time = excluded.start_time, \
          end_time = excluded.end_time",
-    )?;
-    let mut b = Binder::new(&mut statement);
-    b.put(o.operation_id)
-        .put(o.kind.as_str())
-        .put(o.state.as_str())
-        .put(&o.operator)
-        .put(o.stage as i64)
-        .put(stages_to_json(&o.stages))
-        .put(serde_json::Value::Object(o.additional_data.clone()).to_string())
-        .put(o.created_at)
-        .put(o.start_time)
-        .put(o.end_time);
-    b.done()?;
-    statement.raw_execute()?;
-    Ok(())
+        |b| {
+            b.put(o.operation_id)
+                .put(o.kind.as_str())
+                .put(o.state.as_str())
+                .put(&o.operator)
+                .put(o.stage as i64)
+                .put(stages_to_json(&o.stages))
+                .put(serde_json::Value::Object(o.additional_data.clone()).to_string())
+                .put(o.created_at)
+                .put(o.start_time)
+                .put(o.end_time);
+        },
+    )
 }
 
 fn save_command(tx: &rusqlite::Transaction<'_>, c: &CommandRecord) -> Result<(), StoreError> {
     let args = serde_json::Value::Object(c.args.clone()).to_string();
-    let mut statement = tx.prepare_cached(
+    write_one(
+        tx,
         "INSERT INTO node_commands (command_id, node_id, command, args, status, \
              created_at, delivered_at, completed_at, error) \
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
              ON CONFLICT (command_id) DO UPDATE SET status = excluded.status, \
              delivered_at = excluded.delivered_at, completed_at = excluded.completed_at, \
              error = excluded.error",
-    )?;
-    let mut b = Binder::new(&mut statement);
-    b.put(c.command_id)
-        .put(&c.node_id)
-        .put(c.kind.as_str())
-        .put(args)
-        .put(c.status.as_str())
-        .put(c.created_at)
-        .put(c.delivered_at)
-        .put(c.completed_at)
-        .put(&c.error);
-    b.done()?;
-    statement.raw_execute()?;
-    Ok(())
+        |b| {
+            b.put(c.command_id)
+                .put(&c.node_id)
+                .put(c.kind.as_str())
+                .put(args)
+                .put(c.status.as_str())
+                .put(c.created_at)
+                .put(c.delivered_at)
+                .put(c.completed_at)
+                .put(&c.error);
+        },
+    )
 }
 
 #[async_trait]
@@ -1188,6 +1220,16 @@ mod tests {
             statement_sizes(300).collect::<Vec<_>>(),
             [128, 128, 32, 8, 4]
         );
+    }
+
+    #[test]
+    fn every_statement_size_has_its_text_written_once() {
+        let sql = MultiRowSql::new(|n| placeholders(2, n));
+        for n in [1, 2, 3, 7, 64, 127, 128, 129, 300, 1000] {
+            for size in statement_sizes(n) {
+                assert_eq!(sql.of(size).matches("(?, ?)").count(), size, "{n}: {size}");
+            }
+        }
     }
 
     #[tokio::test]

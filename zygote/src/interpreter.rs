@@ -293,4 +293,43 @@ mod tests {
         assert_ne!(major_minor("3.11.7"), major_minor("3.12.0"));
         assert_eq!(major_minor("3"), None);
     }
+
+    /// `run.py`'s `prepare` leaves the zygote holding what a run would otherwise make for
+    /// itself, in every run: the AST classes `compile()` builds on first use, the modules
+    /// `finish` imports, and it keeps the zygote's own standard streams alive so that a run's
+    /// `enter` does not free them. Driven in a plain `python3 -S` (no `site`: nothing a host's
+    /// `.pth` files import gets to do it first), the way the zygote and a run drive it: the
+    /// helper run from a string, `prepare`, then a run's `compile`, `enter` and `finish`.
+    #[test]
+    fn a_prepared_interpreter_leaves_a_run_nothing_to_build() {
+        let driver = "import gc, os, sys, types, weakref\n\
+                      helper = types.ModuleType('_lull_zygote')\n\
+                      exec(os.environ['RUN_PY'], helper.__dict__)\n\
+                      assert 'ast' not in sys.modules and '_ast' not in sys.modules\n\
+                      own = [weakref.ref(s) for s in (sys.stdin, sys.stdout, sys.stderr)]\n\
+                      failed = helper.prepare(sys.executable, [])\n\
+                      before = set(sys.modules)\n\
+                      compile('print(sum(range(1000)))', '<string>', 'exec')\n\
+                      helper.enter([sys.executable, '-I', '-u', '-c', 'pass'])\n\
+                      status = helper.finish(0, False)\n\
+                      made = sorted({o.__module__ for o in gc.get_objects() if isinstance(o, type)})\n\
+                      freed = [i for i, ref in enumerate(own) if ref() is None]\n\
+                      imported = sorted(set(sys.modules) - before)\n\
+                      os.write(1, repr((failed, status, made, imported, freed)).encode())\n";
+        let output = Command::new("python3")
+            .args(["-I", "-S", "-c", driver])
+            .env("RUN_PY", RUN_PY)
+            .stdin(Stdio::null())
+            .output()
+            .expect("python3 runs");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // (failed preloads, exit status, modules of the types the run made, modules it
+        // imported, which of the zygote's streams it freed)
+        assert_eq!(stdout.trim(), "([], 0, [], [], [])");
+    }
 }

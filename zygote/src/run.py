@@ -5,6 +5,7 @@ Loaded once into the zygote (and taken out of `sys.modules`). The user's code it
 and executed from Rust, so that no frame of this module appears in its tracebacks.
 """
 
+import atexit
 import io
 import os
 import signal
@@ -16,6 +17,17 @@ _STDIO = [
     (stream.encoding, stream.errors)
     for stream in (sys.__stdin__, sys.__stdout__, sys.__stderr__)
 ]
+# The zygote's own standard streams, held here for the life of every process: a run replaces
+# `sys.std*` and `sys.__std*__` with its own (`enter`), and were these the last references, the
+# run would free them (flushing them) at that moment, in every run.
+_ZYGOTE_STREAMS = (
+    sys.stdin,
+    sys.stdout,
+    sys.stderr,
+    sys.__stdin__,
+    sys.__stdout__,
+    sys.__stderr__,
+)
 # `__main__` as a fresh interpreter has it, before anything ran in it.
 _MAIN = dict(sys.modules["__main__"].__dict__)
 
@@ -43,6 +55,12 @@ def prepare(python, preload):
         # A preload imported it before any run could: make sure it spawns the real python.
         sys.modules["multiprocessing"].set_executable(python)
     _build_run_state()
+    # The first compile() in an interpreter builds its AST types (about 120 classes, made on
+    # first use: compile() checks whether it was given an AST). A run compiles its code with
+    # compile(), so unless the zygote did once, every run built them again: ~2.5 ms of a
+    # run's CPU here, more than the rest of the run. Something a preload or a .pth file did
+    # may have done it already; compile once so that no run has to.
+    compile("pass", "<lull-zygote>", "exec")
     import gc
 
     # What the zygote holds now is shared by every run: keep the collector off it, so that
@@ -186,8 +204,6 @@ def finish(status, interrupted):
             threading._shutdown()
         except BaseException:  # noqa: BLE001
             _unraisable(threading)
-    import atexit
-
     atexit._run_exitfuncs()
     for stream, is_stdout in ((sys.stdout, True), (sys.stderr, False)):
         try:

@@ -554,6 +554,73 @@ async fn without_namespaces_runs_get_a_private_workdir_and_their_group_dies_with
     .await;
 }
 
+/// A virtual environment as `--python`: its runs see the environment's `sys.prefix` and what
+/// its `.pth` files do, on the zygote as on cold (`python3 -I` in the environment), and not
+/// the base installation's `site-packages`.
+#[tokio::test]
+async fn a_virtual_environment_as_python_is_set_up_as_it_is_for_cold() {
+    let host = host().await;
+    // Not under /tmp: a run gets a /tmp of its own, which hides what the host has there.
+    let dir = tempfile::tempdir_in(bin_dir()).expect("a temporary directory");
+    let venv = dir.path().join("venv");
+    let made = tokio::process::Command::new(&host.python)
+        .args(["-I", "-m", "venv", "--without-pip"])
+        .arg(&venv)
+        .output()
+        .await
+        .expect("python3 -m venv runs");
+    assert!(made.status.success(), "{made:?}");
+    let python =
+        ColdExecutor::resolve_interpreter(&venv.join("bin/python3").display().to_string()).await;
+    let purelib = tokio::process::Command::new(&python)
+        .args([
+            "-I",
+            "-c",
+            "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+        ])
+        .output()
+        .await
+        .expect("the environment's python runs");
+    let site_packages = String::from_utf8_lossy(&purelib.stdout).trim().to_string();
+    std::fs::write(
+        Path::new(&site_packages).join("lull_probe.pth"),
+        "import sys; sys.lull_pth = 'ran'\n",
+    )
+    .expect("a .pth file in the environment");
+
+    let mut sandbox = host.settings.clone();
+    sandbox
+        .expose
+        .extend(ColdExecutor::interpreter_prefixes(&python).await);
+    let cold = ColdExecutor::new(python.clone(), MAX_OUTPUT).with_sandbox(
+        host.launcher.clone(),
+        host.protections.clone(),
+        sandbox.clone(),
+    );
+    let settings = ZygoteSettings {
+        python: python.clone(),
+        sandbox,
+        ..zygote_settings(host)
+    };
+    let zygote = ZygoteExecutor::start(settings, cold.clone())
+        .await
+        .expect("the zygote starts for the environment's python");
+
+    let code = "import sys\n\
+                print(sys.prefix, sys.exec_prefix, sys.base_prefix)\n\
+                print(getattr(sys, 'lull_pth', None))\n\
+                print(sys.path)";
+    let (from_cold, from_zygote) = (run(&cold, code).await, run(&zygote, code).await);
+    assert_eq!(from_cold.outcome, RunOutcome::Completed, "{from_cold:?}");
+    assert!(
+        from_cold
+            .stdout
+            .starts_with(&format!("{} ", venv.display())),
+        "{from_cold:?}"
+    );
+    assert_eq!(seen(&from_zygote), seen(&from_cold));
+}
+
 #[tokio::test]
 async fn preloaded_modules_are_there_and_a_missing_one_is_not_fatal() {
     let host = host().await;

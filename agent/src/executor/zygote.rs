@@ -342,7 +342,7 @@ impl Zygote {
         }
         command
             .env_clear()
-            .env("PATH", path)
+            .env("PATH", zygote_path(&settings.python, path))
             .env("LANG", "C.UTF-8")
             .stdin(Stdio::from(OwnedFd::from(theirs)))
             .stdout(Stdio::null())
@@ -552,6 +552,26 @@ fn route(runs: &RunTable, line: &str) {
             run_id: None,
             message,
         } => warn!(message, "the zygote reported an error"),
+    }
+}
+
+/// The zygote's own `PATH` (its runs get theirs from [`run_environment`]). An embedded
+/// CPython finds its installation as `python3` run by that name would: from the first
+/// `python3` on `PATH` (its `sys.prefix`, a virtual environment's `pyvenv.cfg`, the
+/// `site-packages` whose `.pth` files run at start). So `--python`'s own directory comes
+/// first when it is a `python3`: the zygote is then set up as that interpreter is (a
+/// virtual environment's prefix and `.pth` files, not the base installation's), not as
+/// whichever `python3` comes first on the agent's `PATH`.
+fn zygote_path(python: &str, path: &OsStr) -> OsString {
+    let python = Path::new(python);
+    match python.parent() {
+        Some(dir) if python.is_absolute() && python.file_name() == Some(OsStr::new("python3")) => {
+            let mut first = dir.as_os_str().to_os_string();
+            first.push(":");
+            first.push(path);
+            first
+        }
+        _ => path.to_os_string(),
     }
 }
 
@@ -845,6 +865,19 @@ fn lost(started_at: f64, stdout: String, stderr: String) -> Execution {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_zygote_finds_python3_where_python_is_first() {
+        let path = OsStr::new("/usr/bin:/bin");
+        assert_eq!(
+            zygote_path("/srv/venv/bin/python3", path),
+            OsString::from("/srv/venv/bin:/usr/bin:/bin")
+        );
+        // Not a `python3` by that name, or not a path: the agent's PATH as it is.
+        for python in ["/opt/py/bin/python3.11", "python3", "bin/python3"] {
+            assert_eq!(zygote_path(python, path), OsString::from("/usr/bin:/bin"));
+        }
+    }
 
     #[test]
     fn restarts_back_off_after_the_first() {

@@ -30,6 +30,28 @@ import urllib.parse
 
 CODE = "print(sum(range(1000)))"
 EXPECTED = str(sum(range(1000)))
+BARE_VENV = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".venv-bare")
+
+
+def clean_python():
+    """The interpreter the benchmarks give Lull's agent (`--python`) and the bare-python row
+    unless told otherwise: a virtual environment with nothing installed (bench/.venv-bare, made
+    once from the `python3` on PATH, without pip). Its `site` reads only its own empty
+    site-packages, not the base installation's, whose `.pth` files run at every interpreter
+    start: on the VM of BENCHMARKS.md an injected one imports ~70 modules, 60+ ms per start.
+    The peers run in a virtual environment of their own likewise (bench/.venv-peers)."""
+    python = os.path.join(BARE_VENV, "bin", "python3")
+    if not os.path.exists(python):
+        base = shutil.which("python3") or sys.executable
+        base = subprocess.run([base, "-c", "import sys; print(sys.executable)"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        subprocess.run([base, "-m", "venv", "--without-pip", BARE_VENV], check=True)
+    return python
+
+
+def resolve_python(asked):
+    """--python: a path or a name on PATH; `clean` (the default) for clean_python()."""
+    return clean_python() if asked == "clean" else asked
 
 
 _local = threading.local()
@@ -244,14 +266,19 @@ def main():
     ap.add_argument("--cpus", type=float, default=2)
     ap.add_argument("--sync", default="full", choices=["full", "normal"], help="the coordinator's SQLite durability")
     ap.add_argument("--bin-dir", default=os.path.join(os.path.dirname(__file__), "..", "target", "release"))
-    ap.add_argument("--python", help="the agent's --python (the zygote must be built against the same version)")
+    ap.add_argument("--python", default="clean",
+                    help="the agent's --python (the zygote must be built against the same version); "
+                         "default `clean`: a virtual environment with nothing installed (bench/.venv-bare); "
+                         "`python3` for the host's own")
     ap.add_argument("--one-by-one", action="store_true",
                     help="batch mode submits one task per request (4 threads) instead of POST /api/v1/tasks/batch")
     args = ap.parse_args()
 
+    python = resolve_python(args.python)
+    print(f"agent --python {python}", file=sys.stderr)
     rows = []
     for executor in args.executors.split(","):
-        cluster = Cluster(args.bin_dir, executor, args.cpus, args.sync, args.python)
+        cluster = Cluster(args.bin_dir, executor, args.cpus, args.sync, python)
         try:
             used = cluster.node.get("executor")
             level = (cluster.node.get("sandbox") or {}).get("level", "unknown")
@@ -271,7 +298,7 @@ def main():
         print(json.dumps(rows[-1]), file=sys.stderr)
 
     print(f"\n{args.tasks} tasks of `{CODE}`, one agent with {args.cpus:g} slots, {os.cpu_count()} cores, "
-          f"coordinator --sync {args.sync}\n")
+          f"coordinator --sync {args.sync}, agent --python {python}\n")
     print("| executor | sandbox | batch tasks/s (median, min-max) | closed loop p50 | p99 | idle node p50 (max) |")
     print("|---|---|---|---|---|---|")
     for r in rows:

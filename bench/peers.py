@@ -278,7 +278,7 @@ def run_lull(args, executor, tasks):
     sys.path.insert(0, HERE)
     import executors as lull  # bench/executors.py
 
-    cluster = lull.Cluster(args.bin_dir, executor, 2, "full", args.python)
+    cluster = lull.Cluster(args.bin_dir, executor, 2, "full", lull.resolve_python(args.python))
     try:
         level = (cluster.node.get("sandbox") or {}).get("level", "unknown")
         used = cluster.node.get("executor")
@@ -298,11 +298,14 @@ def run_lull(args, executor, tasks):
 
 
 def run_bare(args, tasks):
-    """The floor for a fresh interpreter per task: `python3 -I -c CODE` (the interpreter Lull
-    runs), two at a time from two threads, no Lull, no HTTP, no sandbox."""
+    """The floor for a fresh interpreter per task: `python3 -I -c CODE` (the interpreter Lull's
+    agent is given, --python), two at a time from two threads, no Lull, no HTTP, no sandbox."""
     import concurrent.futures
 
-    python = shutil.which("python3") or sys.executable
+    sys.path.insert(0, HERE)
+    import executors as lull  # bench/executors.py
+
+    python = shutil.which(lull.resolve_python(args.python)) or sys.executable
     python = subprocess.run([python, "-c", "import sys; print(sys.executable)"], capture_output=True,
                             text=True, check=True).stdout.strip()
     expected = str(sum(range(1000)))
@@ -331,7 +334,10 @@ def main():
     ap.add_argument("--bin-dir", default=os.path.join(HERE, "..", "target", "release"))
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--charts", default=os.path.join(HERE, "charts"), help="write the SVG charts here ('' for none)")
-    ap.add_argument("--python", help="Lull agent's --python (the zygote must embed the same version)")
+    ap.add_argument("--python", default="clean",
+                    help="Lull agent's --python and bare-python's interpreter (the zygote must embed the same "
+                         "version); default `clean`: a virtual environment with nothing installed "
+                         "(bench/.venv-bare, see executors.clean_python); `python3` for the host's own")
     ap.add_argument("--peer", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     ap.add_argument("--redis-url", help=argparse.SUPPRESS)

@@ -560,8 +560,17 @@ async fn without_namespaces_runs_get_a_private_workdir_and_their_group_dies_with
 #[tokio::test]
 async fn a_virtual_environment_as_python_is_set_up_as_it_is_for_cold() {
     let host = host().await;
-    // Not under /tmp: a run gets a /tmp of its own, which hides what the host has there.
-    let dir = tempfile::tempdir_in(bin_dir()).expect("a temporary directory");
+    // Not under /tmp (where this checkout may well be): a run gets a /tmp of its own, which
+    // hides what the host has there, so an interpreter there cannot serve sandboxed runs.
+    let home = PathBuf::from(std::env::var_os("HOME").expect("HOME is set"));
+    assert!(
+        !home.starts_with("/tmp"),
+        "this test needs a HOME outside /tmp for its virtual environment"
+    );
+    let dir = tempfile::Builder::new()
+        .prefix(".lull-test-venv-")
+        .tempdir_in(&home)
+        .expect("a temporary directory");
     let venv = dir.path().join("venv");
     let made = tokio::process::Command::new(&host.python)
         .args(["-I", "-m", "venv", "--without-pip"])

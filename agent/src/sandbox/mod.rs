@@ -984,9 +984,7 @@ fn shared_mounts(policy: &RunPolicy) -> Result<(), SandboxError> {
         // `expose` stages its bind mount under /tmp: a scratch tmpfs, gone again at once, so
         // that nothing is written to the host's /tmp and nothing of it is left for the run.
         tmpfs("/tmp (scratch)", "/tmp", flags, "size=1m,mode=0700")?;
-        for dir in &policy.expose {
-            expose(dir)?;
-        }
+        expose(&policy.expose)?;
         nix::mount::umount2("/tmp", nix::mount::MntFlags::MNT_DETACH)
             .map_err(m("/tmp (scratch) unmount"))?;
     }
@@ -1090,73 +1088,109 @@ fn minimal_dev() -> Result<(), SandboxError> {
     .map_err(m("/dev read-only"))
 }
 
-/// Makes `dir` reachable for an unprivileged uid when an ancestor is closed to others (as
-/// `/root`, mode 0700, is to the interpreter pyenv installs under it): the ancestor is covered
-/// by an empty tmpfs — so the run sees nothing else of it — and `dir` alone is put back,
-/// read-only. Runs in the run's private mount namespace (or its template), with a scratch
-/// tmpfs on `/tmp` for staging.
-fn expose(dir: &Path) -> Result<(), SandboxError> {
+/// Makes each of `dirs` reachable for an unprivileged uid where an ancestor is closed to
+/// others (as `/root`, mode 0700, is to the interpreter pyenv installs under it): the closed
+/// ancestor is covered by an empty tmpfs — so the run sees nothing else of it — and the
+/// directory alone is put back, read-only. Every directory is staged before any cover goes on,
+/// and a closed directory inside another one is not covered again: one cover over `/root`
+/// would otherwise hide a directory exposed under it before (`/root/.pyenv/...` and a virtual
+/// environment in `/root/project`). Runs in the run's private mount namespace (or its
+/// template), with a scratch tmpfs on `/tmp` for staging.
+fn expose(dirs: &[PathBuf]) -> Result<(), SandboxError> {
     use std::os::unix::fs::PermissionsExt as _;
     let m = |what: &'static str| move |source| SandboxError::Mount { what, source };
-    let closed = dir
-        .ancestors()
-        .skip(1)
-        .filter(|a| a.parent().is_some())
-        .find(|a| std::fs::metadata(a).is_ok_and(|md| md.permissions().mode() & 0o001 == 0));
-    let Some(closed) = closed.map(Path::to_path_buf) else {
-        return Ok(());
-    };
     let io = |source: std::io::Error| SandboxError::Mount {
         what: "expose",
         source: nix::Error::from_raw(source.raw_os_error().unwrap_or(libc::EIO)),
     };
+    // Read on the host's tree as it is, before any cover.
+    let closed_ancestor = |dir: &Path| {
+        dir.ancestors()
+            .skip(1)
+            .filter(|a| a.parent().is_some())
+            .find(|a| std::fs::metadata(a).is_ok_and(|md| md.permissions().mode() & 0o001 == 0))
+            .map(Path::to_path_buf)
+    };
+    let mut exposed: Vec<&Path> = Vec::new();
+    let mut closed: Vec<PathBuf> = Vec::new();
+    for dir in dirs {
+        if let Some(ancestor) = closed_ancestor(dir)
+            && !exposed.contains(&dir.as_path())
+        {
+            exposed.push(dir);
+            closed.push(ancestor);
+        }
+    }
+    if exposed.is_empty() {
+        return Ok(());
+    }
+    closed.sort_by_key(|dir| dir.components().count());
+    let mut covers: Vec<PathBuf> = Vec::new();
+    for dir in closed {
+        if !covers.iter().any(|cover| dir.starts_with(cover)) {
+            covers.push(dir);
+        }
+    }
+
     let staging = Path::new("/tmp/.lull-expose");
-    std::fs::create_dir_all(staging).map_err(io)?;
-    mount(
-        Some(dir),
-        staging,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(m("expose: stage"))?;
-    tmpfs(
-        "expose: cover",
-        &closed,
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        "mode=0755,size=1m",
-    )?;
-    std::fs::create_dir_all(dir).map_err(io)?;
-    mount(
-        Some(staging),
-        dir,
-        None::<&str>,
-        MsFlags::MS_MOVE,
-        None::<&str>,
-    )
-    .map_err(m("expose: move"))?;
-    mount(
-        None::<&str>,
-        dir,
-        None::<&str>,
-        MsFlags::MS_BIND
-            | MsFlags::MS_REMOUNT
-            | MsFlags::MS_RDONLY
-            | MsFlags::MS_NOSUID
-            | MsFlags::MS_NODEV,
-        None::<&str>,
-    )
-    .map_err(m("expose: read-only"))?;
-    std::fs::remove_dir(staging).map_err(io)?;
-    // Leave the cover read-only too: nothing of the run is to be kept there.
-    mount(
-        None::<&str>,
-        &closed,
-        None::<&str>,
-        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        None::<&str>,
-    )
-    .map_err(m("expose: cover read-only"))
+    let staged: Vec<PathBuf> = (0..exposed.len())
+        .map(|i| staging.join(i.to_string()))
+        .collect();
+    for (dir, stage) in exposed.iter().zip(&staged) {
+        std::fs::create_dir_all(stage).map_err(io)?;
+        mount(
+            Some(*dir),
+            stage,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(m("expose: stage"))?;
+    }
+    for cover in &covers {
+        tmpfs(
+            "expose: cover",
+            cover,
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            "mode=0755,size=1m",
+        )?;
+    }
+    for (dir, stage) in exposed.iter().zip(&staged) {
+        std::fs::create_dir_all(dir).map_err(io)?;
+        mount(
+            Some(stage),
+            *dir,
+            None::<&str>,
+            MsFlags::MS_MOVE,
+            None::<&str>,
+        )
+        .map_err(m("expose: move"))?;
+        mount(
+            None::<&str>,
+            *dir,
+            None::<&str>,
+            MsFlags::MS_BIND
+                | MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV,
+            None::<&str>,
+        )
+        .map_err(m("expose: read-only"))?;
+        std::fs::remove_dir(stage).map_err(io)?;
+    }
+    // Leave the covers read-only too: nothing of the run is to be kept there.
+    for cover in &covers {
+        mount(
+            None::<&str>,
+            cover,
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            None::<&str>,
+        )
+        .map_err(m("expose: cover read-only"))?;
+    }
+    Ok(())
 }
 
 fn enter_workdir(policy: &RunPolicy) -> Result<(), SandboxError> {

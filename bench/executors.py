@@ -42,16 +42,18 @@ def clean_python():
     The peers run in a virtual environment of their own likewise (bench/.venv-peers)."""
     python = os.path.join(BARE_VENV, "bin", "python3")
     if not os.path.exists(python):
-        base = shutil.which("python3") or sys.executable
-        base = subprocess.run([base, "-c", "import sys; print(sys.executable)"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        subprocess.run([base, "-m", "venv", "--without-pip", BARE_VENV], check=True)
+        subprocess.run([resolve_python("python3"), "-m", "venv", "--without-pip", BARE_VENV], check=True)
     return python
 
 
 def resolve_python(asked):
-    """--python: a path or a name on PATH; `clean` (the default) for clean_python()."""
-    return clean_python() if asked == "clean" else asked
+    """--python: `clean` (the default) for clean_python(), else a path or a name on PATH, as
+    the interpreter's own `sys.executable` (the real one, not a shim that runs it)."""
+    if asked == "clean":
+        return clean_python()
+    python = shutil.which(asked) or asked
+    return subprocess.run([python, "-c", "import sys; print(sys.executable)"], capture_output=True,
+                          text=True, check=True).stdout.strip()
 
 
 _local = threading.local()

@@ -305,9 +305,7 @@ def run_bare(args, tasks):
     sys.path.insert(0, HERE)
     import executors as lull  # bench/executors.py
 
-    python = shutil.which(lull.resolve_python(args.python)) or sys.executable
-    python = subprocess.run([python, "-c", "import sys; print(sys.executable)"], capture_output=True,
-                            text=True, check=True).stdout.strip()
+    python = lull.resolve_python(args.python)
     expected = str(sum(range(1000)))
 
     def one():

@@ -597,21 +597,20 @@ async fn a_virtual_environment_as_python_is_set_up_as_it_is_for_cold() {
     )
     .expect("a .pth file in the environment");
 
-    let mut sandbox = host.settings.clone();
-    sandbox
+    // This host, with the environment's python and its prefixes exposed, as the agent would
+    // set itself up for `--python <venv>/bin/python3`.
+    let mut settings = host.settings.clone();
+    settings
         .expose
         .extend(ColdExecutor::interpreter_prefixes(&python).await);
-    let cold = ColdExecutor::new(python.clone(), MAX_OUTPUT).with_sandbox(
-        host.launcher.clone(),
-        host.protections.clone(),
-        sandbox.clone(),
-    );
-    let settings = ZygoteSettings {
-        python: python.clone(),
-        sandbox,
-        ..zygote_settings(host)
+    let in_venv = Host {
+        python,
+        launcher: host.launcher.clone(),
+        protections: host.protections.clone(),
+        settings,
     };
-    let zygote = ZygoteExecutor::start(settings, cold.clone())
+    let on_cold = cold(&in_venv);
+    let zygote = ZygoteExecutor::start(zygote_settings(&in_venv), cold(&in_venv))
         .await
         .expect("the zygote starts for the environment's python");
 
@@ -619,7 +618,7 @@ async fn a_virtual_environment_as_python_is_set_up_as_it_is_for_cold() {
                 print(sys.prefix, sys.exec_prefix, sys.base_prefix)\n\
                 print(getattr(sys, 'lull_pth', None))\n\
                 print(sys.path)";
-    let (from_cold, from_zygote) = (run(&cold, code).await, run(&zygote, code).await);
+    let (from_cold, from_zygote) = (run(&on_cold, code).await, run(&zygote, code).await);
     assert_eq!(from_cold.outcome, RunOutcome::Completed, "{from_cold:?}");
     assert!(
         from_cold

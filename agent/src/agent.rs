@@ -276,6 +276,8 @@ pub async fn run_with_executor<E: Executor>(
             error!(%err, "the {what} task failed");
         }
     }
+    // What is still waiting goes to disk for the next start (delivery has stopped).
+    shared.outbox.save_unsaved().await;
     shared.commands.finish_decommission();
     farewell(&shared, AgentState::Offline).await;
     let stopped = if shutdown.is_cancelled() {

@@ -1,9 +1,19 @@
-//! The outbox: every result is written to `state_dir/outbox/{run_id}.json` before it is
-//! posted, and deleted only once the coordinator acknowledged or refused it. Results survive
-//! a coordinator restart and an agent restart; the ids of those waiting are reported in every
-//! heartbeat (`finished`) so that the coordinator does not count those runs as lost. A copy
-//! of each saved result stays in memory (up to [`MAX_KEPT_BYTES`] in all) for the post, so
-//! that delivering it does not read back the file just written.
+//! The outbox: every result waits here until the coordinator acknowledged or refused it.
+//! A result is posted from memory at once; it is also written to
+//! `state_dir/outbox/{run_id}.json` (and from then on survives an agent restart) as soon as
+//! its delivery is in doubt: a post failed, a post took longer than [`SAVE_AFTER`], or the
+//! agent is stopping. While the coordinator is unreachable, results are written the moment
+//! they are made. A result its first post settles, the usual case, is never written: the
+//! file write, rename and delete cost the agent about a fifth of its CPU per task. The ids
+//! of the waiting results are reported in every heartbeat (`finished`) so that the
+//! coordinator does not count those runs as lost. A copy of each saved result stays in
+//! memory (up to [`MAX_KEPT_BYTES`] in all) for the post, so that delivering it does not
+//! read back the file just written.
+//!
+//! An agent killed between a run's end and its result's acknowledgement (a few
+//! milliseconds; at most [`SAVE_AFTER`] while the coordinator answers) loses that result:
+//! the coordinator counts the run as lost and runs the task again. That is a rerun, never a
+//! lost task or a double completion, as for an agent killed during the run itself.
 //!
 //! Architecture Invariant: a result leaves the outbox only on an answer that settles it
 //! (2xx, or a 4xx that can never turn into a success); never because posting failed.
@@ -18,7 +28,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -37,12 +47,19 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// when posted (a backlog while the coordinator is away stays on disk).
 const MAX_KEPT_BYTES: usize = 8 * 1024 * 1024;
 
+/// How long a post may keep the results it carries only in memory before they are saved to
+/// their files: past this, the coordinator is slow enough that a result may wait long.
+const SAVE_AFTER: Duration = Duration::from_millis(200);
+
 /// A result held in memory, with about how many bytes it adds to a post.
 type Kept = (Arc<RunReport>, usize);
 
 /// Where a waiting result lives.
 #[derive(Debug)]
 enum Pending {
+    /// Only in memory so far: saved (becoming `OnDisk`) once its delivery is in doubt (see
+    /// the module's documentation); never written when its first post settles it.
+    Unsaved(Arc<RunReport>),
     /// In its file; with a copy in memory (and that copy's size) while the outbox keeps
     /// fewer than [`MAX_KEPT_BYTES`] of them.
     OnDisk(Option<Kept>),
@@ -68,6 +85,9 @@ pub(crate) struct Outbox {
     pending: watch::Sender<BTreeMap<RunId, Pending>>,
     /// Bytes of the copies kept in memory of saved results (at most [`MAX_KEPT_BYTES`]).
     kept_bytes: AtomicUsize,
+    /// The last post did not settle its results (the coordinator is unreachable or
+    /// failing): new results are saved as they are stored, until a post settles again.
+    save_at_once: AtomicBool,
 }
 
 impl Outbox {
@@ -91,6 +111,7 @@ impl Outbox {
             dir,
             pending: watch::Sender::new(pending),
             kept_bytes: AtomicUsize::new(0),
+            save_at_once: AtomicBool::new(false),
         })
     }
 
@@ -107,46 +128,105 @@ impl Outbox {
         self.pending.borrow().len()
     }
 
-    /// Saves `report` (temp file, rename) and queues it for delivery. Not fsync'd: the file
-    /// survives the agent being killed (it is in the kernel's page cache), and what a power
-    /// loss takes away costs a rerun, never a double completion — the coordinator never saw
-    /// the result, so it counts the run as lost and retries the task.
+    /// Queues `report` for delivery: in memory, or saved at once while the coordinator is
+    /// unreachable (see the module's documentation).
     pub(crate) async fn store(&self, report: RunReport) {
         let run_id = report.run_id;
         let report = Arc::new(report);
-        let written = match serde_json::to_string(&*report) {
-            Ok(json) => {
-                let dir = self.dir.clone();
-                let size = json.len();
-                tokio::task::spawn_blocking(move || {
-                    write_replacing(&dir, &file_name(run_id), &json, false)
-                })
-                .await
-                .map_err(io::Error::other)
-                .and_then(|written| written)
-                .map(|()| size)
-            }
-            Err(err) => Err(io::Error::other(err)),
-        };
-        let entry = match written {
-            Ok(size) => {
-                let room =
-                    self.kept_bytes
-                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |kept| {
-                            (kept + size <= MAX_KEPT_BYTES).then_some(kept + size)
-                        });
-                Pending::OnDisk(room.is_ok().then(|| (Arc::clone(&report), size)))
-            }
-            Err(err) => {
-                error!(run_id, %err, dir = %self.dir.display(), "could not save the result to the outbox; keeping it in memory");
-                Pending::InMemory(report)
-            }
+        let entry = if self.save_at_once.load(Ordering::Relaxed) {
+            let mut saved = self.write(vec![Arc::clone(&report)]).await;
+            self.entry_for(
+                report,
+                saved
+                    .pop()
+                    .unwrap_or_else(|| Err(io::Error::other("not written"))),
+            )
+        } else {
+            Pending::Unsaved(report)
         };
         self.pending.send_modify(|pending| {
             if let Some(Pending::OnDisk(Some((_, size)))) = pending.insert(run_id, entry) {
                 self.kept_bytes.fetch_sub(size, Ordering::Relaxed);
             }
         });
+    }
+
+    /// Writes every result still only in memory to its file. Not fsync'd: the file survives
+    /// the agent being killed (it is in the kernel's page cache), and what a power loss takes
+    /// away costs a rerun, never a double completion — the coordinator never saw the
+    /// result, so it counts the run as lost and retries the task.
+    ///
+    /// Only the delivery task and the agent's shutdown (after that task ended) call this,
+    /// and only they remove results: no result can be settled while it is being written.
+    pub(crate) async fn save_unsaved(&self) {
+        let unsaved: Vec<Arc<RunReport>> = self
+            .pending
+            .borrow()
+            .values()
+            .filter_map(|entry| match entry {
+                Pending::Unsaved(report) => Some(Arc::clone(report)),
+                _ => None,
+            })
+            .collect();
+        if unsaved.is_empty() {
+            return;
+        }
+        let written = self.write(unsaved.clone()).await;
+        let entries: Vec<(RunId, Pending)> = unsaved
+            .into_iter()
+            .zip(written)
+            .map(|(report, written)| (report.run_id, self.entry_for(report, written)))
+            .collect();
+        self.pending.send_modify(|pending| {
+            for (run_id, entry) in entries {
+                if let Some(waiting) = pending.get_mut(&run_id) {
+                    *waiting = entry;
+                }
+            }
+        });
+    }
+
+    /// Writes `reports` to their files (temp file, rename), in one blocking task: the size
+    /// of each file, or why it could not be written.
+    async fn write(&self, reports: Vec<Arc<RunReport>>) -> Vec<io::Result<usize>> {
+        let dir = self.dir.clone();
+        let n = reports.len();
+        tokio::task::spawn_blocking(move || {
+            reports
+                .iter()
+                .map(|report| {
+                    let json = serde_json::to_string(&**report).map_err(io::Error::other)?;
+                    write_replacing(&dir, &file_name(report.run_id), &json, false)
+                        .map(|()| json.len())
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_else(|err| {
+            let message = err.to_string();
+            (0..n)
+                .map(|_| Err(io::Error::other(message.clone())))
+                .collect()
+        })
+    }
+
+    /// What waits for a result once `written` to its file (or not): on disk, with a copy in
+    /// memory while there is room for it, or only in memory if it could not be written.
+    fn entry_for(&self, report: Arc<RunReport>, written: io::Result<usize>) -> Pending {
+        match written {
+            Ok(size) => {
+                let room =
+                    self.kept_bytes
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |kept| {
+                            (kept + size <= MAX_KEPT_BYTES).then_some(kept + size)
+                        });
+                Pending::OnDisk(room.is_ok().then_some((report, size)))
+            }
+            Err(err) => {
+                error!(run_id = report.run_id, %err, dir = %self.dir.display(), "could not save the result to the outbox; keeping it in memory");
+                Pending::InMemory(report)
+            }
+        }
     }
 
     /// Resolves once nothing waits in the outbox.
@@ -184,7 +264,7 @@ impl Outbox {
                     Pending::OnDisk(Some((report, size))) => {
                         (*run_id, Some((Arc::clone(report), *size)))
                     }
-                    Pending::InMemory(report) => (
+                    Pending::Unsaved(report) | Pending::InMemory(report) => (
                         *run_id,
                         Some((Arc::clone(report), approximate_size(report))),
                     ),
@@ -223,9 +303,19 @@ impl Outbox {
                 continue;
             }
 
-            let (deliveries, pulled) = tokio::select! {
-                () = stop.cancelled() => return,
-                delivered = deliver(client, &batch, refill.wanted()) => delivered,
+            let delivered = deliver(client, &batch, refill.wanted());
+            tokio::pin!(delivered);
+            let mut save_by = Some(tokio::time::Instant::now() + SAVE_AFTER);
+            let (deliveries, pulled) = loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    answer = &mut delivered => break answer,
+                    () = sleep_until(save_by) => {
+                        // A slow answer: what it carries may wait long yet.
+                        save_by = None;
+                        self.save_unsaved().await;
+                    }
+                }
             };
             // Leased to us already: start them before the bookkeeping below.
             if !pulled.tasks.is_empty() || !pulled.cancel.is_empty() {
@@ -256,11 +346,16 @@ impl Outbox {
                 }
             }
             if retry {
+                // The coordinator is unreachable or failing: keep what waits on disk, and
+                // save new results as they come until a post settles again.
+                self.save_at_once.store(true, Ordering::Relaxed);
+                self.save_unsaved().await;
                 tokio::select! {
                     () = stop.cancelled() => return,
                     () = tokio::time::sleep(backoff.next_delay()) => {}
                 }
             } else {
+                self.save_at_once.store(false, Ordering::Relaxed);
                 failures.succeeded();
                 backoff.reset();
             }
@@ -289,11 +384,17 @@ impl Outbox {
     }
 
     async fn remove(&self, run_id: RunId) {
-        match tokio::fs::remove_file(self.path(run_id)).await {
-            Ok(()) => {}
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-            Err(err) => {
-                error!(run_id, %err, "could not delete a settled result from the outbox")
+        let unsaved = matches!(
+            self.pending.borrow().get(&run_id),
+            Some(Pending::Unsaved(_))
+        );
+        if !unsaved {
+            match tokio::fs::remove_file(self.path(run_id)).await {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    error!(run_id, %err, "could not delete a settled result from the outbox")
+                }
             }
         }
         self.forget(run_id);
@@ -365,6 +466,14 @@ fn batch_len(sizes: &[usize], max_bytes: usize) -> usize {
         })
         .count()
         .max(sizes.len().min(1))
+}
+
+/// Until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// About what a result kept in memory adds to a post.
@@ -451,6 +560,12 @@ mod tests {
         )
     }
 
+    /// Stores `report` and saves it at once, as a post that failed would.
+    async fn store_saved(outbox: &Outbox, report: RunReport) {
+        outbox.store(report).await;
+        outbox.save_unsaved().await;
+    }
+
     /// A saved result is also kept in memory (posting it need not read its file back),
     /// up to [`MAX_KEPT_BYTES`] in all; past that, results wait only in their files, and a
     /// settled result gives its room back.
@@ -460,7 +575,7 @@ mod tests {
         let outbox = Outbox::open(dir.path().join("outbox")).await.expect("open");
         let big = "x".repeat(MAX_KEPT_BYTES / 2);
         for run_id in 1..=3 {
-            outbox.store(result(run_id, big.clone())).await;
+            store_saved(&outbox, result(run_id, big.clone())).await;
             assert!(outbox.path(run_id).exists(), "every result is saved");
         }
         assert!(kept(&outbox, 1));
@@ -469,11 +584,11 @@ mod tests {
             "two halves and the JSON around them pass the bound"
         );
         assert!(!kept(&outbox, 3));
-        outbox.store(result(4, "small".into())).await;
+        store_saved(&outbox, result(4, "small".into())).await;
         assert!(kept(&outbox, 4), "what fits beside the first is kept");
         outbox.remove(1).await;
         assert!(!outbox.path(1).exists());
-        outbox.store(result(5, big.clone())).await;
+        store_saved(&outbox, result(5, big.clone())).await;
         assert!(kept(&outbox, 5), "room given back by a settled result");
         let after_restart = Outbox::open(dir.path().join("outbox"))
             .await
@@ -483,6 +598,116 @@ mod tests {
             (2..=5).all(|run_id| !kept(&after_restart, run_id)),
             "a new life reads them from disk"
         );
+    }
+
+    /// The usual case: a result waits in memory, its post settles it, and no file was ever
+    /// written for it. Saving writes what still waits, and a new life finds it.
+    #[tokio::test]
+    async fn a_result_waits_in_memory_until_its_delivery_is_in_doubt() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let outbox = Outbox::open(dir.path().join("outbox")).await.expect("open");
+        outbox.store(result(1, "one".into())).await;
+        outbox.store(result(2, "two".into())).await;
+        assert_eq!(outbox.ids(), vec![1, 2], "both wait for delivery");
+        assert!(
+            !outbox.path(1).exists() && !outbox.path(2).exists(),
+            "nothing written yet"
+        );
+        outbox.remove(1).await;
+        outbox.save_unsaved().await;
+        assert!(
+            !outbox.path(1).exists(),
+            "a settled result is never written"
+        );
+        assert!(outbox.path(2).exists(), "what still waits is saved");
+        assert!(kept(&outbox, 2), "and kept in memory for its post");
+        let after_restart = Outbox::open(dir.path().join("outbox"))
+            .await
+            .expect("reopen");
+        assert_eq!(after_restart.ids(), vec![2]);
+    }
+
+    struct NoRefill;
+
+    impl Refill for NoRefill {
+        fn wanted(&self) -> Option<(String, usize)> {
+            None
+        }
+        fn pulled(&self, _: PullResponse) {}
+    }
+
+    async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A coordinator that takes the post and never answers: the result is saved while the
+    /// post hangs, and survives an agent restart.
+    #[tokio::test]
+    async fn a_result_whose_post_hangs_is_saved() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("listener");
+        let url = format!("http://{}", silent.local_addr().expect("address"));
+        let held = tokio::spawn(async move {
+            let mut connections = Vec::new();
+            while let Ok((connection, _)) = silent.accept().await {
+                connections.push(connection);
+            }
+        });
+        let dir = tempfile::tempdir().expect("temp dir");
+        let outbox = Arc::new(Outbox::open(dir.path().join("outbox")).await.expect("open"));
+        let client = CoordinatorClient::new(&url, None, None, None).expect("client");
+        let stop = CancellationToken::new();
+        let delivery = tokio::spawn({
+            let (outbox, stop) = (Arc::clone(&outbox), stop.clone());
+            async move { outbox.deliver_until_stopped(&client, &NoRefill, stop).await }
+        });
+        outbox.store(result(7, "seven".into())).await;
+        eventually("the waiting result to be saved", || outbox.path(7).exists()).await;
+        assert!(
+            !outbox.save_at_once.load(Ordering::Relaxed),
+            "saved while its post was waiting, not after it failed"
+        );
+        stop.cancel();
+        delivery.await.expect("delivery task");
+        held.abort();
+        let after_restart = Outbox::open(dir.path().join("outbox"))
+            .await
+            .expect("reopen");
+        assert_eq!(after_restart.ids(), vec![7]);
+    }
+
+    /// A coordinator that cannot be reached: the result is saved once its post failed, and
+    /// results made meanwhile are saved as they are stored.
+    #[tokio::test]
+    async fn results_are_saved_while_the_coordinator_is_unreachable() {
+        let gone = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+        let url = format!("http://{}", gone.local_addr().expect("address"));
+        drop(gone);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let outbox = Arc::new(Outbox::open(dir.path().join("outbox")).await.expect("open"));
+        let client = CoordinatorClient::new(&url, None, None, None).expect("client");
+        let stop = CancellationToken::new();
+        let delivery = tokio::spawn({
+            let (outbox, stop) = (Arc::clone(&outbox), stop.clone());
+            async move { outbox.deliver_until_stopped(&client, &NoRefill, stop).await }
+        });
+        outbox.store(result(1, "one".into())).await;
+        eventually("the result whose post failed to be saved", || {
+            outbox.path(1).exists()
+        })
+        .await;
+        outbox.store(result(2, "two".into())).await;
+        assert!(
+            outbox.path(2).exists(),
+            "stored while the coordinator is unreachable: saved at once"
+        );
+        stop.cancel();
+        delivery.await.expect("delivery task");
     }
 
     #[test]

@@ -18,6 +18,9 @@ latency submit -> result, p50/p99).
   - Ray with num_cpus=2, a remote function that exec()s the code.
   - bare-python: a fresh `python3 -I -c CODE` per task, 2 at a time, nothing else — the floor
     for Lull's cold executor (--cold-tasks per batch).
+  - fork-server: a warm Python process that forks a child per task (stdout on a pipe, the code
+    exec()'d, os._exit), serving 2 clients over a Unix socket, nothing else — no sandbox, no
+    HTTP, no queue: the floor for Lull's zygote executor (the issue's "warm Python fork server").
 
 The peers are installed by this script into a virtualenv (bench/.venv-peers, from PyPI) and
 started on 127.0.0.1 only: a private redis-server on a free port (no persistence), Celery and
@@ -322,13 +325,121 @@ def run_bare(args, tasks):
     return measure(batch, one, tasks, args.repeat, args.closed_loop)
 
 
+FORK_SERVER = r'''
+import gc, os, selectors, socket, struct, sys
+
+compile("pass", "<fork-server>", "exec")
+gc.freeze()
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(sys.argv[1])
+server.listen(16)
+selector = selectors.DefaultSelector()
+selector.register(server, selectors.EVENT_READ, None)
+print("ready", flush=True)
+while True:
+    for key, _ in selector.select():
+        what = key.data
+        if what is None:
+            conn, _ = server.accept()
+            selector.register(conn, selectors.EVENT_READ, ("client", conn, bytearray()))
+        elif what[0] == "client":
+            _, conn, pending = what
+            data = conn.recv(65536)
+            if not data:
+                selector.unregister(conn)
+                conn.close()
+                continue
+            pending.extend(data)
+            while b"\n" in pending:
+                line, _, rest = bytes(pending).partition(b"\n")
+                pending[:] = rest
+                read, write = os.pipe()
+                pid = os.fork()
+                if pid == 0:
+                    try:
+                        os.close(read)
+                        os.dup2(write, 1)
+                        exec(compile(line.decode(), "<string>", "exec"), {"__name__": "__main__"})
+                        sys.stdout.flush()
+                    finally:
+                        os._exit(0)
+                os.close(write)
+                selector.register(read, selectors.EVENT_READ, ("child", conn, pid, bytearray()))
+        else:
+            _, conn, pid, out = what
+            data = os.read(key.fd, 65536)
+            if data:
+                out.extend(data)
+                continue
+            selector.unregister(key.fd)
+            os.close(key.fd)
+            os.waitpid(pid, 0)
+            conn.sendall(struct.pack("!I", len(out)) + bytes(out))
+'''
+
+
+def run_fork_server(args, tasks):
+    """The floor for a fork per task from a warm interpreter (FORK_SERVER, in the interpreter
+    Lull's agent is given, --python): two clients over a Unix socket, no Lull, no sandbox."""
+    import concurrent.futures
+    import struct
+
+    sys.path.insert(0, HERE)
+    import executors as lull  # bench/executors.py
+
+    python = lull.resolve_python(args.python)
+    workdir = tempfile.mkdtemp(prefix="lull-fork-server-")
+    path = os.path.join(workdir, "socket")
+    server = subprocess.Popen([python, "-I", "-c", FORK_SERVER, path], stdout=subprocess.PIPE, text=True)
+    local = threading.local()
+
+    def connection():
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.connect(path)
+        return conn
+
+    def receive(conn, n):
+        data = b""
+        while len(data) < n:
+            chunk = conn.recv(n - len(data))
+            if not chunk:
+                raise RuntimeError("the fork server closed the connection")
+            data += chunk
+        return data
+
+    def one():
+        conn = connection()
+        conn.sendall(CODE.encode() + b"\n")
+        (size,) = struct.unpack("!I", receive(conn, 4))
+        out = receive(conn, size).decode()
+        if out != EXPECTED:
+            raise RuntimeError(f"the fork server's child printed {out!r}")
+
+    def batch(n):
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda _: one(), range(n)))
+        return time.perf_counter() - t0
+
+    try:
+        if server.stdout.readline().strip() != "ready":
+            raise RuntimeError("the fork server did not start")
+        return measure(batch, one, tasks, args.repeat, args.closed_loop)
+    finally:
+        server.kill()
+        server.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=1000)
     ap.add_argument("--cold-tasks", type=int, default=200, help="tasks per batch for Lull's cold executor")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--closed-loop", type=int, default=200, help="tasks per client in the closed loop")
-    ap.add_argument("--systems", default="lull-zygote,lull-cold,bare-python,celery,rq,ray")
+    ap.add_argument("--systems", default="lull-zygote,lull-cold,bare-python,fork-server,celery,rq,ray")
     ap.add_argument("--bin-dir", default=os.path.join(HERE, "..", "target", "release"))
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--charts", default=os.path.join(HERE, "charts"), help="write the SVG charts here ('' for none)")
@@ -379,6 +490,9 @@ def main():
             elif system == "bare-python":
                 row = run_bare(args, args.cold_tasks)
                 row["system"] = "a fresh `python3 -I -c` per task, 2 at a time (no Lull, no sandbox)"
+            elif system == "fork-server":
+                row = run_fork_server(args, args.tasks)
+                row["system"] = "a warm Python fork server, a fork per task, 2 at a time (no Lull, no sandbox)"
             elif system in PEERS:
                 if redis is not None:
                     subprocess.run(["redis-cli", "-p", str(port), "flushall"], capture_output=True)

@@ -6,8 +6,10 @@
 Workload: the code string `print(sum(range(1000)))`; the result is its stdout.
 Reports, per executor, with the sandbox level the agent actually used:
   - batch: submit all tasks (`POST /api/v1/tasks/batch`, 1,000 per request; one request per
-    task with --one-by-one), then collect each result with `GET /api/v1/tasks/{id}?wait=60`;
-    tasks/s = N / (first submit .. last result), median of --repeat runs with min-max;
+    task with --one-by-one), then collect the results (`GET /api/v1/tasks/wait?ids=..&wait=60`,
+    1,000 tasks per request; one `GET /api/v1/tasks/{id}?wait=60` per task with
+    --collect each); tasks/s = N / (first submit .. last result), median of --repeat runs
+    with min-max;
   - closed loop: 2 clients, one task in flight each; latency submit -> result, p50/p99;
   - idle node: one task at a time, each after --idle-gap seconds of quiet (a user with an
     idle node); latency submit -> result, p50 and max.
@@ -87,6 +89,11 @@ def call(method, url, body=None, timeout=120):
         return json.loads(payload)
 
 
+def check(task):
+    if task["status"] != "completed" or task["result"] != EXPECTED:
+        raise RuntimeError(f"task {task['task_id']} ended {task['status']}: {task.get('error')}")
+
+
 class Cluster:
     """A coordinator (no local agent) and one agent with 2 slots, in a temp dir."""
 
@@ -136,9 +143,20 @@ class Cluster:
 
     def wait(self, task_id):
         task = call("GET", f"{self.url}/api/v1/tasks/{task_id}?wait=60")
-        if task["status"] != "completed" or task["result"] != EXPECTED:
-            raise RuntimeError(f"task {task_id} ended {task['status']}: {task.get('error')}")
+        check(task)
         return task
+
+    def wait_all(self, task_ids):
+        """`GET /api/v1/tasks/wait`: up to 1,000 tasks per request, as a client collecting a
+        batch's results would (asked again while some are unfinished after 60 s)."""
+        for first in range(0, len(task_ids), 1000):
+            chunk = ",".join(str(t) for t in task_ids[first:first + 1000])
+            while True:
+                answer = call("GET", f"{self.url}/api/v1/tasks/wait?ids={chunk}&wait=60")
+                if answer["finished"] == answer["count"]:
+                    break
+            for task in answer["items"]:
+                check(task)
 
     def close(self):
         for p in reversed(self.procs):
@@ -194,9 +212,10 @@ class CpuMeter:
         return {name: (end[name] - self.start[name]) / n * 1000 for name in end}
 
 
-def batch(cluster, n, one_by_one=False, clients=4):
+def batch(cluster, n, one_by_one=False, clients=4, collect="batch"):
     """Submit all (one `POST /api/v1/tasks/batch` per 1,000 tasks, or one request per task
-    from `clients` threads with `one_by_one`), then collect each result; tasks/s."""
+    from `clients` threads with `one_by_one`), then collect the results (1,000 per request,
+    or one request each with collect="each"); tasks/s."""
     ids = []
     lock = threading.Lock()
 
@@ -216,8 +235,11 @@ def batch(cluster, n, one_by_one=False, clients=4):
             t.join()
     else:
         ids = cluster.submit_many(n)
-    for task_id in sorted(ids):
-        cluster.wait(task_id)
+    if collect == "each":
+        for task_id in sorted(ids):
+            cluster.wait(task_id)
+    else:
+        cluster.wait_all(sorted(ids))
     return n / (time.perf_counter() - start)
 
 
@@ -272,6 +294,9 @@ def main():
                     help="the agent's --python (the zygote must be built against the same version); "
                          "default `clean`: a virtual environment with nothing installed (bench/.venv-bare); "
                          "`python3` for the host's own")
+    ap.add_argument("--collect", default="batch", choices=["batch", "each"],
+                    help="batch mode collects results 1,000 per request (GET /api/v1/tasks/wait) or one "
+                         "GET /api/v1/tasks/{id}?wait= per task")
     ap.add_argument("--one-by-one", action="store_true",
                     help="batch mode submits one task per request (4 threads) instead of POST /api/v1/tasks/batch")
     args = ap.parse_args()
@@ -287,7 +312,8 @@ def main():
             for _ in range(20):  # warm-up
                 cluster.wait(cluster.submit())
             meter = CpuMeter(cluster)
-            rates = [batch(cluster, args.tasks, args.one_by_one) for _ in range(args.repeat)]
+            rates = [batch(cluster, args.tasks, args.one_by_one, collect=args.collect)
+                     for _ in range(args.repeat)]
             cpu = meter.per_task_ms(args.tasks * args.repeat)
             p50, p99 = closed_loop(cluster, args.closed_loop) if args.closed_loop else (None, None)
             idle_p50, idle_max = idle(cluster, args.idle, args.idle_gap) if args.idle else (None, None)
@@ -300,7 +326,8 @@ def main():
         print(json.dumps(rows[-1]), file=sys.stderr)
 
     print(f"\n{args.tasks} tasks of `{CODE}`, one agent with {args.cpus:g} slots, {os.cpu_count()} cores, "
-          f"coordinator --sync {args.sync}, agent --python {python}\n")
+          f"coordinator --sync {args.sync}, agent --python {python}, results collected "
+          f"{'1,000 per request' if args.collect == 'batch' else 'one request each'}\n")
     print("| executor | sandbox | batch tasks/s (median, min-max) | closed loop p50 | p99 | idle node p50 (max) |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -11,7 +11,9 @@ latency submit -> result, p50/p99).
   - Lull: coordinator (--sync full) + one agent with 2 slots, over HTTP, zygote executor with
     the strongest sandbox this host allows (printed), and cold with --cold-tasks. Batch mode
     submits with `POST /api/v1/tasks/batch` (1,000 per request), as the others submit from
-    one client in a loop; results are collected one by one with `GET /api/v1/tasks/{id}?wait=`.
+    one client in a loop, and collects the results with `GET /api/v1/tasks/wait?ids=&wait=`
+    (1,000 per request, as Ray's `ray.get(list)` collects them; `--collect each`: one
+    `GET /api/v1/tasks/{id}?wait=` per task, as Celery's `result.get()`).
   - Celery 5 + Redis broker and result backend, --pool=prefork --concurrency=2, a task that
     exec()s the code with stdout captured.
   - RQ with 2 workers (each forks per job), the same function.
@@ -290,7 +292,7 @@ def run_lull(args, executor, tasks):
             cluster.wait(cluster.submit())
 
         def batch(n):
-            return n / lull.batch(cluster, n)
+            return n / lull.batch(cluster, n, collect=args.collect)
 
         result = measure(batch, one, tasks, args.repeat, args.closed_loop)
         result["sandbox"] = level
@@ -441,6 +443,8 @@ def main():
     ap.add_argument("--closed-loop", type=int, default=200, help="tasks per client in the closed loop")
     ap.add_argument("--systems", default="lull-zygote,lull-cold,bare-python,fork-server,celery,rq,ray")
     ap.add_argument("--bin-dir", default=os.path.join(HERE, "..", "target", "release"))
+    ap.add_argument("--collect", default="batch", choices=["batch", "each"],
+                    help="how Lull's batch mode collects results: 1,000 per request or one request each")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--charts", default=os.path.join(HERE, "charts"), help="write the SVG charts here ('' for none)")
     ap.add_argument("--python", default="clean",

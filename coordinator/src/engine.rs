@@ -437,6 +437,75 @@ impl Engine {
         Ok(task)
     }
 
+    /// Each task of `task_ids` (in that order) with its runs, once every one of them has
+    /// finished, or as they are after `wait`: a client that submitted many tasks collects
+    /// their results in one request instead of one each. `visible` is asked about each task
+    /// as first read; an unknown task or one it refuses is not found. Two store reads, however
+    /// many tasks: the commits that finish them wake the wait, as for [`Engine::wait_finished`].
+    pub async fn wait_all_finished(
+        &self,
+        task_ids: &[TaskId],
+        wait: Duration,
+        visible: impl Fn(&TaskRecord) -> bool,
+    ) -> Result<Vec<(TaskRecord, Vec<RunRecord>)>, EngineError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let unique: Vec<TaskId> = task_ids
+            .iter()
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        // Before the read: a commit between the read and the wait still wakes us.
+        let watches: BTreeMap<TaskId, _> = unique
+            .iter()
+            .map(|&task_id| (task_id, self.finished.watch(task_id)))
+            .collect();
+        let mut read: BTreeMap<TaskId, (TaskRecord, Vec<RunRecord>)> = self
+            .store
+            .tasks_with_runs(&unique)
+            .await?
+            .into_iter()
+            .map(|(task, runs)| (task.task_id, (task, runs)))
+            .collect();
+        if let Some(&hidden) = task_ids
+            .iter()
+            .find(|task_id| read.get(task_id).is_none_or(|(task, _)| !visible(task)))
+        {
+            return Err(SchedulerError::TaskNotFound(hidden).into());
+        }
+        let unfinished: Vec<TaskId> = read
+            .values()
+            .filter(|(task, _)| !task.state.status.is_terminal())
+            .map(|(task, _)| task.task_id)
+            .collect();
+        if !unfinished.is_empty() {
+            // One after the other against one deadline: a watch whose task finished while
+            // an earlier one was awaited answers at once.
+            for task_id in &unfinished {
+                let Some(watch) = watches.get(task_id) else {
+                    continue;
+                };
+                tokio::select! {
+                    _ = watch.finished() => {}
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    _ = self.shutdown.cancelled() => break,
+                }
+            }
+            // Read again, each task and its runs as of one moment.
+            for (task, runs) in self.store.tasks_with_runs(&unfinished).await? {
+                read.insert(task.task_id, (task, runs));
+            }
+        }
+        task_ids
+            .iter()
+            .map(|task_id| {
+                read.get(task_id).cloned().ok_or(EngineError::Scheduler(
+                    SchedulerError::TaskNotFound(*task_id),
+                ))
+            })
+            .collect()
+    }
+
     /// The task and its runs as of one moment.
     pub async fn task_with_runs(
         &self,

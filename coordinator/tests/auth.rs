@@ -741,6 +741,20 @@ async fn submitters_see_and_act_on_only_their_own_tasks() {
     assert_eq!(results.body["total"], json!(1), "{:?}", results.body);
     assert_eq!(results.body["results"][0]["task_id"], json!(alice_done));
     assert_eq!(results.body["results"][0]["result"], json!("a"));
+    let waited = s
+        .call(
+            Method::GET,
+            &format!("/api/v1/tasks/wait?ids={alice_done}"),
+            Cred::Token(&alice),
+            None,
+        )
+        .await;
+    assert_eq!(
+        waited.body["items"][0]["result"],
+        json!("a"),
+        "{:?}",
+        waited.body
+    );
 
     // Bob's tasks do not exist for her: the same 404 as an unknown task.
     for (path, id) in [
@@ -750,6 +764,11 @@ async fn submitters_see_and_act_on_only_their_own_tasks() {
         (format!("/api/v1/tasks/{bob_done}?wait=5"), bob_done),
         (format!("/api/v1/tasks/{bob_pending}?wait=5"), bob_pending),
         (format!("/api/v1/tasks/{bob_pending}/explain"), bob_pending),
+        // Nor is waiting for several, hers among them.
+        (
+            format!("/api/v1/tasks/wait?ids={alice_done},{bob_done}&wait=5"),
+            bob_done,
+        ),
         ("/status/999".to_string(), 999),
     ] {
         let a = s.call(Method::GET, &path, Cred::Token(&alice), None).await;

@@ -866,6 +866,140 @@ async fn a_client_can_wait_for_a_result_without_polling() {
 }
 
 #[tokio::test]
+async fn a_client_collects_many_results_in_one_wait() {
+    let s = Server::start().await;
+    s.heartbeat("n1", 4.0, &[]).await;
+    let ids = [
+        s.submit("print(1)").await,
+        s.submit("print(2)").await,
+        s.submit("print(3)").await,
+    ];
+    let assignments = s.pull("n1", 0.0).await["tasks"].clone();
+    let by_task = |id: i64| {
+        assignments
+            .as_array()
+            .and_then(|all| all.iter().find(|a| a["task_id"] == id))
+            .cloned()
+            .expect("an assignment for the task")
+    };
+    for (id, out) in [(ids[0], "1\n"), (ids[1], "2\n")] {
+        assert_eq!(
+            s.report("n1", &by_task(id), "completed", out).await.0,
+            StatusCode::OK
+        );
+    }
+    let list = |ids: &[i64]| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+    // Not all finished: a short wait answers with every task as it is, in the order asked.
+    let asked = [ids[2], ids[0], ids[2]];
+    let (status, now) = s
+        .get(&format!(
+            "/api/v1/tasks/wait?ids={}&wait=0.05",
+            list(&asked)
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{now}");
+    assert_eq!(
+        (now["count"].clone(), now["finished"].clone()),
+        (json!(3), json!(1))
+    );
+    let order: Vec<i64> = now["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|t| t["task_id"].as_i64())
+        .collect();
+    assert_eq!(order, asked);
+    assert_eq!(now["items"][0]["status"], "running");
+    assert_eq!(now["items"][1]["result"], "1");
+    assert_eq!(now["items"][1]["runs"][0]["status"], "completed");
+
+    // A long wait answers when the last result lands.
+    let url = s.url(&format!("/api/v1/tasks/wait?ids={}&wait=50", list(&ids)));
+    let waiter = tokio::spawn(async move {
+        reqwest::get(url)
+            .await
+            .expect("wait")
+            .json::<Value>()
+            .await
+            .expect("json")
+    });
+    assert_eq!(
+        s.report("n1", &by_task(ids[2]), "completed", "3\n").await.0,
+        StatusCode::OK
+    );
+    let done = tokio::time::timeout(Duration::from_secs(40), waiter)
+        .await
+        .expect("the wait answered before its 50 s ran out")
+        .expect("waiter");
+    assert_eq!(done["finished"], 3, "{done}");
+    let results: Vec<&str> = done["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|t| t["result"].as_str())
+        .collect();
+    assert_eq!(results, ["1", "2", "3"]);
+
+    // Bad asks get a clear error.
+    let too_many = list(&(1..=1001).collect::<Vec<_>>());
+    for (query, want, says) in [
+        (
+            "".to_string(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "ids is required",
+        ),
+        (
+            "?ids=".to_string(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "ids is required",
+        ),
+        (
+            format!("?ids={},x", ids[0]),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "\"x\" is not a task id",
+        ),
+        (
+            "?ids=0".to_string(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "\"0\" is not a task id",
+        ),
+        (
+            format!("?ids={too_many}"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "at most 1000 tasks, got 1001",
+        ),
+        (
+            format!("?ids={}&wait=-1", ids[0]),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "wait must be",
+        ),
+        (
+            format!("?ids={}&wait=soon", ids[0]),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid query parameter",
+        ),
+        (
+            format!("?ids={}&extra=1", ids[0]),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "extra",
+        ),
+        (
+            format!("?ids={},999999", ids[0]),
+            StatusCode::NOT_FOUND,
+            "Task 999999 not found",
+        ),
+    ] {
+        let (status, body) = s.get(&format!("/api/v1/tasks/wait{query}")).await;
+        assert_eq!(status, want, "{query}: {body}");
+        assert!(
+            body["detail"].as_str().is_some_and(|d| d.contains(says)),
+            "{query}: {body}"
+        );
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test]
 async fn nodes_are_listed_with_their_sandbox_and_filtered_by_type_and_status() {
     let s = Server::start().await;
     let (status, _) = s

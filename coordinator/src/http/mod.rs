@@ -187,10 +187,12 @@ pub fn router(
             guard.clone(),
         ));
     // These wait by design, each bounded by itself: the agents' long-poll (`wait`, at most
-    // 60 s), a task read with `?wait=` (at most 60 s), and the live feed.
+    // 60 s), a task read with `?wait=` and a wait for several (at most 60 s), and the live
+    // feed.
     let waiting = Router::new()
         .route("/internal/task", get(seed::pull))
         .route("/api/v1/tasks/{task_id}", get(tasks::get))
+        .route("/api/v1/tasks/wait", get(tasks::wait_many))
         .route("/ws/updates", get(feed::updates));
     timed
         .merge(

@@ -196,6 +196,82 @@ pub async fn get(
     Ok(Json(views::task_with_runs(&task, &runs)))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitManyParams {
+    /// Task ids separated by commas: 1 to [`MAX_TASK_BATCH`].
+    ids: Option<String>,
+    /// Seconds to wait for all of them to finish before answering (at most 60).
+    wait: Option<f64>,
+}
+
+/// `GET /api/v1/tasks/wait?ids=1,2,3&wait=60`: the listed tasks, each as
+/// `GET /api/v1/tasks/{id}` shows it (runs included) and in the order given, once every one
+/// has finished or when `wait` seconds have passed (0, the default: at once). How a client
+/// collects a batch's results in one request. An unknown id is a 404, as for one task.
+pub async fn wait_many(
+    State(app): State<AppState>,
+    caller: Caller,
+    QueryParams(params): QueryParams<WaitManyParams>,
+) -> Result<Json<Value>, ApiError> {
+    let task_ids = task_ids_from_list(params.ids.as_deref())?;
+    let wait = match params.wait {
+        None => std::time::Duration::ZERO,
+        Some(w) if w.is_finite() && w >= 0.0 => std::time::Duration::from_secs_f64(w.min(60.0)),
+        Some(_) => {
+            return Err(ApiError::unprocessable(
+                "wait must be a non-negative number of seconds",
+            ));
+        }
+    };
+    let tasks = app
+        .engine
+        .wait_all_finished(&task_ids, wait, |task| caller.sees(task.spec.submitted_by))
+        .await?;
+    let finished = tasks
+        .iter()
+        .filter(|(task, _)| task.state.status.is_terminal())
+        .count();
+    Ok(Json(json!({
+        "items": tasks
+            .iter()
+            .map(|(task, runs)| views::task_with_runs(task, runs))
+            .collect::<Vec<_>>(),
+        "count": tasks.len(),
+        "finished": finished,
+    })))
+}
+
+/// `ids=1,2,3`: 1 to [`MAX_TASK_BATCH`] task ids, or a 422 that says what is wrong.
+fn task_ids_from_list(ids: Option<&str>) -> Result<Vec<TaskId>, ApiError> {
+    let Some(ids) = ids.filter(|ids| !ids.trim().is_empty()) else {
+        return Err(ApiError::unprocessable(
+            "ids is required: task ids separated by commas, e.g. ids=1,2,3",
+        ));
+    };
+    let task_ids = ids
+        .split(',')
+        .map(|id| {
+            let id = id.trim();
+            id.parse::<TaskId>()
+                .ok()
+                .filter(|id| *id > 0)
+                .ok_or_else(|| {
+                    ApiError::unprocessable(format!(
+                        "ids: {id:?} is not a task id (a positive integer)"
+                    ))
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if task_ids.len() > MAX_TASK_BATCH {
+        return Err(ApiError::unprocessable(format!(
+            "ids lists at most {MAX_TASK_BATCH} tasks, got {}; wait for them in several requests",
+            task_ids.len()
+        )));
+    }
+    Ok(task_ids)
+}
+
 pub async fn cancel(
     State(app): State<AppState>,
     caller: Caller,

@@ -123,6 +123,12 @@ pub trait Store: Send + Sync + 'static {
         &self,
         task_id: TaskId,
     ) -> Result<Option<(TaskRecord, Vec<RunRecord>)>, StoreError>;
+    /// The tasks of `task_ids` that exist, each with its runs, from one snapshot (in no
+    /// particular order).
+    async fn tasks_with_runs(
+        &self,
+        task_ids: &[TaskId],
+    ) -> Result<Vec<(TaskRecord, Vec<RunRecord>)>, StoreError>;
     async fn tasks(&self, query: &TaskQuery) -> Result<Vec<TaskRecord>, StoreError>;
     /// Tasks with `status` (any if `None`), submitted with key `submitted_by` if given.
     async fn count_tasks(

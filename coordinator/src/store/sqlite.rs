@@ -898,6 +898,49 @@ impl Store for SqliteStore {
         Ok(Some((task, runs)))
     }
 
+    async fn tasks_with_runs(
+        &self,
+        task_ids: &[TaskId],
+    ) -> Result<Vec<(TaskRecord, Vec<RunRecord>)>, StoreError> {
+        // The ids travel as one JSON array: one statement whatever their number.
+        let ids = format!(
+            "[{}]",
+            task_ids
+                .iter()
+                .map(TaskId::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let mut tx = self.pool.begin().await?;
+        let task_rows = sqlx::query(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE task_id IN (SELECT value FROM json_each(?1))"
+        ))
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let run_rows = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE task_id IN (SELECT value FROM json_each(?1)) \
+             ORDER BY run_id"
+        ))
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut runs: HashMap<TaskId, Vec<RunRecord>> = HashMap::new();
+        for row in &run_rows {
+            let run = run_from_row(row)?;
+            runs.entry(run.task_id).or_default().push(run);
+        }
+        task_rows
+            .iter()
+            .map(|row| {
+                let task = task_from_row(row)?;
+                let its_runs = runs.remove(&task.task_id).unwrap_or_default();
+                Ok((task, its_runs))
+            })
+            .collect()
+    }
+
     async fn tasks(&self, query: &TaskQuery) -> Result<Vec<TaskRecord>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {TASK_COLUMNS} FROM tasks WHERE (?1 IS NULL OR status = ?1) \

@@ -302,11 +302,22 @@ def run_lull(args, executor, tasks):
         cluster.close()
 
 
+def two_at_a_time(one):
+    """A batch for measure(): n calls of one(), two at a time from two threads; seconds."""
+    import concurrent.futures
+
+    def batch(n):
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda _: one(), range(n)))
+        return time.perf_counter() - t0
+
+    return batch
+
+
 def run_bare(args, tasks):
     """The floor for a fresh interpreter per task: `python3 -I -c CODE` (the interpreter Lull's
     agent is given, --python), two at a time from two threads, no Lull, no HTTP, no sandbox."""
-    import concurrent.futures
-
     sys.path.insert(0, HERE)
     import executors as lull  # bench/executors.py
 
@@ -318,13 +329,7 @@ def run_bare(args, tasks):
         if out.strip() != expected:
             raise RuntimeError(f"python3 -I printed {out!r}")
 
-    def batch(n):
-        t0 = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda _: one(), range(n)))
-        return time.perf_counter() - t0
-
-    return measure(batch, one, tasks, args.repeat, args.closed_loop)
+    return measure(two_at_a_time(one), one, tasks, args.repeat, args.closed_loop)
 
 
 FORK_SERVER = r'''
@@ -383,7 +388,6 @@ while True:
 def run_fork_server(args, tasks):
     """The floor for a fork per task from a warm interpreter (FORK_SERVER, in the interpreter
     Lull's agent is given, --python): two clients over a Unix socket, no Lull, no sandbox."""
-    import concurrent.futures
     import struct
 
     sys.path.insert(0, HERE)
@@ -419,16 +423,10 @@ def run_fork_server(args, tasks):
         if out != EXPECTED:
             raise RuntimeError(f"the fork server's child printed {out!r}")
 
-    def batch(n):
-        t0 = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda _: one(), range(n)))
-        return time.perf_counter() - t0
-
     try:
         if server.stdout.readline().strip() != "ready":
             raise RuntimeError("the fork server did not start")
-        return measure(batch, one, tasks, args.repeat, args.closed_loop)
+        return measure(two_at_a_time(one), one, tasks, args.repeat, args.closed_loop)
     finally:
         server.kill()
         server.wait()

@@ -644,6 +644,31 @@ mod tests {
         }
     }
 
+    /// An outbox in `dir` delivering to `url` until stopped.
+    struct Delivering {
+        outbox: Arc<Outbox>,
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Delivering {
+        async fn start(dir: &Path, url: &str) -> Delivering {
+            let outbox = Arc::new(Outbox::open(dir.join("outbox")).await.expect("open"));
+            let client = CoordinatorClient::new(url, None, None, None).expect("client");
+            let stop = CancellationToken::new();
+            let task = tokio::spawn({
+                let (outbox, stop) = (Arc::clone(&outbox), stop.clone());
+                async move { outbox.deliver_until_stopped(&client, &NoRefill, stop).await }
+            });
+            Delivering { outbox, stop, task }
+        }
+
+        async fn stop(self) {
+            self.stop.cancel();
+            self.task.await.expect("delivery task");
+        }
+    }
+
     /// A coordinator that takes the post and never answers: the result is saved while the
     /// post hangs, and survives an agent restart.
     #[tokio::test]
@@ -659,21 +684,15 @@ mod tests {
             }
         });
         let dir = tempfile::tempdir().expect("temp dir");
-        let outbox = Arc::new(Outbox::open(dir.path().join("outbox")).await.expect("open"));
-        let client = CoordinatorClient::new(&url, None, None, None).expect("client");
-        let stop = CancellationToken::new();
-        let delivery = tokio::spawn({
-            let (outbox, stop) = (Arc::clone(&outbox), stop.clone());
-            async move { outbox.deliver_until_stopped(&client, &NoRefill, stop).await }
-        });
+        let delivering = Delivering::start(dir.path(), &url).await;
+        let outbox = Arc::clone(&delivering.outbox);
         outbox.store(result(7, "seven".into())).await;
         eventually("the waiting result to be saved", || outbox.path(7).exists()).await;
         assert!(
             !outbox.save_at_once.load(Ordering::Relaxed),
             "saved while its post was waiting, not after it failed"
         );
-        stop.cancel();
-        delivery.await.expect("delivery task");
+        delivering.stop().await;
         held.abort();
         let after_restart = Outbox::open(dir.path().join("outbox"))
             .await
@@ -689,13 +708,8 @@ mod tests {
         let url = format!("http://{}", gone.local_addr().expect("address"));
         drop(gone);
         let dir = tempfile::tempdir().expect("temp dir");
-        let outbox = Arc::new(Outbox::open(dir.path().join("outbox")).await.expect("open"));
-        let client = CoordinatorClient::new(&url, None, None, None).expect("client");
-        let stop = CancellationToken::new();
-        let delivery = tokio::spawn({
-            let (outbox, stop) = (Arc::clone(&outbox), stop.clone());
-            async move { outbox.deliver_until_stopped(&client, &NoRefill, stop).await }
-        });
+        let delivering = Delivering::start(dir.path(), &url).await;
+        let outbox = Arc::clone(&delivering.outbox);
         outbox.store(result(1, "one".into())).await;
         eventually("the result whose post failed to be saved", || {
             outbox.path(1).exists()
@@ -706,8 +720,7 @@ mod tests {
             outbox.path(2).exists(),
             "stored while the coordinator is unreachable: saved at once"
         );
-        stop.cancel();
-        delivery.await.expect("delivery task");
+        delivering.stop().await;
     }
 
     #[test]

@@ -347,7 +347,9 @@ impl Zygote {
             // Every symbol bound once, in the zygote: lazily bound, each run's first call of
             // a library function not yet called in the zygote resolved it again and wrote
             // the result to a page the fork shares (~5 % of a run's page faults). Runs do not
-            // see it: the zygote replaces its environment with the runs' own.
+            // see it: the zygote replaces its environment with the runs' own. Nothing a run
+            // imports binds differently: Python loads extension modules (and ctypes its
+            // libraries) with RTLD_NOW already.
             .env("LD_BIND_NOW", "1")
             .stdin(Stdio::from(OwnedFd::from(theirs)))
             .stdout(Stdio::null())

@@ -146,15 +146,19 @@ class Cluster:
         check(task)
         return task
 
-    def wait_all(self, task_ids):
+    def wait_all(self, task_ids, rounds=10):
         """`GET /api/v1/tasks/wait`: up to 1,000 tasks per request, as a client collecting a
-        batch's results would (asked again while some are unfinished after 60 s)."""
+        batch's results would (asked again while some are unfinished after 60 s, at most
+        `rounds` times per 1,000)."""
         for first in range(0, len(task_ids), 1000):
             chunk = ",".join(str(t) for t in task_ids[first:first + 1000])
-            while True:
+            for _ in range(rounds):
                 answer = call("GET", f"{self.url}/api/v1/tasks/wait?ids={chunk}&wait=60")
                 if answer["finished"] == answer["count"]:
                     break
+            else:
+                raise RuntimeError(f"{answer['count'] - answer['finished']} tasks unfinished after "
+                                   f"{rounds} minutes")
             for task in answer["items"]:
                 check(task)
 

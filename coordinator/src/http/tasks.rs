@@ -164,9 +164,8 @@ pub async fn get(
     QueryParams(params): QueryParams<GetParams>,
 ) -> Result<Json<Value>, ApiError> {
     let task_id = task_id_from_path(&raw)?;
-    let (task, runs) = match params.wait {
-        Some(w) if w.is_finite() && w >= 0.0 => {
-            let wait = std::time::Duration::from_secs_f64(w.min(60.0));
+    let (task, runs) = match wait_param(params.wait) {
+        Ok(Some(wait)) => {
             let task = app
                 .engine
                 .wait_finished(task_id, wait, |task| caller.sees(task.spec.submitted_by))
@@ -180,20 +179,30 @@ pub async fn get(
                 app.engine.task_with_runs(task_id).await?
             }
         }
-        wait => {
+        no_wait => {
             let (task, runs) = app.engine.task_with_runs(task_id).await?;
             if !caller.sees(task.spec.submitted_by) {
                 return Err(EngineError::Scheduler(SchedulerError::TaskNotFound(task_id)).into());
             }
-            if wait.is_some() {
-                return Err(ApiError::unprocessable(
-                    "wait must be a non-negative number of seconds",
-                ));
-            }
+            // A bad `wait` is told only to a caller who may see the task.
+            no_wait?;
             (task, runs)
         }
     };
     Ok(Json(views::task_with_runs(&task, &runs)))
+}
+
+/// `wait=S`: how long to wait for tasks to finish, at most 60 s; `None` when absent.
+fn wait_param(wait: Option<f64>) -> Result<Option<std::time::Duration>, ApiError> {
+    match wait {
+        None => Ok(None),
+        Some(w) if w.is_finite() && w >= 0.0 => {
+            Ok(Some(std::time::Duration::from_secs_f64(w.min(60.0))))
+        }
+        Some(_) => Err(ApiError::unprocessable(
+            "wait must be a non-negative number of seconds",
+        )),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -215,15 +224,7 @@ pub async fn wait_many(
     QueryParams(params): QueryParams<WaitManyParams>,
 ) -> Result<Json<Value>, ApiError> {
     let task_ids = task_ids_from_list(params.ids.as_deref())?;
-    let wait = match params.wait {
-        None => std::time::Duration::ZERO,
-        Some(w) if w.is_finite() && w >= 0.0 => std::time::Duration::from_secs_f64(w.min(60.0)),
-        Some(_) => {
-            return Err(ApiError::unprocessable(
-                "wait must be a non-negative number of seconds",
-            ));
-        }
-    };
+    let wait = wait_param(params.wait)?.unwrap_or_default();
     let tasks = app
         .engine
         .wait_all_finished(&task_ids, wait, |task| caller.sees(task.spec.submitted_by))

@@ -100,36 +100,13 @@ fn child_exit_signals() -> Result<SignalFd, String> {
 /// Forking a multi-threaded process copies only the forking thread: locks held by the others
 /// stay locked forever in the child. Refuse rather than risk it. Checked before every fork.
 fn threads_are_single() -> Result<(), String> {
-    match thread_count()? {
-        1 => Ok(()),
-        n => Err(format!(
+    match lull_agent::sandbox::thread_count() {
+        Some(1) => Ok(()),
+        Some(n) => Err(format!(
             "the zygote has {n} threads (a preloaded module started some?); refusing to fork"
         )),
+        None => Err("could not count the zygote's threads in /proc/self".to_string()),
     }
-}
-
-/// This process's threads: `/proc/self/task` has a link for each, besides its own two (one
-/// `stat`, where reading `/proc/self/status` has the kernel format two dozen lines), or the
-/// `Threads:` line of `/proc/self/status` where the links do not say.
-fn thread_count() -> Result<u64, String> {
-    threads_of(std::path::Path::new("/proc/self"))
-}
-
-/// The threads of the process whose `/proc` directory is `proc`.
-fn threads_of(proc: &std::path::Path) -> Result<u64, String> {
-    use std::os::unix::fs::MetadataExt as _;
-    if let Ok(task) = std::fs::metadata(proc.join("task"))
-        && let Some(threads) = task.nlink().checked_sub(2).filter(|n| *n > 0)
-    {
-        return Ok(threads);
-    }
-    let status = std::fs::read_to_string(proc.join("status"))
-        .map_err(|err| format!("could not read {}/status: {err}", proc.display()))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("Threads:"))
-        .and_then(|n| n.trim().parse().ok())
-        .ok_or_else(|| "/proc/self/status has no Threads: line".to_string())
 }
 
 struct Server {
@@ -741,18 +718,6 @@ mod tests {
         let (line, fds) = inbox.next_line().expect("the line");
         assert_eq!(line, b"{\"op\":\"kill\"}");
         assert_eq!(fds.len(), 1);
-    }
-
-    #[test]
-    fn a_single_threaded_process_counts_one_thread() {
-        let mut sleeper = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .expect("sleep starts");
-        let counted = threads_of(&std::path::Path::new("/proc").join(sleeper.id().to_string()));
-        let _ = sleeper.kill();
-        let _ = sleeper.wait();
-        assert_eq!(counted, Ok(1));
     }
 
     #[test]

@@ -28,7 +28,9 @@
 mod cgroup;
 mod seccomp;
 
-pub use cgroup::{remove_run as remove_run_cgroup, sweep_stale as sweep_stale_cgroups};
+pub use cgroup::{
+    remove_run as remove_run_cgroup, sweep_stale as sweep_stale_cgroups, thread_count,
+};
 
 use lull_shared::{Protections, RunId, SandboxLevel};
 use nix::mount::{MsFlags, mount};

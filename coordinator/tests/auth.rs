@@ -677,6 +677,26 @@ async fn cors_allows_only_the_configured_origins_when_auth_is_on() {
         allowed_origin(&preflight(&open, "https://anywhere.example").await).as_deref(),
         Some("*")
     );
+    // ... but not to the agents' routes, even then: no web page gets a heartbeat or a result
+    // past its browser's preflight.
+    for path in [
+        "/internal/heartbeat",
+        "/internal/result",
+        "/internal/results",
+        "/internal/task",
+    ] {
+        let resp = open
+            .http
+            .request(Method::OPTIONS, format!("{}{path}", open.base))
+            .header("origin", "https://anywhere.example")
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type")
+            .send()
+            .await
+            .expect("preflight");
+        assert_eq!(allowed_origin(&resp), None, "{path}");
+        assert!(!resp.status().is_success(), "{path}: {}", resp.status());
+    }
     open.shutdown().await;
 }
 

@@ -136,10 +136,6 @@ pub fn router(
     };
     // Layers are given as tuples, outermost first: one `Router::layer` boxes every route's
     // service and its future once more per request, so each call wraps a whole stack.
-    let guard = (
-        DefaultBodyLimit::max(config.max_body_bytes),
-        axum::middleware::from_fn_with_state(state.clone(), auth::authenticate),
-    );
     let timed = Router::new()
         .route("/", get(seed::root))
         .route("/submit", post(seed::submit))
@@ -149,9 +145,6 @@ pub fn router(
         .route("/results", get(seed::results))
         .route("/health", get(seed::health))
         .route("/stats", get(seed::stats))
-        .route("/internal/heartbeat", post(seed::heartbeat))
-        .route("/internal/result", post(seed::result))
-        .route("/internal/results", post(seed::results_batch))
         .route("/api/v1/tasks", post(tasks::create).get(tasks::list))
         .route("/api/v1/tasks/batch", post(tasks::create_batch))
         .route("/api/v1/tasks/{task_id}/cancel", post(tasks::cancel))
@@ -178,36 +171,62 @@ pub fn router(
             post(change_points::change_points).fallback(change_points::method_not_allowed),
         )
         .fallback(not_found);
+    // These wait by design, each bounded by itself: a task read with `?wait=` and a wait for
+    // several (at most 60 s), and the live feed.
+    let waiting = Router::new()
+        .route("/api/v1/tasks/{task_id}", get(tasks::get))
+        .route("/api/v1/tasks/wait", get(tasks::wait_many))
+        .route("/ws/updates", get(feed::updates));
+    let public = bounded(timed, waiting, config, &state).layer((
+        TraceLayer::new_for_http(),
+        // Preflights are answered here, before authentication, so browsers can send
+        // the key headers.
+        cors(config),
+        axum::middleware::map_response(detail_for_bare_errors),
+    ));
+    // The agents' own routes: the bulk of a large pool's requests (10,000 nodes send 5,000
+    // heartbeats a second). No CORS (agents are not browsers: a web page gets no preflight
+    // through to them, even with auth off) and no request span (debug-level only; the
+    // handlers log with their node and run fields): the two layers were about a sixth of the
+    // coordinator's CPU per heartbeat (BENCHMARKS.md, section 4).
+    let agents = Router::new()
+        .route("/internal/heartbeat", post(seed::heartbeat))
+        .route("/internal/result", post(seed::result))
+        .route("/internal/results", post(seed::results_batch));
+    // The long-poll, bounded by its own `wait` (at most 60 s).
+    let agents_waiting = Router::new().route("/internal/task", get(seed::pull));
+    let agents = bounded(agents, agents_waiting, config, &state)
+        .layer(axum::middleware::map_response(detail_for_bare_errors));
+    public.merge(agents).with_state(state)
+}
+
+/// `timed` under the request timeout, `waiting` (routes that wait by design) without it, both
+/// behind the body limit and authentication.
+fn bounded(
+    timed: Router<AppState>,
+    waiting: Router<AppState>,
+    config: &HttpConfig,
+    state: &AppState,
+) -> Router<AppState> {
+    let guard = || {
+        (
+            DefaultBodyLimit::max(config.max_body_bytes),
+            axum::middleware::from_fn_with_state(state.clone(), auth::authenticate),
+        )
+    };
     // The timeout outermost on these routes: a slow client (headers in, body dripping)
     // cannot hold a handler, nor the signature check reading the body, past it.
     let timed = timed
         .method_not_allowed_fallback(method_not_allowed)
         .layer((
             TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, config.request_timeout),
-            guard.clone(),
+            guard(),
         ));
-    // These wait by design, each bounded by itself: the agents' long-poll (`wait`, at most
-    // 60 s), a task read with `?wait=` and a wait for several (at most 60 s), and the live
-    // feed.
-    let waiting = Router::new()
-        .route("/internal/task", get(seed::pull))
-        .route("/api/v1/tasks/{task_id}", get(tasks::get))
-        .route("/api/v1/tasks/wait", get(tasks::wait_many))
-        .route("/ws/updates", get(feed::updates));
-    timed
-        .merge(
-            waiting
-                .method_not_allowed_fallback(method_not_allowed)
-                .layer(guard),
-        )
-        .layer((
-            TraceLayer::new_for_http(),
-            // Preflights are answered here, before authentication, so browsers can send
-            // the key headers.
-            cors(config),
-            axum::middleware::map_response(detail_for_bare_errors),
-        ))
-        .with_state(state)
+    timed.merge(
+        waiting
+            .method_not_allowed_fallback(method_not_allowed)
+            .layer(guard()),
+    )
 }
 
 /// Errors made by layers rather than handlers (a request timeout) come without a body:

@@ -186,9 +186,9 @@ pub fn router(
     ));
     // The agents' own routes: the bulk of a large pool's requests (10,000 nodes send 5,000
     // heartbeats a second). No CORS (agents are not browsers: a web page gets no preflight
-    // through to them, even with auth off) and no request span (debug-level only; the
-    // handlers log with their node and run fields): the two layers were about a sixth of the
-    // coordinator's CPU per heartbeat (BENCHMARKS.md, section 4).
+    // through to them, even with auth off) and no request span (debug-level, unread at the
+    // default level): the two layers were about a tenth of the coordinator's CPU per
+    // heartbeat (BENCHMARKS.md, section 4).
     let agents = Router::new()
         .route("/internal/heartbeat", post(seed::heartbeat))
         .route("/internal/result", post(seed::result))

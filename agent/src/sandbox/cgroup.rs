@@ -272,13 +272,14 @@ mod tests {
             .map(|dir| dir.flatten().map(|entry| entry.path()).collect())
             .unwrap_or_default();
         tasks.sort();
+        let v2 = is_v2();
         let mut lines = Vec::new();
         for task in tasks {
             let text = fs::read_to_string(task.join("cgroup")).unwrap_or_default();
             let mut ours: Vec<&str> = text
                 .lines()
                 .filter(|line| {
-                    if is_v2() {
+                    if v2 {
                         line.starts_with("0::")
                     } else {
                         line.contains(":memory:") || line.contains(":pids:")

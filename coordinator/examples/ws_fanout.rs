@@ -17,8 +17,14 @@
 //! completed). With `--events-per-second R` the tasks are submitted open loop at R/3 per
 //! second for `--seconds`; without it, `--tasks` as fast as they are answered.
 //!
+//! With `--batch` the clients subscribe with `?batch=true`: each message is a JSON array of
+//! the events queued together for the connection.
+//!
 //! The clients share this machine's cores with the coordinator; the CPU each side used (from
-//! `/proc/PID/stat`, over the same window) says what the coordinator itself costs.
+//! `/proc/PID/stat`, over the same window) says what the coordinator itself costs. A client
+//! does not parse each event whole: it scans the message for each event's kind, `seq` and
+//! `ts` (and a `lagged` notice's `missed`), checks that the seqs follow one another with no
+//! gap a notice does not account for, and records each event's delay.
 
 #![forbid(unsafe_code)]
 
@@ -34,7 +40,6 @@ use anyhow::Context;
 use clap::Parser;
 use futures::StreamExt;
 use process::{cores, sample, start_coordinator};
-use serde::Deserialize;
 use sim::{Phase, Plan};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -73,6 +78,9 @@ struct Cli {
     /// Longest the clients may take, after the last task, to receive the newest event.
     #[arg(long, default_value_t = 120.0)]
     drain_seconds: f64,
+    /// Subscribe with `?batch=true` (messages are arrays of events).
+    #[arg(long)]
+    batch_messages: bool,
 }
 
 fn unix_now() -> f64 {
@@ -82,21 +90,67 @@ fn unix_now() -> f64 {
         .unwrap_or(0.0)
 }
 
-#[derive(Deserialize)]
-struct Frame<'a> {
-    event: &'a str,
+/// One event as a client's scan finds it.
+struct Seen {
     seq: u64,
     ts: f64,
-}
-
-#[derive(Deserialize)]
-struct LaggedFrame {
-    data: LaggedData,
-}
-
-#[derive(Deserialize)]
-struct LaggedData {
+    /// A `lagged` notice's count (0 for `null` and for other events).
     missed: Option<u64>,
+}
+
+/// The events of one message (an object, or an array of them), in order. The feed encodes
+/// each as `{"event":"…","data":{…},"seq":N,"ts":T}` with `serde_json` (no spaces), and an
+/// unescaped `"` cannot occur inside a JSON string, so `"seq":` is found only where it is a
+/// key: no `data` of these events has a key of that name. A message holding a `lagged`
+/// notice (rare) is parsed whole instead.
+fn scan(text: &str, mut each: impl FnMut(Seen) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    static SEQ: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(br#""seq":"#));
+    static LAGGED: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(br#""event":"lagged""#));
+    const TS: &str = r#","ts":"#;
+    if LAGGED.find(text.as_bytes()).is_some() {
+        return scan_whole(text, each);
+    }
+    let mut rest = text;
+    let mut found = false;
+    while let Some(at) = SEQ.find(rest.as_bytes()) {
+        rest = &rest[at + 6..];
+        let end = rest.find(',').context("ts after seq")?;
+        let seq = rest[..end].parse().context("seq")?;
+        rest = rest[end..].strip_prefix(TS).context("ts after seq")?;
+        let end = rest.find('}').context("ts's end")?;
+        let ts = rest[..end].parse().context("ts")?;
+        rest = &rest[end + 1..];
+        each(Seen {
+            seq,
+            ts,
+            missed: None,
+        })?;
+        found = true;
+    }
+    anyhow::ensure!(found, "a message without an event: {text:.200}");
+    Ok(())
+}
+
+/// [`scan`] by parsing every event of the message.
+fn scan_whole(text: &str, mut each: impl FnMut(Seen) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let events: Vec<lull_shared::FeedMessage> = if text.starts_with('[') {
+        serde_json::from_str(text)
+    } else {
+        serde_json::from_str(text).map(|one| vec![one])
+    }
+    .context("a feed message")?;
+    for event in events {
+        let missed = (event.event == lull_shared::FeedEventKind::Lagged)
+            .then(|| event.data["missed"].as_u64().unwrap_or(0));
+        each(Seen {
+            seq: event.seq,
+            ts: event.ts,
+            missed,
+        })?;
+    }
+    Ok(())
 }
 
 /// Delays in buckets 1 % wide from 10 µs up (a million clients' worth of frames would not
@@ -161,6 +215,8 @@ impl Delays {
 
 struct ClientReport {
     delays: Delays,
+    /// WebSocket messages received (with `--batch`, each holds one or more events).
+    messages: u64,
     lagged: u64,
     /// Events the `lagged` notices said were dropped.
     missed: u64,
@@ -178,6 +234,7 @@ async fn client(
     connected.fetch_add(1, Ordering::Relaxed);
     let mut report = ClientReport {
         delays: Delays::new(),
+        messages: 0,
         lagged: 0,
         missed: 0,
     };
@@ -195,15 +252,25 @@ async fn client(
             frame = socket.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
                     let received = unix_now();
-                    let frame: Frame = serde_json::from_str(&text).context("bad frame")?;
-                    if frame.event == "lagged" {
-                        report.lagged += 1;
-                        let notice: LaggedFrame = serde_json::from_str(&text).context("bad lagged")?;
-                        report.missed += notice.data.missed.unwrap_or(0);
-                    } else {
-                        report.delays.record(received - frame.ts);
-                        newest = frame.seq;
-                    }
+                    report.messages += 1;
+                    scan(&text, |event| {
+                        // Every event arrives once, in order: a seq that does not follow
+                        // the last one must be accounted for by a `lagged` notice.
+                        if let Some(missed) = event.missed {
+                            report.lagged += 1;
+                            report.missed += missed;
+                            newest = event.seq + missed;
+                            return Ok(());
+                        }
+                        anyhow::ensure!(
+                            newest == 0 || event.seq == newest + 1,
+                            "seq {} after {newest}, with no lagged notice between",
+                            event.seq
+                        );
+                        report.delays.record(received - event.ts);
+                        newest = event.seq;
+                        Ok(())
+                    })?;
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => anyhow::bail!("read: {e}"),
@@ -236,7 +303,15 @@ async fn fanout(
     clients_runtime: &tokio::runtime::Handle,
 ) -> anyhow::Result<()> {
     let http = sim::http_client()?;
-    let ws_url = format!("ws{}/ws/updates", base.trim_start_matches("http"));
+    let ws_url = format!(
+        "ws{}/ws/updates{}",
+        base.trim_start_matches("http"),
+        if cli.batch_messages {
+            "?batch=true"
+        } else {
+            ""
+        }
+    );
     let (target_tx, target_rx) = watch::channel(None);
     let connected = Arc::new(AtomicUsize::new(0));
     let clients: Vec<_> = (0..cli.clients)
@@ -297,7 +372,7 @@ async fn fanout(
     let _ = target_tx.send(Some(newest));
 
     let mut delays = Delays::new();
-    let (mut lagged, mut missed, mut failed) = (0, 0, 0);
+    let (mut messages, mut lagged, mut missed, mut failed) = (0, 0, 0, 0);
     let drain = tokio::time::sleep(Duration::from_secs_f64(cli.drain_seconds));
     tokio::pin!(drain);
     let mut waiting = futures::stream::iter(clients).buffer_unordered(cli.clients.max(1));
@@ -307,6 +382,7 @@ async fn fanout(
                 None => break,
                 Some(Ok(Ok(report))) => {
                     delays.merge(&report.delays);
+                    messages += report.messages;
                     lagged += report.lagged;
                     missed += report.missed;
                 }
@@ -337,7 +413,8 @@ async fn fanout(
     let published = newest - first_seq;
     println!(
         "clients {} | published {published} events in {publishing:.2} s: {:.0} events/s{} | \
-         delivered {} messages in {window:.2} s: {:.0} messages/s | \
+         delivered {} events in {messages} messages{} in {window:.2} s: {:.0} events/s to \
+         clients | \
          delay p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms | \
          lagged notices {lagged} ({missed} events dropped) | failed clients {failed}",
         cli.clients,
@@ -345,6 +422,11 @@ async fn fanout(
         cli.events_per_second
             .map_or(String::new(), |r| format!(" (asked {r:.0})")),
         delays.count,
+        if cli.batch_messages {
+            " (?batch=true)"
+        } else {
+            ""
+        },
         delays.count as f64 / window,
         ms(delays.percentile(50.0)),
         ms(delays.percentile(99.0)),
@@ -352,7 +434,7 @@ async fn fanout(
     );
     println!(
         "CPU over the {window:.2} s: coordinator {:.2} cores ({:.2} while publishing, {:.2} µs \
-         per message delivered), ws_fanout (clients + publisher) {:.2} cores; load average {}",
+         per event delivered), ws_fanout (clients + publisher) {:.2} cores; load average {}",
         cores(&c0, &c1),
         cores(&c0, &published_by),
         (c1.cpu - c0.cpu) * 1e6 / delays.count.max(1) as f64,

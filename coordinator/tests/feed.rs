@@ -9,6 +9,7 @@ use lull_coordinator::{Config, run};
 use lull_shared::{FeedEventKind, FeedMessage};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use std::collections::VecDeque;
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -82,7 +83,7 @@ impl Server {
                 .expect("handshake in time")
                 .expect("handshake");
         assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
-        Client { socket }
+        Client::new(socket)
     }
 
     async fn get(&self, path: &str) -> (StatusCode, Value) {
@@ -164,19 +165,46 @@ async fn decode(resp: reqwest::Response) -> (StatusCode, Value) {
 
 struct Client {
     socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Events of an array message (`?batch=true`) not yet returned by `next`.
+    pending: VecDeque<FeedMessage>,
+    /// How many events each text message held: 1 for an object, the length of an array.
+    sizes: Vec<usize>,
+    /// Text messages that were one object, not an array.
+    objects: usize,
 }
 
 impl Client {
-    /// The next feed message (bounded wait).
+    fn new(socket: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Client {
+        Client {
+            socket,
+            pending: VecDeque::new(),
+            sizes: Vec::new(),
+            objects: 0,
+        }
+    }
+
+    /// The next feed event (bounded wait), whether it came alone or in an array.
     async fn next(&mut self) -> FeedMessage {
         loop {
+            if let Some(m) = self.pending.pop_front() {
+                return m;
+            }
             let frame = tokio::time::timeout(WAIT, self.socket.next())
                 .await
                 .expect("a feed message in time")
                 .expect("connection open")
                 .expect("a frame");
             match frame {
+                Message::Text(text) if text.starts_with('[') => {
+                    let events: Vec<FeedMessage> = serde_json::from_str(&text)
+                        .unwrap_or_else(|e| panic!("not an array of feed messages ({e}): {text}"));
+                    assert!(!events.is_empty(), "an empty array was sent");
+                    self.sizes.push(events.len());
+                    self.pending.extend(events);
+                }
                 Message::Text(text) => {
+                    self.sizes.push(1);
+                    self.objects += 1;
                     return serde_json::from_str(&text)
                         .unwrap_or_else(|e| panic!("not a feed message ({e}): {text}"));
                 }
@@ -511,6 +539,7 @@ async fn bad_query_parameters_get_a_detail_never_a_500() {
         ("?since=-1", "since must be a non-negative integer"),
         ("?since=1.5", "since must be a non-negative integer"),
         ("?sinse=3", "unknown field `sinse`"),
+        ("?batch=yes", "batch must be true or false"),
     ];
     for (query, expected) in cases {
         // A real WebSocket client is refused before the upgrade...
@@ -544,7 +573,7 @@ async fn bad_query_parameters_get_a_detail_never_a_500() {
         "{body}"
     );
     // Empty values mean no filter, as for the other list endpoints.
-    let feed = s.connect("?events=&task_id=&node_id=&since=").await;
+    let feed = s.connect("?events=&task_id=&node_id=&since=&batch=").await;
     feed.close().await;
     s.shutdown().await;
 }
@@ -648,7 +677,7 @@ async fn since_older_than_the_ring_or_from_another_run_gets_a_lagged_notice() {
 
 /// A client that never reads: a socket with a tiny receive buffer, so that the
 /// coordinator's writes to it block soon, and no reads until the test says so.
-async fn stuck_client(s: &Server) -> Client {
+async fn stuck_client(s: &Server, query: &str) -> Client {
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket
         .set_recv_buffer_size(4096)
@@ -657,10 +686,11 @@ async fn stuck_client(s: &Server) -> Client {
         .connect(s.addr.parse().expect("address"))
         .await
         .expect("connect");
-    let (socket, _) = tokio_tungstenite::client_async(s.ws_url(""), MaybeTlsStream::Plain(stream))
-        .await
-        .expect("handshake");
-    Client { socket }
+    let (socket, _) =
+        tokio_tungstenite::client_async(s.ws_url(query), MaybeTlsStream::Plain(stream))
+            .await
+            .expect("handshake");
+    Client::new(socket)
 }
 
 /// One round of failing tasks on `node`: `n` submitted, pulled at once, each reported with a
@@ -685,6 +715,16 @@ async fn failing_round(s: &Server, node: &str, n: usize) -> Vec<i64> {
 
 #[tokio::test]
 async fn a_client_that_does_not_read_gets_lagged_and_nobody_else_waits() {
+    a_client_that_does_not_read_gets_lagged("").await;
+}
+
+#[tokio::test]
+async fn a_batch_client_that_does_not_read_gets_lagged_in_its_arrays() {
+    a_client_that_does_not_read_gets_lagged("?batch=true").await;
+}
+
+/// Both clients subscribe with `query`.
+async fn a_client_that_does_not_read_gets_lagged(query: &str) {
     const BUFFER: usize = 256;
     const ROUND: usize = 20;
     let s = Server::start_with(FeedConfig {
@@ -694,8 +734,8 @@ async fn a_client_that_does_not_read_gets_lagged_and_nobody_else_waits() {
     .await;
     // Room for every run at once, so the node never flips between idle and busy.
     s.heartbeat("n1", 10_000.0).await;
-    let mut stuck = stuck_client(&s).await;
-    let mut reader = s.connect("").await;
+    let mut stuck = stuck_client(&s, query).await;
+    let mut reader = s.connect(query).await;
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<i64>();
     // The healthy client reads as events come, until the task the test names last.
     let healthy = tokio::spawn(async move {
@@ -778,6 +818,67 @@ async fn a_client_that_does_not_read_gets_lagged_and_nobody_else_waits() {
         }
     }
     assert_eq!(expected, newest + 1);
+    if query.contains("batch=true") {
+        assert_eq!(
+            stuck.objects, 0,
+            "with batch=true every message is an array"
+        );
+    } else {
+        assert!(stuck.sizes.iter().all(|&n| n == 1), "one event per message");
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn batch_true_sends_the_same_events_in_arrays() {
+    const TASKS: usize = 300;
+    let s = Server::start().await;
+    let mut single = s.connect("").await;
+    let mut batched = s.connect("?batch=true").await;
+    let code: Vec<Value> = (0..TASKS)
+        .map(|i| json!({"code": format!("print({i})")}))
+        .collect();
+    let (status, body) = s.post("/api/v1/tasks/batch", json!({"tasks": code})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let ids: Vec<i64> = body["task_ids"]
+        .as_array()
+        .expect("task_ids")
+        .iter()
+        .filter_map(Value::as_i64)
+        .collect();
+    assert_eq!(ids.len(), TASKS);
+    let last = *ids.last().expect("ids");
+    s.cancel(ids[0]).await;
+    s.cancel(last).await;
+
+    let seen = |messages: &[FeedMessage]| -> Vec<(u64, FeedEventKind, Value)> {
+        messages
+            .iter()
+            .map(|m| (m.seq, m.event, m.data["task_id"].clone()))
+            .collect()
+    };
+    let reference = single.until(is(TaskCancelled, last)).await;
+    assert_eq!(reference.len(), TASKS + 2);
+    assert_contiguous(&reference);
+    assert_eq!(
+        single.objects,
+        reference.len(),
+        "without batch, one object each"
+    );
+    let got = batched.until(is(TaskCancelled, last)).await;
+    assert_eq!(seen(&got), seen(&reference));
+    assert_eq!(
+        batched.objects, 0,
+        "with batch=true every message is an array"
+    );
+    assert_eq!(batched.sizes.iter().sum::<usize>(), got.len());
+
+    // A replay goes out in arrays of at most 256 events: the backlog is queued at once,
+    // so the first array is full.
+    let mut replayed = s.connect("?since=0&batch=true").await;
+    let again = replayed.until(is(TaskCancelled, last)).await;
+    assert_eq!(seen(&again), seen(&reference));
+    assert_eq!(replayed.sizes, vec![256, TASKS + 2 - 256]);
     s.shutdown().await;
 }
 

@@ -11,7 +11,10 @@
 //!
 //! Woken for an event, a connection writes every event already queued for it (up to
 //! [`FRAMES_PER_FLUSH`]) as frames into one buffer and flushes once: one `send` syscall
-//! per wake-up, not per frame. Its read buffer is small ([`READ_BUFFER_BYTES`]): clients
+//! per wake-up, not per frame. With `?batch=true` those events go as one text message, a
+//! JSON array of the same objects in the same order: one frame per wake-up for the
+//! WebSocket layers on both sides, which is what a client following thousands of events a
+//! second spends its time on. Its read buffer is small ([`READ_BUFFER_BYTES`]): clients
 //! send only control frames, and the WebSocket layer zeroes the free part of that buffer
 //! on every read attempt.
 
@@ -53,6 +56,8 @@ pub struct FeedParams {
     node_id: Option<String>,
     /// Replay what was published after this seq.
     since: Option<String>,
+    /// `true`: each message is a JSON array of the events queued together.
+    batch: Option<String>,
     /// Credentials for browsers, which cannot set headers on a WebSocket: read by the auth
     /// middleware, ignored here.
     #[serde(rename = "token")]
@@ -98,6 +103,16 @@ impl FeedParams {
             task_id,
             node_id,
         })
+    }
+
+    fn batch(&self) -> Result<bool, ApiError> {
+        match self.batch.as_deref().map(str::trim) {
+            None | Some("" | "false" | "0") => Ok(false),
+            Some("true" | "1") => Ok(true),
+            Some(raw) => Err(ApiError::unprocessable(format!(
+                "batch must be true or false, got {raw:?}"
+            ))),
+        }
     }
 
     fn since(&self) -> Result<Option<u64>, ApiError> {
@@ -152,6 +167,7 @@ pub async fn updates(
 ) -> Result<Response, ApiError> {
     let filter = params.filter()?;
     let since = params.since()?;
+    let batch = params.batch()?;
     let upgrade = upgrade.map_err(|rejection| {
         ApiError::new(
             rejection.status(),
@@ -169,7 +185,7 @@ pub async fn updates(
     let stopping = app.engine.stopping().clone();
     Ok(upgrade
         .read_buffer_size(READ_BUFFER_BYTES)
-        .on_upgrade(move |socket| serve(socket, subscription, filter, own_tasks, stopping)))
+        .on_upgrade(move |socket| serve(socket, subscription, filter, own_tasks, batch, stopping)))
 }
 
 /// Why a connection's loop ended early.
@@ -185,6 +201,7 @@ async fn serve(
     subscription: Subscription,
     filter: Filter,
     own_tasks: Option<OwnTasks>,
+    batch: bool,
     stopping: CancellationToken,
 ) {
     let Subscription {
@@ -199,6 +216,7 @@ async fn serve(
         filter,
         own_tasks,
         last_seen: newest,
+        batch: batch.then(Batch::default),
     };
     // Every step is raced against `stopping` as a whole, not frame by frame: a stuck client
     // (its socket full) cannot hold the coordinator's shutdown.
@@ -245,6 +263,46 @@ struct Connection {
     own_tasks: Option<OwnTasks>,
     /// The seq of the last event handled (sent, filtered out, or reported missed).
     last_seen: u64,
+    /// With `?batch=true`: the array being built, sent as one message by `flush`.
+    batch: Option<Batch>,
+}
+
+/// One `?batch=true` message being built: `[` and the events so far, comma-separated.
+#[derive(Default)]
+struct Batch {
+    json: Vec<u8>,
+    events: usize,
+    /// The length of the last message: the next one's first allocation (an idle connection
+    /// holds no buffer; the last one left with its message).
+    last_len: usize,
+}
+
+impl Batch {
+    fn push(&mut self, event: &[u8]) {
+        if self.events == 0 {
+            self.json = Vec::with_capacity(self.last_len.max(event.len() + 2));
+            self.json.push(b'[');
+        } else {
+            self.json.push(b',');
+        }
+        self.json.extend_from_slice(event);
+        self.events += 1;
+    }
+
+    /// The array as one text message, if it holds any event; the next starts empty.
+    fn take(&mut self) -> Option<Result<Message, std::string::FromUtf8Error>> {
+        if self.events == 0 {
+            return None;
+        }
+        self.json.push(b']');
+        self.events = 0;
+        self.last_len = self.json.len();
+        // Events built by `serde_json` joined with ASCII: UTF-8, checked with a cheap scan.
+        Some(
+            String::from_utf8(std::mem::take(&mut self.json))
+                .map(|text| Message::Text(Utf8Bytes::from(text))),
+        )
+    }
 }
 
 impl Connection {
@@ -333,8 +391,17 @@ impl Connection {
         Ok(())
     }
 
-    /// Adds one text frame to the write buffer (written out when it fills, or by `flush`).
+    /// Adds one event's message to the write buffer (written out when it fills, or by
+    /// `flush`); with `?batch=true`, to the array being built, which goes out whole at
+    /// [`FRAMES_PER_FLUSH`] events (a long replay) or at `flush`.
     async fn queue(&mut self, json: &Bytes) -> Result<(), Ended> {
+        if let Some(batch) = &mut self.batch {
+            batch.push(json);
+            if batch.events < FRAMES_PER_FLUSH {
+                return Ok(());
+            }
+            return self.send_batch().await;
+        }
         // Built by `serde_json`, so always UTF-8; the check is a cheap scan.
         let text = Utf8Bytes::try_from(json.clone()).map_err(|_| Ended::Gone)?;
         self.socket
@@ -343,7 +410,19 @@ impl Connection {
             .map_err(|_| Ended::Gone)
     }
 
+    /// Puts the array built so far (if any) into the write buffer as one message.
+    async fn send_batch(&mut self) -> Result<(), Ended> {
+        match self.batch.as_mut().and_then(Batch::take) {
+            Some(Ok(message)) => self.socket.feed(message).await.map_err(|_| Ended::Gone),
+            // Cannot happen (see `take`); as for a single event, the connection ends and the
+            // client reconnects with `?since=` rather than miss it silently.
+            Some(Err(_)) => Err(Ended::Gone),
+            None => Ok(()),
+        }
+    }
+
     async fn flush(&mut self) -> Result<(), Ended> {
+        self.send_batch().await?;
         self.socket.flush().await.map_err(|_| Ended::Gone)
     }
 }

@@ -21,12 +21,13 @@ mod tests;
 pub use explain::{Explanation, NodeVerdict, Verdict};
 
 use crate::model::{
-    Change, CommandRecord, NewTask, NodeGroup, NodeRecord, RunRecord, Snapshot, TaskRecord,
+    Change, CommandRecord, Drain, NewTask, NodeGroup, NodeRecord, RunRecord, Snapshot, TaskRecord,
     TaskState,
 };
 use lull_shared::{
-    AgentCommand, AgentState, Assignment, CommandId, Constraints, HeartbeatRequest, NodeStatus,
-    Resources, RunId, RunOutcome, RunReport, RunStatus, TaskId, TaskStatus, result_from_stdout,
+    AgentCommand, AgentState, Assignment, CommandId, Constraints, HeartbeatRequest, NodeResources,
+    NodeStatus, Resources, RunId, RunOutcome, RunReport, RunStatus, TaskId, TaskStatus,
+    result_from_stdout,
 };
 use queue::PendingQueue;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -272,6 +273,41 @@ impl NodeEntry {
             _ => false,
         }
     }
+}
+
+/// The fields of a [`NodeRecord`] a heartbeat can change besides those it replaces
+/// (hostname, type, zone, version, protections, executor: `register` compares each as it
+/// sets it), copied before and compared after. In debug builds (every test) `register`
+/// also compares the whole record and asserts both agree, so a field added to the record
+/// and changed by a heartbeat cannot be missed here unnoticed.
+#[derive(Clone, Copy, PartialEq)]
+struct ChangeCheck {
+    status: NodeStatus,
+    resources: NodeResources,
+    joined_at: f64,
+    drain: Option<Drain>,
+    group: NodeGroup,
+}
+
+impl ChangeCheck {
+    fn of(record: &NodeRecord) -> ChangeCheck {
+        ChangeCheck {
+            status: record.status,
+            resources: record.resources,
+            joined_at: record.joined_at,
+            drain: record.drain,
+            group: record.group,
+        }
+    }
+}
+
+/// Sets `field` to `new` if it differs; says whether it did.
+fn set_if_new<T: PartialEq + Clone>(field: &mut T, new: &T) -> bool {
+    if field == new {
+        return false;
+    }
+    *field = new.clone();
+    true
 }
 
 /// A node as operators see it: the record plus what only memory knows.
@@ -695,7 +731,12 @@ impl Scheduler {
                 to_cancel: BTreeSet::new(),
                 cancel_pulled: BTreeSet::new(),
             });
-        let before = entry.record.clone();
+        // What a heartbeat can change of the record, to save it only when it did: the
+        // small fields copied here, the others compared as they are set (cloning the whole
+        // record for every heartbeat was a few per cent of a heartbeat's CPU).
+        let before = ChangeCheck::of(&entry.record);
+        #[cfg(debug_assertions)]
+        let whole_before = entry.record.clone();
         entry.load = hb.current_load;
         entry.owner_load = hb.owner_load;
         entry.paused_reason = match hb.status {
@@ -708,23 +749,25 @@ impl Scheduler {
         };
         entry.agent_state = hb.status;
         entry.record.resources = hb.resources;
+        let record = &mut entry.record;
+        let mut replaced = false;
         if let Some(h) = &hb.hostname {
-            entry.record.hostname = h.clone();
+            replaced |= set_if_new(&mut record.hostname, h);
         }
         if let Some(t) = &hb.node_type {
-            entry.record.node_type = t.clone();
+            replaced |= set_if_new(&mut record.node_type, t);
         }
         if hb.zone.is_some() {
-            entry.record.zone = hb.zone.clone();
+            replaced |= set_if_new(&mut record.zone, &hb.zone);
         }
         if hb.version.is_some() {
-            entry.record.version = hb.version.clone();
+            replaced |= set_if_new(&mut record.version, &hb.version);
         }
         if hb.sandbox.is_some() {
-            entry.record.sandbox = hb.sandbox.clone();
+            replaced |= set_if_new(&mut record.sandbox, &hb.sandbox);
         }
         if hb.executor.is_some() {
-            entry.record.executor = hb.executor.clone();
+            replaced |= set_if_new(&mut record.executor, &hb.executor);
         }
         let back_from_removed =
             before.status == NodeStatus::Removed && hb.status != AgentState::Offline;
@@ -798,7 +841,13 @@ impl Scheduler {
         }
         // Heartbeat times alone are not saved: they are frequent, and after a restart every
         // node gets a fresh TTL anyway. Anything else that changed is.
-        let changed = entry.record != before;
+        let changed = replaced || ChangeCheck::of(&entry.record) != before;
+        #[cfg(debug_assertions)]
+        debug_assert_eq!(
+            changed,
+            entry.record != whole_before,
+            "change detection disagrees with comparing the whole record"
+        );
         entry.record.last_heartbeat = now;
         if changed {
             out.changes.push(Change::NodeSaved(entry.record.clone()));

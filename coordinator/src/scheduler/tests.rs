@@ -1498,3 +1498,109 @@ fn explain_says_which_points_run_and_why_the_others_wait() {
         e.reason
     );
 }
+
+#[test]
+fn a_heartbeat_saves_the_node_only_when_something_it_carries_changed() {
+    let mut h = Harness::new();
+    let base = HeartbeatRequest {
+        node_id: "n1".into(),
+        status: AgentState::Idle,
+        resources: NodeResources {
+            cpu_cores: 2.0,
+            memory_mb: 2048.0,
+        },
+        current_load: Load::default(),
+        hostname: Some("n1.local".into()),
+        node_type: Some("cpu".into()),
+        zone: Some("zone1".into()),
+        version: Some("1.0".into()),
+        running: vec![],
+        finished: vec![],
+        sandbox: Some(lull_shared::Protections::none("not probed")),
+        executor: Some("zygote".into()),
+        command_results: vec![],
+        owner_load: None,
+        paused_reason: None,
+    };
+    let saved = |out: &HeartbeatOutcome| {
+        out.changes
+            .iter()
+            .filter(|c| matches!(c, Change::NodeSaved(_)))
+            .count()
+    };
+    assert_eq!(saved(&h.sched.heartbeat(&base, h.now)), 1, "first seen");
+    h.advance(2.0);
+    assert_eq!(
+        saved(&h.sched.heartbeat(&base, h.now)),
+        0,
+        "nothing changed"
+    );
+    // Leaving a field out keeps what the node said before: not a change either.
+    let quiet = HeartbeatRequest {
+        hostname: None,
+        version: None,
+        sandbox: None,
+        executor: None,
+        ..base.clone()
+    };
+    assert_eq!(
+        saved(&h.sched.heartbeat(&quiet, h.now)),
+        0,
+        "fields left out"
+    );
+    let variants = [
+        HeartbeatRequest {
+            hostname: Some("renamed.local".into()),
+            ..base.clone()
+        },
+        HeartbeatRequest {
+            node_type: Some("gpu".into()),
+            ..base.clone()
+        },
+        HeartbeatRequest {
+            zone: Some("zone2".into()),
+            ..base.clone()
+        },
+        HeartbeatRequest {
+            version: Some("1.1".into()),
+            ..base.clone()
+        },
+        HeartbeatRequest {
+            sandbox: Some(lull_shared::Protections::none("probed again")),
+            ..base.clone()
+        },
+        HeartbeatRequest {
+            executor: Some("cold".into()),
+            ..base.clone()
+        },
+        HeartbeatRequest {
+            resources: NodeResources {
+                cpu_cores: 4.0,
+                memory_mb: 2048.0,
+            },
+            ..base.clone()
+        },
+        HeartbeatRequest {
+            status: AgentState::Paused,
+            ..base.clone()
+        },
+    ];
+    for (i, changed) in variants.iter().enumerate() {
+        h.advance(2.0);
+        let out = h.sched.heartbeat(changed, h.now);
+        assert_eq!(saved(&out), 1, "variant {i} is saved");
+        h.advance(2.0);
+        assert_eq!(
+            saved(&h.sched.heartbeat(changed, h.now)),
+            0,
+            "variant {i} again"
+        );
+        // And back, which is a change again.
+        h.advance(2.0);
+        assert_eq!(
+            saved(&h.sched.heartbeat(&base, h.now)),
+            1,
+            "variant {i} undone"
+        );
+    }
+}

@@ -206,7 +206,9 @@
   }
 
   async function feedUrl() {
-    const params = [`events=${feedEvents()}`];
+    // Arrays of events, one message per wake-up of the coordinator's connection: a busy pool
+    // costs the page one message per batch, not one per event.
+    const params = [`events=${feedEvents()}`, 'batch=true'];
     if (lastSeq) params.push(`since=${lastSeq}`);
     const key = authOn ? loadKey() : null;
     if (key) {
@@ -235,7 +237,11 @@
       return;
     }
     ws.onopen = () => { backoff = 1000; feedState(true, 'live'); refreshAll(); };
-    ws.onmessage = (m) => { try { onEvent(JSON.parse(m.data)); } catch { /* not ours */ } };
+    ws.onmessage = (m) => {
+      let parsed;
+      try { parsed = JSON.parse(m.data); } catch { return; /* not ours */ }
+      for (const event of Array.isArray(parsed) ? parsed : [parsed]) onEvent(event);
+    };
     ws.onclose = () => {
       feedState(false, 'polling');
       backoff = Math.min(backoff * 2, 30000);

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Turns the records `loadgen --json FILE` appended into SVG bar charts (standard library only).
+"""Turns the records `loadgen --json FILE` (and `ws_fanout --json FILE`) appended into SVG bar
+charts (standard library only).
 
     python3 bench/charts.py bench/results/loadgen.jsonl bench/charts
     python3 bench/charts.py --peers bench/results/peers.json bench/charts   (bench/peers.py does this itself)
 
 Writes dispatch.svg (tasks/s and latency by SQLite sync mode), scale.svg (coordinator and load
-generator CPU, heartbeat latency) and memory.svg (coordinator and agent RSS). For each kind of
+generator CPU, heartbeat latency), memory.svg (coordinator and agent RSS) and fanout-*.svg
+(live-feed events published and delivered, delay p50/p99, by rate and message kind). For each kind of
 run, the last record with the same parameters wins, so a rerun replaces its figure.
 """
 
@@ -157,6 +159,30 @@ def main():
             rows.append(("zygote, busy (peak)", r["busy_zygote_peak_mb"], 3))
         (out / "memory.svg").write_text(
             chart("Resident memory (RSS)", "MB", rows, "from /proc/PID/status VmRSS")
+        )
+    fanout = latest(
+        records, "fanout", lambda r: (r["clients"], r["asked_events_per_s"], r["batch_messages"])
+    )
+    if fanout:
+        fanout.sort(key=lambda r: (r["asked_events_per_s"] or 0, r["batch_messages"]))
+
+        def fanout_tag(r):
+            kind = "arrays" if r["batch_messages"] else "one event each"
+            return f'{r["clients"]:,} clients, {r["asked_events_per_s"] or 0:,.0f}/s, {kind}'
+
+        rows = [(f"{fanout_tag(r)}", r["events_per_s"], 1 if r["batch_messages"] else 0) for r in fanout]
+        (out / "fanout-throughput.svg").write_text(
+            chart("Live feed: events published per second, every client following all", "events/s", rows,
+                  "ws_fanout; clients, publisher and coordinator on the same 2 cores; higher is better")
+        )
+        rows = []
+        for r in fanout:
+            colour = 1 if r["batch_messages"] else 0
+            rows.append((f"{fanout_tag(r)}: p50", r["delay"]["p50_ms"], colour))
+            rows.append((f"{fanout_tag(r)}: p99", r["delay"]["p99_ms"], colour + 2))
+        (out / "fanout-delay.svg").write_text(
+            chart("Live feed: delay from publication to receipt", "ms", rows,
+                  "the target is p99 ≤ 100 ms at 5,000 events/s; lower is better")
         )
     print(f"charts written to {out}")
 

@@ -9,6 +9,9 @@
 //! target/release/examples/ws_fanout --clients 1000 --tasks 2000     # as fast as it goes
 //! ```
 //!
+//! `--json FILE` appends one JSON record per run (`"bench": "fanout"`), which
+//! `bench/charts.py` draws.
+//!
 //! It starts `lull-coordinator` (next to `examples/`, `--local-agents 0`, data in a temporary
 //! directory) and stops it by PID afterwards. The events are real: tasks flow through the
 //! `loadgen` benchmark's simulated agents (`loadgen/sim.rs`: batches to
@@ -81,6 +84,9 @@ struct Cli {
     /// Subscribe with `?batch=true` (messages are arrays of events).
     #[arg(long)]
     batch_messages: bool,
+    /// Append one JSON record of the run to this file (for bench/charts.py).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 fn unix_now() -> f64 {
@@ -411,14 +417,17 @@ async fn fanout(
     let window = c1.at.duration_since(c0.at).as_secs_f64();
     let publishing = outcome.dispatch.as_secs_f64();
     let published = newest - first_seq;
+    let events_per_s = published as f64 / publishing;
+    let coordinator_cores = cores(&c0, &c1);
+    let us_per_event = (c1.cpu - c0.cpu) * 1e6 / delays.count.max(1) as f64;
+    let fanout_cores = cores(&l0, &l1);
     println!(
-        "clients {} | published {published} events in {publishing:.2} s: {:.0} events/s{} | \
+        "clients {} | published {published} events in {publishing:.2} s: {events_per_s:.0} events/s{} | \
          delivered {} events in {messages} messages{} in {window:.2} s: {:.0} events/s to \
          clients | \
          delay p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms | \
          lagged notices {lagged} ({missed} events dropped) | failed clients {failed}",
         cli.clients,
-        published as f64 / publishing,
         cli.events_per_second
             .map_or(String::new(), |r| format!(" (asked {r:.0})")),
         delays.count,
@@ -433,12 +442,10 @@ async fn fanout(
         ms(delays.max),
     );
     println!(
-        "CPU over the {window:.2} s: coordinator {:.2} cores ({:.2} while publishing, {:.2} µs \
-         per event delivered), ws_fanout (clients + publisher) {:.2} cores; load average {}",
-        cores(&c0, &c1),
+        "CPU over the {window:.2} s: coordinator {coordinator_cores:.2} cores ({:.2} while \
+         publishing, {us_per_event:.2} µs per event delivered), ws_fanout (clients + publisher) \
+         {fanout_cores:.2} cores; load average {}",
         cores(&c0, &published_by),
-        (c1.cpu - c0.cpu) * 1e6 / delays.count.max(1) as f64,
-        cores(&l0, &l1),
         std::fs::read_to_string("/proc/loadavg")
             .unwrap_or_default()
             .split_whitespace()
@@ -446,6 +453,37 @@ async fn fanout(
             .collect::<Vec<_>>()
             .join(" "),
     );
+    if let Some(path) = &cli.json {
+        let record = serde_json::json!({
+            "bench": "fanout",
+            "clients": cli.clients,
+            "batch_messages": cli.batch_messages,
+            "asked_events_per_s": cli.events_per_second,
+            "seconds": cli.seconds,
+            "events_per_s": events_per_s,
+            "delivered": delays.count,
+            "delivered_per_s": delays.count as f64 / window,
+            "messages": messages,
+            "delay": {
+                "p50_ms": ms(delays.percentile(50.0)),
+                "p99_ms": ms(delays.percentile(99.0)),
+                "max_ms": ms(delays.max),
+            },
+            "lagged": lagged,
+            "missed": missed,
+            "failed_clients": failed,
+            "coordinator_cores": coordinator_cores,
+            "coordinator_us_per_event": us_per_event,
+            "ws_fanout_cores": fanout_cores,
+        });
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("could not open {}", path.display()))?;
+        use std::io::Write;
+        writeln!(file, "{record}")?;
+    }
     Ok(())
 }
 

@@ -202,31 +202,37 @@ pub fn router(
 
 /// `timed` under the request timeout, `waiting` (routes that wait by design) without it, both
 /// behind the body limit and authentication.
+///
+/// With auth off the authentication middleware would pass every request through untouched
+/// (no key to check, no rate limit, no caller but [`auth::Caller::ANYONE`], which the
+/// extractor gives anyway), so it is left out: wrapping a request in it (a clone of the
+/// inner service, of the state, a boxed future) was a few per cent of a heartbeat's CPU.
 fn bounded(
     timed: Router<AppState>,
     waiting: Router<AppState>,
     config: &HttpConfig,
     state: &AppState,
 ) -> Router<AppState> {
-    let guard = || {
-        (
-            DefaultBodyLimit::max(config.max_body_bytes),
-            axum::middleware::from_fn_with_state(state.clone(), auth::authenticate),
-        )
+    let guard = |routes: Router<AppState>| {
+        let routes = routes.method_not_allowed_fallback(method_not_allowed);
+        let routes = if state.auth.enabled {
+            routes.layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                auth::authenticate,
+            ))
+        } else {
+            routes
+        };
+        routes.layer(DefaultBodyLimit::max(config.max_body_bytes))
     };
     // The timeout outermost on these routes: a slow client (headers in, body dripping)
     // cannot hold a handler, nor the signature check reading the body, past it.
-    let timed = timed
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer((
-            TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, config.request_timeout),
-            guard(),
-        ));
-    timed.merge(
-        waiting
-            .method_not_allowed_fallback(method_not_allowed)
-            .layer(guard()),
-    )
+    guard(timed)
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            config.request_timeout,
+        ))
+        .merge(guard(waiting))
 }
 
 /// Errors made by layers rather than handlers (a request timeout) come without a body:

@@ -20,7 +20,7 @@
 //! completed). With `--events-per-second R` the tasks are submitted open loop at R/3 per
 //! second for `--seconds`; without it, `--tasks` as fast as they are answered.
 //!
-//! With `--batch` the clients subscribe with `?batch=true`: each message is a JSON array of
+//! With `--batch-messages` the clients subscribe with `?batch=true`: each message is a JSON array of
 //! the events queued together for the connection.
 //!
 //! The clients share this machine's cores with the coordinator; the CPU each side used (from

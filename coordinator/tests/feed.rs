@@ -823,6 +823,11 @@ async fn a_client_that_does_not_read_gets_lagged(query: &str) {
             stuck.objects, 0,
             "with batch=true every message is an array"
         );
+        assert!(
+            stuck.sizes.iter().all(|&n| n <= 256),
+            "at most 256 events per array: {:?}",
+            stuck.sizes
+        );
     } else {
         assert!(stuck.sizes.iter().all(|&n| n == 1), "one event per message");
     }
@@ -835,6 +840,8 @@ async fn batch_true_sends_the_same_events_in_arrays() {
     let s = Server::start().await;
     let mut single = s.connect("").await;
     let mut batched = s.connect("?batch=true").await;
+    let mut one = s.connect("?batch=1").await;
+    let mut off = s.connect("?batch=false").await;
     let code: Vec<Value> = (0..TASKS)
         .map(|i| json!({"code": format!("print({i})")}))
         .collect();
@@ -872,6 +879,21 @@ async fn batch_true_sends_the_same_events_in_arrays() {
         "with batch=true every message is an array"
     );
     assert_eq!(batched.sizes.iter().sum::<usize>(), got.len());
+    // `1` is `true` and `false` is the default.
+    assert_eq!(
+        seen(&one.until(is(TaskCancelled, last)).await),
+        seen(&reference)
+    );
+    assert_eq!(one.objects, 0, "batch=1 sends arrays");
+    assert_eq!(
+        seen(&off.until(is(TaskCancelled, last)).await),
+        seen(&reference)
+    );
+    assert_eq!(
+        off.objects,
+        reference.len(),
+        "batch=false sends one object each"
+    );
 
     // A replay goes out in arrays of at most 256 events: the backlog is queued at once,
     // so the first array is full.

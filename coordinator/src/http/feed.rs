@@ -246,11 +246,13 @@ async fn serve(
             code: close_code::AWAY,
             reason: Utf8Bytes::from_static("coordinator stopping"),
         }));
-        // Best effort, and never wait on a stuck client.
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_secs(1),
-            connection.socket.send(close),
-        )
+        // Best effort, and never wait on a stuck client. An array cut short by the stop
+        // goes out first, as single events already fed would.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+            if connection.send_batch().await.is_ok() {
+                let _ = connection.socket.send(close).await;
+            }
+        })
         .await;
     }
 }

@@ -213,26 +213,25 @@ fn bounded(
     config: &HttpConfig,
     state: &AppState,
 ) -> Router<AppState> {
-    let guard = |routes: Router<AppState>| {
-        let routes = routes.method_not_allowed_fallback(method_not_allowed);
-        let routes = if state.auth.enabled {
-            routes.layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                auth::authenticate,
-            ))
-        } else {
-            routes
-        };
-        routes.layer(DefaultBodyLimit::max(config.max_body_bytes))
-    };
-    // The timeout outermost on these routes: a slow client (headers in, body dripping)
-    // cannot hold a handler, nor the signature check reading the body, past it.
-    guard(timed)
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            config.request_timeout,
-        ))
-        .merge(guard(waiting))
+    // One `layer` call per router (each call boxes every route once more per request), so
+    // the four combinations are spelled out. Outermost first: the timeout (a slow client,
+    // headers in and body dripping, cannot hold a handler, nor the signature check reading
+    // the body, past it), the body limit, authentication.
+    let timeout =
+        || TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, config.request_timeout);
+    let limit = || DefaultBodyLimit::max(config.max_body_bytes);
+    let authenticate = || axum::middleware::from_fn_with_state(state.clone(), auth::authenticate);
+    let timed = timed.method_not_allowed_fallback(method_not_allowed);
+    let waiting = waiting.method_not_allowed_fallback(method_not_allowed);
+    if state.auth.enabled {
+        timed
+            .layer((timeout(), limit(), authenticate()))
+            .merge(waiting.layer((limit(), authenticate())))
+    } else {
+        timed
+            .layer((timeout(), limit()))
+            .merge(waiting.layer(limit()))
+    }
 }
 
 /// Errors made by layers rather than handlers (a request timeout) come without a body:

@@ -240,7 +240,9 @@
     ws.onmessage = (m) => {
       let parsed;
       try { parsed = JSON.parse(m.data); } catch { return; /* not ours */ }
-      for (const event of Array.isArray(parsed) ? parsed : [parsed]) onEvent(event);
+      for (const event of Array.isArray(parsed) ? parsed : [parsed]) {
+        try { onEvent(event); } catch { /* not ours */ }
+      }
     };
     ws.onclose = () => {
       feedState(false, 'polling');

@@ -25,9 +25,9 @@
 //!
 //! The clients share this machine's cores with the coordinator; the CPU each side used (from
 //! `/proc/PID/stat`, over the same window) says what the coordinator itself costs. A client
-//! does not parse each event whole: it scans the message for each event's kind, `seq` and
-//! `ts` (and a `lagged` notice's `missed`), checks that the seqs follow one another with no
-//! gap a notice does not account for, and records each event's delay.
+//! does not parse each event whole: it scans the message for each event's `seq` and `ts`
+//! (a message holding a `lagged` notice is parsed whole), checks that the seqs follow one
+//! another with no gap a notice does not account for, and records each event's delay.
 
 #![forbid(unsafe_code)]
 
@@ -100,7 +100,7 @@ fn unix_now() -> f64 {
 struct Seen {
     seq: u64,
     ts: f64,
-    /// A `lagged` notice's count (0 for `null` and for other events).
+    /// `Some` for a `lagged` notice: how many events it says were dropped (0 for `null`).
     missed: Option<u64>,
 }
 
@@ -110,8 +110,9 @@ struct Seen {
 /// key: no `data` of these events has a key of that name. A message holding a `lagged`
 /// notice (rare) is parsed whole instead.
 fn scan(text: &str, mut each: impl FnMut(Seen) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    const SEQ_KEY: &[u8] = br#""seq":"#;
     static SEQ: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(br#""seq":"#));
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(SEQ_KEY));
     static LAGGED: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
         std::sync::LazyLock::new(|| memchr::memmem::Finder::new(br#""event":"lagged""#));
     const TS: &str = r#","ts":"#;
@@ -121,7 +122,7 @@ fn scan(text: &str, mut each: impl FnMut(Seen) -> anyhow::Result<()>) -> anyhow:
     let mut rest = text;
     let mut found = false;
     while let Some(at) = SEQ.find(rest.as_bytes()) {
-        rest = &rest[at + 6..];
+        rest = &rest[at + SEQ_KEY.len()..];
         let end = rest.find(',').context("ts after seq")?;
         let seq = rest[..end].parse().context("seq")?;
         rest = rest[end..].strip_prefix(TS).context("ts after seq")?;
@@ -221,7 +222,7 @@ impl Delays {
 
 struct ClientReport {
     delays: Delays,
-    /// WebSocket messages received (with `--batch`, each holds one or more events).
+    /// WebSocket messages received (with `--batch-messages`, each holds one or more events).
     messages: u64,
     lagged: u64,
     /// Events the `lagged` notices said were dropped.
@@ -476,13 +477,7 @@ async fn fanout(
             "coordinator_us_per_event": us_per_event,
             "ws_fanout_cores": fanout_cores,
         });
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("could not open {}", path.display()))?;
-        use std::io::Write;
-        writeln!(file, "{record}")?;
+        process::append_record(path, &record)?;
     }
     Ok(())
 }

@@ -184,12 +184,7 @@ async fn completed_by_coordinator(base: &str) -> anyhow::Result<u64> {
 /// prints it.
 fn write_record(path: Option<&Path>, record: &Value) -> anyhow::Result<()> {
     if let Some(path) = path {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("could not open {}", path.display()))?;
-        writeln!(f, "{}", serde_json::to_string(record)?)?;
+        process::append_record(path, record)?;
     }
     writeln!(std::io::stdout(), "{}", serde_json::to_string(record)?).ok();
     Ok(())

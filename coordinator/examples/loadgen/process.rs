@@ -1,7 +1,7 @@
 //! Processes the benchmarks start and watch: the release `lull-coordinator` (started on
 //! 127.0.0.1:0 with its data in a directory the caller owns, stopped by PID: SIGTERM, then
-//! SIGKILL after 30 s), and CPU and memory read from `/proc`. Shared by `loadgen` and
-//! `ws_fanout`.
+//! SIGKILL after 30 s), CPU and memory read from `/proc`, and the `--json` records both
+//! append. Shared by `loadgen` and `ws_fanout`.
 
 use anyhow::{Context, bail};
 use std::path::{Path, PathBuf};
@@ -174,4 +174,16 @@ pub fn descendants(root: u32) -> Vec<(u32, u32, String)> {
         }
     }
     out
+}
+
+/// Appends `record` as one line to the `--json` file (which `bench/charts.py` reads).
+pub fn append_record(path: &Path, record: &serde_json::Value) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("could not open {}", path.display()))?;
+    writeln!(file, "{record}")?;
+    Ok(())
 }

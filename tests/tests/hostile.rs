@@ -868,16 +868,20 @@ fn programs(host: &Host, coordinator_port: u16) -> Vec<Program> {
             },
         )
         .with("PATHS", py_list(&leftovers(&tag))),
-        // Syscalls the seccomp filter refuses; unprivileged, unshare(CLONE_NEWUSER) and
-        // keyctl would succeed and io_uring_setup(1, NULL) would fail with EFAULT instead.
+        // Syscalls the seccomp filter refuses; unprivileged, unshare(CLONE_NEWUSER), clone
+        // with it and keyctl would succeed and io_uring_setup(1, NULL) would fail with EFAULT
+        // instead.
         Program::new(
-            "refused syscalls: unshare, keyctl, io_uring_setup, mount",
+            "refused syscalls: unshare, keyctl, io_uring_setup, mount, clone(CLONE_NEWUSER), clone3",
             5,
             REFUSED_SYSCALLS,
             |o, _| {
                 o.completed()?;
                 let errnos = o.json()?;
-                let want = json!({"unshare": 1, "keyctl": 1, "io_uring_setup": 1, "mount": 1});
+                let want = json!({
+                    "unshare": 1, "keyctl": 1, "io_uring_setup": 1, "mount": 1,
+                    "clone_newuser": 1, "clone3": 38,
+                });
                 ensure(errnos == want, || {
                     format!("errnos {errnos}, expected {want}")
                 })
@@ -1243,9 +1247,21 @@ libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 KEYCTL = {'x86_64': 250, 'aarch64': 219}[platform.machine()]
 IO_URING_SETUP = 425
+CLONE = {'x86_64': 56, 'aarch64': 220}[platform.machine()]
+CLONE3 = 435
 CLONE_NEWUSER = 0x10000000
+SIGCHLD = 17
 def errno_of(result):
     return 0 if result != -1 else ctypes.get_errno()
+def clone_newuser():
+    # A raw clone as fork() makes it, plus a new user namespace; should it succeed, the child
+    # leaves at once.
+    pid = libc.syscall(CLONE, CLONE_NEWUSER | SIGCHLD, None, None, None, None)
+    if pid == 0:
+        os._exit(0)
+    if pid > 0:
+        os.waitpid(pid, 0)
+    return errno_of(pid)
 errnos = {
     'unshare': errno_of(libc.unshare(CLONE_NEWUSER)),
     # KEYCTL_GET_KEYRING_ID of the session keyring, creating it
@@ -1253,6 +1269,10 @@ errnos = {
     'io_uring_setup': errno_of(libc.syscall(IO_URING_SETUP, 1, None)),
     # A target that does not exist: unfiltered, even root gets ENOENT, never a mount.
     'mount': errno_of(libc.mount(b'none', b'/nonexistent-lull-target', b'tmpfs', 0, None)),
+    'clone_newuser': clone_newuser(),
+    # Unfiltered, clone3 without its arguments is EFAULT or EINVAL; the filter answers ENOSYS
+    # (so that libc falls back to clone, whose flags it can check).
+    'clone3': errno_of(libc.syscall(CLONE3, None, 0)),
 }
 print(json.dumps(errnos))
 "#;

@@ -23,8 +23,18 @@ const DENIED: &[i64] = &[
     libc::SYS_ptrace,
     libc::SYS_process_vm_readv,
     libc::SYS_process_vm_writev,
+    // Another process's descriptor, on ptrace's terms.
+    libc::SYS_pidfd_getfd,
     libc::SYS_mount,
     libc::SYS_umount2,
+    // The newer mount API: the same powers as mount(2), in steps.
+    libc::SYS_open_tree,
+    libc::SYS_move_mount,
+    libc::SYS_fsopen,
+    libc::SYS_fsconfig,
+    libc::SYS_fsmount,
+    libc::SYS_fspick,
+    libc::SYS_mount_setattr,
     libc::SYS_pivot_root,
     libc::SYS_chroot,
     libc::SYS_unshare,
@@ -68,8 +78,16 @@ const NAMESPACE_FLAGS: u32 = (libc::CLONE_NEWNS
 const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 
 /// `AUDIT_ARCH_*` of the architecture this was built for (`EM_*` | 64-bit | little-endian).
+/// Only 64-bit little-endian builds get a filter: the offsets below assume both (a big-endian
+/// aarch64 kernel still reports the little-endian `AUDIT_ARCH`, and an x32 build's system
+/// call numbers carry the bit the filter refuses).
 fn audit_arch() -> Result<u32, SandboxError> {
     const ARCH_64_LE: u32 = 0x8000_0000 | 0x4000_0000;
+    if !(cfg!(target_endian = "little") && cfg!(target_pointer_width = "64")) {
+        return Err(SandboxError::Seccomp(
+            "no seccomp filter for this target (64-bit little-endian only)".into(),
+        ));
+    }
     if cfg!(target_arch = "x86_64") {
         Ok(62 | ARCH_64_LE)
     } else if cfg!(target_arch = "aarch64") {
@@ -176,8 +194,14 @@ fn search(cases: &[(u32, Block)], out: &mut Vec<Insn>) {
     search(from, out);
 }
 
+/// A program whose jumps to blocks are not resolved yet, and where each block starts.
+struct Assembled {
+    program: Vec<Insn>,
+    starts: [usize; BLOCKS.len()],
+}
+
 /// The whole filter: the architecture checked, then the number searched.
-fn assemble() -> Result<Vec<Insn>, SandboxError> {
+fn assemble() -> Result<Assembled, SandboxError> {
     let arch = audit_arch()?;
     let mut cases: Vec<(u32, Block)> = DENIED
         .iter()
@@ -215,7 +239,9 @@ fn assemble() -> Result<Vec<Insn>, SandboxError> {
         ));
     }
     search(&cases, &mut out);
-    for block in BLOCKS {
+    let mut starts = [0; BLOCKS.len()];
+    for (index, block) in BLOCKS.into_iter().enumerate() {
+        starts[index] = out.len();
         match block {
             Block::Clone => {
                 out.push(Insn::load(ARG0_LOW_OFFSET));
@@ -232,27 +258,22 @@ fn assemble() -> Result<Vec<Insn>, SandboxError> {
             Block::Kill => out.push(Insn::ret(libc::SECCOMP_RET_KILL_PROCESS)),
         }
     }
-    Ok(out)
-}
-
-/// Where each block starts in `program`.
-fn block_starts(program: &[Insn]) -> impl Fn(Block) -> usize + '_ {
-    // The blocks are the program's tail: `Clone` is two instructions, the others one.
-    let tail = program.len() - (BLOCKS.len() + 1);
-    move |block| {
-        let index = BLOCKS.iter().position(|b| *b == block).unwrap_or(0);
-        if index == 0 { tail } else { tail + 1 + index }
-    }
+    Ok(Assembled {
+        program: out,
+        starts,
+    })
 }
 
 /// Resolves every jump to the offset classic BPF wants (instructions to skip).
-fn encode(program: &[Insn]) -> Result<BpfProgram, SandboxError> {
-    let start = block_starts(program);
+fn encode(assembled: &Assembled) -> Result<BpfProgram, SandboxError> {
+    let Assembled { program, starts } = assembled;
     let offset = |at: usize, to: To| -> Result<usize, SandboxError> {
         match to {
             To::Skip(n) => Ok(n),
-            To::Block(block) => start(block)
-                .checked_sub(at + 1)
+            To::Block(block) => BLOCKS
+                .iter()
+                .position(|b| *b == block)
+                .and_then(|index| starts[index].checked_sub(at + 1))
                 .ok_or_else(|| SandboxError::Seccomp("a jump backwards".into())),
         }
     };
@@ -419,6 +440,44 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn numbers_past_the_listed_ones_are_allowed_up_to_the_x32_bit() {
+        let program = build().expect("the filter builds");
+        let highest = DENIED.iter().copied().max().unwrap_or(0);
+        for nr in [highest as u32 + 1, 1024, 4096, 0x3FFF_FFFF] {
+            assert_eq!(
+                run(&program, &data(arch(), nr, 0)).0,
+                libc::SECCOMP_RET_ALLOW,
+                "system call {nr:#x}"
+            );
+        }
+        let past = if cfg!(target_arch = "x86_64") {
+            ENOSYS
+        } else {
+            libc::SECCOMP_RET_ALLOW
+        };
+        for nr in [X32_SYSCALL_BIT, u32::MAX] {
+            assert_eq!(run(&program, &data(arch(), nr, 0)).0, past, "{nr:#x}");
+        }
+    }
+
+    /// The interpreter above shares the module's opcode constants; these are the values
+    /// `linux/filter.h` and `linux/bpf_common.h` give them, independently.
+    #[test]
+    fn the_opcodes_are_the_kernel_s() {
+        assert_eq!(
+            (LD_ABS, JEQ, JGE, JSET, JA, RET),
+            (0x20, 0x15, 0x35, 0x45, 0x05, 0x06)
+        );
+        let program = build().expect("the filter builds");
+        assert_eq!((program[0].code, program[0].k), (0x20, ARCH_OFFSET));
+        assert!(
+            program
+                .iter()
+                .all(|insn| [0x20, 0x15, 0x35, 0x45, 0x05, 0x06].contains(&insn.code))
+        );
     }
 
     #[test]

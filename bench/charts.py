@@ -70,6 +70,18 @@ def peers_charts(rows, out):
     (out / "peers-latency.svg").write_text(
         chart("Side by side: closed loop, 2 clients, submit → result", "ms", bars, "lower is better")
     )
+    bars = []
+    for r in rows:
+        if "batch_p50_ms" not in r:
+            continue  # a run from before bench/peers.py measured it
+        colour = 0 if r["key"].startswith("lull") else 1
+        bars.append((f'{r["system"]}: p50', r["batch_p50_ms"], colour))
+        bars.append((f'{r["system"]}: p99', r["batch_p99_ms"], colour + 2))
+    if bars:
+        (out / "peers-batch-latency.svg").write_text(
+            chart("Side by side: batch (all submitted, then collected in order), submit → result", "ms",
+                  bars, "queueing included: the batch's tasks wait their turn; lower is better")
+        )
 
 
 def latest(records, bench, key):

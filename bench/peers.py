@@ -5,8 +5,11 @@
 
 Workload: the code string `print(sum(range(1000)))`; the result is its stdout.
 For every system: batch (submit all, then collect; tasks/s = N / (first submit .. last result),
-median of --repeat with min-max) and closed loop (2 clients, one task in flight each;
-latency submit -> result, p50/p99).
+median of --repeat with min-max; then one more batch of N for its latencies, submit -> result
+p50/p99, its results collected one at a time in the order submitted: a task's latency runs from
+just before its submission (its request's, for Lull's batch requests) to the moment the client
+has its result) and closed loop (2 clients, one task in flight each; latency submit -> result,
+p50/p99).
 
   - Lull: coordinator (--sync full) + one agent with 2 slots, over HTTP, zygote executor with
     the strongest sandbox this host allows (printed), and cold with --cold-tasks. Batch mode
@@ -27,8 +30,8 @@ latency submit -> result, p50/p99).
 The peers are installed by this script into a virtualenv (bench/.venv-peers, from PyPI) and
 started on 127.0.0.1 only: a private redis-server on a free port (no persistence), Celery and
 RQ workers, a local Ray instance. Everything is stopped afterwards. Not a test: it asserts only
-that every result is right. Writes the table to stdout, the rows with --json, and two SVG charts
-(bench/charts/peers-throughput.svg, peers-latency.svg; --charts DIR).
+that every result is right. Writes the table to stdout, the rows with --json, and three SVG charts
+(bench/charts/peers-throughput.svg, peers-latency.svg, peers-batch-latency.svg; --charts DIR).
 """
 
 import argparse
@@ -85,11 +88,16 @@ def percentile(sorted_values, q):
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
-def measure(submit_all, one, n, repeat, per_client):
-    """submit_all(n) -> seconds for a batch; one() -> runs one task and checks it."""
+def measure(submit_all, one, n, repeat, per_client, batch_latencies):
+    """submit_all(n) -> seconds for a batch; one() -> runs one task and checks it;
+    batch_latencies(n) -> each task's seconds from submission to result in a batch of n,
+    submitted all at once and collected one at a time in the order submitted."""
     for _ in range(20):  # warm-up
         one()
     rates = [n / submit_all(n) for _ in range(repeat)]
+    in_batch = sorted(batch_latencies(n))
+    if len(in_batch) != n:
+        raise RuntimeError(f"{len(in_batch)} batch latencies for {n} tasks")
     latencies = []
     lock = threading.Lock()
 
@@ -112,6 +120,8 @@ def measure(submit_all, one, n, repeat, per_client):
         "batch_median": statistics.median(rates),
         "batch_min": min(rates),
         "batch_max": max(rates),
+        "batch_p50_ms": percentile(in_batch, 0.50) * 1000,
+        "batch_p99_ms": percentile(in_batch, 0.99) * 1000,
         "closed_p50_ms": percentile(latencies, 0.50) * 1000,
         "closed_p99_ms": percentile(latencies, 0.99) * 1000,
     }
@@ -153,7 +163,17 @@ def peer_celery(args, workdir, redis_url):
                 check(r.get(timeout=120))
             return time.perf_counter() - t0
 
-        return measure(batch, one, args.tasks, args.repeat, args.closed_loop)
+        def batch_latencies(n):
+            sent = []
+            for _ in range(n):
+                sent.append((time.perf_counter(), bench_app.run.delay(CODE)))
+            latencies = []
+            for t0, r in sent:
+                check(r.get(timeout=120))
+                latencies.append(time.perf_counter() - t0)
+            return latencies
+
+        return measure(batch, one, args.tasks, args.repeat, args.closed_loop, batch_latencies)
     finally:
         worker.terminate()
         try:
@@ -200,7 +220,17 @@ def peer_rq(args, workdir, redis_url):
                 result_of(job)
             return time.perf_counter() - t0
 
-        return measure(batch, one, args.tasks, args.repeat, args.closed_loop)
+        def batch_latencies(n):
+            sent = []
+            for _ in range(n):
+                sent.append((time.perf_counter(), queue.enqueue(run_code, CODE)))
+            latencies = []
+            for t0, job in sent:
+                result_of(job)
+                latencies.append(time.perf_counter() - t0)
+            return latencies
+
+        return measure(batch, one, args.tasks, args.repeat, args.closed_loop, batch_latencies)
     finally:
         for w in workers:
             w.terminate()
@@ -234,7 +264,17 @@ def peer_ray(args, workdir, _redis_url):
                 check(out)
             return time.perf_counter() - t0
 
-        return measure(batch, one, args.tasks, args.repeat, args.closed_loop)
+        def batch_latencies(n):
+            sent = []
+            for _ in range(n):
+                sent.append((time.perf_counter(), remote.remote(CODE)))
+            latencies = []
+            for t0, ref in sent:
+                check(ray.get(ref))
+                latencies.append(time.perf_counter() - t0)
+            return latencies
+
+        return measure(batch, one, args.tasks, args.repeat, args.closed_loop, batch_latencies)
     finally:
         ray.shutdown()
 
@@ -294,7 +334,18 @@ def run_lull(args, executor, tasks):
         def batch(n):
             return n / lull.batch(cluster, n, collect=args.collect)
 
-        result = measure(batch, one, tasks, args.repeat, args.closed_loop)
+        def batch_latencies(n):
+            sent = []
+            while len(sent) < n:
+                t0 = time.perf_counter()
+                sent.extend((t0, task_id) for task_id in cluster.submit_many(min(1000, n - len(sent))))
+            latencies = []
+            for t0, task_id in sent:
+                cluster.wait(task_id)
+                latencies.append(time.perf_counter() - t0)
+            return latencies
+
+        result = measure(batch, one, tasks, args.repeat, args.closed_loop, batch_latencies)
         result["sandbox"] = level
         result["executor"] = used
         return result
@@ -315,6 +366,23 @@ def two_at_a_time(one):
     return batch
 
 
+def two_at_a_time_latencies(one):
+    """batch_latencies for measure(): n calls of one() handed to two threads at once (the
+    "submission"), their results taken in order; each one's seconds from then to its result."""
+    import concurrent.futures
+
+    def batch_latencies(n):
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            sent = [(time.perf_counter(), pool.submit(one)) for _ in range(n)]
+            latencies = []
+            for t0, future in sent:
+                future.result()
+                latencies.append(time.perf_counter() - t0)
+        return latencies
+
+    return batch_latencies
+
+
 def run_bare(args, tasks):
     """The floor for a fresh interpreter per task: `python3 -I -c CODE` (the interpreter Lull's
     agent is given, --python), two at a time from two threads, no Lull, no HTTP, no sandbox."""
@@ -329,7 +397,8 @@ def run_bare(args, tasks):
         if out.strip() != expected:
             raise RuntimeError(f"python3 -I printed {out!r}")
 
-    return measure(two_at_a_time(one), one, tasks, args.repeat, args.closed_loop)
+    return measure(two_at_a_time(one), one, tasks, args.repeat, args.closed_loop,
+                   two_at_a_time_latencies(one))
 
 
 FORK_SERVER = r'''
@@ -426,7 +495,8 @@ def run_fork_server(args, tasks):
     try:
         if server.stdout.readline().strip() != "ready":
             raise RuntimeError("the fork server did not start")
-        return measure(two_at_a_time(one), one, tasks, args.repeat, args.closed_loop)
+        return measure(two_at_a_time(one), one, tasks, args.repeat, args.closed_loop,
+                       two_at_a_time_latencies(one))
     finally:
         server.kill()
         server.wait()
@@ -521,11 +591,13 @@ def main():
     lull_row = next((r for r in rows if r["key"] == "lull-zygote"), None)
     print(f"\n`{CODE}`, {args.tasks} tasks per batch (Lull cold: {args.cold_tasks}), median of {args.repeat}; "
           f"closed loop: 2 clients x {args.closed_loop}; {os.cpu_count()} cores\n")
-    print("| system | batch tasks/s (median, min-max) | closed loop p50 | p99 | Lull zygote / it (batch) |")
-    print("|---|---|---|---|---|")
+    print("| system | batch tasks/s (median, min-max) | batch latency p50 | p99 | closed loop p50 | p99 "
+          "| Lull zygote / it (batch) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{lull_row['batch_median'] / r['batch_median']:.2f}" if lull_row else ""
         print(f"| {r['system']} | {r['batch_median']:.0f} ({r['batch_min']:.0f}-{r['batch_max']:.0f}) "
+              f"| {r['batch_p50_ms']:.0f} ms | {r['batch_p99_ms']:.0f} ms "
               f"| {r['closed_p50_ms']:.1f} ms | {r['closed_p99_ms']:.1f} ms | {ratio} |")
     if args.json:
         with open(args.json, "w") as f:
@@ -535,7 +607,8 @@ def main():
         import charts
 
         charts.peers_charts(rows, args.charts)
-        print(f"\ncharts: {args.charts}/peers-throughput.svg, {args.charts}/peers-latency.svg")
+        print(f"\ncharts: {args.charts}/peers-throughput.svg, {args.charts}/peers-latency.svg, "
+              f"{args.charts}/peers-batch-latency.svg")
 
 
 if __name__ == "__main__":

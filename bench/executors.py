@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Executor benchmark: N trivial tasks through one coordinator and one agent, per executor.
 
-    cargo build --release --bins && python3 bench/executors.py [--tasks 1000] [--repeat 3]
+    cargo build --release --bins && python3 bench/executors.py [--tasks 1000] [--repeat 3] [--levels all]
 
 Workload: the code string `print(sum(range(1000)))`; the result is its stdout.
-Reports, per executor, with the sandbox level the agent actually used:
+Reports, per executor and per sandbox level (`--levels`: the agent's --max-sandbox-level; by
+default only the strongest this host allows, `--levels all` for every level it reaches), with
+the sandbox level the agent actually used:
   - batch: submit all tasks (`POST /api/v1/tasks/batch`, 1,000 per request; one request per
     task with --one-by-one), then collect the results (`GET /api/v1/tasks/wait?ids=..&wait=60`,
     1,000 tasks per request; one `GET /api/v1/tasks/{id}?wait=60` per task with
@@ -97,7 +99,7 @@ def check(task):
 class Cluster:
     """A coordinator (no local agent) and one agent with 2 slots, in a temp dir."""
 
-    def __init__(self, bin_dir, executor, cpus, sync, python=None):
+    def __init__(self, bin_dir, executor, cpus, sync, python=None, max_level=None):
         self.dir = tempfile.mkdtemp(prefix="lull-bench-")
         self.procs = []
         coord = subprocess.Popen(
@@ -115,7 +117,8 @@ class Cluster:
              # The benchmark's own client and coordinator share the host: with the owner policy
              # on, their CPU (and anything else running) would count as the owner's and pause it.
              "--owner-policy", "off"]
-            + (["--python", python] if python else []),
+            + (["--python", python] if python else [])
+            + (["--max-sandbox-level", max_level] if max_level else []),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append(agent)
         deadline = time.time() + 60
@@ -298,6 +301,11 @@ def main():
     ap.add_argument("--idle", type=int, default=20, help="tasks in the idle mode (0: skip it)")
     ap.add_argument("--idle-gap", type=float, default=0.2, help="seconds of quiet before each idle-mode task")
     ap.add_argument("--executors", default="cold,zygote")
+    ap.add_argument("--levels", default="best",
+                    help="sandbox levels to measure each executor at, strongest first, as the agent's "
+                         "--max-sandbox-level: `best` (the strongest this host allows), `all` "
+                         "(full,isolated,basic,none; a level this host settles below is skipped once "
+                         "that level was measured), or a list such as full,none")
     ap.add_argument("--cpus", type=float, default=2)
     ap.add_argument("--sync", default="full", choices=["full", "normal"], help="the coordinator's SQLite durability")
     ap.add_argument("--bin-dir", default=os.path.join(os.path.dirname(__file__), "..", "target", "release"))
@@ -315,11 +323,19 @@ def main():
     python = resolve_python(args.python)
     print(f"agent --python {python}", file=sys.stderr)
     rows = []
-    for executor in args.executors.split(","):
-        cluster = Cluster(args.bin_dir, executor, args.cpus, args.sync, python)
+    levels = {"best": [None], "all": ["full", "isolated", "basic", "none"]}.get(args.levels, args.levels.split(","))
+    runs = [(executor, asked) for executor in args.executors.split(",") for asked in levels]
+    measured = set()
+    for executor, asked_level in runs:
+        cluster = Cluster(args.bin_dir, executor, args.cpus, args.sync, python, asked_level)
         try:
             used = cluster.node.get("executor")
             level = (cluster.node.get("sandbox") or {}).get("level", "unknown")
+            if (executor, level) in measured:
+                print(f"{executor} at --max-sandbox-level {asked_level}: this host settles at {level}, "
+                      f"measured already", file=sys.stderr)
+                continue
+            measured.add((executor, level))
             for _ in range(20):  # warm-up
                 cluster.wait(cluster.submit())
             meter = CpuMeter(cluster)
@@ -330,7 +346,7 @@ def main():
             idle_p50, idle_max = idle(cluster, args.idle, args.idle_gap) if args.idle else (None, None)
         finally:
             cluster.close()
-        rows.append({"asked": executor, "executor": used, "sandbox": level,
+        rows.append({"asked": executor, "executor": used, "sandbox": level, "asked_level": asked_level,
                      "batch_median": statistics.median(rates), "batch_min": min(rates), "batch_max": max(rates),
                      "closed_p50_ms": p50, "closed_p99_ms": p99, "idle_p50_ms": idle_p50, "idle_max_ms": idle_max,
                      "cpu_ms_per_task": cpu})
@@ -345,13 +361,14 @@ def main():
         name = r["executor"] if r["executor"] == r["asked"] else f"{r['asked']} (ran {r['executor']})"
         closed = (f"| {r['closed_p50_ms']:.1f} ms | {r['closed_p99_ms']:.1f} ms "
                   if r["closed_p50_ms"] is not None else "| - | - ")
-        print(f"| {name} | {r['sandbox']} | {r['batch_median']:.0f} ({r['batch_min']:.0f}-{r['batch_max']:.0f}) "
+        sandbox = r["sandbox"] if r["asked_level"] in (None, r["sandbox"]) else f"{r['sandbox']} (asked {r['asked_level']})"
+        print(f"| {name} | {sandbox} | {r['batch_median']:.0f} ({r['batch_min']:.0f}-{r['batch_max']:.0f}) "
               + closed
               + (f"| {r['idle_p50_ms']:.1f} ms ({r['idle_max_ms']:.1f}) |" if r["idle_p50_ms"] is not None else "| - |"))
     print("\nCPU per task in batch mode (ms; kernel threads not counted):")
     for r in rows:
         parts = ", ".join(f"{name} {ms:.2f}" for name, ms in r["cpu_ms_per_task"].items())
-        print(f"- {r['executor']}: {parts}, total {sum(r['cpu_ms_per_task'].values()):.2f}")
+        print(f"- {r['executor']}, {r['sandbox']}: {parts}, total {sum(r['cpu_ms_per_task'].values()):.2f}")
 
 
 if __name__ == "__main__":

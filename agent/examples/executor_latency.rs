@@ -146,7 +146,13 @@ async fn main() {
     let protections = if unsandboxed {
         lull_shared::Protections::none("--unsandboxed")
     } else {
-        sandbox::probe(Some(&launcher), &settings, &python).await
+        sandbox::probe(
+            Some(&launcher),
+            &settings,
+            &python,
+            lull_shared::SandboxLevel::Full,
+        )
+        .await
     };
     println!("python {python}, sandbox level {}", protections.level);
 

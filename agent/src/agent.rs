@@ -67,6 +67,8 @@ pub async fn run_once(
     config: AgentConfig,
     shutdown: CancellationToken,
 ) -> Result<Stopped, AgentError> {
+    // Before the probe: a contradiction in the configuration is said at once.
+    validate(&config)?;
     PreparedExecutor::start(&config)
         .await
         .run(config, shutdown)
@@ -92,7 +94,13 @@ impl PreparedExecutor {
         settings
             .expose
             .extend(ColdExecutor::interpreter_prefixes(&python).await);
-        let protections = crate::sandbox::probe(launcher.as_deref(), &settings, &python).await;
+        let protections = crate::sandbox::probe(
+            launcher.as_deref(),
+            &settings,
+            &python,
+            config.max_sandbox_level,
+        )
+        .await;
         report_protections(&protections);
         let executor = ColdExecutor::new(python.clone(), config.max_output_bytes).with_sandbox(
             launcher.unwrap_or_default(),
@@ -301,6 +309,13 @@ fn validate(config: &AgentConfig) -> Result<(), AgentError> {
         if value.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
             return invalid(&format!("{name} must be a positive number"));
         }
+    }
+    if config.min_sandbox_level > config.max_sandbox_level {
+        return invalid(&format!(
+            "min_sandbox_level {} is above max_sandbox_level {}",
+            config.min_sandbox_level.as_str(),
+            config.max_sandbox_level.as_str()
+        ));
     }
     Ok(())
 }
@@ -898,5 +913,27 @@ mod report_tests {
         assert_eq!(outcome(Completed, Some(StopReason::Cancelled)), Completed);
         assert_eq!(outcome(Failed, None), Failed);
         assert_eq!(outcome(Lost, Some(StopReason::Cancelled)), Lost);
+    }
+}
+
+#[cfg(test)]
+mod validate_tests {
+    use super::*;
+    use lull_shared::SandboxLevel;
+
+    #[test]
+    fn a_minimum_sandbox_level_above_the_maximum_is_refused_before_the_probe() {
+        let mut config = AgentConfig::new("http://127.0.0.1:1", "/nonexistent".into());
+        config.min_sandbox_level = SandboxLevel::Full;
+        config.max_sandbox_level = SandboxLevel::Basic;
+        match validate(&config) {
+            Err(AgentError::InvalidConfig(why)) => assert_eq!(
+                why,
+                "min_sandbox_level full is above max_sandbox_level basic"
+            ),
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+        config.max_sandbox_level = SandboxLevel::Full;
+        assert!(validate(&config).is_ok());
     }
 }

@@ -45,6 +45,9 @@ pub struct AgentConfig {
     pub sandbox_launcher: Option<PathBuf>,
     /// Refuse to start below this protection level.
     pub min_sandbox_level: lull_shared::SandboxLevel,
+    /// Apply at most this protection level, even where the host allows more (the probe
+    /// settles on the strongest at or below it).
+    pub max_sandbox_level: lull_shared::SandboxLevel,
     /// `Zygote` (the default) falls back to `Cold` where no zygote can start.
     pub executor: crate::executor::ExecutorKind,
     /// Modules the zygote imports once, for every run.
@@ -86,6 +89,7 @@ impl AgentConfig {
             sandbox: crate::sandbox::SandboxSettings::default(),
             sandbox_launcher: None,
             min_sandbox_level: lull_shared::SandboxLevel::None,
+            max_sandbox_level: lull_shared::SandboxLevel::Full,
             executor: crate::executor::ExecutorKind::default(),
             preload: Vec::new(),
             zygote_bin: None,

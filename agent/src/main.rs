@@ -94,6 +94,11 @@ struct Cli {
     /// none, basic, isolated or full.
     #[arg(long, env = "LULL_MIN_SANDBOX_LEVEL", default_value = "none", value_parser = level)]
     min_sandbox_level: lull_shared::SandboxLevel,
+    /// Sandbox tasks at most this well, even where the host allows more: none, basic,
+    /// isolated or full. For code trusted as much as the machine's own (and for measuring
+    /// what each level costs); the agent reports the level it settled on.
+    #[arg(long, env = "LULL_MAX_SANDBOX_LEVEL", default_value = "full", value_parser = level)]
+    max_sandbox_level: lull_shared::SandboxLevel,
     /// The `lull-sandbox` launcher (default: next to this executable).
     #[arg(long, env = "LULL_SANDBOX_LAUNCHER")]
     sandbox_launcher: Option<PathBuf>,
@@ -199,6 +204,7 @@ impl Cli {
         };
         config.sandbox_launcher = self.sandbox_launcher;
         config.min_sandbox_level = self.min_sandbox_level;
+        config.max_sandbox_level = self.max_sandbox_level;
         config.executor = self.executor;
         config.preload = self
             .preload

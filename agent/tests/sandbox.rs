@@ -37,7 +37,8 @@ async fn setup() -> (ColdExecutor, Protections) {
         ..SandboxSettings::default()
     };
     settings.expose = ColdExecutor::interpreter_prefixes(&python).await;
-    let protections = sandbox::probe(Some(&launcher()), &settings, &python).await;
+    let protections =
+        sandbox::probe(Some(&launcher()), &settings, &python, SandboxLevel::Full).await;
     let executor =
         ColdExecutor::new(python, 1 << 20).with_sandbox(launcher(), protections.clone(), settings);
     (executor, protections)
@@ -80,10 +81,84 @@ async fn a_missing_launcher_is_reported_not_pretended() {
         Some(std::path::Path::new("/nonexistent/lull-sandbox")),
         &SandboxSettings::default(),
         "python3",
+        SandboxLevel::Full,
     )
     .await;
     assert_eq!(p.level, SandboxLevel::None);
     assert!(p.missing[0].contains("launcher was not found"), "{p:?}");
+}
+
+/// `--max-sandbox-level`: the probe settles on the strongest protections at or below the cap,
+/// says that it was capped, and runs get exactly those.
+#[tokio::test]
+async fn a_capped_probe_settles_at_or_below_the_cap_and_says_so() {
+    let python = ColdExecutor::resolve_interpreter("python3").await;
+    let mut settings = SandboxSettings {
+        uid: 64_010,
+        gid: 64_010,
+        ..SandboxSettings::default()
+    };
+    settings.expose = ColdExecutor::interpreter_prefixes(&python).await;
+    let code = "import os\nstatus = open('/proc/self/status').read()\nprint(os.getuid(), [l.split()[1] for l in status.splitlines() if l.startswith('Seccomp:')], os.readlink('/proc/self/ns/net'))\n";
+    let host_net =
+        std::fs::read_link("/proc/self/ns/net").expect("this process's network namespace");
+
+    let basic = sandbox::probe(Some(&launcher()), &settings, &python, SandboxLevel::Basic).await;
+    assert!(basic.level <= SandboxLevel::Basic, "{basic:?}");
+    assert!(
+        basic
+            .missing
+            .first()
+            .is_some_and(|m| m.contains("capped at basic")),
+        "{basic:?}"
+    );
+    if host_allows_full() {
+        // Without a mount namespace the unprivileged uid may not reach an interpreter under a
+        // closed directory (pyenv under /root): then basic keeps the agent's user, and says so.
+        assert_eq!(
+            (basic.level, basic.namespaces, basic.seccomp),
+            (SandboxLevel::Basic, false, true),
+            "{basic:?}"
+        );
+        let uid = if basic.drop_user {
+            64_010
+        } else {
+            nix::unistd::geteuid().as_raw()
+        };
+        let executor = ColdExecutor::new(python.clone(), 1 << 20).with_sandbox(
+            launcher(),
+            basic.clone(),
+            settings.clone(),
+        );
+        let out = executor
+            .run(job(7_101, code, 256.0), CancellationToken::new())
+            .await;
+        assert_eq!(out.outcome, RunOutcome::Completed, "{out:?}");
+        // The seccomp filter, but the host's network namespace.
+        assert_eq!(
+            out.stdout.trim(),
+            format!("{uid} ['2'] {}", host_net.display()),
+            "{out:?}"
+        );
+    }
+
+    let none = sandbox::probe(Some(&launcher()), &settings, &python, SandboxLevel::None).await;
+    assert_eq!(
+        (none.level, none.launcher, none.namespaces, none.seccomp),
+        (SandboxLevel::None, false, false, false),
+        "{none:?}"
+    );
+    assert!(none.missing[0].contains("capped at none"), "{none:?}");
+    let executor =
+        ColdExecutor::new(python.clone(), 1 << 20).with_sandbox(launcher(), none, settings);
+    let out = executor
+        .run(job(7_102, "print('ok')", 256.0), CancellationToken::new())
+        .await;
+    assert_eq!(
+        (out.outcome, out.stdout.trim()),
+        (RunOutcome::Completed, "ok"),
+        "{out:?}"
+    );
 }
 
 #[tokio::test]

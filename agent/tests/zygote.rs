@@ -15,7 +15,7 @@ use lull_agent::{
     AgentConfig, ColdExecutor, Execution, Executor, ExecutorKind, Job, RunPoint, ZygoteExecutor,
     ZygoteSettings,
 };
-use lull_shared::{Assignment, Protections, Resources, RunOutcome};
+use lull_shared::{Assignment, Protections, Resources, RunOutcome, SandboxLevel};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::path::{Path, PathBuf};
@@ -69,7 +69,8 @@ async fn host() -> &'static Host {
         settings
             .expose
             .extend(ColdExecutor::interpreter_prefixes(&python).await);
-        let protections = sandbox::probe(Some(&launcher), &settings, &python).await;
+        let protections =
+            sandbox::probe(Some(&launcher), &settings, &python, SandboxLevel::Full).await;
         eprintln!("sandbox level for these tests: {}", protections.level);
         Host {
             python,

@@ -1292,13 +1292,29 @@ fn candidates() -> Vec<Protections> {
     out
 }
 
-/// Finds the strongest protections this host applies, by trying each candidate in full in a
-/// throwaway `lull-sandbox --check` (which also checks from inside that they hold).
+/// Finds the strongest protections this host applies at or below `max` (the operator's
+/// `--max-sandbox-level`), by trying each candidate in full in a throwaway
+/// `lull-sandbox --check` (which also checks from inside that they hold).
 pub async fn probe(
     launcher: Option<&Path>,
     settings: &SandboxSettings,
     python: &str,
+    max: SandboxLevel,
 ) -> Protections {
+    let capped = |mut found: Protections| {
+        if max < SandboxLevel::Full {
+            found.missing.insert(
+                0,
+                format!("capped at {} by --max-sandbox-level", max.as_str()),
+            );
+        }
+        found
+    };
+    if max == SandboxLevel::None {
+        return capped(Protections::none(
+            "runs get a process group and a clean environment only",
+        ));
+    }
     let Some(launcher) = launcher.filter(|p| p.exists()) else {
         return Protections::none(format!(
             "the lull-sandbox launcher was not found{}; runs get a process group and a clean environment only",
@@ -1309,7 +1325,7 @@ pub async fn probe(
     };
     sweep_stale_cgroups();
     let mut failures: Vec<String> = Vec::new();
-    for candidate in candidates() {
+    for candidate in candidates().into_iter().filter(|c| c.level <= max) {
         // A run id no coordinator hands out, so probes never meet a real run's cgroup.
         let policy = RunPolicy::for_job(
             -1,
@@ -1322,7 +1338,8 @@ pub async fn probe(
         match check(launcher, &policy, python).await {
             Ok(()) => {
                 let mut found = candidate;
-                if !found.namespaces {
+                // Below `isolated` by the cap, the cap is the reason (said first).
+                if !found.namespaces && max >= SandboxLevel::Isolated {
                     found.missing.push(namespace_reason(&failures));
                 }
                 if !found.drop_user {
@@ -1339,14 +1356,14 @@ pub async fn probe(
                 found
                     .missing
                     .extend(failures.into_iter().map(|f| format!("tried: {f}")).take(3));
-                return found;
+                return capped(found);
             }
             Err(e) => failures.push(format!("{}: {e}", describe(&candidate))),
         }
     }
     let mut none = Protections::none("no sandbox setup worked on this host");
     none.missing.extend(failures);
-    none
+    capped(none)
 }
 
 fn namespace_reason(failures: &[String]) -> String {

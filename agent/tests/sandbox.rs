@@ -29,7 +29,9 @@ fn host_allows_full() -> bool {
     nix::unistd::geteuid().is_root() && std::path::Path::new("/proc/self/ns/pid").exists()
 }
 
-async fn setup() -> (ColdExecutor, Protections) {
+/// The host's `python3` and the settings these tests run it with (an unprivileged uid of
+/// their own; the interpreter's prefix exposed).
+async fn python_and_settings() -> (String, SandboxSettings) {
     let python = ColdExecutor::resolve_interpreter("python3").await;
     let mut settings = SandboxSettings {
         uid: 64_010,
@@ -37,6 +39,11 @@ async fn setup() -> (ColdExecutor, Protections) {
         ..SandboxSettings::default()
     };
     settings.expose = ColdExecutor::interpreter_prefixes(&python).await;
+    (python, settings)
+}
+
+async fn setup() -> (ColdExecutor, Protections) {
+    let (python, settings) = python_and_settings().await;
     let protections =
         sandbox::probe(Some(&launcher()), &settings, &python, SandboxLevel::Full).await;
     let executor =
@@ -92,13 +99,7 @@ async fn a_missing_launcher_is_reported_not_pretended() {
 /// says that it was capped, and runs get exactly those.
 #[tokio::test]
 async fn a_capped_probe_settles_at_or_below_the_cap_and_says_so() {
-    let python = ColdExecutor::resolve_interpreter("python3").await;
-    let mut settings = SandboxSettings {
-        uid: 64_010,
-        gid: 64_010,
-        ..SandboxSettings::default()
-    };
-    settings.expose = ColdExecutor::interpreter_prefixes(&python).await;
+    let (python, settings) = python_and_settings().await;
     let code = "import os\nstatus = open('/proc/self/status').read()\nprint(os.getuid(), [l.split()[1] for l in status.splitlines() if l.startswith('Seccomp:')], os.readlink('/proc/self/ns/net'))\n";
     let host_net =
         std::fs::read_link("/proc/self/ns/net").expect("this process's network namespace");

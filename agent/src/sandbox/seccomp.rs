@@ -11,9 +11,10 @@
 //! system call takes through it: at install the kernel runs the filter once for every system
 //! call number, under a spinlock, to find the ones it can skip it for (its action cache), then
 //! translates and compiles it. `seccompiler` tests the numbers one after another, so an allowed
-//! call walked all ~30 of them, in two programs (one per action); here it is one program and a
+//! call walked all of them, in two programs (one per action); here it is one program and a
 //! binary search, a handful of comparisons for any number. `perf` put a run's `seccomp` call
-//! at ~0.15 ms of CPU with the two chained programs (BENCHMARKS.md, eighth session).
+//! at ~0.13 ms of CPU with the two chained programs and ~0.04 ms with this one (BENCHMARKS.md,
+//! eighth session).
 
 use super::SandboxError;
 use seccompiler::{BpfProgram, sock_filter};

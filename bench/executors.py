@@ -178,8 +178,12 @@ class Cluster:
 
 def process_cpu(pid, reaped=False):
     """CPU seconds a process used so far; with `reaped`, also every process below it: the
-    reaped ones (its children's times) and the live ones (the zygote's spare and its
-    namespace closer, runs not yet reaped)."""
+    reaped ones (its children's times) and the live ones (the zygote's spare, runs not yet
+    reaped)."""
+    return process_ticks(pid, reaped) / os.sysconf("SC_CLK_TCK")
+
+
+def process_ticks(pid, reaped):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     ticks = int(fields[11]) + int(fields[12])
@@ -187,10 +191,10 @@ def process_cpu(pid, reaped=False):
         ticks += int(fields[13]) + int(fields[14])
         for kid in children(pid):
             try:
-                ticks += process_cpu(kid, reaped=True) * os.sysconf("SC_CLK_TCK")
+                ticks += process_ticks(kid, reaped=True)
             except (FileNotFoundError, ProcessLookupError):
                 pass  # reaped meanwhile: its time is in ours
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return ticks
 
 
 def children(pid):

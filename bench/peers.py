@@ -88,6 +88,17 @@ def percentile(sorted_values, q):
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
+def in_order(sent, collect):
+    """Batch latencies: `sent` is (time just before submission, handle) per task, in the order
+    submitted; collects each handle in that order and returns the seconds each took from its
+    submission to its result."""
+    latencies = []
+    for t0, handle in sent:
+        collect(handle)
+        latencies.append(time.perf_counter() - t0)
+    return latencies
+
+
 def measure(submit_all, one, n, repeat, per_client, batch_latencies):
     """submit_all(n) -> seconds for a batch; one() -> runs one task and checks it;
     batch_latencies(n) -> each task's seconds from submission to result in a batch of n,
@@ -164,14 +175,8 @@ def peer_celery(args, workdir, redis_url):
             return time.perf_counter() - t0
 
         def batch_latencies(n):
-            sent = []
-            for _ in range(n):
-                sent.append((time.perf_counter(), bench_app.run.delay(CODE)))
-            latencies = []
-            for t0, r in sent:
-                check(r.get(timeout=120))
-                latencies.append(time.perf_counter() - t0)
-            return latencies
+            sent = [(time.perf_counter(), bench_app.run.delay(CODE)) for _ in range(n)]
+            return in_order(sent, lambda r: check(r.get(timeout=120)))
 
         return measure(batch, one, args.tasks, args.repeat, args.closed_loop, batch_latencies)
     finally:
@@ -221,14 +226,8 @@ def peer_rq(args, workdir, redis_url):
             return time.perf_counter() - t0
 
         def batch_latencies(n):
-            sent = []
-            for _ in range(n):
-                sent.append((time.perf_counter(), queue.enqueue(run_code, CODE)))
-            latencies = []
-            for t0, job in sent:
-                result_of(job)
-                latencies.append(time.perf_counter() - t0)
-            return latencies
+            sent = [(time.perf_counter(), queue.enqueue(run_code, CODE)) for _ in range(n)]
+            return in_order(sent, result_of)
 
         return measure(batch, one, args.tasks, args.repeat, args.closed_loop, batch_latencies)
     finally:
@@ -265,14 +264,8 @@ def peer_ray(args, workdir, _redis_url):
             return time.perf_counter() - t0
 
         def batch_latencies(n):
-            sent = []
-            for _ in range(n):
-                sent.append((time.perf_counter(), remote.remote(CODE)))
-            latencies = []
-            for t0, ref in sent:
-                check(ray.get(ref))
-                latencies.append(time.perf_counter() - t0)
-            return latencies
+            sent = [(time.perf_counter(), remote.remote(CODE)) for _ in range(n)]
+            return in_order(sent, lambda ref: check(ray.get(ref)))
 
         return measure(batch, one, args.tasks, args.repeat, args.closed_loop, batch_latencies)
     finally:
@@ -339,11 +332,7 @@ def run_lull(args, executor, tasks):
             while len(sent) < n:
                 t0 = time.perf_counter()
                 sent.extend((t0, task_id) for task_id in cluster.submit_many(min(1000, n - len(sent))))
-            latencies = []
-            for t0, task_id in sent:
-                cluster.wait(task_id)
-                latencies.append(time.perf_counter() - t0)
-            return latencies
+            return in_order(sent, cluster.wait)
 
         result = measure(batch, one, tasks, args.repeat, args.closed_loop, batch_latencies)
         result["sandbox"] = level
@@ -374,11 +363,7 @@ def two_at_a_time_latencies(one):
     def batch_latencies(n):
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             sent = [(time.perf_counter(), pool.submit(one)) for _ in range(n)]
-            latencies = []
-            for t0, future in sent:
-                future.result()
-                latencies.append(time.perf_counter() - t0)
-        return latencies
+            return in_order(sent, concurrent.futures.Future.result)
 
     return batch_latencies
 

@@ -34,9 +34,8 @@ fn bin_dir() -> PathBuf {
         .expect("target directory")
 }
 
-/// CPU seconds used so far by this process and every live process below it (the zygote, its
-/// spare and its namespace closer; reaped runs are included through their parents' children's
-/// times), from /proc: unlike the host's /proc/stat, this does not count what other programs
+/// CPU seconds used so far by this process and every live process below it (the zygote and
+/// its spare; reaped runs are included through their parents' children's times), from /proc: unlike the host's /proc/stat, this does not count what other programs
 /// on the machine are doing.
 fn own_cpu_seconds() -> f64 {
     // Clock ticks per second; 100 on Linux everywhere we run.

@@ -7,7 +7,9 @@
 //! ```
 //!
 //! RUNS defaults to 200. `--unsandboxed` measures the executors alone: no launcher,
-//! protections `none`. `--zygote-only` skips the (slow) cold executor.
+//! protections `none`. `--zygote-only` skips the (slow) cold executor, which is measured
+//! both ways it launches runs: from the zygote (what the agent uses), and with one
+//! `lull-sandbox` per run (where no zygote can start).
 //!
 //! `lull-sandbox` and `lull-zygote` are looked up in the directory above this example's
 //! (`target/<profile>/`), or in `LULL_BIN_DIR`.
@@ -160,22 +162,28 @@ async fn main() {
         protections.clone(),
         settings.clone(),
     );
-    let zygote = ZygoteExecutor::start(
-        ZygoteSettings {
-            binary: dir.join("lull-zygote"),
-            python,
-            preload: Vec::new(),
-            protections,
-            sandbox: settings,
-            max_output_bytes: MAX_OUTPUT,
-        },
-        cold.clone(),
-    )
-    .await
-    .expect("the zygote starts");
+    let zygote_settings = |fresh_interpreter| ZygoteSettings {
+        binary: dir.join("lull-zygote"),
+        python: python.clone(),
+        preload: Vec::new(),
+        protections: protections.clone(),
+        sandbox: settings.clone(),
+        max_output_bytes: MAX_OUTPUT,
+        fresh_interpreter,
+    };
+    let zygote = ZygoteExecutor::start(zygote_settings(false), cold.clone())
+        .await
+        .expect("the zygote starts");
 
     if !zygote_only {
-        measure("cold", &cold, runs, gap).await;
+        // What the agent's cold executor is: fresh interpreters launched by the zygote...
+        let launched = ZygoteExecutor::start(zygote_settings(true), cold.clone())
+            .await
+            .expect("the zygote starts as a launcher");
+        measure("cold", &launched, runs, gap).await;
+        drop(launched);
+        // ...and where no zygote can start, one `lull-sandbox` per run.
+        measure("cold, lull-sandbox per run", &cold, runs, gap).await;
     }
     measure("zygote", &zygote, runs, gap).await;
 }

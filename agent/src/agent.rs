@@ -107,24 +107,35 @@ impl PreparedExecutor {
             protections.clone(),
             settings.clone(),
         );
-        if config.executor == ExecutorKind::Zygote {
-            let zygote = ZygoteSettings {
-                binary: config
-                    .zygote_bin
-                    .clone()
-                    .or_else(ZygoteSettings::default_binary)
-                    .unwrap_or_else(|| "lull-zygote".into()),
-                python,
-                preload: config.preload.clone(),
-                protections,
-                sandbox: settings,
-                max_output_bytes: config.max_output_bytes,
-            };
-            match ZygoteExecutor::start(zygote, executor.clone()).await {
-                Ok(zygote) => return PreparedExecutor::Zygote(zygote),
-                Err(err) => {
-                    warn!(%err, "the zygote executor cannot run here; using the cold executor")
-                }
+        // Cold runs are fresh interpreters too when the zygote launches them (it only forks
+        // and sandboxes each, then execs python3): one long-lived launcher instead of a
+        // `lull-sandbox` per run. Without a zygote, `lull-sandbox` launches each.
+        let fresh_interpreter = config.executor == ExecutorKind::Cold;
+        let zygote = ZygoteSettings {
+            binary: config
+                .zygote_bin
+                .clone()
+                .or_else(ZygoteSettings::default_binary)
+                .unwrap_or_else(|| "lull-zygote".into()),
+            python,
+            // Nothing to preload for runs that exec their own interpreter.
+            preload: if fresh_interpreter {
+                Vec::new()
+            } else {
+                config.preload.clone()
+            },
+            protections,
+            sandbox: settings,
+            max_output_bytes: config.max_output_bytes,
+            fresh_interpreter,
+        };
+        match ZygoteExecutor::start(zygote, executor.clone()).await {
+            Ok(zygote) => return PreparedExecutor::Zygote(zygote),
+            Err(err) if fresh_interpreter => {
+                warn!(%err, "no zygote to launch cold runs; lull-sandbox launches each")
+            }
+            Err(err) => {
+                warn!(%err, "the zygote executor cannot run here; using the cold executor")
             }
         }
         PreparedExecutor::Cold(executor)

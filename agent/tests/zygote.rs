@@ -98,6 +98,7 @@ fn zygote_settings(host: &Host) -> ZygoteSettings {
         protections: host.protections.clone(),
         sandbox: host.settings.clone(),
         max_output_bytes: MAX_OUTPUT,
+        fresh_interpreter: false,
     }
 }
 
@@ -106,6 +107,18 @@ async fn zygote() -> ZygoteExecutor {
     ZygoteExecutor::start(zygote_settings(host), cold(host))
         .await
         .expect("the zygote starts")
+}
+
+/// The zygote as the cold executor's launcher: each run execs a fresh interpreter.
+async fn zygote_launching_cold() -> ZygoteExecutor {
+    let host = host().await;
+    let settings = ZygoteSettings {
+        fresh_interpreter: true,
+        ..zygote_settings(host)
+    };
+    ZygoteExecutor::start(settings, cold(host))
+        .await
+        .expect("the zygote starts as a launcher")
 }
 
 fn job(code: &str, timeout_secs: f64) -> Job {
@@ -264,6 +277,93 @@ async fn a_runs_cpu_time_and_peak_memory_are_reported() {
     let rss = execution.max_rss_mb.expect("peak memory reported");
     assert!(cpu > 0.05, "3 million additions take more CPU than {cpu} s");
     assert!(rss >= 80.0, "80 MB were touched, peak reported {rss} MB");
+}
+
+/// A run's process says how it ended on fd 3 before its exit (zygote/src/report.rs), and the
+/// zygote kills it on reading that. The descriptor is the run's own: code that writes a whole
+/// report on it ends right there, as if it had called `os._exit` with that status (it can only
+/// misreport itself), and code that writes anything else on it is killed.
+#[tokio::test]
+async fn a_run_that_writes_its_own_report_ends_there_and_a_garbled_one_is_killed() {
+    let zygote = zygote().await;
+    let forger = unique_name("forge");
+    let forged = format!(
+        "{}\nimport os, time\n\
+         print('before', os.get_inheritable(3), flush=True)\n\
+         os.write(3, bytes([5]) + bytes(16))\n\
+         time.sleep(300)\n\
+         print('after')",
+        rename_to(&forger)
+    );
+    let execution = run(&zygote, &forged).await;
+    assert_eq!(
+        (
+            execution.outcome,
+            execution.exit_code,
+            execution.stdout.as_str()
+        ),
+        (RunOutcome::Failed, Some(5), "before False\n"),
+        "{execution:?}"
+    );
+    wait_until("the run that reported is gone", || {
+        processes_named(&forger).is_empty().then_some(())
+    })
+    .await;
+
+    let garbled = "import os, time\nos.write(3, b'not a report')\ntime.sleep(300)";
+    let execution = run(&zygote, garbled).await;
+    assert_eq!(execution.outcome, RunOutcome::Failed, "{execution:?}");
+    assert_eq!(execution.exit_code, None, "{execution:?}");
+    assert_eq!(
+        execution.error.as_deref(),
+        Some("killed by signal 9 (SIGKILL)")
+    );
+
+    // A run that closes the descriptor ends the usual way, reported at its reap; what it
+    // puts on that number afterwards (here its own stdout again) gets nothing of the report.
+    let closed = "import os, sys\nos.close(3)\nassert os.dup(1) == 3\nprint('done')\nsys.exit(3)";
+    let execution = run(&zygote, closed).await;
+    assert_eq!(
+        (execution.exit_code, execution.stdout.as_str()),
+        (Some(3), "done\n"),
+        "{execution:?}"
+    );
+}
+
+/// What the agent's cold executor is where a zygote starts: runs the zygote forks and
+/// sandboxes, each of which then execs a fresh `python3 -I -u -c`. They must be reported
+/// exactly as runs `lull-sandbox` launches one by one, and be fresh interpreters (their
+/// executable is python's, nothing of the zygote's is loaded, SIGINT has Python's handler).
+#[tokio::test]
+async fn cold_runs_the_zygote_launches_are_fresh_interpreters_reported_as_cold() {
+    let cold = cold(host().await);
+    let launched = zygote_launching_cold().await;
+    assert_eq!(launched.kind(), "cold");
+    let programs = [
+        "print('hello')",
+        "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)",
+        "raise ValueError('boom')",
+        "import sys; sys.exit('a message')",
+        "raise KeyboardInterrupt",
+        "import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
+        "import signal as s; print([s.getsignal(n) for n in (s.SIGINT, s.SIGPIPE, s.SIGXFSZ)])",
+        "import os\nprint(sorted(kv for kv in os.environ.items() if kv[0] != 'LULL_RUN_ID'))",
+        "import sys; print(sys.flags.isolated, sys.flags.unbuffered, sys.argv, sys.orig_argv[1:4])",
+        "import os, sys\nprint(os.path.realpath('/proc/self/exe') == os.path.realpath(sys.executable))",
+        "import sys; print(sorted(m for m in sys.modules if 'lull' in m or m == 'json'))",
+        "import os; print(os.getcwd(), os.getuid(), sorted(os.listdir('/proc/self/fd')))",
+    ];
+    for code in programs {
+        let (from_cold, from_launched) = (run(&cold, code).await, run(&launched, code).await);
+        assert_eq!(seen(&from_launched), seen(&from_cold), "for {code:?}");
+    }
+    let fresh = run(
+        &launched,
+        "import os, sys\nprint(os.path.realpath('/proc/self/exe') == os.path.realpath(sys.executable))",
+    )
+    .await;
+    assert_eq!(fresh.stdout, "True\n", "{fresh:?}");
+    assert!(fresh.cpu_seconds.is_some(), "{fresh:?}");
 }
 
 #[tokio::test]

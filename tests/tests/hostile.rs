@@ -1,4 +1,5 @@
-//! Hostile programs against a real agent, once per executor (`cold`, `zygote`).
+//! Hostile programs against a real agent, once per executor (`cold`, `zygote`), and once more
+//! for `cold` where no zygote can start, so that `lull-sandbox` launches every run.
 //!
 //! Each test starts its own coordinator and one agent whose runs execute as a uid of their
 //! own, so that the two tests can run side by side and each can find its runs' processes by
@@ -51,18 +52,36 @@ const UNBOUNDED: u64 = 4096;
 #[derive(Debug, Clone, Copy)]
 struct ExecutorUnderTest {
     name: &'static str,
+    /// The agent's `--executor`.
+    executor: &'static str,
+    /// More flags for the agent.
+    flags: &'static [&'static str],
     uid: u32,
     gid: u32,
 }
 
+/// Cold runs, launched by the zygote (each execs a fresh interpreter).
 const COLD: ExecutorUnderTest = ExecutorUnderTest {
     name: "cold",
+    executor: "cold",
+    flags: &[],
     uid: 65533,
     gid: 65533,
 };
 
+/// Cold runs where no zygote starts: one `lull-sandbox` per run.
+const COLD_LAUNCHER: ExecutorUnderTest = ExecutorUnderTest {
+    name: "cold-sandbox",
+    executor: "cold",
+    flags: &["--zygote-bin", "/nonexistent/lull-zygote"],
+    uid: 65531,
+    gid: 65531,
+};
+
 const ZYGOTE: ExecutorUnderTest = ExecutorUnderTest {
     name: "zygote",
+    executor: "zygote",
+    flags: &[],
     uid: 65532,
     gid: 65532,
 };
@@ -70,6 +89,11 @@ const ZYGOTE: ExecutorUnderTest = ExecutorUnderTest {
 #[tokio::test]
 async fn hostile_programs_are_contained_cold() {
     Suite::start(COLD).await.run().await;
+}
+
+#[tokio::test]
+async fn hostile_programs_are_contained_cold_launched_by_lull_sandbox() {
+    Suite::start(COLD_LAUNCHER).await.run().await;
 }
 
 #[tokio::test]
@@ -1368,27 +1392,29 @@ impl Suite {
         .expect("coordinator");
         let node_id = format!("hostile-{}", executor.name);
         let (uid, gid) = (executor.uid.to_string(), executor.gid.to_string());
+        let mut flags = executor.flags.to_vec();
+        flags.extend([
+            "--node-id",
+            &node_id,
+            "--heartbeat-interval",
+            "0.3",
+            "--cpus",
+            "1",
+            "--memory-mb",
+            "2048",
+            "--token",
+            &host.token,
+            "--executor",
+            executor.executor,
+            "--sandbox-uid",
+            &uid,
+            "--sandbox-gid",
+            &gid,
+        ]);
         let agent = start_agent_with_env(
             &coordinator.url,
             &host.state_dir,
-            &[
-                "--node-id",
-                &node_id,
-                "--heartbeat-interval",
-                "0.3",
-                "--cpus",
-                "1",
-                "--memory-mb",
-                "2048",
-                "--token",
-                &host.token,
-                "--executor",
-                executor.name,
-                "--sandbox-uid",
-                &uid,
-                "--sandbox-gid",
-                &gid,
-            ],
+            &flags,
             &[
                 ("TMPDIR", host.agent_tmp.as_os_str()),
                 // Must not reach a run's environment (the secrets program looks for it).
@@ -1606,7 +1632,8 @@ impl Suite {
                 format!("died: {}", describe_processes(&dead))
             }),
         ));
-        if executor.name == "zygote" {
+        // The zygote serves both executors (launching cold runs), unless kept from starting.
+        if executor.flags.is_empty() {
             let helpers = helpers_of(self.agent.pid(), executor.uid);
             self.verdicts.push((
                 "after the suite: a zygote process serves the agent".into(),
@@ -1662,8 +1689,11 @@ impl Suite {
                         node["sandbox"]["cgroups"], self.host.has_cgroups
                     )
                 })?;
-                ensure(node["executor"] == executor.name, || {
-                    format!("executor {}, expected {}", node["executor"], executor.name)
+                ensure(node["executor"] == executor.executor, || {
+                    format!(
+                        "executor {}, expected {}",
+                        node["executor"], executor.executor
+                    )
                 })
             }),
         ));

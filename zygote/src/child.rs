@@ -1,6 +1,8 @@
 //! One run's process, from the moment `os.fork()` returned 0 in it: wire its pipes, confine it
 //! with `lull_agent::sandbox::ForkedRun::confine` (it was born PID 1 of the run's own PID
-//! namespace, where the host allows one), run the code as `python3 -I -u -c` would, exit.
+//! namespace, where the host allows one), run the code as `python3 -I -u -c` would, report
+//! how it ended ([`crate::report`]), exit. A cold run (`exec`) execs a fresh `python3 -I -u
+//! -c` instead, once confined.
 //! A spare ([`spare`]) is the same process forked before its run: it joins its cgroup,
 //! waits for the run on a socket, then goes on as [`run`] does.
 //!
@@ -8,6 +10,7 @@
 //! panic included, ends in `os._exit`.
 
 use crate::interpreter::Interpreter;
+use crate::report::EndReport;
 use lull_agent::executor::zygote_protocol::{RUN_FDS, ToZygote};
 use lull_agent::sandbox::{ForkedRun, RunPolicy};
 use nix::errno::Errno;
@@ -52,24 +55,29 @@ pub(crate) struct RunRequest {
     pub(crate) policy: RunPolicy,
     pub(crate) code: String,
     /// The run's own environment variables: the zygote's environment holds the rest
-    /// (`Interpreter::share_environment`).
+    /// (`Interpreter::share_environment`); with `exec`, the whole environment.
     pub(crate) env: BTreeMap<String, String>,
+    /// Exec a fresh `python3 -I -u -c code` once sandboxed (a cold run) instead of running
+    /// the code in this process.
+    pub(crate) exec: bool,
     pub(crate) stdout: ReceivedFd,
     pub(crate) stderr: ReceivedFd,
 }
 
 /// Runs `request` in this freshly forked child of the zygote (`zygote` is its pid, `launch`
-/// what the zygote prepared for it) and exits with the code's exit status.
+/// what the zygote prepared for it, `report` where it says how it ended: see
+/// [`crate::report`]) and exits with the code's exit status.
 pub(crate) fn run(
     py: Python<'_>,
     interpreter: &Interpreter,
     request: &RunRequest,
     zygote: Pid,
     launch: &ForkedRun,
+    report: OwnedFd,
 ) -> ! {
     let status = std::panic::catch_unwind(AssertUnwindSafe(|| {
         let prepared = outlive_no_zygote(request.policy.protections.namespaces, zygote)
-            .and_then(|()| prepare(py, interpreter, request, launch, Cgroup::Join));
+            .and_then(|()| prepare(py, interpreter, request, launch, Cgroup::Join, report));
         execute(py, interpreter, request, prepared)
     }))
     .unwrap_or(SETUP_FAILED);
@@ -79,8 +87,8 @@ pub(crate) fn run(
 /// A child the zygote forked before it had a run for it (its spare, always PID 1 of a PID
 /// namespace of its own): it gets into its cgroup now, the one step of a run's start that can
 /// wait on the kernel for long, then waits on `socket` for its run (the `run` message and the
-/// run's stdout and stderr, from the zygote) and runs it as [`run`] would. If the zygote
-/// closes the socket instead, it exits.
+/// run's stdout and stderr, from the zygote) and runs it as [`run`] would, reporting how it
+/// ended on the same socket. If the zygote closes the socket instead, it exits.
 pub(crate) fn spare(
     py: Python<'_>,
     interpreter: &Interpreter,
@@ -95,10 +103,9 @@ pub(crate) fn spare(
             .and_then(|()| outlive_no_zygote(true, zygote))
             .and_then(|()| launch.enter_cgroup().map_err(|err| err.to_string()))
             .and_then(|()| receive_run(&socket));
-        drop(socket);
         match waited {
             Ok(request) => {
-                let prepared = prepare(py, interpreter, &request, launch, Cgroup::Joined);
+                let prepared = prepare(py, interpreter, &request, launch, Cgroup::Joined, socket);
                 execute(py, interpreter, &request, prepared)
             }
             // The zygote closed the socket without a run: it is going away, nothing to say.
@@ -118,10 +125,22 @@ fn execute(
     py: Python<'_>,
     interpreter: &Interpreter,
     request: &RunRequest,
-    prepared: Result<Bound<'_, pyo3::types::PyDict>, String>,
+    prepared: Result<Prepared<'_>, String>,
 ) -> i32 {
     match prepared {
-        Ok(globals) => interpreter.run_main(py, &request.code, &globals),
+        Ok(Prepared::Exec) => {
+            let err = interpreter.exec_fresh(py, &request.code, &request.env);
+            // Its stderr, as the cold launcher says it.
+            let _ = writeln!(std::io::stderr(), "lull: sandbox setup failed: {err}");
+            SETUP_FAILED
+        }
+        Ok(Prepared::Run { globals, report }) => {
+            let status = interpreter.run_main(py, &request.code, &globals);
+            if let Some(report) = report {
+                report_end(report, status);
+            }
+            status
+        }
         Err(err) => {
             // fd 2 is the run's stderr once redirected (the zygote's log before that).
             let _ = writeln!(std::io::stderr(), "lull: sandbox setup failed: {err}");
@@ -165,7 +184,13 @@ fn receive_run(socket: &OwnedFd) -> Result<RunRequest, String> {
         }
         line.extend_from_slice(&buf[..bytes]);
     }
-    let Ok(ToZygote::Run { policy, code, env }) = serde_json::from_slice(&line) else {
+    let Ok(ToZygote::Run {
+        policy,
+        code,
+        env,
+        exec,
+    }) = serde_json::from_slice(&line)
+    else {
         return Err("the zygote handed over something other than a run".to_string());
     };
     let [stdout, stderr]: [ReceivedFd; RUN_FDS] = fds
@@ -175,6 +200,7 @@ fn receive_run(socket: &OwnedFd) -> Result<RunRequest, String> {
         policy: *policy,
         code,
         env,
+        exec,
         stdout,
         stderr,
     })
@@ -220,6 +246,52 @@ enum Cgroup {
     Joined,
 }
 
+/// A confined run's process, ready for its code.
+enum Prepared<'py> {
+    /// To run it here.
+    Run {
+        /// Its `__main__`'s globals.
+        globals: Bound<'py, pyo3::types::PyDict>,
+        /// Where it says how it ended; `None` when the sandbox kept none.
+        report: Option<ReportSocket>,
+    },
+    /// To exec a fresh interpreter for it.
+    Exec,
+}
+
+/// The run's end of its report socket, on `REPORT_FD`, and which socket that is (device and
+/// inode): the code may close it and open something else on the same number, which must not
+/// get the report.
+struct ReportSocket {
+    fd: OwnedFd,
+    identity: (u64, u64),
+}
+
+impl ReportSocket {
+    fn new(fd: OwnedFd) -> Result<ReportSocket, String> {
+        let identity = identity(&fd).map_err(|err| format!("report socket: {err}"))?;
+        Ok(ReportSocket { fd, identity })
+    }
+}
+
+fn identity(fd: &OwnedFd) -> nix::Result<(u64, u64)> {
+    nix::sys::stat::fstat(fd).map(|stat| (stat.st_dev, stat.st_ino))
+}
+
+/// The run's code is done and `status` is what its process exits with: its output ends now
+/// (the agent's reader sees both streams end without waiting for the exit), and the zygote
+/// hears how it ended (see [`crate::report`]), if the report socket is still where it was.
+/// Nothing here can fail the run: without the report, the zygote learns the same at the reap.
+fn report_end(report: ReportSocket, status: i32) {
+    let _ = nix::unistd::close(1);
+    let _ = nix::unistd::close(2);
+    if identity(&report.fd).is_ok_and(|now| now == report.identity) {
+        let _ = nix::unistd::write(&report.fd, &EndReport::of_this_process(status).encode());
+    }
+    // Never closed by a drop: the code may have closed it already, and the process exits now.
+    std::mem::forget(report.fd);
+}
+
 /// The setup steps after [`outlive_no_zygote`], in order; each error names its step.
 fn prepare<'py>(
     py: Python<'py>,
@@ -227,20 +299,34 @@ fn prepare<'py>(
     request: &RunRequest,
     launch: &ForkedRun,
     cgroup: Cgroup,
-) -> Result<Bound<'py, pyo3::types::PyDict>, String> {
+    report: OwnedFd,
+) -> Result<Prepared<'py>, String> {
     interpreter
         .redirect_stdio(py, request.stdout.raw(), request.stderr.raw())
         .map_err(|err| format!("standard streams: {err}"))?;
-    interpreter
-        .add_environment(py, &request.env)
-        .map_err(|err| format!("environment: {err}"))?;
-    // Restores the death signal and dumpable after the uid drop (this process never execs).
+    if !request.exec {
+        interpreter
+            .add_environment(py, &request.env)
+            .map_err(|err| format!("environment: {err}"))?;
+    }
+    // A fresh interpreter reports its end by exiting: the zygote's reap tells.
+    let report = (!request.exec).then_some(report);
+    // Restores the death signal and dumpable after the uid drop.
     let confined = match cgroup {
-        Cgroup::Join => launch.confine(&request.policy),
-        Cgroup::Joined => launch.confine_in_cgroup(&request.policy),
+        Cgroup::Join => launch.confine(&request.policy, report),
+        Cgroup::Joined => launch.confine_in_cgroup(&request.policy, report),
     };
-    confined.map_err(|err| err.to_string())?;
-    interpreter
+    if request.exec {
+        return confined
+            .map(|_| Prepared::Exec)
+            .map_err(|err| err.to_string());
+    }
+    let report = confined
+        .map_err(|err| err.to_string())?
+        .map(ReportSocket::new)
+        .transpose()?;
+    let globals = interpreter
         .enter(py, &request.code)
-        .map_err(|err| format!("interpreter state: {err}"))
+        .map_err(|err| format!("interpreter state: {err}"))?;
+    Ok(Prepared::Run { globals, report })
 }

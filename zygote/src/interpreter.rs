@@ -270,6 +270,25 @@ impl Interpreter {
         Ok(())
     }
 
+    /// In a sandboxed run's process: execs a fresh `python3 -I -u -c code` (the target
+    /// python, as the cold executor starts it) with exactly `env`. Returns only on failure,
+    /// saying why.
+    pub(crate) fn exec_fresh(
+        &self,
+        py: Python<'_>,
+        code: &str,
+        env: &BTreeMap<String, String>,
+    ) -> String {
+        match self
+            .helper
+            .bind(py)
+            .call_method1("exec_fresh", (&self.python, code, env.clone()))
+        {
+            Ok(_) => format!("exec {} returned", self.python),
+            Err(err) => format!("exec {}: {err}", self.python),
+        }
+    }
+
     /// `os._exit(status)`: no Rust destructor, no second finalisation.
     pub(crate) fn exit(&self, py: Python<'_>, status: i32) -> ! {
         let _ = self.os.bind(py).call_method1("_exit", (status,));

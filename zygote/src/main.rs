@@ -11,9 +11,11 @@
 //!    `python3 -I` would), and refuses to start if its own embedded CPython is another version;
 //! 2. initialises CPython once, points `sys.executable` at `--python` (so `multiprocessing` and
 //!    `subprocess.run([sys.executable, ...])` never start a zygote) and imports `--preload`;
-//! 3. serves ([`server`]): waits on the socket and on child exits, forks a child per `run`
-//!    ([`child`]; when idle, the next one ahead of its run: a spare), kills on `kill`, reaps
-//!    and reports every exit. It exits when the socket closes, killing the runs it still has.
+//! 3. serves ([`server`]): waits on the socket, on child exits and on runs' reports, forks a
+//!    child per `run` ([`child`]; when idle, the next one ahead of its run: a spare), which
+//!    runs the code, or for a cold run execs a fresh interpreter; kills on `kill`, reports
+//!    every run's end (its own report, [`report`], or its exit) and reaps. It exits when the
+//!    socket closes, killing the runs it still has.
 //!
 //! Architecture Invariant: the zygote never runs user code, and stays single-threaded: it checks
 //! before every fork. It has no `unsafe`: it forks with Python's own `os.fork()` (which runs
@@ -22,6 +24,7 @@
 
 mod child;
 mod interpreter;
+mod report;
 mod server;
 
 use std::process::ExitCode;

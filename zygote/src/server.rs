@@ -1,8 +1,10 @@
-//! The zygote's loop: one thread, blocked in `poll` on the agent's socket and on a signalfd
-//! for SIGCHLD; forks a child per `run`, kills on `kill`, reaps and reports every exit.
+//! The zygote's loop: one thread, blocked in `poll` on the agent's socket, on a signalfd for
+//! SIGCHLD and on each run's report socket ([`crate::report`]); forks a child per `run`,
+//! kills on `kill`, reports every run's end (from its report, or at its reap) and reaps.
 
 use crate::child::{self, ReceivedFd, RunRequest};
 use crate::interpreter::{self, Interpreter};
+use crate::report::{EndReport, REPORT_BYTES};
 use crate::{Args, log};
 use lull_agent::executor::zygote_protocol::{FromZygote, RUN_FDS, ToZygote};
 use lull_agent::sandbox::{ForkedRun, RunPolicy, RunPools};
@@ -151,8 +153,14 @@ struct RunProcess {
     policy: RunPolicy,
     launch: ForkedRun,
     /// The run's stderr, for what only the watcher can tell (a limit the run hit); closed
-    /// when the run is reaped, so the agent's EOF comes after that line.
-    stderr: ReceivedFd,
+    /// once the run's end is reported, so the agent's EOF comes after that line.
+    stderr: Option<ReceivedFd>,
+    /// Where the run says how it ended ([`crate::report`]), until it has said it (or closed
+    /// it without a word).
+    report: Option<OwnedFd>,
+    /// Its end has been reported to the agent (from its report): the reap only gives back
+    /// what it was lent.
+    reported: bool,
 }
 
 /// Why a run could not be started: its own problem (reported for that run), or one that
@@ -166,20 +174,36 @@ impl Server {
     /// Until the agent closes the socket (`Ok`) or the socket fails (`Err`).
     fn serve(&mut self, py: Python<'_>) -> Result<(), String> {
         loop {
-            let (socket_ready, children_ready) = {
+            let (socket_ready, children_ready, reports_ready) = {
                 let wanted = PollFlags::POLLIN;
-                let mut fds = [
+                let mut fds = vec![
                     PollFd::new(self.socket.as_fd(), wanted),
                     PollFd::new(self.child_exits.as_fd(), wanted),
                 ];
+                let mut reporting = Vec::new();
+                for (&run_id, run) in &self.runs {
+                    if let Some(report) = &run.report {
+                        fds.push(PollFd::new(report.as_fd(), wanted));
+                        reporting.push(run_id);
+                    }
+                }
                 match poll(&mut fds, PollTimeout::NONE) {
                     Ok(_) => {}
                     Err(Errno::EINTR) => continue,
                     Err(err) => return Err(format!("poll: {err}")),
                 }
                 let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
-                (ready(&fds[0]), ready(&fds[1]))
+                let reports_ready: Vec<RunId> = reporting
+                    .into_iter()
+                    .zip(&fds[2..])
+                    .filter_map(|(run_id, fd)| ready(fd).then_some(run_id))
+                    .collect();
+                (ready(&fds[0]), ready(&fds[1]), reports_ready)
             };
+            // First: a run that has said how it ended is reported before anything else.
+            for run_id in reports_ready {
+                self.take_report(py, run_id)?;
+            }
             if children_ready {
                 // Signals coalesce: drain them all, then reap whatever has exited.
                 while let Ok(Some(_)) = self.child_exits.read_signal() {}
@@ -245,9 +269,14 @@ impl Server {
             }
         };
         match message {
-            ToZygote::Run { policy, code, env } => {
+            ToZygote::Run {
+                policy,
+                code,
+                env,
+                exec,
+            } => {
                 let run_id = policy.run_id;
-                match self.start(py, *policy, code, env, fds) {
+                match self.start(py, *policy, code, env, exec, fds) {
                     Ok(pid) => self.send(&FromZygote::Started {
                         run_id,
                         pid: pid.as_raw(),
@@ -269,13 +298,17 @@ impl Server {
         }
     }
 
-    /// Forks the run's process. Returns its pid; the child never returns from here.
+    /// Forks the run's process (or hands the run to the spare). Returns its pid; the child
+    /// never returns from here. With `exec`, the child execs a fresh interpreter with exactly
+    /// `env` once sandboxed (so the zygote's shared environment is left alone), and reports
+    /// nothing before its exit (its reap tells).
     fn start(
         &mut self,
         py: Python<'_>,
         policy: RunPolicy,
         code: String,
         env: BTreeMap<String, String>,
+        exec: bool,
         fds: Vec<ReceivedFd>,
     ) -> Result<Pid, StartError> {
         let run_id = policy.run_id;
@@ -288,26 +321,36 @@ impl Server {
                 fds.len()
             ))
         })?;
-        let env = self
-            .interpreter
-            .share_environment(py, &env)
-            .map_err(|err| StartError::Run(format!("environment: {err}")))?;
-        if let Some((pid, launch)) = self.start_on_spare(&policy, &code, &env, [&stdout, &stderr]) {
-            return Ok(self.track(pid, policy, launch, stderr));
+        let env = if exec {
+            env
+        } else {
+            self.interpreter
+                .share_environment(py, &env)
+                .map_err(|err| StartError::Run(format!("environment: {err}")))?
+        };
+        if let Some((pid, launch, report)) =
+            self.start_on_spare(&policy, &code, &env, exec, [&stdout, &stderr])
+        {
+            let report = (!exec).then_some(report);
+            return Ok(self.track(pid, policy, launch, stderr, report));
         }
         threads_are_single().map_err(StartError::Fatal)?;
+        let (report, theirs) = report_pair()
+            .map_err(|err| StartError::Run(format!("no socket for the run's report: {err}")))?;
         let mut launch = ForkedRun::prepare(&policy, &mut self.pools)
             .map_err(|err| StartError::Run(format!("sandbox setup failed: {err}")))?;
         let request = RunRequest {
             policy,
             code,
             env,
+            exec,
             stdout,
             stderr,
         };
+        // `theirs` closes here once the fork is done; the child keeps its copy.
         let forked = self
             .fork_with(py, &mut launch, |launch| {
-                child::run(py, &self.interpreter, &request, self.pid, launch)
+                child::run(py, &self.interpreter, &request, self.pid, launch, theirs)
             })
             .map_err(StartError::Fatal)?;
         let pid = match forked {
@@ -318,12 +361,21 @@ impl Server {
             }
         };
         let RunRequest { policy, stderr, .. } = request;
-        Ok(self.track(pid, policy, launch, stderr))
+        let report = (!exec).then_some(report);
+        Ok(self.track(pid, policy, launch, stderr, report))
     }
 
     /// Keeps a started run until it is reaped; its policy is the next spare's guess. The run's
-    /// process has its own copies of the pipes; the zygote keeps stderr until the reap.
-    fn track(&mut self, pid: Pid, policy: RunPolicy, launch: ForkedRun, stderr: ReceivedFd) -> Pid {
+    /// process has its own copies of the pipes; the zygote keeps stderr until the run's end
+    /// is reported.
+    fn track(
+        &mut self,
+        pid: Pid,
+        policy: RunPolicy,
+        launch: ForkedRun,
+        stderr: ReceivedFd,
+        report: Option<OwnedFd>,
+    ) -> Pid {
         self.last_policy = Some(policy.clone());
         self.runs.insert(
             policy.run_id,
@@ -331,24 +383,83 @@ impl Server {
                 pid,
                 policy,
                 launch,
-                stderr,
+                stderr: Some(stderr),
+                report,
+                reported: false,
             },
         );
         pid
     }
 
-    /// Hands the run to the spare if it can take it: its pid and what was lent for it.
-    /// Otherwise (none, it does not fit, it is gone) the spare is discarded and the caller
-    /// forks the run itself.
+    /// The run's report socket is readable: a whole [`EndReport`] ends the run now (killed at
+    /// once, reported to the agent; the reap gives back what it was lent), its end without a
+    /// word leaves the run to its reap, and anything else gets the run killed (the reap
+    /// reports that).
+    fn take_report(&mut self, py: Python<'_>, run_id: RunId) -> Result<(), String> {
+        let Some(run) = self.runs.get_mut(&run_id) else {
+            return Ok(());
+        };
+        let Some(socket) = run.report.take() else {
+            return Ok(());
+        };
+        // One more byte than a report: a longer message is not one.
+        let mut buf = [0u8; REPORT_BYTES + 1];
+        let report =
+            match nix::sys::socket::recv(socket.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+                Err(Errno::EAGAIN | Errno::EINTR) => {
+                    run.report = Some(socket);
+                    return Ok(());
+                }
+                // Closed without a report (a signal, `os._exit`): the reap tells how it ended.
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(n) => EndReport::decode(&buf[..n]),
+            };
+        // On its way out, or not a report: either way nothing of the run may go on.
+        kill_run(run.pid);
+        let Some(report) = report else {
+            log!("run {run_id} wrote something other than its report; killed");
+            return Ok(());
+        };
+        let status = WaitStatus::Exited(run.pid, i32::from(report.status));
+        let (status, note) = run.launch.verdict(&run.policy, status);
+        run.reported = true;
+        let stderr = run.stderr.take();
+        if let (Some(note), Some(stderr)) = (note, &stderr) {
+            self.tell_why(py, run_id, stderr, &note);
+        }
+        drop(stderr);
+        let (exit_code, signal) = exit_code_and_signal(run_id, status);
+        self.send(&FromZygote::Exited {
+            run_id,
+            exit_code,
+            signal,
+            cpu_seconds: Some(report.cpu_seconds()),
+            max_rss_mb: Some(report.max_rss_mb()),
+        })
+    }
+
+    /// Writes `note` as the run's last stderr line, which the agent reports as its error.
+    fn tell_why(&self, py: Python<'_>, run_id: RunId, stderr: &ReceivedFd, note: &str) {
+        let line = format!("lull: {note}\n");
+        if let Err(err) = self.interpreter.write_fd(py, stderr.raw(), line.as_bytes()) {
+            log!("could not tell run {run_id} why it ended: {err}");
+        }
+    }
+
+    /// Hands the run to the spare if it can take it: its pid, what was lent for it, and the
+    /// socket it reports its end on (the one it got its run on). Otherwise (none, it does not
+    /// fit, it is gone) the spare is discarded and the caller forks the run itself.
     fn start_on_spare(
         &mut self,
         policy: &RunPolicy,
         code: &str,
         env: &BTreeMap<String, String>,
+        exec: bool,
         fds: [&ReceivedFd; RUN_FDS],
-    ) -> Option<(Pid, ForkedRun)> {
+    ) -> Option<(Pid, ForkedRun, OwnedFd)> {
         let mut spare = self.spare.take()?;
-        if spare.env_generation != self.interpreter.env_generation
+        // A run that execs takes its environment from the message, not the fork.
+        if (!exec && spare.env_generation != self.interpreter.env_generation)
             || !spare.launch.fits(&spare.made_for, policy)
         {
             self.discard(spare);
@@ -358,10 +469,11 @@ impl Server {
             policy: Box::new(policy.clone()),
             code: code.to_string(),
             env: env.clone(),
+            exec,
         }
         .to_line();
         match hand_over(&spare.socket, &line, fds.map(ReceivedFd::raw)) {
-            Ok(()) => Some((spare.pid, spare.launch)),
+            Ok(()) => Some((spare.pid, spare.launch, spare.socket)),
             Err(err) => {
                 log!("could not hand a run to the spare ({err}); forking it instead");
                 self.discard(spare);
@@ -392,12 +504,7 @@ impl Server {
             return Ok(());
         };
         threads_are_single()?;
-        let (ours, theirs) = match socketpair(
-            AddressFamily::Unix,
-            SockType::Stream,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        ) {
+        let (ours, theirs) = match report_pair() {
             Ok(pair) => pair,
             Err(err) => {
                 self.stop_spares(&format!("no socket pair: {err}"));
@@ -515,25 +622,15 @@ impl Server {
                 continue;
             };
             let (status, note) = run.launch.finish(&run.policy, status, &mut self.pools);
-            if let Some(note) = note {
-                // The run's last stderr line, which the agent reports as its error.
-                let line = format!("lull: {note}\n");
-                if let Err(err) = self
-                    .interpreter
-                    .write_fd(py, run.stderr.raw(), line.as_bytes())
-                {
-                    log!("could not tell run {run_id} why it ended: {err}");
-                }
+            if run.reported {
+                // Its end went to the agent from its report already.
+                continue;
+            }
+            if let (Some(note), Some(stderr)) = (note, &run.stderr) {
+                self.tell_why(py, run_id, stderr, &note);
             }
             drop(run.stderr);
-            let (exit_code, signal) = match status {
-                WaitStatus::Exited(_, code) => (Some(code), None),
-                WaitStatus::Signaled(_, signal, _) => (None, Some(signal as i32)),
-                other => {
-                    log!("run {run_id} ended oddly: {other:?}");
-                    (None, None)
-                }
-            };
+            let (exit_code, signal) = exit_code_and_signal(run_id, status);
             let (cpu_seconds, max_rss_mb) = match usage {
                 Ok(usage) => (Some(usage.cpu_seconds), Some(usage.max_rss_mb)),
                 Err(err) => {
@@ -581,6 +678,30 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// A run's exit code or the signal that ended it, as the agent is told.
+fn exit_code_and_signal(run_id: RunId, status: WaitStatus) -> (Option<i32>, Option<i32>) {
+    match status {
+        WaitStatus::Exited(_, code) => (Some(code), None),
+        WaitStatus::Signaled(_, signal, _) => (None, Some(signal as i32)),
+        other => {
+            log!("run {run_id} ended oddly: {other:?}");
+            (None, None)
+        }
+    }
+}
+
+/// The two ends of a run's report socket ([`crate::report`]): the zygote's, and the run's
+/// (which the sandbox keeps on `REPORT_FD`). A spare's socket, which brought it its run, is
+/// one already.
+fn report_pair() -> Result<(OwnedFd, OwnedFd), Errno> {
+    socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
 }
 
 /// Sends a spare its run: `line` with the run's stdout and stderr attached to its first bytes.

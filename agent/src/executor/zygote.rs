@@ -80,6 +80,11 @@ pub struct ZygoteSettings {
     pub sandbox: SandboxSettings,
     /// Per stream and per run, as for the cold executor.
     pub max_output_bytes: usize,
+    /// Each run's process, once sandboxed, execs a fresh `python3 -I -u -c` instead of
+    /// running the code in the fork: the cold executor's runs, with the zygote as their
+    /// launcher (one long-lived process forking them, with its pools and mount template,
+    /// instead of a `lull-sandbox` started per run). The executor then calls itself `cold`.
+    pub fresh_interpreter: bool,
 }
 
 impl ZygoteSettings {
@@ -167,7 +172,11 @@ impl ZygoteExecutor {
 
 impl Executor for ZygoteExecutor {
     fn kind(&self) -> &'static str {
-        ExecutorKind::Zygote.as_str()
+        if self.settings.fresh_interpreter {
+            ExecutorKind::Cold.as_str()
+        } else {
+            ExecutorKind::Zygote.as_str()
+        }
     }
 
     fn protections(&self) -> Protections {
@@ -720,6 +729,7 @@ async fn supervise_run(
         policy: Box::new(policy.clone()),
         code: job.code.clone(),
         env: run_environment(job, path, &policy.home()),
+        exec: settings.fresh_interpreter,
     };
     if !zygote.send(&message, vec![out_write, err_write]) {
         return lost(started_at, String::new(), String::new());

@@ -35,6 +35,11 @@ pub enum ToZygote {
         code: String,
         /// The run's whole environment (the zygote's own is not passed on).
         env: BTreeMap<String, String>,
+        /// The run's process, once sandboxed, execs a fresh `python3 -I -u -c code` (the
+        /// zygote's `--python`) with exactly `env`, instead of running the code in the fork:
+        /// the cold executor's runs, with the zygote as their launcher.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        exec: bool,
     },
     /// SIGKILL the run's process (and so, through the sandbox, everything it started).
     Kill { run_id: RunId },

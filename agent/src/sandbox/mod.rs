@@ -9,8 +9,8 @@
 //! double-forked, `setsid` daemon included; no network, no SysV IPC or abstract socket shared
 //! with any other run); private tmpfs on `/tmp` (the working directory), `/var/tmp`,
 //! `/dev/shm` and `/run`; a minimal `/dev`; a fresh `/proc`; the host read-only; rlimits; an
-//! unprivileged uid/gid without supplementary groups; `no_new_privs`; every other fd closed;
-//! a seccomp filter last.
+//! unprivileged uid/gid without supplementary groups; `no_new_privs`; every other fd closed
+//! (a zygote run keeps one, its report socket on [`REPORT_FD`]); a seccomp filter last.
 //!
 //! The zygote takes the same steps through [`ForkedRun`], as the watcher of its runs itself:
 //! it forks each run straight into a new PID namespace (one fork instead of two), lends it
@@ -41,7 +41,7 @@ use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Gid, Pid, Uid, getpid, getppid, setresgid, setresuid, setsid};
 use serde::{Deserialize, Serialize};
 use std::io::Write as _;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -87,6 +87,8 @@ pub enum SandboxError {
     Seccomp(String),
     #[error("closing inherited files: {0}")]
     CloseFds(std::io::Error),
+    #[error("the descriptor the run reports its end on: {0}")]
+    ReportFd(std::io::Error),
     #[error("signal mask: {0}")]
     SignalMask(nix::Error),
 }
@@ -229,6 +231,10 @@ pub fn confine_run(policy: &RunPolicy) -> Result<(), SandboxError> {
     confine_in_cgroup(policy, cgroup.as_ref(), filters, CloneFlags::empty())
 }
 
+/// Where a forked run's process finds the descriptor it reports its own end on (see
+/// [`ForkedRun::confine`]): the one descriptor above 2 it keeps, close-on-exec.
+pub const REPORT_FD: RawFd = 3;
+
 /// The run's cgroup, made for `policy` (its name and limits) and joined, if it gets one.
 fn join_new_cgroup(policy: &RunPolicy) -> Result<Option<cgroup::RunCgroup>, SandboxError> {
     if !policy.protections.cgroups {
@@ -351,15 +357,17 @@ fn confine_in_cgroup(
         private_mounts(policy)?;
         nix::unistd::sethostname("lull").map_err(SandboxError::Hostname)?;
     }
-    confine_process(policy, filters)
+    confine_process(policy, filters, None).map(drop)
 }
 
 /// The steps every run's process takes last, after its namespaces and mounts: working
-/// directory, rlimits, the uid drop, `no_new_privs`, no inherited fds, seccomp.
+/// directory, rlimits, the uid drop, `no_new_privs`, no inherited fds (but `report`, moved to
+/// [`REPORT_FD`]), seccomp.
 fn confine_process(
     policy: &RunPolicy,
     filters: &[seccompiler::BpfProgram],
-) -> Result<(), SandboxError> {
+    report: Option<OwnedFd>,
+) -> Result<Option<OwnedFd>, SandboxError> {
     enter_workdir(policy)?;
     limit_resources(policy)?;
     if policy.protections.drop_user {
@@ -370,10 +378,21 @@ fn confine_process(
         nix::sys::prctl::set_dumpable(true).map_err(SandboxError::Dumpable)?;
     }
     nix::sys::prctl::set_no_new_privs().map_err(SandboxError::NoNewPrivs)?;
-    close_inherited_fds()?;
+    let report = match report {
+        Some(fd) => {
+            let kept = keep_as_report_fd(fd)?;
+            close_range(REPORT_FD + 1, RawFd::MAX)?;
+            Some(kept)
+        }
+        None => {
+            close_inherited_fds()?;
+            None
+        }
+    };
     sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
         .map_err(SandboxError::SignalMask)?;
-    seccomp::install(filters)
+    seccomp::install(filters)?;
+    Ok(report)
 }
 
 /// One run forked by a long-lived, single-threaded parent (the zygote) that is the run's
@@ -682,9 +701,16 @@ impl ForkedRun {
 
     /// In the forked child: the rest of the sandbox. Returns in the process that must now run
     /// the code (this one: it is PID 1 of the run's namespace when there are namespaces).
-    pub fn confine(&self, policy: &RunPolicy) -> Result<(), SandboxError> {
+    /// `report`, if given, is the one descriptor above 2 the run keeps, on [`REPORT_FD`]:
+    /// where it says how it ended once its code is done, before its exit (whose teardown
+    /// takes a while), so that the parent need not wait for the kernel's reap.
+    pub fn confine(
+        &self,
+        policy: &RunPolicy,
+        report: Option<OwnedFd>,
+    ) -> Result<Option<OwnedFd>, SandboxError> {
         self.enter_cgroup()?;
-        self.confine_in_cgroup(policy)
+        self.confine_in_cgroup(policy, report)
     }
 
     /// In the forked child, first: the parent-death signal, then the run's cgroup. Joining a
@@ -726,7 +752,11 @@ impl ForkedRun {
     /// In the forked child, after [`ForkedRun::enter_cgroup`]: everything else, for `policy`
     /// (which may be a later run's than the one this was prepared for, if
     /// [`ForkedRun::fits`] said so).
-    pub fn confine_in_cgroup(&self, policy: &RunPolicy) -> Result<(), SandboxError> {
+    pub fn confine_in_cgroup(
+        &self,
+        policy: &RunPolicy,
+        report: Option<OwnedFd>,
+    ) -> Result<Option<OwnedFd>, SandboxError> {
         let p = &policy.protections;
         let filters: &[seccompiler::BpfProgram] =
             if p.seccomp { seccomp::programs()? } else { &[] };
@@ -757,7 +787,7 @@ impl ForkedRun {
             }
             nix::unistd::sethostname("lull").map_err(SandboxError::Hostname)?;
         }
-        confine_process(policy, filters)
+        confine_process(policy, filters, report)
     }
 
     /// In the parent: whether a process forked with this (prepared for `made_for`) can take
@@ -799,13 +829,26 @@ impl ForkedRun {
         status: WaitStatus,
         pools: &mut RunPools,
     ) -> (WaitStatus, Option<String>) {
+        let verdict = self.verdict(policy, status);
+        self.give_back(pools);
+        verdict
+    }
+
+    /// [`ForkedRun::finish`]'s verdict without giving anything back: for a run whose process
+    /// said how it ended (on its [`REPORT_FD`]) and was killed at once, before it is reaped.
+    /// `finish` still follows once it is, and reads the cgroup's OOM count again (a process
+    /// the run left may have been killed in between), for the group's next run.
+    pub fn verdict(
+        &mut self,
+        policy: &RunPolicy,
+        status: WaitStatus,
+    ) -> (WaitStatus, Option<String>) {
         let oom = self.cgroup.as_mut().is_some_and(|lent| {
             let after = lent.group.oom_kills();
             lent.oom_kills_after = Some(after);
             after > lent.oom_kills_before
         });
         let note = limit_note(policy, oom, Some(&status));
-        self.give_back(pools);
         let status = match status {
             WaitStatus::Exited(pid, 0) if oom => WaitStatus::Exited(pid, 137),
             other => other,
@@ -1231,6 +1274,32 @@ fn drop_user(uid: u32, gid: u32) -> Result<(), SandboxError> {
     nix::unistd::setgroups(&[]).map_err(err)?;
     setresgid(Gid::from_raw(gid), Gid::from_raw(gid), Gid::from_raw(gid)).map_err(err)?;
     setresuid(Uid::from_raw(uid), Uid::from_raw(uid), Uid::from_raw(uid)).map_err(err)
+}
+
+/// Moves `fd` to [`REPORT_FD`], close-on-exec (a program the run starts does not get it).
+/// Whatever was on [`REPORT_FD`] is replaced: the caller closes every other descriptor above
+/// 2 right after, and holds none it will use again.
+fn keep_as_report_fd(fd: OwnedFd) -> Result<OwnedFd, SandboxError> {
+    let raw = fd.as_raw_fd();
+    // SAFETY: integer-only calls, no pointers: FD_CLOEXEC on `fd`, or a close-on-exec copy
+    // of it on REPORT_FD.
+    let done = unsafe {
+        if raw == REPORT_FD {
+            libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC)
+        } else {
+            libc::dup3(raw, REPORT_FD, libc::O_CLOEXEC)
+        }
+    };
+    if done < 0 {
+        return Err(SandboxError::ReportFd(std::io::Error::last_os_error()));
+    }
+    if raw == REPORT_FD {
+        return Ok(fd);
+    }
+    drop(fd);
+    // SAFETY: dup3 just made REPORT_FD a copy of `fd` that nothing else in this process owns
+    // (any owner of the descriptor it replaced is never used again: see the doc above).
+    Ok(unsafe { OwnedFd::from_raw_fd(REPORT_FD) })
 }
 
 fn close_inherited_fds() -> Result<(), SandboxError> {

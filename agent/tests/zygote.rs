@@ -330,6 +330,34 @@ async fn a_run_that_writes_its_own_report_ends_there_and_a_garbled_one_is_killed
     );
 }
 
+/// Prints every signal whose disposition is not the default, with what it is.
+const SIGNALS_NOT_AT_DEFAULT: &str = "import signal as s\n\
+     def what(h): return 'ignored' if h == s.SIG_IGN else getattr(h, '__name__', str(h))\n\
+     print([(getattr(n, 'name', n), what(s.getsignal(n))) for n in s.valid_signals() \
+     if s.getsignal(n) not in (s.SIG_DFL, None)])";
+
+/// Whatever the agent was started with (here, this test, perhaps from a shell's `nohup` or
+/// `&`, which ignore SIGHUP, SIGINT or SIGQUIT), a run starts from every signal's default but
+/// what CPython's own startup sets: SIGINT to its handler, SIGPIPE and SIGXFSZ ignored. (CI
+/// runs the suite in the background, with SIGINT and SIGQUIT ignored; by hand, `(trap '' INT
+/// QUIT HUP; cargo test ...)` does the same.)
+#[tokio::test]
+async fn runs_start_from_the_default_signal_dispositions_as_a_fresh_python3() {
+    let expected =
+        "[('SIGINT', 'default_int_handler'), ('SIGPIPE', 'ignored'), ('SIGXFSZ', 'ignored')]\n";
+    let host = host().await;
+    for (name, execution) in [
+        ("zygote", run(&zygote().await, SIGNALS_NOT_AT_DEFAULT).await),
+        ("cold", run(&cold(host), SIGNALS_NOT_AT_DEFAULT).await),
+        (
+            "cold, launched by the zygote",
+            run(&zygote_launching_cold().await, SIGNALS_NOT_AT_DEFAULT).await,
+        ),
+    ] {
+        assert_eq!(execution.stdout, expected, "{name}: {execution:?}");
+    }
+}
+
 /// What the agent's cold executor is where a zygote starts: runs the zygote forks and
 /// sandboxes, each of which then execs a fresh `python3 -I -u -c`. They must be reported
 /// exactly as runs `lull-sandbox` launches one by one, and be fresh interpreters (their
@@ -346,7 +374,7 @@ async fn cold_runs_the_zygote_launches_are_fresh_interpreters_reported_as_cold()
         "import sys; sys.exit('a message')",
         "raise KeyboardInterrupt",
         "import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
-        "import signal as s; print([s.getsignal(n) for n in (s.SIGINT, s.SIGPIPE, s.SIGXFSZ)])",
+        SIGNALS_NOT_AT_DEFAULT,
         "import os\nprint(sorted(kv for kv in os.environ.items() if kv[0] != 'LULL_RUN_ID'))",
         "import sys; print(sys.flags.isolated, sys.flags.unbuffered, sys.argv, sys.orig_argv[1:4])",
         "import os, sys\nprint(os.path.realpath('/proc/self/exe') == os.path.realpath(sys.executable))",

@@ -40,6 +40,16 @@ def prepare(python, preload):
 
     # -I: no user site-packages (sys.path itself is replaced by the caller).
     site.ENABLE_USER_SITE = False
+    # Runs start from every signal's default, whatever the agent was started with (a shell's
+    # `nohup` or `&` ignores SIGHUP, SIGINT or SIGQUIT, and the zygote inherits that), as a
+    # python3 started from a login shell does; done once here, every run inherits it.
+    for signum in signal.valid_signals():
+        if signum in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            signal.signal(signum, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
     # What CPython's own startup does with signals (the embedding API leaves them alone); SIGINT
     # is ignored by the zygote itself and restored to Python's handler in each run.
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
@@ -168,9 +178,9 @@ def enter(argv):
 
 def exec_fresh(python, code, env):
     """In a sandboxed run's process: `python3 -I -u -c code` with exactly `env`, as the cold
-    executor starts it, with the signals the zygote ignores back to their defaults (an ignored
-    signal stays ignored across exec: a fresh python3 would not install its SIGINT handler).
-    Only returns by raising."""
+    executor starts it, with the signals the zygote ignores back to their defaults (the others
+    are, since `prepare`; an ignored signal stays ignored across exec: a fresh python3 would
+    not install its SIGINT handler). Only returns by raising."""
     for signum in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
     os.execve(python, [python, "-I", "-u", "-c", code], env)

@@ -327,6 +327,7 @@ impl PreparedLaunch {
         if let Err(e) = confined {
             return std::io::Error::other(e.to_string());
         }
+        default_signal_dispositions();
         Command::new(&request.program)
             .args(&request.args)
             .env_clear()
@@ -1533,7 +1534,24 @@ pub fn launch(policy: &RunPolicy, program: &str, args: &[String]) -> std::io::Er
     if let Err(e) = confine_run(policy) {
         return std::io::Error::other(e.to_string());
     }
+    default_signal_dispositions();
     Command::new(program).args(args).exec()
+}
+
+/// Every signal's disposition back to its default before a run's program is exec'd, as a
+/// program started from a login shell has them: the launcher inherits the agent's (a shell's
+/// `nohup` or `&` ignores SIGHUP, SIGINT or SIGQUIT), and an ignored signal stays ignored
+/// across exec (a `python3` started so would not even install its SIGINT handler). The
+/// signal mask is emptied by the sandbox's last steps.
+fn default_signal_dispositions() {
+    for signal in Signal::iterator() {
+        if matches!(signal, Signal::SIGKILL | Signal::SIGSTOP) {
+            continue;
+        }
+        // SAFETY: SIG_DFL installs no handler, so nothing of ours can run in a signal context;
+        // the process is single-threaded and execs right after.
+        let _ = unsafe { nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigDfl) };
+    }
 }
 
 /// Signals the whole process group of `pid` (used to stop a run that has no namespace).

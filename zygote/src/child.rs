@@ -65,15 +65,15 @@ pub(crate) struct RunRequest {
 }
 
 /// Runs `request` in this freshly forked child of the zygote (`zygote` is its pid, `launch`
-/// what the zygote prepared for it, `report` where it says how it ended: see
-/// [`crate::report`]) and exits with the code's exit status.
+/// what the zygote prepared for it, `report` where it says how it ended, none for a run that
+/// execs: see [`crate::report`]) and exits with the code's exit status.
 pub(crate) fn run(
     py: Python<'_>,
     interpreter: &Interpreter,
     request: &RunRequest,
     zygote: Pid,
     launch: &ForkedRun,
-    report: OwnedFd,
+    report: Option<OwnedFd>,
 ) -> ! {
     let status = std::panic::catch_unwind(AssertUnwindSafe(|| {
         let prepared = outlive_no_zygote(request.policy.protections.namespaces, zygote)
@@ -105,7 +105,14 @@ pub(crate) fn spare(
             .and_then(|()| receive_run(&socket));
         match waited {
             Ok(request) => {
-                let prepared = prepare(py, interpreter, &request, launch, Cgroup::Joined, socket);
+                let prepared = prepare(
+                    py,
+                    interpreter,
+                    &request,
+                    launch,
+                    Cgroup::Joined,
+                    Some(socket),
+                );
                 execute(py, interpreter, &request, prepared)
             }
             // The zygote closed the socket without a run: it is going away, nothing to say.
@@ -299,7 +306,7 @@ fn prepare<'py>(
     request: &RunRequest,
     launch: &ForkedRun,
     cgroup: Cgroup,
-    report: OwnedFd,
+    report: Option<OwnedFd>,
 ) -> Result<Prepared<'py>, String> {
     interpreter
         .redirect_stdio(py, request.stdout.raw(), request.stderr.raw())
@@ -309,8 +316,9 @@ fn prepare<'py>(
             .add_environment(py, &request.env)
             .map_err(|err| format!("environment: {err}"))?;
     }
-    // A fresh interpreter reports its end by exiting: the zygote's reap tells.
-    let report = (!request.exec).then_some(report);
+    // A fresh interpreter reports its end by exiting: the zygote's reap tells (a spare's
+    // socket, which brought it its run, closes here).
+    let report = report.filter(|_| !request.exec);
     // Restores the death signal and dumpable after the uid drop.
     let confined = match cgroup {
         Cgroup::Join => launch.confine(&request.policy, report),

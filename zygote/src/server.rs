@@ -335,8 +335,14 @@ impl Server {
             return Ok(self.track(pid, policy, launch, stderr, report));
         }
         threads_are_single().map_err(StartError::Fatal)?;
-        let (report, theirs) = report_pair()
-            .map_err(|err| StartError::Run(format!("no socket for the run's report: {err}")))?;
+        // A run that execs reports nothing: it gets no report socket.
+        let (report, theirs) = if exec {
+            (None, None)
+        } else {
+            let (ours, theirs) = report_pair()
+                .map_err(|err| StartError::Run(format!("no socket for the run's report: {err}")))?;
+            (Some(ours), Some(theirs))
+        };
         let mut launch = ForkedRun::prepare(&policy, &mut self.pools)
             .map_err(|err| StartError::Run(format!("sandbox setup failed: {err}")))?;
         let request = RunRequest {
@@ -361,7 +367,6 @@ impl Server {
             }
         };
         let RunRequest { policy, stderr, .. } = request;
-        let report = (!exec).then_some(report);
         Ok(self.track(pid, policy, launch, stderr, report))
     }
 

@@ -150,6 +150,17 @@ async fn a_capped_probe_settles_at_or_below_the_cap_and_says_so() {
         "{none:?}"
     );
     assert!(none.missing[0].contains("capped at none"), "{none:?}");
+
+    // Capped, and no launcher either: both are said, the cap first.
+    let nowhere = std::path::Path::new("/nonexistent/lull-sandbox");
+    let lost = sandbox::probe(Some(nowhere), &settings, &python, SandboxLevel::Basic).await;
+    assert_eq!(lost.level, SandboxLevel::None, "{lost:?}");
+    assert!(lost.missing[0].contains("capped at basic"), "{lost:?}");
+    assert!(
+        lost.missing[1].contains("launcher was not found"),
+        "{lost:?}"
+    );
+
     let executor =
         ColdExecutor::new(python.clone(), 1 << 20).with_sandbox(launcher(), none, settings);
     let out = executor

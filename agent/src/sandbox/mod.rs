@@ -1386,12 +1386,12 @@ pub async fn probe(
         ));
     }
     let Some(launcher) = launcher.filter(|p| p.exists()) else {
-        return Protections::none(format!(
+        return capped(Protections::none(format!(
             "the lull-sandbox launcher was not found{}; runs get a process group and a clean environment only",
             launcher
                 .map(|p| format!(" at {}", p.display()))
                 .unwrap_or_default()
-        ));
+        )));
     };
     sweep_stale_cgroups();
     let mut failures: Vec<String> = Vec::new();

@@ -336,13 +336,59 @@ const SIGNALS_NOT_AT_DEFAULT: &str = "import signal as s\n\
      print([(getattr(n, 'name', n), what(s.getsignal(n))) for n in s.valid_signals() \
      if s.getsignal(n) not in (s.SIG_DFL, None)])";
 
-/// Whatever the agent was started with (here, this test, perhaps from a shell's `nohup` or
-/// `&`, which ignore SIGHUP, SIGINT or SIGQUIT), a run starts from every signal's default but
-/// what CPython's own startup sets: SIGINT to its handler, SIGPIPE and SIGXFSZ ignored. (CI
-/// runs the suite in the background, with SIGINT and SIGQUIT ignored; by hand, `(trap '' INT
-/// QUIT HUP; cargo test ...)` does the same.)
+/// Signals ignored the way a shell's `&` or `nohup` leaves a program it starts: the test below
+/// runs the next one with these ignored.
+const IGNORED_BY_A_SHELL: [&str; 3] = ["HUP", "INT", "QUIT"];
+
+/// An agent started with signals ignored (a shell's `&` ignores SIGINT and SIGQUIT, `nohup`
+/// SIGHUP) still starts every run from the defaults, as a fresh `python3` started from a login
+/// shell has them. This test runs [`signal_dispositions_of_every_kind_of_run`] in a copy of
+/// this test binary started through a shell that ignores them.
 #[tokio::test]
-async fn runs_start_from_the_default_signal_dispositions_as_a_fresh_python3() {
+async fn runs_start_from_the_default_signals_whatever_the_agent_ignores() {
+    let exe = std::env::current_exe().expect("this test binary");
+    let output = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "trap '' {}; exec \"$0\" --exact signal_dispositions_of_every_kind_of_run \
+             --ignored --nocapture",
+            IGNORED_BY_A_SHELL.join(" ")
+        ))
+        .arg(&exe)
+        .env("LULL_TEST_SIGNALS_IGNORED", "1")
+        .output()
+        .await
+        .expect("sh runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A run starts from every signal's default but what CPython's own startup sets: SIGINT to its
+/// handler, SIGPIPE and SIGXFSZ ignored; through each way a run starts. Run by the test above
+/// with signals ignored in this process (which it checks first), or by hand.
+#[tokio::test]
+#[ignore = "run by runs_start_from_the_default_signals_whatever_the_agent_ignores"]
+async fn signal_dispositions_of_every_kind_of_run() {
+    if std::env::var_os("LULL_TEST_SIGNALS_IGNORED").is_some() {
+        // SigIgn: a hex mask, bit N-1 for signal N.
+        let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+        let ignored = status
+            .lines()
+            .find_map(|line| line.strip_prefix("SigIgn:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .expect("SigIgn in /proc/self/status");
+        for name in IGNORED_BY_A_SHELL {
+            let signal: Signal = format!("SIG{name}").parse().expect("a signal's name");
+            assert!(
+                ignored & (1 << (signal as i32 - 1)) != 0,
+                "SIG{name} is not ignored in this test process: {ignored:#x}"
+            );
+        }
+    }
     let expected =
         "[('SIGINT', 'default_int_handler'), ('SIGPIPE', 'ignored'), ('SIGXFSZ', 'ignored')]\n";
     let host = host().await;
@@ -357,6 +403,10 @@ async fn runs_start_from_the_default_signal_dispositions_as_a_fresh_python3() {
         assert_eq!(execution.stdout, expected, "{name}: {execution:?}");
     }
 }
+
+/// Prints whether the process is a fresh interpreter: its executable is python's own.
+const IS_FRESH_PYTHON: &str =
+    "import os, sys\nprint(os.path.realpath('/proc/self/exe') == os.path.realpath(sys.executable))";
 
 /// What the agent's cold executor is where a zygote starts: runs the zygote forks and
 /// sandboxes, each of which then execs a fresh `python3 -I -u -c`. They must be reported
@@ -377,7 +427,7 @@ async fn cold_runs_the_zygote_launches_are_fresh_interpreters_reported_as_cold()
         SIGNALS_NOT_AT_DEFAULT,
         "import os\nprint(sorted(kv for kv in os.environ.items() if kv[0] != 'LULL_RUN_ID'))",
         "import sys; print(sys.flags.isolated, sys.flags.unbuffered, sys.argv, sys.orig_argv[1:4])",
-        "import os, sys\nprint(os.path.realpath('/proc/self/exe') == os.path.realpath(sys.executable))",
+        IS_FRESH_PYTHON,
         "import sys; print(sorted(m for m in sys.modules if 'lull' in m or m == 'json'))",
         "import os; print(os.getcwd(), os.getuid(), sorted(os.listdir('/proc/self/fd')))",
     ];
@@ -385,11 +435,7 @@ async fn cold_runs_the_zygote_launches_are_fresh_interpreters_reported_as_cold()
         let (from_cold, from_launched) = (run(&cold, code).await, run(&launched, code).await);
         assert_eq!(seen(&from_launched), seen(&from_cold), "for {code:?}");
     }
-    let fresh = run(
-        &launched,
-        "import os, sys\nprint(os.path.realpath('/proc/self/exe') == os.path.realpath(sys.executable))",
-    )
-    .await;
+    let fresh = run(&launched, IS_FRESH_PYTHON).await;
     assert_eq!(fresh.stdout, "True\n", "{fresh:?}");
     assert!(fresh.cpu_seconds.is_some(), "{fresh:?}");
 }

@@ -2,7 +2,7 @@
 //!
 //! A process's exit is not quick: the kernel tears its address space down (a copy of the
 //! zygote's page tables) and then its mount, IPC and PID namespaces, and only then tells the
-//! parent (about 0.55 ms per run on the 2-core machine of BENCHMARKS.md, from `exit_group` to
+//! parent (0.57 ms p50 per run on the 2-core machine of BENCHMARKS.md, from `exit_group` to
 //! the zygote's SIGCHLD). A run's process whose code is done therefore closes its stdout and
 //! stderr (its reader sees their end at once), writes one [`EndReport`] on
 //! `lull_agent::sandbox::REPORT_FD`, and exits; the zygote, on reading it, kills the run

@@ -6,8 +6,11 @@
 //! v1 (separate `memory` and `pids` hierarchies). Everything lives under a `lull` group.
 
 use super::SandboxError;
-use std::fs;
+use std::fs::{self, File};
+use std::io::{Read as _, Write as _};
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const ROOT: &str = "/sys/fs/cgroup";
 
@@ -18,6 +21,78 @@ pub(super) struct RunCgroup {
     /// Where `memory.events` / `memory.oom_control` say whether the OOM killer struck.
     memory_dir: PathBuf,
     v2: bool,
+    /// Held open for a pooled group ([`RunCgroup::hold_files`]); `None`: opened by path.
+    files: Option<Arc<HeldFiles>>,
+}
+
+/// The files of a pooled group that each run writes or reads, open from the group's first run
+/// on: a pooled group serves many runs, and opening a cgroup file (a walk of its path, kernfs's
+/// open, the close) costs more than the write or read itself. A run's process inherits them
+/// until the sandbox's last step closes every descriptor it does not need.
+///
+/// Not the lists of members: v1 builds a `tasks` or `cgroup.procs` list once per open file and
+/// serves that list again to later reads for a while (up to a second after its last use), so
+/// whether a group is empty is read from a file opened for the purpose. Counters such as
+/// `memory.oom_control` are made anew by each read from the start.
+#[derive(Debug)]
+struct HeldFiles {
+    /// Per directory, the file a single-threaded process joins through (`tasks` on v1,
+    /// `cgroup.procs` on v2), then `memory.events` (v2) or `memory.oom_control` (v1). Taken
+    /// only by the drop.
+    files: Option<Vec<File>>,
+    /// The process that opened them, the only one that closes them: a forked child's copies
+    /// go with the rest of its descriptors (the sandbox closes them all, and the number may
+    /// name another file by the time a copy would be dropped).
+    opener: u32,
+}
+
+impl HeldFiles {
+    fn open(dirs: &[PathBuf], memory_dir: &Path, v2: bool) -> Result<HeldFiles, SandboxError> {
+        let open = |path: PathBuf, write: bool| {
+            fs::OpenOptions::new()
+                .read(!write)
+                .write(write)
+                .open(&path)
+                .map_err(|e| SandboxError::Cgroup(format!("{}: {e}", path.display())))
+        };
+        let (joins, events) = if v2 {
+            ("cgroup.procs", "memory.events")
+        } else {
+            ("tasks", "memory.oom_control")
+        };
+        let mut files = dirs
+            .iter()
+            .map(|dir| open(dir.join(joins), true))
+            .collect::<Result<Vec<_>, _>>()?;
+        files.push(open(memory_dir.join(events), false)?);
+        Ok(HeldFiles {
+            files: Some(files),
+            opener: std::process::id(),
+        })
+    }
+
+    fn all(&self) -> &[File] {
+        self.files.as_deref().unwrap_or_default()
+    }
+
+    /// The join file of each directory, in the order of [`RunCgroup::dirs`].
+    fn joins(&self) -> &[File] {
+        self.all().split_last().map_or(&[], |(_, joins)| joins)
+    }
+
+    fn memory_events(&self) -> Option<&File> {
+        self.all().last()
+    }
+}
+
+impl Drop for HeldFiles {
+    fn drop(&mut self) {
+        if let Some(files) = self.files.take()
+            && std::process::id() != self.opener
+        {
+            std::mem::forget(files);
+        }
+    }
 }
 
 fn is_v2() -> bool {
@@ -107,6 +182,7 @@ impl RunCgroup {
                 memory_dir: dir.clone(),
                 dirs: vec![dir],
                 v2: true,
+                files: None,
             }
         } else {
             let memory = Path::new(ROOT).join("memory/lull").join(run_dir_name(name));
@@ -118,6 +194,7 @@ impl RunCgroup {
                 memory_dir: memory.clone(),
                 dirs: vec![memory, pids],
                 v2: false,
+                files: None,
             }
         };
         if let Err(err) = group.set_limits(memory_bytes, max_processes) {
@@ -148,9 +225,35 @@ impl RunCgroup {
 
     /// Whether nothing runs in the group any more (so it may be reused or removed).
     pub(super) fn is_empty(&self) -> bool {
+        // Opened anew each time (see [`HeldFiles`]); one byte says whether it lists anyone.
         self.dirs.iter().all(|dir| {
-            fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|procs| procs.trim().is_empty())
+            File::open(dir.join("cgroup.procs"))
+                .and_then(|mut procs| procs.read(&mut [0u8; 1]))
+                .is_ok_and(|read| read == 0)
         })
+    }
+
+    /// Keeps the files each run writes or reads open from now on (see [`HeldFiles`]): for a
+    /// group that serves many runs. Without them, each is opened by path when needed.
+    pub(super) fn hold_files(&mut self) -> Result<(), SandboxError> {
+        if self.files.is_none() {
+            self.files = Some(Arc::new(HeldFiles::open(
+                &self.dirs,
+                &self.memory_dir,
+                self.v2,
+            )?));
+        }
+        Ok(())
+    }
+
+    /// The descriptors of the files the group holds open (a child forked ahead of its run
+    /// keeps them while it closes the others).
+    pub(super) fn held_fds(&self) -> impl Iterator<Item = std::os::fd::RawFd> + '_ {
+        use std::os::fd::AsRawFd;
+        self.files
+            .iter()
+            .flat_map(|held| held.all())
+            .map(AsRawFd::as_raw_fd)
     }
 
     /// Removes the group's directories (it must be empty).
@@ -170,13 +273,25 @@ impl RunCgroup {
     /// A process with more threads (none of ours: the zygote and the launcher are
     /// single-threaded) moves through `cgroup.procs`, which takes all of them.
     pub(super) fn join(&self) -> Result<(), SandboxError> {
-        let file = if !self.v2 && thread_count() == Some(1) {
-            "tasks"
-        } else {
-            "cgroup.procs"
-        };
-        for dir in &self.dirs {
-            write(&dir.join(file), "0")?;
+        let single = self.v2 || thread_count() == Some(1);
+        match &self.files {
+            Some(held) if single => {
+                for (dir, mut joins) in self.dirs.iter().zip(held.joins()) {
+                    joins
+                        .write_all(b"0")
+                        .map_err(|e| SandboxError::Cgroup(format!("{}: {e}", dir.display())))?;
+                }
+            }
+            _ => {
+                let file = if single && !self.v2 {
+                    "tasks"
+                } else {
+                    "cgroup.procs"
+                };
+                for dir in &self.dirs {
+                    write(&dir.join(file), "0")?;
+                }
+            }
         }
         Ok(())
     }
@@ -188,18 +303,28 @@ impl RunCgroup {
 
     /// How many processes the OOM killer has killed in this group since it was made.
     pub(super) fn oom_kills(&self) -> u64 {
-        let (file, key) = if self.v2 {
-            ("memory.events", "oom_kill")
-        } else {
-            ("memory.oom_control", "oom_kill")
+        // A few lines of counters (v2: low, high, max, oom, oom_kill, oom_group_kill).
+        let mut text = [0u8; 512];
+        let read = match self.files.as_deref().and_then(HeldFiles::memory_events) {
+            Some(held) => held.read_at(&mut text, 0),
+            None => {
+                let file = if self.v2 {
+                    "memory.events"
+                } else {
+                    "memory.oom_control"
+                };
+                File::open(self.memory_dir.join(file)).and_then(|mut f| f.read(&mut text))
+            }
         };
-        fs::read_to_string(self.memory_dir.join(file))
-            .ok()
-            .and_then(|text| {
-                text.lines().find_map(|l| {
-                    l.strip_prefix(key)
-                        .and_then(|n| n.trim().parse::<u64>().ok())
-                })
+        let Ok(read) = read else {
+            return 0;
+        };
+        std::str::from_utf8(&text[..read])
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("oom_kill ")
+                    .and_then(|n| n.trim().parse::<u64>().ok())
             })
             .unwrap_or(0)
     }
@@ -349,6 +474,62 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Forks a child that joins `group` and stays there until told to go; returns whether
+    /// `group` was empty while the child was in it, and once it was reaped.
+    fn emptiness_around_a_member(group: &RunCgroup) -> (bool, bool) {
+        use std::io::{Read as _, Write as _};
+        let (joined_reader, joined_writer) = nix::unistd::pipe().expect("pipe");
+        let (go_reader, go_writer) = nix::unistd::pipe().expect("pipe");
+        // SAFETY: the child writes a pipe, reads one and leaves by `_exit`, never returning
+        // into the test harness.
+        match unsafe { nix::unistd::fork() }.expect("fork") {
+            nix::unistd::ForkResult::Child => {
+                drop(joined_reader);
+                drop(go_writer);
+                let said: &[u8] = if group.join().is_ok() { b"y" } else { b"n" };
+                let _ = fs::File::from(joined_writer).write_all(said);
+                let _ = fs::File::from(go_reader).read(&mut [0u8; 1]);
+                // SAFETY: ends the forked child at once, without the harness's exit path.
+                unsafe { libc::_exit(0) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                drop(joined_writer);
+                drop(go_reader);
+                let mut said = [0u8; 1];
+                let read = fs::File::from(joined_reader).read_exact(&mut said);
+                let while_in = group.is_empty();
+                drop(go_writer);
+                let _ = nix::sys::wait::waitpid(child, None);
+                read.expect("the child's word");
+                assert_eq!(&said, b"y", "the child could not join");
+                (while_in, group.is_empty())
+            }
+        }
+    }
+
+    #[test]
+    fn a_group_serves_one_member_after_another_through_the_files_it_holds() {
+        if !host_has_cgroups() {
+            eprintln!("skipped: needs root and the memory and pids cgroup controllers");
+            return;
+        }
+        let name = format!("{}-held-test", std::process::id());
+        let mut group = RunCgroup::create(&name, 256 << 20, 64).expect("a cgroup");
+        group.hold_files().expect("the group's files");
+        let empty_at_first = group.is_empty();
+        // A pooled group: the same open files join each run and see it gone.
+        let rounds: Vec<(bool, bool)> = (0..3).map(|_| emptiness_around_a_member(&group)).collect();
+        let oom_kills = group.oom_kills();
+        group.remove();
+        assert!(empty_at_first, "a new group is empty");
+        assert_eq!(
+            rounds,
+            vec![(false, true); 3],
+            "(empty while a member is in it, empty once it was reaped), per round"
+        );
+        assert_eq!(oom_kills, 0);
     }
 
     #[test]

@@ -595,7 +595,11 @@ impl CgroupPool {
         let group = if reusable {
             self.made += 1;
             let name = format!("{}-pool-{}", std::process::id(), self.made);
-            cgroup::RunCgroup::create(&name, limits.0, limits.1)?
+            let mut group = cgroup::RunCgroup::create(&name, limits.0, limits.1)?;
+            // It will serve many runs. Should its files not open now, they are opened by
+            // path each time, as for a group of one run.
+            let _ = group.hold_files();
+            group
         } else {
             cgroup::RunCgroup::create(&policy.cgroup, limits.0, limits.1)?
         };
@@ -728,15 +732,16 @@ impl ForkedRun {
     }
 
     /// In a child forked ahead of its run, first: closes every descriptor it inherited but
-    /// 0-2, `keep`, and what it will enter (its network namespace and mount template). It
-    /// must hold nothing of other runs while it waits: a pipe's reader sees its end only once
-    /// every copy of the write end is closed, and the parent's copies of other runs' pipes
-    /// came with the fork.
+    /// 0-2, `keep`, and what it will enter or join (its network namespace, mount template and
+    /// cgroup's files). It must hold nothing of other runs while it waits: a pipe's reader
+    /// sees its end only once every copy of the write end is closed, and the parent's copies
+    /// of other runs' pipes came with the fork.
     pub fn close_other_fds(&self, keep: RawFd) -> Result<(), SandboxError> {
         let mut own: Vec<RawFd> = [&self.network, &self.mounts]
             .into_iter()
             .flatten()
             .map(AsRawFd::as_raw_fd)
+            .chain(self.cgroup.iter().flat_map(|lent| lent.group.held_fds()))
             .chain([keep])
             .collect();
         own.sort_unstable();

@@ -482,8 +482,9 @@ mod tests {
         use std::io::{Read as _, Write as _};
         let (joined_reader, joined_writer) = nix::unistd::pipe().expect("pipe");
         let (go_reader, go_writer) = nix::unistd::pipe().expect("pipe");
-        // SAFETY: the child writes a pipe, reads one and leaves by `_exit`, never returning
-        // into the test harness.
+        // SAFETY: the child writes a file and a pipe, reads a pipe and leaves by `_exit`,
+        // never returning into the test harness; glibc's fork leaves the allocator usable in
+        // the child of a threaded process.
         match unsafe { nix::unistd::fork() }.expect("fork") {
             nix::unistd::ForkResult::Child => {
                 drop(joined_reader);

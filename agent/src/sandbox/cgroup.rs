@@ -53,7 +53,7 @@ impl HeldFiles {
                 .read(!write)
                 .write(write)
                 .open(&path)
-                .map_err(|e| SandboxError::Cgroup(format!("{}: {e}", path.display())))
+                .map_err(failed_on(&path))
         };
         let (joins, events) = if v2 {
             ("cgroup.procs", "memory.events")
@@ -99,8 +99,13 @@ fn is_v2() -> bool {
     Path::new(ROOT).join("cgroup.controllers").exists()
 }
 
+/// An I/O error on a cgroup file or directory, naming it.
+fn failed_on(path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError + '_ {
+    move |e| SandboxError::Cgroup(format!("{}: {e}", path.display()))
+}
+
 fn write(path: &Path, value: &str) -> Result<(), SandboxError> {
-    fs::write(path, value).map_err(|e| SandboxError::Cgroup(format!("{}: {e}", path.display())))
+    fs::write(path, value).map_err(failed_on(path))
 }
 
 fn run_dir_name(name: &str) -> String {
@@ -111,12 +116,11 @@ fn run_dir_name(name: &str) -> String {
 /// mid-run, a pid reused in a container) is removed first: its counters (an old OOM kill)
 /// must not be read as this run's.
 fn fresh_dir(dir: &Path) -> Result<(), SandboxError> {
-    let err = |e: std::io::Error| SandboxError::Cgroup(format!("{}: {e}", dir.display()));
     if let Some(parent) = dir.parent() {
-        fs::create_dir_all(parent).map_err(err)?;
+        fs::create_dir_all(parent).map_err(failed_on(dir))?;
     }
     let _ = fs::remove_dir(dir);
-    fs::create_dir(dir).map_err(err)
+    fs::create_dir(dir).map_err(failed_on(dir))
 }
 
 /// Removes the empty run cgroups agents that are gone left behind (named `run-{pid}-{run}`).
@@ -168,8 +172,7 @@ impl RunCgroup {
     ) -> Result<RunCgroup, SandboxError> {
         let group = if is_v2() {
             let parent = Path::new(ROOT).join("lull");
-            fs::create_dir_all(&parent)
-                .map_err(|e| SandboxError::Cgroup(format!("{}: {e}", parent.display())))?;
+            fs::create_dir_all(&parent).map_err(failed_on(&parent))?;
             // Controllers must be enabled from the root down to our parent.
             write(
                 &Path::new(ROOT).join("cgroup.subtree_control"),
@@ -277,9 +280,7 @@ impl RunCgroup {
         match &self.files {
             Some(held) if single => {
                 for (dir, mut joins) in self.dirs.iter().zip(held.joins()) {
-                    joins
-                        .write_all(b"0")
-                        .map_err(|e| SandboxError::Cgroup(format!("{}: {e}", dir.display())))?;
+                    joins.write_all(b"0").map_err(failed_on(dir))?;
                 }
             }
             _ => {
@@ -458,10 +459,14 @@ mod tests {
             eprintln!("skipped: needs root and the memory and pids cgroup controllers");
             return;
         }
-        // A lone thread (v1: through `tasks`), and a process of three (`cgroup.procs`).
-        for threads in [1, 3] {
-            let name = format!("{}-join-test-{threads}", std::process::id());
-            let group = RunCgroup::create(&name, 256 << 20, 64).expect("a cgroup");
+        // A lone thread (v1: through `tasks`), and a process of three (`cgroup.procs`); each
+        // with the group's files opened by path, and held open as a pooled group's are.
+        for (threads, held) in [(1, false), (3, false), (1, true), (3, true)] {
+            let name = format!("{}-join-test-{threads}-{held}", std::process::id());
+            let mut group = RunCgroup::create(&name, 256 << 20, 64).expect("a cgroup");
+            if held {
+                group.hold_files().expect("the group's files");
+            }
             let report = join_with_threads(&group, threads);
             group.remove();
             let lines: Vec<&str> = report.lines().collect();

@@ -282,7 +282,7 @@ impl Interpreter {
         match self
             .helper
             .bind(py)
-            .call_method1("exec_fresh", (&self.python, code, env.clone()))
+            .call_method1("exec_fresh", (&self.python, code, env))
         {
             Ok(_) => format!("exec {} returned", self.python),
             Err(err) => format!("exec {}: {err}", self.python),

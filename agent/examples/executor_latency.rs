@@ -3,13 +3,14 @@
 //!
 //! ```text
 //! cargo build --release --workspace --bins --examples
-//! target/release/examples/executor_latency [RUNS] [--unsandboxed] [--zygote-only] [--gap-ms=N]
+//! target/release/examples/executor_latency [RUNS] [--unsandboxed] [--zygote-only | --cold-only] [--gap-ms=N]
 //! ```
 //!
 //! RUNS defaults to 200. `--unsandboxed` measures the executors alone: no launcher,
 //! protections `none`. `--zygote-only` skips the (slow) cold executor, which is measured
 //! both ways it launches runs: from the zygote (what the agent uses), and with one
-//! `lull-sandbox` per run (where no zygote can start).
+//! `lull-sandbox` per run (where no zygote can start). `--cold-only` measures only the cold
+//! executor the agent uses (fresh interpreters launched by the zygote), for `perf stat`.
 //!
 //! `lull-sandbox` and `lull-zygote` are looked up in the directory above this example's
 //! (`target/<profile>/`), or in `LULL_BIN_DIR`.
@@ -126,6 +127,7 @@ async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let unsandboxed = args.iter().any(|arg| arg == "--unsandboxed");
     let zygote_only = args.iter().any(|arg| arg == "--zygote-only");
+    let cold_only = args.iter().any(|arg| arg == "--cold-only");
     let runs: usize = args
         .iter()
         .find(|arg| !arg.starts_with("--"))
@@ -171,10 +173,6 @@ async fn main() {
         max_output_bytes: MAX_OUTPUT,
         fresh_interpreter,
     };
-    let zygote = ZygoteExecutor::start(zygote_settings(false), cold.clone())
-        .await
-        .expect("the zygote starts");
-
     if !zygote_only {
         // What the agent's cold executor is: fresh interpreters launched by the zygote...
         let launched = ZygoteExecutor::start(zygote_settings(true), cold.clone())
@@ -182,8 +180,14 @@ async fn main() {
             .expect("the zygote starts as a launcher");
         measure("cold", &launched, runs, gap).await;
         drop(launched);
+        if cold_only {
+            return;
+        }
         // ...and where no zygote can start, one `lull-sandbox` per run.
         measure("cold, lull-sandbox per run", &cold, runs, gap).await;
     }
+    let zygote = ZygoteExecutor::start(zygote_settings(false), cold.clone())
+        .await
+        .expect("the zygote starts");
     measure("zygote", &zygote, runs, gap).await;
 }

@@ -221,7 +221,24 @@ pub(crate) async fn watch_owner_until_stopped(shared: Arc<Shared>, stop: Cancell
             () = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let load = meter.measure();
+        // A scan of every process in /proc (a few milliseconds on a busy host): off the
+        // agent's one runtime thread, which starts runs and posts their results.
+        let measured = tokio::task::spawn_blocking(move || {
+            let load = meter.measure();
+            (meter, load)
+        })
+        .await;
+        let load = match measured {
+            Ok((back, load)) => {
+                meter = back;
+                load
+            }
+            Err(err) => {
+                warn!(error = %err, "measuring the owner's load failed; measuring anew");
+                meter = meter::OwnerMeter::new(std::process::id());
+                continue;
+            }
+        };
         *shared
             .owner_load
             .lock()

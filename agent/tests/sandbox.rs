@@ -400,6 +400,15 @@ fn launchers_of_this_process() -> Vec<u32> {
         .collect()
 }
 
+/// Whether `pid` exists and has not exited (a zombie waits for its reap).
+fn is_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
 #[tokio::test]
 async fn a_cold_run_starts_on_a_launcher_started_ahead_of_it_with_its_own_limits() {
     let (executor, p) = setup().await;
@@ -411,35 +420,29 @@ async fn a_cold_run_starts_on_a_launcher_started_ahead_of_it_with_its_own_limits
         .run(job(4300, "print('first')", 256.0), CancellationToken::new())
         .await;
     assert_eq!(first.stdout, "first\n", "{first:?}");
-    // The first run's launcher started with it, and one more for the next run.
+    // The first run's launcher started with it, and one more for the next run. While it
+    // waits, a launcher has made the run's network namespace already (fresh, its own): not
+    // this process's. Listed anew each time: the first run's launcher may still be on its
+    // way out (a zombie has no namespaces to read) when the list is first taken.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let waiting = loop {
-        let launchers = launchers_of_this_process();
-        if !launchers.is_empty() {
-            break launchers;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no launcher waits for the next run"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    // While it waits, a launcher has made the run's network namespace already (fresh, its
-    // own): not this process's.
     let own = std::fs::read_link("/proc/self/ns/net").expect("own network namespace");
-    loop {
+    let waiting = loop {
+        let waiting: Vec<u32> = launchers_of_this_process()
+            .into_iter()
+            .filter(|pid| is_alive(*pid))
+            .collect();
         let apart = waiting.iter().all(|pid| {
             std::fs::read_link(format!("/proc/{pid}/ns/net")).is_ok_and(|theirs| theirs != own)
         });
-        if apart {
-            break;
+        if !waiting.is_empty() && apart {
+            break waiting;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the waiting launchers {waiting:?} are still in the agent's network namespace"
+            "no launcher waits for the next run in a network namespace of its own: {waiting:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    };
     // The run reports its cgroup's memory limit (v1, else v2), to see that its own (128 MB)
     // replaced the one the launcher was started with.
     let code = "path = [l for l in open('/proc/self/cgroup') if ':memory:' in l or l.startswith('0::')][0].strip().split(':', 2)[2]\n\

@@ -823,6 +823,80 @@ async fn preloaded_modules_are_there_and_a_missing_one_is_not_fatal() {
     );
 }
 
+/// The minor version of `python` (3.N), if it runs.
+fn minor_version(python: &Path) -> Option<u32> {
+    let output = std::process::Command::new(python)
+        .args(["-I", "-c", "import sys; print(sys.version_info[1])"])
+        .output()
+        .ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&output.stdout).trim().parse().ok()
+}
+
+/// A Python 3 of another minor version than `own`, if this machine has one: `python3.N` on
+/// PATH, or one of pyenv's installations.
+fn python_of_another_version(own: &str) -> Option<PathBuf> {
+    let own_minor = minor_version(Path::new(own))?;
+    let on_path = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|dir| (6..=20).map(move |minor| dir.join(format!("python3.{minor}"))));
+    let pyenv_root = std::env::var_os("PYENV_ROOT")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".pyenv")));
+    let in_pyenv = pyenv_root
+        .and_then(|root| std::fs::read_dir(root.join("versions")).ok())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|version| version.path().join("bin").join("python3"));
+    on_path
+        .chain(in_pyenv)
+        .filter(|python| python.is_file())
+        .find(|python| minor_version(python).is_some_and(|m| m != own_minor))
+}
+
+/// A launcher runs no code of its own, so the Python its runs exec need not be the version
+/// the zygote binary embeds (a warm zygote refuses one that is not).
+#[tokio::test]
+async fn a_launcher_execs_a_python_of_another_version_than_the_one_it_embeds() {
+    let host = host().await;
+    let Some(other) = python_of_another_version(&host.python) else {
+        eprintln!("skipped: no Python 3 of another minor version on this machine");
+        return;
+    };
+    let other = ColdExecutor::resolve_interpreter(&other.display().to_string()).await;
+    let mut settings = ZygoteSettings {
+        python: other.clone(),
+        ..zygote_settings(host)
+    };
+    settings
+        .sandbox
+        .expose
+        .extend(ColdExecutor::interpreter_prefixes(&other).await);
+    let refused = ZygoteExecutor::start(settings.clone(), cold(host))
+        .await
+        .expect_err("a warm zygote of another version");
+    // It says why on its stderr (the agent's log): "this zygote embeds Python 3.x".
+    assert!(refused.contains("exited before it was ready"), "{refused}");
+
+    settings.fresh_interpreter = true;
+    let launched = ZygoteExecutor::start(settings, cold(host))
+        .await
+        .expect("a launcher starts whatever the version");
+    let ran = run(
+        &launched,
+        "import os, sys; print(os.path.realpath(sys.executable))",
+    )
+    .await;
+    assert_eq!(ran.outcome, RunOutcome::Completed, "{ran:?}");
+    let expected = std::fs::canonicalize(&other).expect("the other python's path");
+    assert_eq!(ran.stdout.trim(), expected.display().to_string(), "{ran:?}");
+}
+
 #[tokio::test]
 async fn a_missing_zygote_binary_is_refused_at_start() {
     let host = host().await;

@@ -97,13 +97,7 @@ pub(crate) fn spare(
     launch: &ForkedRun,
 ) -> ! {
     let status = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        let waited = launch
-            .close_other_fds(socket.as_raw_fd())
-            .map_err(|err| err.to_string())
-            .and_then(|()| outlive_no_zygote(true, zygote))
-            .and_then(|()| launch.enter_cgroup().map_err(|err| err.to_string()))
-            .and_then(|()| receive_run(&socket));
-        match waited {
+        match wait_for_run(&socket, zygote, launch) {
             Ok(request) => {
                 let prepared = prepare(
                     py,
@@ -115,17 +109,91 @@ pub(crate) fn spare(
                 );
                 execute(py, interpreter, &request, prepared)
             }
-            // The zygote closed the socket without a run: it is going away, nothing to say.
-            Err(err) if err == NO_RUN => SETUP_FAILED,
-            Err(err) => {
-                // Still the zygote's stderr: its log.
-                let _ = writeln!(std::io::stderr(), "lull-zygote spare: {err}");
-                SETUP_FAILED
-            }
+            Err(err) => not_run(&err),
         }
     }))
     .unwrap_or(SETUP_FAILED);
     interpreter.exit(py, status)
+}
+
+/// In a launcher's child forked for `request` ([`crate::runtime::Launcher`]: no interpreter
+/// in this process): confines it and execs a fresh `python -I -u -c` for the run, as
+/// [`run`] does for a cold run in a warm zygote. Exits only if that fails.
+pub(crate) fn launch(python: &str, request: &RunRequest, zygote: Pid, launch: &ForkedRun) -> ! {
+    let status = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let err = match outlive_no_zygote(request.policy.protections.namespaces, zygote) {
+            Ok(()) => exec_fresh(python, request, launch, Cgroup::Join),
+            Err(err) => err,
+        };
+        setup_failed(&err)
+    }))
+    .unwrap_or(SETUP_FAILED);
+    lull_agent::sandbox::exit_now(status)
+}
+
+/// A launcher's spare: as [`spare`], for a run that [`launch`] would exec.
+pub(crate) fn launcher_spare(python: &str, socket: OwnedFd, zygote: Pid, launch: &ForkedRun) -> ! {
+    let status = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        match wait_for_run(&socket, zygote, launch) {
+            Ok(request) if request.exec => {
+                // The socket that brought the run closes with the rest at its exec: a fresh
+                // interpreter reports its end by exiting.
+                setup_failed(&exec_fresh(python, &request, launch, Cgroup::Joined))
+            }
+            Ok(_) => setup_failed(crate::runtime::LAUNCHER_RUNS_NO_CODE),
+            Err(err) => not_run(&err),
+        }
+    }))
+    .unwrap_or(SETUP_FAILED);
+    lull_agent::sandbox::exit_now(status)
+}
+
+/// A spare's first steps: it closes what it inherited, gets into its cgroup (the step that can
+/// wait on the kernel), then waits on `socket` for its run.
+fn wait_for_run(socket: &OwnedFd, zygote: Pid, launch: &ForkedRun) -> Result<RunRequest, String> {
+    launch
+        .close_other_fds(socket.as_raw_fd())
+        .map_err(|err| err.to_string())?;
+    outlive_no_zygote(true, zygote)?;
+    launch.enter_cgroup().map_err(|err| err.to_string())?;
+    receive_run(socket)
+}
+
+/// A spare that got no run ends here.
+fn not_run(err: &str) -> i32 {
+    // The zygote closed the socket without a run: it is going away, nothing to say.
+    if err != NO_RUN {
+        // Still the zygote's stderr: its log.
+        let _ = writeln!(std::io::stderr(), "lull-zygote spare: {err}");
+    }
+    SETUP_FAILED
+}
+
+/// Says on the run's stderr (fd 2 once redirected; the zygote's log before that) why its
+/// sandbox could not be set up.
+fn setup_failed(err: &str) -> i32 {
+    let _ = writeln!(std::io::stderr(), "lull: sandbox setup failed: {err}");
+    SETUP_FAILED
+}
+
+/// In a launcher's child: the run's pipes on 1 and 2, the sandbox, then `python -I -u -c
+/// code` with exactly the run's environment. Returns only on failure, saying why.
+fn exec_fresh(python: &str, request: &RunRequest, launch: &ForkedRun, cgroup: Cgroup) -> String {
+    if let Err(err) =
+        lull_agent::sandbox::redirect_stdio(request.stdout.raw(), request.stderr.raw())
+    {
+        return err.to_string();
+    }
+    let confined = match cgroup {
+        Cgroup::Join => launch.confine(&request.policy, None),
+        Cgroup::Joined => launch.confine_in_cgroup(&request.policy, None),
+    };
+    if let Err(err) = confined {
+        return err.to_string();
+    }
+    let args = ["-I", "-u", "-c", request.code.as_str()];
+    let err = lull_agent::sandbox::exec_program(python, &args, &request.env);
+    format!("exec {python}: {err}")
 }
 
 fn execute(
@@ -135,11 +203,9 @@ fn execute(
     prepared: Result<Prepared<'_>, String>,
 ) -> i32 {
     match prepared {
+        // Its stderr, as the cold launcher says it.
         Ok(Prepared::Exec) => {
-            let err = interpreter.exec_fresh(py, &request.code, &request.env);
-            // Its stderr, as the cold launcher says it.
-            let _ = writeln!(std::io::stderr(), "lull: sandbox setup failed: {err}");
-            SETUP_FAILED
+            setup_failed(&interpreter.exec_fresh(py, &request.code, &request.env))
         }
         Ok(Prepared::Run { globals, report }) => {
             let status = interpreter.run_main(py, &request.code, &globals);
@@ -148,11 +214,7 @@ fn execute(
             }
             status
         }
-        Err(err) => {
-            // fd 2 is the run's stderr once redirected (the zygote's log before that).
-            let _ = writeln!(std::io::stderr(), "lull: sandbox setup failed: {err}");
-            SETUP_FAILED
-        }
+        Err(err) => setup_failed(&err),
     }
 }
 

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! lull-zygote --python /usr/bin/python3.11 [--preload mod1,mod2]
+//! lull-zygote --python /usr/bin/python3 --launcher
 //! ```
 //!
 //! The agent starts it with one end of a Unix socket as stdin and speaks the protocol of
@@ -17,6 +18,10 @@
 //!    every run's end (its own report, [`report`], or its exit) and reaps. It exits when the
 //!    socket closes, killing the runs it still has.
 //!
+//! With `--launcher` (the agent's cold executor) it skips 2: no interpreter is initialised
+//! (nor must its version match `--python`'s), and every run execs a fresh interpreter
+//! ([`runtime::Launcher`]): a small process forks faster than a copy of a warm CPython.
+//!
 //! Architecture Invariant: the zygote never runs user code, and stays single-threaded: it checks
 //! before every fork. It has no `unsafe`: it forks with Python's own `os.fork()` (which runs
 //! CPython's before/after-fork hooks) and the sandbox lives in `lull_agent::sandbox`.
@@ -25,6 +30,7 @@
 mod child;
 mod interpreter;
 mod report;
+mod runtime;
 mod server;
 
 use std::process::ExitCode;
@@ -34,18 +40,22 @@ use std::process::ExitCode;
 struct Args {
     python: String,
     preload: Vec<String>,
+    /// Only exec fresh interpreters: no CPython in this process.
+    launcher: bool,
 }
 
-const USAGE: &str = "usage: lull-zygote --python PATH [--preload MODULE[,MODULE...]]";
+const USAGE: &str = "usage: lull-zygote --python PATH [--preload MODULE[,MODULE...] | --launcher]";
 
 impl Args {
     fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         let mut python = None;
         let mut preload = Vec::new();
+        let mut launcher = false;
         while let Some(flag) = args.next() {
             let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
             match flag.as_str() {
                 "--python" => python = Some(value()?),
+                "--launcher" => launcher = true,
                 "--preload" => preload.extend(
                     value()?
                         .split(',')
@@ -56,9 +66,13 @@ impl Args {
                 other => return Err(format!("unknown argument {other:?}")),
             }
         }
+        if launcher && !preload.is_empty() {
+            return Err("--preload needs an interpreter; a --launcher has none".to_string());
+        }
         Ok(Args {
             python: python.ok_or("--python is required")?,
             preload,
+            launcher,
         })
     }
 }
@@ -103,6 +117,14 @@ mod tests {
 
         assert_eq!(args.python, "/usr/bin/python3");
         assert_eq!(args.preload, ["json", "re", "csv"]);
+        assert!(!args.launcher);
+    }
+
+    #[test]
+    fn a_launcher_takes_no_preloads() {
+        let args = parse(&["--launcher", "--python", "/usr/bin/python3"]).expect("valid");
+        assert!(args.launcher);
+        assert!(parse(&["--python", "p", "--launcher", "--preload", "json"]).is_err());
     }
 
     #[test]

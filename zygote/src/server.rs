@@ -2,9 +2,10 @@
 //! SIGCHLD and on each run's report socket ([`crate::report`]); forks a child per `run`,
 //! kills on `kill`, reports every run's end (from its report, or at its reap) and reaps.
 
-use crate::child::{self, ReceivedFd, RunRequest};
+use crate::child::{ReceivedFd, RunRequest};
 use crate::interpreter::{self, Interpreter};
 use crate::report::{EndReport, REPORT_BYTES};
+use crate::runtime::{Launcher, Runtime, Warm};
 use crate::{Args, log};
 use lull_agent::executor::zygote_protocol::{FromZygote, RUN_FDS, ToZygote};
 use lull_agent::sandbox::{ForkedRun, RunPolicy, RunPools};
@@ -45,6 +46,13 @@ pub(crate) fn serve(args: &Args) -> Result<(), String> {
     // What every run's sandbox setup would otherwise redo on the fork path.
     lull_agent::sandbox::prepare()
         .map_err(|err| format!("could not prepare the sandbox: {err}"))?;
+    if args.launcher {
+        // No interpreter here: its version is the one `--python` reported.
+        let runtime = Launcher {
+            python: args.python.clone(),
+        };
+        return Server::new(socket, child_exits, runtime).serve_until_closed(&target.version);
+    }
     Python::initialize();
     Python::attach(|py| {
         let (interpreter, failed_preloads) =
@@ -52,26 +60,9 @@ pub(crate) fn serve(args: &Args) -> Result<(), String> {
         for failure in &failed_preloads {
             log!("could not preload {failure}");
         }
-        threads_are_single()?;
-        let mut server = Server {
-            socket,
-            child_exits,
-            interpreter,
-            inbox: Inbox::default(),
-            runs: BTreeMap::new(),
-            pools: RunPools::default(),
-            pid: getpid(),
-            read_buf: vec![0u8; READ_BYTES],
-            spare: None,
-            spare_off: false,
-            last_policy: None,
-        };
-        server.send(&FromZygote::Ready {
-            python_version: server.interpreter.version.clone(),
-        })?;
-        let served = server.serve(py);
-        server.kill_all_and_reap();
-        served
+        let version = interpreter.version.clone();
+        let runtime = Warm { py, interpreter };
+        Server::new(socket, child_exits, runtime).serve_until_closed(&version)
     })
 }
 
@@ -111,10 +102,10 @@ fn threads_are_single() -> Result<(), String> {
     }
 }
 
-struct Server {
+struct Server<R: Runtime> {
     socket: OwnedFd,
     child_exits: SignalFd,
-    interpreter: Interpreter,
+    runtime: R,
     inbox: Inbox,
     /// The runs' processes (the zygote's direct children), by run id.
     runs: BTreeMap<RunId, RunProcess>,
@@ -170,9 +161,37 @@ enum StartError {
     Fatal(String),
 }
 
-impl Server {
+impl<R: Runtime> Server<R> {
+    fn new(socket: OwnedFd, child_exits: SignalFd, runtime: R) -> Self {
+        Server {
+            socket,
+            child_exits,
+            runtime,
+            inbox: Inbox::default(),
+            runs: BTreeMap::new(),
+            pools: RunPools::default(),
+            pid: getpid(),
+            read_buf: vec![0u8; READ_BYTES],
+            spare: None,
+            spare_off: false,
+            last_policy: None,
+        }
+    }
+
+    /// Says `ready` (with the Python version runs get), serves until the agent closes the
+    /// socket (`Ok`) or the socket fails (`Err`), then kills what is left.
+    fn serve_until_closed(mut self, python_version: &str) -> Result<(), String> {
+        threads_are_single()?;
+        self.send(&FromZygote::Ready {
+            python_version: python_version.to_string(),
+        })?;
+        let served = self.serve();
+        self.kill_all_and_reap();
+        served
+    }
+
     /// Until the agent closes the socket (`Ok`) or the socket fails (`Err`).
-    fn serve(&mut self, py: Python<'_>) -> Result<(), String> {
+    fn serve(&mut self) -> Result<(), String> {
         loop {
             let (socket_ready, children_ready, reports_ready) = {
                 let wanted = PollFlags::POLLIN;
@@ -202,24 +221,24 @@ impl Server {
             };
             // First: a run that has said how it ended is reported before anything else.
             for run_id in reports_ready {
-                self.take_report(py, run_id)?;
+                self.take_report(run_id)?;
             }
             if children_ready {
                 // Signals coalesce: drain them all, then reap whatever has exited.
                 while let Ok(Some(_)) = self.child_exits.read_signal() {}
-                self.reap_exited(py)?;
+                self.reap_exited()?;
             }
             if socket_ready {
                 if !self.receive()? {
                     return Ok(());
                 }
                 while let Some((line, fds)) = self.inbox.next_line() {
-                    self.handle(py, &line, fds)?;
+                    self.handle(&line, fds)?;
                 }
             }
             // Right after a run started, or once nothing else is left to do: while this run
             // executes, the next one's process gets ready.
-            self.make_spare(py)?;
+            self.make_spare()?;
         }
     }
 
@@ -257,7 +276,7 @@ impl Server {
         Ok(true)
     }
 
-    fn handle(&mut self, py: Python<'_>, line: &[u8], fds: Vec<ReceivedFd>) -> Result<(), String> {
+    fn handle(&mut self, line: &[u8], fds: Vec<ReceivedFd>) -> Result<(), String> {
         let message: ToZygote = match serde_json::from_slice(line) {
             Ok(message) => message,
             Err(err) => {
@@ -276,7 +295,7 @@ impl Server {
                 exec,
             } => {
                 let run_id = policy.run_id;
-                match self.start(py, *policy, code, env, exec, fds) {
+                match self.start(*policy, code, env, exec, fds) {
                     Ok(pid) => self.send(&FromZygote::Started {
                         run_id,
                         pid: pid.as_raw(),
@@ -304,7 +323,6 @@ impl Server {
     /// nothing before its exit (its reap tells).
     fn start(
         &mut self,
-        py: Python<'_>,
         policy: RunPolicy,
         code: String,
         env: BTreeMap<String, String>,
@@ -323,10 +341,14 @@ impl Server {
         })?;
         let env = if exec {
             env
-        } else {
-            self.interpreter
-                .share_environment(py, &env)
+        } else if self.runtime.runs_code() {
+            self.runtime
+                .share_environment(&env)
                 .map_err(|err| StartError::Run(format!("environment: {err}")))?
+        } else {
+            return Err(StartError::Run(
+                crate::runtime::LAUNCHER_RUNS_NO_CODE.to_string(),
+            ));
         };
         if let Some((pid, launch, report)) =
             self.start_on_spare(&policy, &code, &env, exec, [&stdout, &stderr])
@@ -355,8 +377,8 @@ impl Server {
         };
         // `theirs` closes here once the fork is done; the child keeps its copy.
         let forked = self
-            .fork_with(py, &mut launch, |launch| {
-                child::run(py, &self.interpreter, &request, self.pid, launch, theirs)
+            .fork_with(&mut launch, |launch| {
+                self.runtime.run(&request, self.pid, launch, theirs)
             })
             .map_err(StartError::Fatal)?;
         let pid = match forked {
@@ -400,7 +422,7 @@ impl Server {
     /// once, reported to the agent; the reap gives back what it was lent), its end without a
     /// word leaves the run to its reap, and anything else gets the run killed (the reap
     /// reports that).
-    fn take_report(&mut self, py: Python<'_>, run_id: RunId) -> Result<(), String> {
+    fn take_report(&mut self, run_id: RunId) -> Result<(), String> {
         let Some(run) = self.runs.get_mut(&run_id) else {
             return Ok(());
         };
@@ -430,7 +452,7 @@ impl Server {
         run.reported = true;
         let stderr = run.stderr.take();
         if let (Some(note), Some(stderr)) = (note, &stderr) {
-            self.tell_why(py, run_id, stderr, &note);
+            self.tell_why(run_id, stderr, &note);
         }
         drop(stderr);
         let (exit_code, signal) = exit_code_and_signal(run_id, status);
@@ -444,9 +466,9 @@ impl Server {
     }
 
     /// Writes `note` as the run's last stderr line, which the agent reports as its error.
-    fn tell_why(&self, py: Python<'_>, run_id: RunId, stderr: &ReceivedFd, note: &str) {
+    fn tell_why(&self, run_id: RunId, stderr: &ReceivedFd, note: &str) {
         let line = format!("lull: {note}\n");
-        if let Err(err) = self.interpreter.write_fd(py, stderr.raw(), line.as_bytes()) {
+        if let Err(err) = self.runtime.write_fd(stderr.raw(), line.as_bytes()) {
             log!("could not tell run {run_id} why it ended: {err}");
         }
     }
@@ -464,7 +486,7 @@ impl Server {
     ) -> Option<(Pid, ForkedRun, OwnedFd)> {
         let mut spare = self.spare.take()?;
         // A run that execs takes its environment from the message, not the fork.
-        if (!exec && spare.env_generation != self.interpreter.env_generation)
+        if (!exec && spare.env_generation != self.runtime.env_generation())
             || !spare.launch.fits(&spare.made_for, policy)
         {
             self.discard(spare);
@@ -501,7 +523,7 @@ impl Server {
 
     /// Forks the next run's process ahead of it, for the last run's policy (see
     /// [`Server::wants_spare`]).
-    fn make_spare(&mut self, py: Python<'_>) -> Result<(), String> {
+    fn make_spare(&mut self) -> Result<(), String> {
         if !self.wants_spare() {
             return Ok(());
         }
@@ -525,8 +547,8 @@ impl Server {
         };
         // The spare closes `ours` with every other descriptor it inherited; `theirs` closes
         // here once the fork is done.
-        let forked = self.fork_with(py, &mut launch, |launch| {
-            child::spare(py, &self.interpreter, theirs, self.pid, launch)
+        let forked = self.fork_with(&mut launch, |launch| {
+            self.runtime.spare(theirs, self.pid, launch)
         })?;
         match forked {
             Ok(pid) => {
@@ -535,7 +557,7 @@ impl Server {
                     made_for: policy,
                     launch,
                     socket: ours,
-                    env_generation: self.interpreter.env_generation,
+                    env_generation: self.runtime.env_generation(),
                 });
             }
             Err(err) => {
@@ -552,11 +574,10 @@ impl Server {
     /// land in this one's namespace); `Ok(Err)` when the fork itself failed.
     fn fork_with(
         &self,
-        py: Python<'_>,
         launch: &mut ForkedRun,
         in_child: impl FnOnce(&ForkedRun) -> std::convert::Infallible,
-    ) -> Result<Result<Pid, PyErr>, String> {
-        let forked = self.interpreter.fork(py);
+    ) -> Result<Result<Pid, String>, String> {
+        let forked = self.runtime.fork();
         if let Ok(0) = forked {
             // Never returns: the child ends in `os._exit`.
             in_child(launch);
@@ -590,7 +611,7 @@ impl Server {
     }
 
     /// Reaps every child that has exited and reports the runs among them.
-    fn reap_exited(&mut self, py: Python<'_>) -> Result<(), String> {
+    fn reap_exited(&mut self) -> Result<(), String> {
         loop {
             // WNOWAIT: look without reaping, so that the pid (and so the run's process group
             // id) cannot be reused while we kill what is left of the group.
@@ -632,7 +653,7 @@ impl Server {
                 continue;
             }
             if let (Some(note), Some(stderr)) = (note, &run.stderr) {
-                self.tell_why(py, run_id, stderr, &note);
+                self.tell_why(run_id, stderr, &note);
             }
             drop(run.stderr);
             let (exit_code, signal) = exit_code_and_signal(run_id, status);
@@ -797,6 +818,51 @@ mod tests {
     fn fd() -> ReceivedFd {
         use std::os::fd::IntoRawFd;
         ReceivedFd::new(File::open("/dev/null").expect("/dev/null").into_raw_fd())
+    }
+
+    #[test]
+    fn a_launcher_refuses_a_run_that_does_not_exec_and_says_why() {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("a socket pair");
+        let child_exits = child_exit_signals().expect("a signalfd");
+        let launcher = Launcher {
+            python: "python3".to_string(),
+        };
+        let mut server = Server::new(theirs, child_exits, launcher);
+        let policy = RunPolicy::for_job(
+            7,
+            &lull_shared::Protections::none("a test"),
+            &lull_agent::sandbox::SandboxSettings::default(),
+            64.0,
+            std::time::Duration::from_secs(5),
+            None,
+        );
+        let line = ToZygote::Run {
+            policy: Box::new(policy),
+            code: "print(1)".to_string(),
+            env: BTreeMap::new(),
+            exec: false,
+        }
+        .to_line();
+
+        server.handle(&line, vec![fd(), fd()]).expect("handled");
+
+        let mut said = vec![0u8; 4096];
+        let n = nix::unistd::read(&ours, &mut said).expect("the answer");
+        let said: FromZygote = serde_json::from_slice(&said[..n]).expect("one message");
+        assert_eq!(
+            said,
+            FromZygote::Error {
+                run_id: Some(7),
+                message: crate::runtime::LAUNCHER_RUNS_NO_CODE.to_string(),
+            }
+        );
+        assert!(server.runs.is_empty(), "nothing was forked");
     }
 
     #[test]

@@ -346,7 +346,11 @@ impl Zygote {
             .map_err(|err| format!("could not use the zygote's socket: {err}"))?;
         let mut command = Command::new(&settings.binary);
         command.arg("--python").arg(&settings.python);
-        if !settings.preload.is_empty() {
+        if settings.fresh_interpreter {
+            // Every run execs a fresh interpreter: the zygote needs none of its own, and forks
+            // a small process instead of a copy of a warm CPython.
+            command.arg("--launcher");
+        } else if !settings.preload.is_empty() {
             command.arg("--preload").arg(settings.preload.join(","));
         }
         command

@@ -91,6 +91,10 @@ pub enum SandboxError {
     ReportFd(std::io::Error),
     #[error("signal mask: {0}")]
     SignalMask(nix::Error),
+    #[error("refusing to fork a process that is not single-threaded: {0}")]
+    Threads(String),
+    #[error("standard streams: {0}")]
+    Stdio(std::io::Error),
 }
 
 /// What one run is allowed, and which protections to apply. Crosses process boundaries
@@ -981,7 +985,7 @@ fn die_by(signal: Signal) -> ! {
 
 /// Exits without running the atexit handlers or flushing the stdio of the process it was
 /// forked from (a zygote's, whose buffers must not reach the run's stderr).
-fn exit_now(code: i32) -> ! {
+pub fn exit_now(code: i32) -> ! {
     // SAFETY: `_exit` takes a plain integer and never returns; it touches no memory of ours,
     // which is the point (no destructors, no atexit handlers, no stdio flush).
     unsafe { libc::_exit(code) }
@@ -1541,6 +1545,77 @@ pub fn launch(policy: &RunPolicy, program: &str, args: &[String]) -> std::io::Er
     }
     default_signal_dispositions();
     Command::new(program).args(args).exec()
+}
+
+/// Forks the calling process, which must have one thread (checked first: a fork copies only
+/// the calling thread, and a lock another one held would stay locked in the child). `None`
+/// in the child, the child's pid in the parent. For a process that forks runs without an
+/// interpreter of its own (the zygote as a launcher of fresh interpreters).
+pub fn fork_single_threaded() -> Result<Option<Pid>, SandboxError> {
+    match thread_count() {
+        Some(1) => {}
+        Some(n) => return Err(SandboxError::Threads(format!("{n} threads"))),
+        None => return Err(SandboxError::Threads("cannot count them".to_string())),
+    }
+    // SAFETY: this process has one thread (checked above, and nothing here starts one), so
+    // the child has every lock in the state its only thread left it: it may call anything,
+    // not only async-signal-safe functions.
+    match unsafe { nix::unistd::fork() }.map_err(SandboxError::Fork)? {
+        ForkResult::Child => Ok(None),
+        ForkResult::Parent { child } => Ok(Some(child)),
+    }
+}
+
+/// In a run's process, before it is confined: `stdout` and `stderr` (descriptors it holds,
+/// received for the run) on fds 1 and 2. The sandbox's last steps close the originals.
+pub fn redirect_stdio(stdout: RawFd, stderr: RawFd) -> Result<(), SandboxError> {
+    for (from, to) in [(stdout, 1), (stderr, 2)] {
+        // SAFETY: dup2 takes plain numbers and touches no memory of ours; what it replaces on
+        // 1 and 2 are the copies of the parent's streams the fork gave this process, which
+        // nothing here uses again.
+        if unsafe { libc::dup2(from, to) } < 0 {
+            return Err(SandboxError::Stdio(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+/// One non-blocking write of all of `bytes` to `fd` (a pipe this process holds open, as a
+/// plain number received for a run): a pipe nobody drains cannot stall the writer. A short
+/// write is an error.
+pub fn write_nonblocking(fd: RawFd, bytes: &[u8]) -> std::io::Result<()> {
+    // SAFETY: fcntl with F_GETFL/F_SETFL takes and returns plain integers.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the pointer and length are those of a live slice, which write only reads.
+    let written = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+    match usize::try_from(written) {
+        Err(_) => Err(std::io::Error::last_os_error()),
+        Ok(n) if n < bytes.len() => Err(std::io::Error::other(format!(
+            "wrote {n} of {} bytes",
+            bytes.len()
+        ))),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// In a confined run's process: execs `program` with `args` and exactly `env`, every signal
+/// at its default first (see [`default_signal_dispositions`]). Returns only on failure.
+pub fn exec_program(
+    program: &str,
+    args: &[&str],
+    env: &std::collections::BTreeMap<String, String>,
+) -> std::io::Error {
+    use std::os::unix::process::CommandExt as _;
+    default_signal_dispositions();
+    Command::new(program)
+        .args(args)
+        .env_clear()
+        .envs(env)
+        .exec()
 }
 
 /// Every signal's disposition back to its default before a run's program is exec'd, as a

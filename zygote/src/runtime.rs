@@ -1,0 +1,150 @@
+//! What the zygote's loop ([`crate::server`]) forks, and what each child becomes: a warm
+//! interpreter's runs ([`Warm`]: CPython initialised once, each run's code executed in its
+//! fork, or a fresh interpreter exec'd), or a launcher's ([`Launcher`], `--launcher`: no
+//! interpreter at all, every run execs a fresh `python3 -I -u -c`: the cold executor's).
+//!
+//! A launcher forks a small process instead of a copy of an initialised CPython: the fork
+//! copies fewer page tables, the child writes to (and so copies) few pages before its exec,
+//! and the exec tears down a small address space. That is most of what launching a cold run
+//! cost beyond the interpreter itself (BENCHMARKS.md).
+
+use crate::child::{self, RunRequest};
+use crate::interpreter::Interpreter;
+use lull_agent::sandbox::ForkedRun;
+use nix::unistd::Pid;
+use pyo3::prelude::*;
+use std::collections::BTreeMap;
+use std::os::fd::{OwnedFd, RawFd};
+
+/// What the server needs of the process it runs in.
+pub(crate) trait Runtime {
+    /// Whether runs can execute their code in the fork (`exec: false`); a launcher only
+    /// execs fresh interpreters.
+    fn runs_code(&self) -> bool;
+    /// Counts the changes of the environment runs share (see
+    /// [`Interpreter::share_environment`]): a spare forked in an earlier generation cannot
+    /// take a run that does not exec.
+    fn env_generation(&self) -> u64;
+    /// Before forking a run that does not exec: what of `env` the run still has to add.
+    fn share_environment(
+        &mut self,
+        env: &BTreeMap<String, String>,
+    ) -> Result<BTreeMap<String, String>, String>;
+    /// Forks: 0 in the child, the child's pid in the parent.
+    fn fork(&self) -> Result<i32, String>;
+    /// One non-blocking write of all of `bytes` to `fd` (a run's stderr).
+    fn write_fd(&self, fd: RawFd, bytes: &[u8]) -> Result<(), String>;
+    /// In a child forked for `request`: runs it, never returns.
+    fn run(
+        &self,
+        request: &RunRequest,
+        zygote: Pid,
+        launch: &ForkedRun,
+        report: Option<OwnedFd>,
+    ) -> !;
+    /// In a child forked ahead of its run (a spare): waits for it on `socket` and runs it,
+    /// never returns.
+    fn spare(&self, socket: OwnedFd, zygote: Pid, launch: &ForkedRun) -> !;
+}
+
+/// The zygote's own CPython, initialised and prepared ([`Interpreter::prepare`]).
+pub(crate) struct Warm<'py> {
+    pub(crate) py: Python<'py>,
+    pub(crate) interpreter: Interpreter,
+}
+
+impl Runtime for Warm<'_> {
+    fn runs_code(&self) -> bool {
+        true
+    }
+
+    fn env_generation(&self) -> u64 {
+        self.interpreter.env_generation
+    }
+
+    fn share_environment(
+        &mut self,
+        env: &BTreeMap<String, String>,
+    ) -> Result<BTreeMap<String, String>, String> {
+        self.interpreter
+            .share_environment(self.py, env)
+            .map_err(|err| err.to_string())
+    }
+
+    fn fork(&self) -> Result<i32, String> {
+        self.interpreter
+            .fork(self.py)
+            .map_err(|err| err.to_string())
+    }
+
+    fn write_fd(&self, fd: RawFd, bytes: &[u8]) -> Result<(), String> {
+        self.interpreter
+            .write_fd(self.py, fd, bytes)
+            .map_err(|err| err.to_string())
+    }
+
+    fn run(
+        &self,
+        request: &RunRequest,
+        zygote: Pid,
+        launch: &ForkedRun,
+        report: Option<OwnedFd>,
+    ) -> ! {
+        child::run(self.py, &self.interpreter, request, zygote, launch, report)
+    }
+
+    fn spare(&self, socket: OwnedFd, zygote: Pid, launch: &ForkedRun) -> ! {
+        child::spare(self.py, &self.interpreter, socket, zygote, launch)
+    }
+}
+
+/// No interpreter: every run execs `python` fresh, once sandboxed.
+pub(crate) struct Launcher {
+    pub(crate) python: String,
+}
+
+impl Runtime for Launcher {
+    fn runs_code(&self) -> bool {
+        false
+    }
+
+    fn env_generation(&self) -> u64 {
+        0
+    }
+
+    fn share_environment(
+        &mut self,
+        _env: &BTreeMap<String, String>,
+    ) -> Result<BTreeMap<String, String>, String> {
+        Err(LAUNCHER_RUNS_NO_CODE.to_string())
+    }
+
+    fn fork(&self) -> Result<i32, String> {
+        match lull_agent::sandbox::fork_single_threaded() {
+            Ok(None) => Ok(0),
+            Ok(Some(pid)) => Ok(pid.as_raw()),
+            Err(err) => Err(err.to_string()),
+        }
+    }
+
+    fn write_fd(&self, fd: RawFd, bytes: &[u8]) -> Result<(), String> {
+        lull_agent::sandbox::write_nonblocking(fd, bytes).map_err(|err| err.to_string())
+    }
+
+    fn run(
+        &self,
+        request: &RunRequest,
+        zygote: Pid,
+        launch: &ForkedRun,
+        _report: Option<OwnedFd>,
+    ) -> ! {
+        child::launch(&self.python, request, zygote, launch)
+    }
+
+    fn spare(&self, socket: OwnedFd, zygote: Pid, launch: &ForkedRun) -> ! {
+        child::launcher_spare(&self.python, socket, zygote, launch)
+    }
+}
+
+/// Why a launcher refuses a run that does not exec.
+pub(crate) const LAUNCHER_RUNS_NO_CODE: &str = "this zygote is a launcher (--launcher): it runs no code in its own process, only fresh interpreters";

@@ -211,6 +211,7 @@ with open("/dev/null", "w") as f:
     f.write("x")
 print("urandom", len(open("/dev/urandom", "rb").read(8)))
 print("host", socket.gethostname())
+print("mounts", sorted((l.split()[4], l.split(" - ")[1].split()[0]) for l in open("/proc/self/mountinfo") if l.split()[4].startswith(("/dev", "/proc"))))
 "#;
     let e = executor
         .run(job(4242, code, 512.0), CancellationToken::new())
@@ -220,6 +221,11 @@ print("host", socket.gethostname())
     assert!(out.contains("uid 64010 64010 []"), "{out}");
     assert!(out.contains("pid 1\n"), "{out}");
     assert!(out.contains("cwd /tmp []"), "{out}");
+    // The host's /dev and /proc (with devpts, shm, ...) are not even under the run's own.
+    assert!(
+        out.contains("mounts [('/dev', 'tmpfs'), ('/dev/shm', 'tmpfs'), ('/proc', 'proc')]"),
+        "{out}"
+    );
     assert!(
         out.contains(
             "home /tmp ['LULL_POINTS', 'LULL_POINT_INDEX', 'LULL_RUN_ID', 'LULL_TASK_ID']"

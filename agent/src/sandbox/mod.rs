@@ -491,8 +491,11 @@ fn build_mount_template(policy: &RunPolicy) -> Result<std::fs::File, SandboxErro
     let own = std::fs::File::open("/proc/self/ns/mnt").map_err(io)?;
     let cwd = std::fs::File::open(".").map_err(io)?;
     unshare(CloneFlags::CLONE_NEWNS).map_err(SandboxError::Namespaces)?;
-    let built =
-        shared_mounts(policy).and_then(|()| std::fs::File::open("/proc/self/ns/mnt").map_err(io));
+    // Opened before the mounts are made: they detach the host's /proc (the file names the
+    // namespace, whatever is mounted in it later).
+    let built = std::fs::File::open("/proc/self/ns/mnt")
+        .map_err(io)
+        .and_then(|template| shared_mounts(policy).map(|()| template));
     if let Err(err) = nix::sched::setns(&own, CloneFlags::CLONE_NEWNS) {
         let _ = writeln!(
             std::io::stderr(),
@@ -1023,6 +1026,14 @@ fn shared_mounts(policy: &RunPolicy) -> Result<(), SandboxError> {
         None::<&str>,
     )
     .map_err(m("/ private"))?;
+    // The host's /dev and /proc, with what is mounted under them (devpts, shm, ...), are
+    // covered for every run (a minimal /dev below, the run's own /proc in `run_mounts`), so
+    // nothing in them can be reached: detached, they are not in each run's copy of the mount
+    // tree, which the run's unshare copies and its exit tears down (6 of 29 mounts here).
+    // Best effort: where one cannot be detached it stays, as unreachable as before.
+    for hidden in ["/dev", "/proc"] {
+        let _ = nix::mount::umount2(hidden, nix::mount::MntFlags::MNT_DETACH);
+    }
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     // The host's sockets live under /run (databases, D-Bus, the resolver): a network
     // namespace does not hide path-bound Unix sockets, an empty /run does.

@@ -24,7 +24,8 @@
 //!
 //! Architecture Invariant: the zygote never runs user code, and stays single-threaded: it checks
 //! before every fork. It has no `unsafe`: it forks with Python's own `os.fork()` (which runs
-//! CPython's before/after-fork hooks) and the sandbox lives in `lull_agent::sandbox`.
+//! CPython's before/after-fork hooks), or as a launcher with `lull_agent::sandbox`'s
+//! `fork_single_threaded`, and the sandbox lives in `lull_agent::sandbox`.
 #![forbid(unsafe_code)]
 
 mod child;

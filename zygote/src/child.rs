@@ -370,9 +370,10 @@ fn prepare<'py>(
     cgroup: Cgroup,
     report: Option<OwnedFd>,
 ) -> Result<Prepared<'py>, String> {
-    interpreter
-        .redirect_stdio(py, request.stdout.raw(), request.stderr.raw())
-        .map_err(|err| format!("standard streams: {err}"))?;
+    // From Rust: Python's `os.dup2` was the run's first Python call, and touched (so copied)
+    // a few pages of the interpreter's that nothing later in the run touches (~5 faults).
+    lull_agent::sandbox::redirect_stdio(request.stdout.raw(), request.stderr.raw())
+        .map_err(|err| err.to_string())?;
     if !request.exec {
         interpreter
             .add_environment(py, &request.env)

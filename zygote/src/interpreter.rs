@@ -7,7 +7,6 @@ use pyo3::types::{PyDict, PyList};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::ffi::CString;
-use std::os::fd::RawFd;
 use std::process::{Command, Stdio};
 
 const RUN_PY: &str = include_str!("run.py");
@@ -135,37 +134,6 @@ impl Interpreter {
     /// before/after-fork hooks (import lock, thread state, `random` reseeding, ...).
     pub(crate) fn fork(&self, py: Python<'_>) -> PyResult<i32> {
         self.os.bind(py).call_method0("fork")?.extract()
-    }
-
-    /// One non-blocking `os.write(fd, bytes)` (a received fd is a plain number to the zygote),
-    /// so that a pipe nobody drains cannot stall the zygote. Errors on a short write.
-    pub(crate) fn write_fd(&self, py: Python<'_>, fd: RawFd, bytes: &[u8]) -> PyResult<()> {
-        let os = self.os.bind(py);
-        os.call_method1("set_blocking", (fd, false))?;
-        let written: usize = os
-            .call_method1("write", (fd, pyo3::types::PyBytes::new(py, bytes)))?
-            .extract()?;
-        if written < bytes.len() {
-            return Err(pyo3::exceptions::PyBlockingIOError::new_err(format!(
-                "wrote {written} of {} bytes",
-                bytes.len()
-            )));
-        }
-        Ok(())
-    }
-
-    /// In a run's process: its pipes on fds 1 and 2, `/dev/null` on 0 (the sandbox closes
-    /// every other fd as its last steps).
-    pub(crate) fn redirect_stdio(
-        &self,
-        py: Python<'_>,
-        stdout: RawFd,
-        stderr: RawFd,
-    ) -> PyResult<()> {
-        self.helper
-            .bind(py)
-            .call_method1("redirect", (stdout, stderr))?;
-        Ok(())
     }
 
     /// In the zygote, before a fork: makes the zygote's own environment the part of `env`

@@ -79,14 +79,6 @@ def prepare(python, preload):
     return failed
 
 
-def redirect(stdout_fd, stderr_fd):
-    """In the run's process: its pipes on 1 and 2; 0 is /dev/null already (the zygote's own).
-    Every other descriptor is closed by the sandbox's last steps (some are still needed until
-    then)."""
-    os.dup2(stdout_fd, 1)
-    os.dup2(stderr_fd, 2)
-
-
 def set_base_environment(env):
     """In the zygote, when the part of the runs' environment that is the same for every run
     changes (in practice once): each run then only adds its own few variables, so that a run

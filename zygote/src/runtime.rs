@@ -14,7 +14,7 @@ use lull_agent::sandbox::ForkedRun;
 use nix::unistd::Pid;
 use pyo3::prelude::*;
 use std::collections::BTreeMap;
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 
 /// What the server needs of the process it runs in.
 pub(crate) trait Runtime {
@@ -32,8 +32,6 @@ pub(crate) trait Runtime {
     ) -> Result<BTreeMap<String, String>, String>;
     /// Forks: 0 in the child, the child's pid in the parent.
     fn fork(&self) -> Result<i32, String>;
-    /// One non-blocking write of all of `bytes` to `fd` (a run's stderr).
-    fn write_fd(&self, fd: RawFd, bytes: &[u8]) -> Result<(), String>;
     /// In a child forked for `request`: runs it, never returns.
     fn run(
         &self,
@@ -74,12 +72,6 @@ impl Runtime for Warm<'_> {
     fn fork(&self) -> Result<i32, String> {
         self.interpreter
             .fork(self.py)
-            .map_err(|err| err.to_string())
-    }
-
-    fn write_fd(&self, fd: RawFd, bytes: &[u8]) -> Result<(), String> {
-        self.interpreter
-            .write_fd(self.py, fd, bytes)
             .map_err(|err| err.to_string())
     }
 
@@ -125,10 +117,6 @@ impl Runtime for Launcher {
             Ok(Some(pid)) => Ok(pid.as_raw()),
             Err(err) => Err(err.to_string()),
         }
-    }
-
-    fn write_fd(&self, fd: RawFd, bytes: &[u8]) -> Result<(), String> {
-        lull_agent::sandbox::write_nonblocking(fd, bytes).map_err(|err| err.to_string())
     }
 
     fn run(

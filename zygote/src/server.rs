@@ -468,7 +468,8 @@ impl<R: Runtime> Server<R> {
     /// Writes `note` as the run's last stderr line, which the agent reports as its error.
     fn tell_why(&self, run_id: RunId, stderr: &ReceivedFd, note: &str) {
         let line = format!("lull: {note}\n");
-        if let Err(err) = self.runtime.write_fd(stderr.raw(), line.as_bytes()) {
+        // Non-blocking: a pipe nobody drains cannot stall the zygote.
+        if let Err(err) = lull_agent::sandbox::write_nonblocking(stderr.raw(), line.as_bytes()) {
             log!("could not tell run {run_id} why it ended: {err}");
         }
     }

@@ -81,7 +81,8 @@ pub(crate) fn run(
         execute(py, interpreter, request, prepared)
     }))
     .unwrap_or(SETUP_FAILED);
-    interpreter.exit(py, status)
+    // `_exit`: no Rust destructor, no second finalisation (as Python's `os._exit`).
+    lull_agent::sandbox::exit_now(status)
 }
 
 /// A child the zygote forked before it had a run for it (its spare, always PID 1 of a PID
@@ -113,7 +114,8 @@ pub(crate) fn spare(
         }
     }))
     .unwrap_or(SETUP_FAILED);
-    interpreter.exit(py, status)
+    // `_exit`: no Rust destructor, no second finalisation (as Python's `os._exit`).
+    lull_agent::sandbox::exit_now(status)
 }
 
 /// In a launcher's child forked for `request` ([`crate::runtime::Launcher`]: no interpreter

@@ -256,13 +256,6 @@ impl Interpreter {
             Err(err) => format!("exec {}: {err}", self.python),
         }
     }
-
-    /// `os._exit(status)`: no Rust destructor, no second finalisation.
-    pub(crate) fn exit(&self, py: Python<'_>, status: i32) -> ! {
-        let _ = self.os.bind(py).call_method1("_exit", (status,));
-        // os._exit does not return; if it somehow failed, end without running anything else.
-        std::process::abort()
-    }
 }
 
 fn major_minor(version: &str) -> Option<(&str, &str)> {

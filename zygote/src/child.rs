@@ -1,13 +1,13 @@
 //! One run's process, from the moment `os.fork()` returned 0 in it: wire its pipes, confine it
 //! with `lull_agent::sandbox::ForkedRun::confine` (it was born PID 1 of the run's own PID
 //! namespace, where the host allows one), run the code as `python3 -I -u -c` would, report
-//! how it ended ([`crate::report`]), exit. A cold run (`exec`) execs a fresh `python3 -I -u
-//! -c` instead, once confined.
-//! A spare ([`spare`]) is the same process forked before its run: it joins its cgroup,
-//! waits for the run on a socket, then goes on as [`run`] does.
+//! how it ended ([`crate::report`]), exit. A launcher's child ([`launch`]: a cold run,
+//! `exec`) execs a fresh `python3 -I -u -c` instead, once confined.
+//! A spare ([`spare`], [`launcher_spare`]) is the same process forked before its run: it joins
+//! its cgroup, waits for the run on a socket, then goes on as [`run`] or [`launch`] does.
 //!
 //! Architecture Invariant: this path never returns to the zygote's loop. Every way out, a
-//! panic included, ends in `os._exit`.
+//! panic included, ends in `_exit`.
 
 use crate::interpreter::Interpreter;
 use crate::report::EndReport;
@@ -65,8 +65,8 @@ pub(crate) struct RunRequest {
 }
 
 /// Runs `request` in this freshly forked child of the zygote (`zygote` is its pid, `launch`
-/// what the zygote prepared for it, `report` where it says how it ended, none for a run that
-/// execs: see [`crate::report`]) and exits with the code's exit status.
+/// what the zygote prepared for it, `report` where it says how it ended: see
+/// [`crate::report`]) and exits with the code's exit status.
 pub(crate) fn run(
     py: Python<'_>,
     interpreter: &Interpreter,
@@ -99,6 +99,8 @@ pub(crate) fn spare(
 ) -> ! {
     let status = std::panic::catch_unwind(AssertUnwindSafe(|| {
         match wait_for_run(&socket, zygote, launch) {
+            // The zygote hands it only runs of its own kind (see `refusal` in the server).
+            Ok(request) if request.exec => setup_failed(crate::runtime::WARM_EXECS_NOTHING),
             Ok(request) => {
                 let prepared = prepare(
                     py,
@@ -119,8 +121,8 @@ pub(crate) fn spare(
 }
 
 /// In a launcher's child forked for `request` ([`crate::runtime::Launcher`]: no interpreter
-/// in this process): confines it and execs a fresh `python -I -u -c` for the run, as
-/// [`run`] does for a cold run in a warm zygote. Exits only if that fails.
+/// in this process): confines it as [`run`] does, then execs a fresh `python -I -u -c` for
+/// the run. Exits only if that fails.
 pub(crate) fn launch(python: &str, request: &RunRequest, zygote: Pid, launch: &ForkedRun) -> ! {
     let status = std::panic::catch_unwind(AssertUnwindSafe(|| {
         let err = match outlive_no_zygote(request.policy.protections.namespaces, zygote) {
@@ -205,11 +207,7 @@ fn execute(
     prepared: Result<Prepared<'_>, String>,
 ) -> i32 {
     match prepared {
-        // Its stderr, as the cold launcher says it.
-        Ok(Prepared::Exec) => {
-            setup_failed(&interpreter.exec_fresh(py, &request.code, &request.env))
-        }
-        Ok(Prepared::Run { globals, report }) => {
+        Ok(Prepared { globals, report }) => {
             let status = interpreter.run_main(py, &request.code, &globals);
             if let Some(report) = report {
                 report_end(report, status);
@@ -318,16 +316,11 @@ enum Cgroup {
 }
 
 /// A confined run's process, ready for its code.
-enum Prepared<'py> {
-    /// To run it here.
-    Run {
-        /// Its `__main__`'s globals.
-        globals: Bound<'py, pyo3::types::PyDict>,
-        /// Where it says how it ended; `None` when the sandbox kept none.
-        report: Option<ReportSocket>,
-    },
-    /// To exec a fresh interpreter for it.
-    Exec,
+struct Prepared<'py> {
+    /// Its `__main__`'s globals.
+    globals: Bound<'py, pyo3::types::PyDict>,
+    /// Where it says how it ended; `None` when the sandbox kept none.
+    report: Option<ReportSocket>,
 }
 
 /// The run's end of its report socket, on `REPORT_FD`, and which socket that is (device and
@@ -376,24 +369,14 @@ fn prepare<'py>(
     // a few pages of the interpreter's that nothing later in the run touches (~5 faults).
     lull_agent::sandbox::redirect_stdio(request.stdout.raw(), request.stderr.raw())
         .map_err(|err| err.to_string())?;
-    if !request.exec {
-        interpreter
-            .add_environment(py, &request.env)
-            .map_err(|err| format!("environment: {err}"))?;
-    }
-    // A fresh interpreter reports its end by exiting: the zygote's reap tells (a spare's
-    // socket, which brought it its run, closes here).
-    let report = report.filter(|_| !request.exec);
+    interpreter
+        .add_environment(py, &request.env)
+        .map_err(|err| format!("environment: {err}"))?;
     // Restores the death signal and dumpable after the uid drop.
     let confined = match cgroup {
         Cgroup::Join => launch.confine(&request.policy, report),
         Cgroup::Joined => launch.confine_in_cgroup(&request.policy, report),
     };
-    if request.exec {
-        return confined
-            .map(|_| Prepared::Exec)
-            .map_err(|err| err.to_string());
-    }
     let report = confined
         .map_err(|err| err.to_string())?
         .map(ReportSocket::new)
@@ -401,5 +384,5 @@ fn prepare<'py>(
     let globals = interpreter
         .enter(py, &request.code)
         .map_err(|err| format!("interpreter state: {err}"))?;
-    Ok(Prepared::Run { globals, report })
+    Ok(Prepared { globals, report })
 }

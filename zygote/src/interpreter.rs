@@ -237,25 +237,6 @@ impl Interpreter {
         builtins.call_method1("exec", (compiled, globals))?;
         Ok(())
     }
-
-    /// In a sandboxed run's process: execs a fresh `python3 -I -u -c code` (the target
-    /// python, as the cold executor starts it) with exactly `env`. Returns only on failure,
-    /// saying why.
-    pub(crate) fn exec_fresh(
-        &self,
-        py: Python<'_>,
-        code: &str,
-        env: &BTreeMap<String, String>,
-    ) -> String {
-        match self
-            .helper
-            .bind(py)
-            .call_method1("exec_fresh", (&self.python, code, env))
-        {
-            Ok(_) => format!("exec {} returned", self.python),
-            Err(err) => format!("exec {}: {err}", self.python),
-        }
-    }
 }
 
 fn major_minor(version: &str) -> Option<(&str, &str)> {

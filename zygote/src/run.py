@@ -168,16 +168,6 @@ def enter(argv):
     return main.__dict__
 
 
-def exec_fresh(python, code, env):
-    """In a sandboxed run's process: `python3 -I -u -c code` with exactly `env`, as the cold
-    executor starts it, with the signals the zygote ignores back to their defaults (the others
-    are, since `prepare`; an ignored signal stays ignored across exec: a fresh python3 would
-    not install its SIGINT handler). Only returns by raising."""
-    for signum in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT):
-        signal.signal(signum, signal.SIG_DFL)
-    os.execve(python, [python, "-I", "-u", "-c", code], env)
-
-
 def system_exit_status(exc):
     """The exit status of an uncaught SystemExit, printing its message as CPython does."""
     try:

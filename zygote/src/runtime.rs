@@ -136,3 +136,29 @@ impl Runtime for Launcher {
 
 /// Why a launcher refuses a run that does not exec.
 pub(crate) const LAUNCHER_RUNS_NO_CODE: &str = "this zygote is a launcher (--launcher): it runs no code in its own process, only fresh interpreters";
+
+/// Why a warm zygote refuses a run that would exec a fresh interpreter.
+pub(crate) const WARM_EXECS_NOTHING: &str = "this zygote runs code in its own interpreter; a run that execs a fresh one goes to a launcher (--launcher)";
+
+/// Why a zygote whose runtime runs code in its fork (`runs_code`) or not cannot start a run
+/// that execs (`exec`) or not; `None` when it can.
+pub(crate) fn refusal(runs_code: bool, exec: bool) -> Option<&'static str> {
+    match (runs_code, exec) {
+        (true, true) => Some(WARM_EXECS_NOTHING),
+        (false, false) => Some(LAUNCHER_RUNS_NO_CODE),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_runtime_refuses_the_runs_of_the_other() {
+        assert_eq!(refusal(true, false), None, "a warm zygote runs code");
+        assert_eq!(refusal(false, true), None, "a launcher execs");
+        assert_eq!(refusal(true, true), Some(WARM_EXECS_NOTHING));
+        assert_eq!(refusal(false, false), Some(LAUNCHER_RUNS_NO_CODE));
+    }
+}

@@ -318,9 +318,9 @@ impl<R: Runtime> Server<R> {
     }
 
     /// Forks the run's process (or hands the run to the spare). Returns its pid; the child
-    /// never returns from here. With `exec`, the child execs a fresh interpreter with exactly
-    /// `env` once sandboxed (so the zygote's shared environment is left alone), and reports
-    /// nothing before its exit (its reap tells).
+    /// never returns from here. With `exec` (a launcher's runs), the child execs a fresh
+    /// interpreter with exactly `env` once sandboxed, and reports nothing before its exit (its
+    /// reap tells).
     fn start(
         &mut self,
         policy: RunPolicy,
@@ -339,16 +339,15 @@ impl<R: Runtime> Server<R> {
                 fds.len()
             ))
         })?;
+        if let Some(why) = crate::runtime::refusal(self.runtime.runs_code(), exec) {
+            return Err(StartError::Run(why.to_string()));
+        }
         let env = if exec {
             env
-        } else if self.runtime.runs_code() {
+        } else {
             self.runtime
                 .share_environment(&env)
                 .map_err(|err| StartError::Run(format!("environment: {err}")))?
-        } else {
-            return Err(StartError::Run(
-                crate::runtime::LAUNCHER_RUNS_NO_CODE.to_string(),
-            ));
         };
         if let Some((pid, launch, report)) =
             self.start_on_spare(&policy, &code, &env, exec, [&stdout, &stderr])

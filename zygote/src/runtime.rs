@@ -1,7 +1,8 @@
 //! What the zygote's loop ([`crate::server`]) forks, and what each child becomes: a warm
 //! interpreter's runs ([`Warm`]: CPython initialised once, each run's code executed in its
-//! fork, or a fresh interpreter exec'd), or a launcher's ([`Launcher`], `--launcher`: no
-//! interpreter at all, every run execs a fresh `python3 -I -u -c`: the cold executor's).
+//! fork), or a launcher's ([`Launcher`], `--launcher`: no interpreter at all, every run execs
+//! a fresh `python3 -I -u -c`: the cold executor's). Each refuses the other's runs
+//! ([`refusal`]).
 //!
 //! A launcher forks a small process instead of a copy of an initialised CPython: the fork
 //! copies fewer page tables, the child writes to (and so copies) few pages before its exec,
@@ -23,7 +24,7 @@ pub(crate) trait Runtime {
     fn runs_code(&self) -> bool;
     /// Counts the changes of the environment runs share (see
     /// [`Interpreter::share_environment`]): a spare forked in an earlier generation cannot
-    /// take a run that does not exec.
+    /// take the next run. Constant for a launcher, whose runs bring their whole environment.
     fn env_generation(&self) -> u64;
     /// Before forking a run that does not exec: what of `env` the run still has to add.
     fn share_environment(

@@ -485,8 +485,9 @@ impl<R: Runtime> Server<R> {
         fds: [&ReceivedFd; RUN_FDS],
     ) -> Option<(Pid, ForkedRun, OwnedFd)> {
         let mut spare = self.spare.take()?;
-        // A run that execs takes its environment from the message, not the fork.
-        if (!exec && spare.env_generation != self.runtime.env_generation())
+        // A spare forked before the shared environment changed holds the old one (a launcher's
+        // runs take theirs from the message: its generation never changes).
+        if spare.env_generation != self.runtime.env_generation()
             || !spare.launch.fits(&spare.made_for, policy)
         {
             self.discard(spare);

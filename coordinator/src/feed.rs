@@ -1,6 +1,9 @@
 //! The live feed behind `WS /ws/updates`: each committed change a client would want to see
 //! becomes an event with a sequence number, kept in a bounded ring (for `?since=` replays)
-//! and broadcast to every subscriber through a bounded channel.
+//! and broadcast to every subscriber through a bounded channel. A commit's events travel
+//! together, as one [`Group`] (of at most [`GROUP_EVENTS`]): a subscriber takes a commit's
+//! events from the broadcast at once, and a `?batch=true` connection that wants them all
+//! sends the group's array, encoded once for every such connection.
 //!
 //! Architecture Invariant: an event is published only after the change it reports is
 //! durable. The store's writer calls [`Feed::committed`] after each commit and before it
@@ -8,9 +11,10 @@
 //! answered by the HTTP API already finds its event in the feed.
 //!
 //! Architecture Invariant: publishing never waits for a subscriber. Each subscriber reads a
-//! bounded broadcast; one that falls more than `buffer` events behind loses the oldest and is
-//! told how many (`lagged`). A stuck client costs memory bounded by the buffer, never time on
-//! the commit path or for other clients.
+//! bounded broadcast; one that falls more than `buffer` groups behind loses the oldest and is
+//! told how many events that was (`lagged`). A stuck client costs memory bounded by the
+//! buffer (`buffer` × [`GROUP_EVENTS`] events at most), never time on the commit path or for
+//! other clients.
 //!
 //! Architecture Invariant: nobody listening costs (close to) nothing. An event keeps what it
 //! says as typed data; its JSON is encoded once, by the first subscriber (live or replaying)
@@ -35,11 +39,17 @@ use tokio::sync::broadcast;
 /// Longest `error` a task event carries; the whole text is in the task itself.
 const MAX_EVENT_ERROR_CHARS: usize = 1000;
 
+/// Most events broadcast as one group: a larger commit's events go in several. With the
+/// default buffer of 4,096 groups, a stuck subscriber holds at most 65,536 events (about
+/// 30 MB) and may fall at least 4,096 events behind before it loses any.
+pub const GROUP_EVENTS: usize = 16;
+
 #[derive(Debug, Clone)]
 pub struct FeedConfig {
     /// Events kept for `?since=` replays.
     pub history: usize,
-    /// Events one subscriber may fall behind before it loses the oldest (and gets `lagged`).
+    /// Groups (a commit's events, at most [`GROUP_EVENTS`] each) one subscriber may fall
+    /// behind before it loses the oldest (and gets `lagged`).
     pub buffer: usize,
 }
 
@@ -95,6 +105,53 @@ impl Event {
     }
 }
 
+/// Events published together (one commit's, or part of a large one's), in `seq` order, with
+/// no gap between them: what the broadcast carries.
+#[derive(Debug)]
+pub struct Group {
+    events: Vec<Arc<Event>>,
+    /// The events as one JSON array (`?batch=true`), encoded when first asked for.
+    array: OnceLock<Bytes>,
+}
+
+impl Group {
+    fn new(events: Vec<Arc<Event>>) -> Group {
+        Group {
+            events,
+            array: OnceLock::new(),
+        }
+    }
+
+    /// Never empty: the feed broadcasts no empty group.
+    pub fn events(&self) -> &[Arc<Event>] {
+        &self.events
+    }
+
+    /// The seq of the first event (0 for an empty group, which the feed never sends).
+    pub fn first_seq(&self) -> u64 {
+        self.events.first().map_or(0, |e| e.seq)
+    }
+
+    /// `[event,event,...]`: each event's own message, comma-separated. Built once, by the
+    /// first connection that sends the group whole; every other one shares the bytes.
+    pub fn array(&self) -> &Bytes {
+        self.array.get_or_init(|| {
+            let messages: Vec<&Bytes> = self.events.iter().map(|e| e.json()).collect();
+            let len = messages.iter().map(|m| m.len() + 1).sum::<usize>() + 1;
+            let mut array = Vec::with_capacity(len);
+            array.push(b'[');
+            for (i, message) in messages.iter().enumerate() {
+                if i > 0 {
+                    array.push(b',');
+                }
+                array.extend_from_slice(message);
+            }
+            array.push(b']');
+            Bytes::from(array)
+        })
+    }
+}
+
 /// Which events a subscriber wants; every given part must match.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
@@ -106,6 +163,11 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// Whether this filter lets every event through.
+    pub fn takes_all(&self) -> bool {
+        self.events.is_none() && self.task_id.is_none() && self.node_id.is_none()
+    }
+
     pub fn matches(&self, event: &Event) -> bool {
         self.events
             .as_ref()
@@ -134,14 +196,14 @@ pub struct Subscription {
     /// Events after `since` still in the ring, oldest first.
     pub backlog: Vec<Arc<Event>>,
     /// Everything published after the backlog, with nothing skipped or repeated.
-    pub live: broadcast::Receiver<Arc<Event>>,
+    pub live: broadcast::Receiver<Arc<Group>>,
     /// The newest seq when the subscription began (the last one before `live`).
     pub newest: u64,
 }
 
 pub struct Feed {
     state: Mutex<FeedState>,
-    sender: broadcast::Sender<Arc<Event>>,
+    sender: broadcast::Sender<Arc<Group>>,
     history: usize,
     buffer: usize,
 }
@@ -216,13 +278,13 @@ impl Feed {
         self.sender.receiver_count()
     }
 
-    /// How far the slowest subscriber is behind, in events. It reaching [`Feed::buffer`]
+    /// How far the slowest subscriber is behind, in groups. It reaching [`Feed::buffer`]
     /// means that subscriber is losing events (it will be told with `lagged`).
     pub fn slowest_backlog(&self) -> usize {
         self.sender.len()
     }
 
-    /// Events one subscriber may fall behind before it loses the oldest.
+    /// Groups one subscriber may fall behind before it loses the oldest.
     pub fn buffer(&self) -> usize {
         self.buffer
     }
@@ -238,19 +300,25 @@ impl Feed {
     ) {
         let ts = unix_now();
         let mut state = self.state();
+        let mut group = Vec::with_capacity(1);
         self.push(
             &mut state,
+            &mut group,
             ts,
             kind,
             task_id,
             node_id,
             EventData::Other(data),
         );
+        self.send(&mut group);
     }
 
+    /// Numbers and stores one event and adds it to `group`, which is sent when it is full.
+    #[allow(clippy::too_many_arguments)]
     fn push(
         &self,
         state: &mut FeedState,
+        group: &mut Vec<Arc<Event>>,
         ts: f64,
         kind: FeedEventKind,
         task_id: Option<TaskId>,
@@ -271,8 +339,20 @@ impl Feed {
             state.ring.pop_front();
         }
         state.ring.push_back(event.clone());
+        group.push(event);
+        if group.len() >= GROUP_EVENTS {
+            self.send(group);
+        }
+    }
+
+    /// Broadcasts the events gathered in `group` (if any) as one group; `group` starts over.
+    fn send(&self, group: &mut Vec<Arc<Event>>) {
+        if group.is_empty() {
+            return;
+        }
+        let events = std::mem::take(group);
         // An error only means nobody is listening right now.
-        let _ = self.sender.send(event);
+        let _ = self.sender.send(Arc::new(Group::new(events)));
     }
 }
 
@@ -280,12 +360,14 @@ impl CommitObserver for Feed {
     fn committed(&self, changes: &[Change]) {
         let ts = unix_now();
         let mut state = self.state();
+        let mut group = Vec::with_capacity(changes.len().min(GROUP_EVENTS));
         for change in changes {
             match change {
                 Change::TaskCreated(task) => {
                     let data = task_data(&task.state);
                     self.push(
                         &mut state,
+                        &mut group,
                         ts,
                         FeedEventKind::TaskCreated,
                         Some(task.task_id),
@@ -304,6 +386,7 @@ impl CommitObserver for Feed {
                     let data = task_data(task);
                     self.push(
                         &mut state,
+                        &mut group,
                         ts,
                         kind,
                         Some(task.task_id),
@@ -315,6 +398,7 @@ impl CommitObserver for Feed {
                     let data = task_data(task);
                     self.push(
                         &mut state,
+                        &mut group,
                         ts,
                         FeedEventKind::TaskUpdated,
                         Some(task.task_id),
@@ -326,6 +410,7 @@ impl CommitObserver for Feed {
                     let data = run_data(run);
                     self.push(
                         &mut state,
+                        &mut group,
                         ts,
                         FeedEventKind::RunStopped,
                         Some(run.task_id),
@@ -337,7 +422,15 @@ impl CommitObserver for Feed {
                     let previous = state.node_status.insert(node.node_id.clone(), node.status);
                     for kind in node_event_kinds(previous, node.status) {
                         let data = node_data(node, previous);
-                        self.push(&mut state, ts, kind, None, Some(node.node_id.clone()), data);
+                        self.push(
+                            &mut state,
+                            &mut group,
+                            ts,
+                            kind,
+                            None,
+                            Some(node.node_id.clone()),
+                            data,
+                        );
                     }
                 }
                 // A run's progress shows in its task's events (a run stopped by scaling down,
@@ -363,6 +456,7 @@ impl CommitObserver for Feed {
                     });
                     self.push(
                         &mut state,
+                        &mut group,
                         ts,
                         FeedEventKind::OperationUpdated,
                         None,
@@ -372,6 +466,7 @@ impl CommitObserver for Feed {
                 }
             }
         }
+        self.send(&mut group);
     }
 }
 
@@ -528,12 +623,45 @@ mod tests {
         serde_json::from_slice(event.json()).expect("a feed message")
     }
 
-    fn drain(rx: &mut broadcast::Receiver<Arc<Event>>) -> Vec<(u64, FeedEventKind)> {
+    fn drain(rx: &mut broadcast::Receiver<Arc<Group>>) -> Vec<(u64, FeedEventKind)> {
         let mut out = Vec::new();
-        while let Ok(e) = rx.try_recv() {
-            out.push((e.seq, e.kind));
+        while let Ok(group) = rx.try_recv() {
+            out.extend(group.events().iter().map(|e| (e.seq, e.kind)));
         }
         out
+    }
+
+    #[test]
+    fn a_commit_s_events_are_broadcast_in_groups_of_at_most_group_events() {
+        let feed = Feed::new(&FeedConfig::default(), []);
+        let mut sub = feed.subscribe(None);
+        let large = GROUP_EVENTS * 2 + 3;
+        feed.committed(&(1..=large as TaskId).map(created).collect::<Vec<_>>());
+        feed.committed(&[created(100)]);
+        feed.committed(&[]);
+        feed.publish(FeedEventKind::OperationUpdated, None, None, Value::Null);
+        let mut groups = Vec::new();
+        while let Ok(group) = sub.live.try_recv() {
+            groups.push(group);
+        }
+        let sizes: Vec<usize> = groups.iter().map(|g| g.events().len()).collect();
+        assert_eq!(sizes, vec![GROUP_EVENTS, GROUP_EVENTS, 3, 1, 1]);
+        let seqs: Vec<u64> = groups
+            .iter()
+            .flat_map(|g| g.events().iter().map(|e| e.seq))
+            .collect();
+        assert_eq!(seqs, (1..=large as u64 + 2).collect::<Vec<_>>());
+        for group in &groups {
+            assert_eq!(group.first_seq(), group.events()[0].seq);
+            // The array is the group's messages, as each is sent alone, in order.
+            let array: Vec<Value> = serde_json::from_slice(group.array()).expect("an array");
+            let each: Vec<Value> = group
+                .events()
+                .iter()
+                .map(|e| serde_json::from_slice(e.json()).expect("a message"))
+                .collect();
+            assert_eq!(array, each);
+        }
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! and broadcast to every subscriber through a bounded channel. A commit's events travel
 //! together, as one [`Group`] (of at most [`GROUP_EVENTS`]): a subscriber takes a commit's
 //! events from the broadcast at once, and a `?batch=true` connection that wants them all
-//! sends the group's array, encoded once for every such connection.
+//! sends the group's array (encoded once for every such connection) instead of building its
+//! own from the events.
 //!
 //! Architecture Invariant: an event is published only after the change it reports is
 //! durable. The store's writer calls [`Feed::committed`] after each commit and before it

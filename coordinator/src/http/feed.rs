@@ -9,17 +9,16 @@
 //! alone and it sends `lagged` with the count. Client messages are read only to notice a
 //! close; pings are answered by the WebSocket layer.
 //!
-//! Woken for a group (one commit's events, see [`crate::feed`]), a connection writes every
-//! group already queued for it (up to [`FRAMES_PER_FLUSH`] events) into one buffer and
-//! flushes once: one `send` syscall per wake-up, not per frame. Frames are one event each,
-//! unless the client asked for `?batch=true`: then the events of one commit that the
-//! connection wants are one text message, a JSON array of the same objects in the same
-//! order, so a client following thousands of events a second handles one message per
-//! commit, not per event. A connection that wants every event sends the group's array as
-//! the feed encoded it, once for all such connections: nothing of it is copied but by the
-//! WebSocket layer into its write buffer. (Joining the arrays of several commits into one
-//! message cost the coordinator a fifth of its CPU when fanning out: a second copy of
-//! every byte, into memory no cache held.) Its read buffer is small ([`READ_BUFFER_BYTES`]): clients
+//! Woken for a group of events (a commit's, see [`crate::feed`]), a connection writes every
+//! event already queued for it (up to [`FRAMES_PER_FLUSH`]) as frames into one buffer and
+//! flushes once: one `send` syscall per write, not per frame. While events keep coming it
+//! writes at most once per [`WRITE_INTERVAL`], so that a busy feed goes out in fewer,
+//! larger writes. With `?batch=true` the events of one write go as one text message, a JSON
+//! array of the same objects in the same order: one frame per write for the WebSocket
+//! layers on both sides, which is what a client following thousands of events a second
+//! spends its time on. A connection that takes every event sends a lone group's array as
+//! the feed encoded it, shared, and joins several groups' arrays without looking at their
+//! events. Its read buffer is small ([`READ_BUFFER_BYTES`]): clients
 //! send only control frames, and the WebSocket layer zeroes the free part of that buffer
 //! on every read attempt.
 
@@ -39,14 +38,25 @@ use lull_shared::{FeedEventKind, TaskId};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::broadcast::Receiver;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Events written to a connection before one flush: what was already queued for it, up to
 /// this many (about 50 kB of events, below the 128 kB write buffer that would flush early).
 /// Also the most events in one `?batch=true` array.
 const FRAMES_PER_FLUSH: usize = 256;
+
+/// The least time between two writes to one connection while events keep coming: an event
+/// that finds the connection idle for longer is written at once; one that follows a write
+/// closer than this waits for the rest of the interval, and goes with whatever else arrived
+/// meanwhile. With 1,000 clients at 5,000 events/s this halved the messages each client
+/// handles and the coordinator's `send`s, and cut the delay's p99 (`ws_fanout`,
+/// BENCHMARKS.md), at the price of up to this much for an event that follows another
+/// closely.
+const WRITE_INTERVAL: Duration = Duration::from_millis(25);
 
 /// Bytes a connection reads at once. Clients send pings, pongs and a close, each at most
 /// 131 bytes; a larger message is read in several parts. (The default, 128 kB, was zeroed
@@ -62,8 +72,7 @@ pub struct FeedParams {
     node_id: Option<String>,
     /// Replay what was published after this seq.
     since: Option<String>,
-    /// `true`: each message is a JSON array: the events of one commit (at most 16) that
-    /// the connection wants, or up to 256 of a replay.
+    /// `true`: each message is a JSON array of the events written together.
     batch: Option<String>,
     /// Credentials for browsers, which cannot set headers on a WebSocket: read by the auth
     /// middleware, ignored here.
@@ -234,6 +243,8 @@ async fn serve(
             _ = stopping.cancelled() => return Err(Ended::Stopping),
             sent = connection.send_replay(gap, backlog) => sent?,
         }
+        // No wait before the first write.
+        let mut next_write = Instant::now();
         loop {
             let first = tokio::select! {
                 _ = stopping.cancelled() => return Err(Ended::Stopping),
@@ -243,10 +254,23 @@ async fn serve(
                 },
                 received = connection.live.recv() => received,
             };
-            tokio::select! {
+            // Events keep coming: let them gather until the interval is up.
+            if Instant::now() < next_write {
+                tokio::select! {
+                    _ = stopping.cancelled() => return Err(Ended::Stopping),
+                    () = tokio::time::sleep_until(next_write) => {}
+                }
+            }
+            let drained = tokio::select! {
                 _ = stopping.cancelled() => return Err(Ended::Stopping),
                 sent = connection.send_queued(first) => sent?,
-            }
+            };
+            // A connection that left events queued (it wrote its limit) goes on at once.
+            next_write = if drained {
+                Instant::now() + WRITE_INTERVAL
+            } else {
+                Instant::now()
+            };
         }
     }
     .await;
@@ -284,9 +308,12 @@ struct Connection {
     batch: Option<Batch>,
 }
 
-/// One `?batch=true` message being built: `[` and the events so far, comma-separated.
+/// One `?batch=true` message being built: `[` and the events so far, comma-separated; or,
+/// while it holds one group's array alone, that array, shared.
 #[derive(Default)]
 struct Batch {
+    /// The message is exactly this group's array so far (nothing copied yet).
+    shared: Option<Bytes>,
     json: Vec<u8>,
     events: usize,
     /// The length of the last message: the next one's first allocation (an idle connection
@@ -295,30 +322,64 @@ struct Batch {
 }
 
 impl Batch {
+    /// Adds one event's message.
     fn push(&mut self, event: &[u8]) {
-        if self.events == 0 {
-            self.json = Vec::with_capacity(self.last_len.max(event.len() + 2));
-            self.json.push(b'[');
-        } else {
+        self.open(event.len());
+        if self.events > 0 {
             self.json.push(b',');
         }
         self.json.extend_from_slice(event);
         self.events += 1;
     }
 
+    /// Adds a group's array (`[e,...]`) of `events` events: kept as it is when the message
+    /// holds nothing else (yet), else its events are copied in without their brackets.
+    fn push_array(&mut self, array: &Bytes, events: usize) {
+        let Some(inner) = array
+            .strip_prefix(b"[")
+            .and_then(|a| a.strip_suffix(b"]"))
+            .filter(|inner| !inner.is_empty() && events > 0)
+        else {
+            return;
+        };
+        if self.events == 0 {
+            self.shared = Some(array.clone());
+        } else {
+            self.open(inner.len());
+            self.json.push(b',');
+            self.json.extend_from_slice(inner);
+        }
+        self.events += events;
+    }
+
+    /// Makes `json` the message so far (`[` and its events) with room for `more` bytes.
+    fn open(&mut self, more: usize) {
+        if let Some(shared) = self.shared.take() {
+            let so_far = &shared[..shared.len() - 1];
+            self.json = Vec::with_capacity(self.last_len.max(so_far.len() + more + 2));
+            self.json.extend_from_slice(so_far);
+        } else if self.events == 0 {
+            self.json = Vec::with_capacity(self.last_len.max(more + 2));
+            self.json.push(b'[');
+        }
+    }
+
     /// The array as one text message, if it holds any event; the next starts empty.
-    fn take(&mut self) -> Option<Result<Message, std::string::FromUtf8Error>> {
+    fn take(&mut self) -> Option<Result<Message, std::str::Utf8Error>> {
         if self.events == 0 {
             return None;
         }
-        self.json.push(b']');
         self.events = 0;
-        self.last_len = self.json.len();
         // Events built by `serde_json` joined with ASCII: UTF-8, checked with a cheap scan.
-        Some(
-            String::from_utf8(std::mem::take(&mut self.json))
-                .map(|text| Message::Text(Utf8Bytes::from(text))),
-        )
+        let bytes = match self.shared.take() {
+            Some(shared) => shared,
+            None => {
+                self.json.push(b']');
+                Bytes::from(std::mem::take(&mut self.json))
+            }
+        };
+        self.last_len = bytes.len();
+        Some(Utf8Bytes::try_from(bytes).map(Message::Text))
     }
 }
 
@@ -355,10 +416,12 @@ impl Connection {
     }
 
     /// `first`, then whatever else is already waiting for this connection (up to
-    /// [`FRAMES_PER_FLUSH`] events), in one flush.
-    async fn send_queued(&mut self, first: Result<Arc<Group>, RecvError>) -> Result<(), Ended> {
+    /// [`FRAMES_PER_FLUSH`] events), in one flush. `Ok(true)` when it took everything that
+    /// was waiting, `Ok(false)` when it stopped at the limit with more to send.
+    async fn send_queued(&mut self, first: Result<Arc<Group>, RecvError>) -> Result<bool, Ended> {
         let mut received = Some(first);
         let mut events = 0;
+        let mut drained = false;
         while let Some(next) = received.take() {
             match next {
                 Ok(group) => {
@@ -378,13 +441,17 @@ impl Connection {
             if events < FRAMES_PER_FLUSH {
                 received = match self.live.try_recv() {
                     Ok(group) => Some(Ok(group)),
-                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Empty) => {
+                        drained = true;
+                        None
+                    }
                     Err(TryRecvError::Lagged(missed)) => Some(Err(RecvError::Lagged(missed))),
                     Err(TryRecvError::Closed) => Some(Err(RecvError::Closed)),
                 };
             }
         }
-        self.flush().await
+        self.flush().await?;
+        Ok(drained)
     }
 
     /// Queues what this subscriber wants of `group`, after the `lagged` notice for the
@@ -401,26 +468,27 @@ impl Connection {
             self.queue(&lagged_message(last_seen, Some(missed), detail))
                 .await?;
         }
-        if self.whole_groups {
-            // The notice, if any, goes first, in an array of its own; then the group's
-            // array, as encoded once for every connection that takes it whole.
-            self.send_batch().await?;
-            let array = Utf8Bytes::try_from(group.array().clone()).map_err(|_| Ended::Gone)?;
-            self.socket
-                .feed(Message::Text(array))
-                .await
-                .map_err(|_| Ended::Gone)?;
-            if let Some(last) = group.events().last() {
-                self.last_seen = last.seq;
+        match (&mut self.batch, self.whole_groups) {
+            (Some(batch), true) => {
+                let events = group.events().len();
+                if batch.events > 0 && batch.events + events > FRAMES_PER_FLUSH {
+                    self.send_batch().await?;
+                }
+                if let Some(batch) = &mut self.batch {
+                    batch.push_array(group.array(), events);
+                }
+                if let Some(last) = group.events().last() {
+                    self.last_seen = last.seq;
+                }
             }
-            return Ok(());
+            _ => {
+                for event in group.events() {
+                    self.last_seen = event.seq;
+                    self.queue_event(event).await?;
+                }
+            }
         }
-        for event in group.events() {
-            self.last_seen = event.seq;
-            self.queue_event(event).await?;
-        }
-        // With `?batch=true`, what this connection wants of one commit is one array.
-        self.send_batch().await
+        Ok(())
     }
 
     /// Queues `event` if this subscriber wants it.
@@ -471,5 +539,64 @@ impl Connection {
     async fn flush(&mut self) -> Result<(), Ended> {
         self.send_batch().await?;
         self.socket.flush().await.map_err(|_| Ended::Gone)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn array(events: &[&str]) -> Bytes {
+        Bytes::from(format!("[{}]", events.join(",")))
+    }
+
+    fn text(message: Message) -> Utf8Bytes {
+        match message {
+            Message::Text(text) => text,
+            other => panic!("not text: {other:?}"),
+        }
+    }
+
+    fn parsed(message: Message) -> Value {
+        serde_json::from_str(text(message).as_str()).expect("an array")
+    }
+
+    #[test]
+    fn a_lone_group_s_array_is_sent_as_it_is_and_several_are_joined() {
+        let first = array(&[r#"{"seq":1}"#, r#"{"seq":2}"#]);
+        let second = array(&[r#"{"seq":3}"#]);
+        let mut batch = Batch::default();
+        assert!(batch.take().is_none(), "nothing to send");
+
+        batch.push_array(&first, 2);
+        let sent = text(batch.take().expect("a message").expect("UTF-8"));
+        assert_eq!(
+            sent.as_str().as_ptr(),
+            first.as_ptr(),
+            "the group's bytes, not a copy"
+        );
+        assert!(batch.take().is_none(), "the next message starts empty");
+
+        batch.push_array(&first, 2);
+        batch.push_array(&second, 1);
+        batch.push(br#"{"seq":4}"#);
+        assert_eq!(batch.events, 4);
+        let joined = parsed(batch.take().expect("a message").expect("UTF-8"));
+        let seqs: Vec<u64> = joined
+            .as_array()
+            .expect("an array")
+            .iter()
+            .filter_map(|e| e["seq"].as_u64())
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4]);
+
+        // A notice first, then a group: one array, in that order.
+        batch.push(br#"{"event":"lagged","seq":0}"#);
+        batch.push_array(&second, 1);
+        let joined = parsed(batch.take().expect("a message").expect("UTF-8"));
+        assert_eq!(joined[0]["event"], "lagged");
+        assert_eq!(joined[1]["seq"], 3);
+        assert_eq!(joined.as_array().map(Vec::len), Some(2));
     }
 }

@@ -214,6 +214,9 @@ struct FeedState {
     ring: VecDeque<Arc<Event>>,
     /// The last status published for each node, to tell joins, leaves and updates apart.
     node_status: HashMap<String, NodeStatus>,
+    /// The events of the commit being published not broadcast yet (fewer than
+    /// [`GROUP_EVENTS`]); empty whenever the lock is free.
+    gathering: Vec<Arc<Event>>,
 }
 
 impl Feed {
@@ -229,6 +232,7 @@ impl Feed {
                 last_seq: 0,
                 ring: VecDeque::with_capacity(history.min(4096)),
                 node_status: nodes.into_iter().collect(),
+                gathering: Vec::new(),
             }),
             sender,
             history,
@@ -301,25 +305,22 @@ impl Feed {
     ) {
         let ts = unix_now();
         let mut state = self.state();
-        let mut group = Vec::with_capacity(1);
         self.push(
             &mut state,
-            &mut group,
             ts,
             kind,
             task_id,
             node_id,
             EventData::Other(data),
         );
-        self.send(&mut group);
+        self.send(&mut state);
     }
 
-    /// Numbers and stores one event and adds it to `group`, which is sent when it is full.
-    #[allow(clippy::too_many_arguments)]
+    /// Numbers and stores one event and adds it to the group being gathered, which is sent
+    /// when it is full.
     fn push(
         &self,
         state: &mut FeedState,
-        group: &mut Vec<Arc<Event>>,
         ts: f64,
         kind: FeedEventKind,
         task_id: Option<TaskId>,
@@ -340,18 +341,18 @@ impl Feed {
             state.ring.pop_front();
         }
         state.ring.push_back(event.clone());
-        group.push(event);
-        if group.len() >= GROUP_EVENTS {
-            self.send(group);
+        state.gathering.push(event);
+        if state.gathering.len() >= GROUP_EVENTS {
+            self.send(state);
         }
     }
 
-    /// Broadcasts the events gathered in `group` (if any) as one group; `group` starts over.
-    fn send(&self, group: &mut Vec<Arc<Event>>) {
-        if group.is_empty() {
+    /// Broadcasts the events gathered (if any) as one group; the next group starts empty.
+    fn send(&self, state: &mut FeedState) {
+        if state.gathering.is_empty() {
             return;
         }
-        let events = std::mem::take(group);
+        let events = std::mem::take(&mut state.gathering);
         // An error only means nobody is listening right now.
         let _ = self.sender.send(Arc::new(Group::new(events)));
     }
@@ -361,14 +362,12 @@ impl CommitObserver for Feed {
     fn committed(&self, changes: &[Change]) {
         let ts = unix_now();
         let mut state = self.state();
-        let mut group = Vec::with_capacity(changes.len().min(GROUP_EVENTS));
         for change in changes {
             match change {
                 Change::TaskCreated(task) => {
                     let data = task_data(&task.state);
                     self.push(
                         &mut state,
-                        &mut group,
                         ts,
                         FeedEventKind::TaskCreated,
                         Some(task.task_id),
@@ -387,7 +386,6 @@ impl CommitObserver for Feed {
                     let data = task_data(task);
                     self.push(
                         &mut state,
-                        &mut group,
                         ts,
                         kind,
                         Some(task.task_id),
@@ -399,7 +397,6 @@ impl CommitObserver for Feed {
                     let data = task_data(task);
                     self.push(
                         &mut state,
-                        &mut group,
                         ts,
                         FeedEventKind::TaskUpdated,
                         Some(task.task_id),
@@ -411,7 +408,6 @@ impl CommitObserver for Feed {
                     let data = run_data(run);
                     self.push(
                         &mut state,
-                        &mut group,
                         ts,
                         FeedEventKind::RunStopped,
                         Some(run.task_id),
@@ -423,15 +419,7 @@ impl CommitObserver for Feed {
                     let previous = state.node_status.insert(node.node_id.clone(), node.status);
                     for kind in node_event_kinds(previous, node.status) {
                         let data = node_data(node, previous);
-                        self.push(
-                            &mut state,
-                            &mut group,
-                            ts,
-                            kind,
-                            None,
-                            Some(node.node_id.clone()),
-                            data,
-                        );
+                        self.push(&mut state, ts, kind, None, Some(node.node_id.clone()), data);
                     }
                 }
                 // A run's progress shows in its task's events (a run stopped by scaling down,
@@ -457,7 +445,6 @@ impl CommitObserver for Feed {
                     });
                     self.push(
                         &mut state,
-                        &mut group,
                         ts,
                         FeedEventKind::OperationUpdated,
                         None,
@@ -467,7 +454,7 @@ impl CommitObserver for Feed {
                 }
             }
         }
-        self.send(&mut group);
+        self.send(&mut state);
     }
 }
 

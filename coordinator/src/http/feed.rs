@@ -296,7 +296,8 @@ struct Connection {
     live: Receiver<Arc<Group>>,
     filter: Filter,
     own_tasks: Option<OwnTasks>,
-    /// `?batch=true` and every event wanted: groups go into arrays whole.
+    /// `?batch=true` (so `batch` is `Some`) and every event wanted: groups go into arrays
+    /// whole.
     whole_groups: bool,
     /// The seq of the last event handled (sent, filtered out, or reported missed).
     last_seen: u64,
@@ -468,25 +469,24 @@ impl Connection {
             self.queue(&lagged_message(last_seen, Some(missed), detail))
                 .await?;
         }
-        match (&mut self.batch, self.whole_groups) {
-            (Some(batch), true) => {
-                let events = group.events().len();
-                if batch.events > 0 && batch.events + events > FRAMES_PER_FLUSH {
-                    self.send_batch().await?;
-                }
-                if let Some(batch) = &mut self.batch {
-                    batch.push_array(group.array(), events);
-                }
-                if let Some(last) = group.events().last() {
-                    self.last_seen = last.seq;
-                }
+        if !self.whole_groups {
+            for event in group.events() {
+                self.last_seen = event.seq;
+                self.queue_event(event).await?;
             }
-            _ => {
-                for event in group.events() {
-                    self.last_seen = event.seq;
-                    self.queue_event(event).await?;
-                }
-            }
+            return Ok(());
+        }
+        // The group goes whole into the array (starting a new one if it would not fit).
+        let events = group.events().len();
+        let pending = self.batch.as_ref().map_or(0, |batch| batch.events);
+        if pending > 0 && pending + events > FRAMES_PER_FLUSH {
+            self.send_batch().await?;
+        }
+        if let Some(batch) = &mut self.batch {
+            batch.push_array(group.array(), events);
+        }
+        if let Some(last) = group.events().last() {
+            self.last_seen = last.seq;
         }
         Ok(())
     }

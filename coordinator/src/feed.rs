@@ -137,15 +137,19 @@ impl Group {
     /// first connection that sends the group whole; every other one shares the bytes.
     pub fn array(&self) -> &Bytes {
         self.array.get_or_init(|| {
-            let messages: Vec<&Bytes> = self.events.iter().map(|e| e.json()).collect();
-            let len = messages.iter().map(|m| m.len() + 1).sum::<usize>() + 1;
+            let len = self
+                .events
+                .iter()
+                .map(|e| e.json().len() + 1)
+                .sum::<usize>()
+                + 1;
             let mut array = Vec::with_capacity(len);
             array.push(b'[');
-            for (i, message) in messages.iter().enumerate() {
+            for (i, event) in self.events.iter().enumerate() {
                 if i > 0 {
                     array.push(b',');
                 }
-                array.extend_from_slice(message);
+                array.extend_from_slice(event.json());
             }
             array.push(b']');
             Bytes::from(array)

@@ -81,7 +81,6 @@ pub(crate) fn run(
         execute(py, interpreter, request, prepared)
     }))
     .unwrap_or(SETUP_FAILED);
-    // `_exit`: no Rust destructor, no second finalisation (as Python's `os._exit`).
     lull_agent::sandbox::exit_now(status)
 }
 
@@ -98,10 +97,14 @@ pub(crate) fn spare(
     launch: &ForkedRun,
 ) -> ! {
     let status = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        match wait_for_run(&socket, zygote, launch) {
-            // The zygote hands it only runs of its own kind (see `refusal` in the server).
-            Ok(request) if request.exec => setup_failed(crate::runtime::WARM_EXECS_NOTHING),
-            Ok(request) => {
+        let request = match wait_for_run(&socket, zygote, launch) {
+            Ok(request) => request,
+            Err(err) => return not_run(&err),
+        };
+        // The zygote hands it only runs of its own kind (the server checks the same rule).
+        match crate::runtime::refusal(true, request.exec) {
+            Some(why) => setup_failed(why),
+            None => {
                 let prepared = prepare(
                     py,
                     interpreter,
@@ -112,11 +115,9 @@ pub(crate) fn spare(
                 );
                 execute(py, interpreter, &request, prepared)
             }
-            Err(err) => not_run(&err),
         }
     }))
     .unwrap_or(SETUP_FAILED);
-    // `_exit`: no Rust destructor, no second finalisation (as Python's `os._exit`).
     lull_agent::sandbox::exit_now(status)
 }
 
@@ -138,14 +139,15 @@ pub(crate) fn launch(python: &str, request: &RunRequest, zygote: Pid, launch: &F
 /// A launcher's spare: as [`spare`], for a run that [`launch`] would exec.
 pub(crate) fn launcher_spare(python: &str, socket: OwnedFd, zygote: Pid, launch: &ForkedRun) -> ! {
     let status = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        match wait_for_run(&socket, zygote, launch) {
-            Ok(request) if request.exec => {
-                // The socket that brought the run closes with the rest at its exec: a fresh
-                // interpreter reports its end by exiting.
-                setup_failed(&exec_fresh(python, &request, launch, Cgroup::Joined))
-            }
-            Ok(_) => setup_failed(crate::runtime::LAUNCHER_RUNS_NO_CODE),
-            Err(err) => not_run(&err),
+        let request = match wait_for_run(&socket, zygote, launch) {
+            Ok(request) => request,
+            Err(err) => return not_run(&err),
+        };
+        match crate::runtime::refusal(false, request.exec) {
+            Some(why) => setup_failed(why),
+            // The socket that brought the run closes with the rest at its exec: a fresh
+            // interpreter reports its end by exiting.
+            None => setup_failed(&exec_fresh(python, &request, launch, Cgroup::Joined)),
         }
     }))
     .unwrap_or(SETUP_FAILED);

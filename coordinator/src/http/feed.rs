@@ -429,11 +429,8 @@ impl Connection {
                     events += group.events().len();
                     self.queue_group(&group).await?;
                 }
-                Err(RecvError::Lagged(_)) => {
-                    // Counted in groups; the notice counts events, from the next group's seq.
-                    self.lagged = true;
-                    events += 1;
-                }
+                // Counted in groups; the notice counts events, from the next group's seq.
+                Err(RecvError::Lagged(_)) => self.lagged = true,
                 Err(RecvError::Closed) => {
                     self.flush().await?;
                     return Err(Ended::Stopping);

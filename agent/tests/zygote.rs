@@ -504,6 +504,9 @@ async fn unicode_and_binary_output_match_cold() {
         "import sys; print(sys.stdout.encoding, sys.stdout.errors, sys.stderr.errors, sys.stdout.line_buffering, sys.stdout.write_through)",
         "import sys; print(sys.argv, sys.stdin.read() == '', __name__, sorted(globals()))",
         "import os; print(sorted(k for k in os.environ if k not in ('HOME', 'TMPDIR', 'LULL_RUN_ID')))",
+        // A run's own variables and the shared ones reach the processes it starts, too.
+        "import os, subprocess; print(os.environ['LULL_TASK_ID'], subprocess.run(['sh', '-c', 'echo $LULL_TASK_ID $LANG'], capture_output=True, text=True).stdout)",
+        "import sys; print(sys.orig_argv[1:], sys.stdin is sys.__stdin__, sys.stdout is sys.__stdout__, sys.stderr is sys.__stderr__)",
         "import locale, sys; print(locale.getpreferredencoding(False), sys.getfilesystemencoding())",
         "import sys; print(sys.path)",
         "print(__builtins__.__name__, __doc__, __package__, __spec__)",

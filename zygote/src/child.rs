@@ -78,7 +78,7 @@ pub(crate) fn run(
     let status = std::panic::catch_unwind(AssertUnwindSafe(|| {
         let prepared = outlive_no_zygote(request.policy.protections.namespaces, zygote)
             .and_then(|()| prepare(py, interpreter, request, launch, Cgroup::Join, report));
-        execute(py, interpreter, request, prepared)
+        execute(py, interpreter, prepared)
     }))
     .unwrap_or(SETUP_FAILED);
     lull_agent::sandbox::exit_now(status)
@@ -113,7 +113,7 @@ pub(crate) fn spare(
                     Cgroup::Joined,
                     Some(socket),
                 );
-                execute(py, interpreter, &request, prepared)
+                execute(py, interpreter, prepared)
             }
         }
     }))
@@ -205,12 +205,15 @@ fn exec_fresh(python: &str, request: &RunRequest, launch: &ForkedRun, cgroup: Cg
 fn execute(
     py: Python<'_>,
     interpreter: &Interpreter,
-    request: &RunRequest,
     prepared: Result<Prepared<'_>, String>,
 ) -> i32 {
     match prepared {
-        Ok(Prepared { globals, report }) => {
-            let status = interpreter.run_main(py, &request.code, &globals);
+        Ok(Prepared {
+            code,
+            globals,
+            report,
+        }) => {
+            let status = interpreter.run_main(py, &code, &globals);
             if let Some(report) = report {
                 report_end(report, status);
             }
@@ -319,6 +322,8 @@ enum Cgroup {
 
 /// A confined run's process, ready for its code.
 struct Prepared<'py> {
+    /// Its code, as the `str` both `sys.orig_argv` and `compile` get.
+    code: Bound<'py, pyo3::types::PyString>,
     /// Its `__main__`'s globals.
     globals: Bound<'py, pyo3::types::PyDict>,
     /// Where it says how it ended; `None` when the sandbox kept none.
@@ -383,8 +388,13 @@ fn prepare<'py>(
         .map_err(|err| err.to_string())?
         .map(ReportSocket::new)
         .transpose()?;
+    let code = pyo3::types::PyString::new(py, &request.code);
     let globals = interpreter
-        .enter(py, &request.code)
+        .enter(py, &code)
         .map_err(|err| format!("interpreter state: {err}"))?;
-    Ok(Prepared { globals, report })
+    Ok(Prepared {
+        code,
+        globals,
+        report,
+    })
 }

@@ -3,7 +3,7 @@
 
 use pyo3::exceptions::{PyKeyboardInterrupt, PySystemExit};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -53,7 +53,22 @@ pub(crate) struct Interpreter {
     /// `run.py`, loaded as a module that is not in `sys.modules`.
     helper: Py<PyModule>,
     os: Py<PyModule>,
-    builtins: Py<PyModule>,
+    /// `os.putenv` and the dict behind `os.environ` (`os.environ._data`, its keys and values
+    /// bytes): a run's own variables go into both directly (see [`Interpreter::add_environment`]).
+    putenv: Py<PyAny>,
+    environ_data: Py<PyDict>,
+    sys: Py<PyModule>,
+    /// `_signal.signal` and `_signal.default_int_handler`: a run's SIGINT handler (the
+    /// `signal` module's wrapper of the same function converts to and from enums in Python).
+    set_signal: Py<PyAny>,
+    int_handler: Py<PyAny>,
+    /// The globals of the `__main__` every run starts with (`run.py`'s `_install_run_state`).
+    main_globals: Py<PyDict>,
+    /// `compile`, `exec` and the arguments a run's code is compiled with.
+    compile: Py<PyAny>,
+    exec: Py<PyAny>,
+    filename: Py<PyString>,
+    mode: Py<PyString>,
     /// The target python's path, for `sys.orig_argv`.
     python: String,
     pub(crate) version: String,
@@ -115,13 +130,43 @@ impl Interpreter {
             .and_then(|failed| failed.extract())
             .map_err(failed("preparing the interpreter"))?;
 
+        let os = py.import("os").map_err(failed("import os"))?;
+        let putenv = os.getattr("putenv").map_err(failed("os.putenv"))?;
+        let environ_data = os
+            .getattr("environ")
+            .and_then(|environ| environ.getattr("_data"))
+            .and_then(|data| Ok(data.cast_into::<PyDict>()?))
+            .map_err(failed("os.environ"))?;
+        let signal = py.import("_signal").map_err(failed("import _signal"))?;
+        let main_globals = sys
+            .getattr("modules")
+            .and_then(|modules| modules.get_item("__main__"))
+            .and_then(|main| main.getattr("__dict__"))
+            .and_then(|globals| Ok(globals.cast_into::<PyDict>()?))
+            .map_err(failed("__main__"))?;
+        let builtins = py.import("builtins").map_err(failed("import builtins"))?;
         let interpreter = Interpreter {
             helper: helper.unbind(),
-            os: py.import("os").map_err(failed("import os"))?.unbind(),
-            builtins: py
-                .import("builtins")
-                .map_err(failed("import builtins"))?
+            os: os.unbind(),
+            putenv: putenv.unbind(),
+            environ_data: environ_data.unbind(),
+            sys: sys.unbind(),
+            set_signal: signal
+                .getattr("signal")
+                .map_err(failed("_signal"))?
                 .unbind(),
+            int_handler: signal
+                .getattr("default_int_handler")
+                .map_err(failed("_signal"))?
+                .unbind(),
+            main_globals: main_globals.unbind(),
+            compile: builtins
+                .getattr("compile")
+                .map_err(failed("compile"))?
+                .unbind(),
+            exec: builtins.getattr("exec").map_err(failed("exec"))?.unbind(),
+            filename: PyString::new(py, "<string>").unbind(),
+            mode: PyString::new(py, "exec").unbind(),
             python: python.to_string(),
             version,
             shared_env: None,
@@ -170,36 +215,67 @@ impl Interpreter {
         Ok(own)
     }
 
-    /// In a run's process: its own variables on top of the shared ones.
+    /// In a run's process: its own variables on top of the shared ones, set as
+    /// `os.environ[name] = value` would (the C environment for the processes it starts, and
+    /// `os.environ`'s dict), but without running `os.environ`'s Python methods: this is the
+    /// first Python work after the fork, and each Python function it runs writes to (so copies)
+    /// pages of the interpreter's that nothing later in the run touches (`os.environ.update`
+    /// cost ~26 page faults per run). Both get the variables' UTF-8 bytes, which is what the
+    /// agent means by them, whatever the interpreter's filesystem encoding.
     pub(crate) fn add_environment(
         &self,
         py: Python<'_>,
         own: &BTreeMap<String, String>,
     ) -> PyResult<()> {
-        if !own.is_empty() {
-            self.helper
-                .bind(py)
-                .call_method1("add_environment", (own,))?;
+        let putenv = self.putenv.bind(py);
+        let data = self.environ_data.bind(py);
+        for (name, value) in own {
+            let name = PyBytes::new(py, name.as_bytes());
+            let value = PyBytes::new(py, value.as_bytes());
+            putenv.call1((&name, &value))?;
+            data.set_item(name, value)?;
         }
         Ok(())
     }
 
-    /// In the confined run's process, right before the code: the interpreter state of a fresh
-    /// `python3 -I -u -c code` (signals, standard streams, `sys.argv`). Returns the globals of
-    /// a new `__main__`.
-    pub(crate) fn enter<'py>(&self, py: Python<'py>, code: &str) -> PyResult<Bound<'py, PyDict>> {
-        let argv = [self.python.as_str(), "-I", "-u", "-c", code];
-        let globals = self
-            .helper
+    /// In the confined run's process, right before the code: what of a fresh `python3 -I -u
+    /// -c code`'s state the zygote could not give it already (its standard streams, `sys.argv`
+    /// and `__main__` it has from the zygote): Python's SIGINT handler (the zygote ignores
+    /// SIGINT) and `sys.orig_argv`. Returns the globals of the run's `__main__`. From Rust,
+    /// without a Python frame: each Python function a run calls writes to, so copies, the
+    /// pages of its code and the objects it names.
+    pub(crate) fn enter<'py>(
+        &self,
+        py: Python<'py>,
+        code: &Bound<'py, PyString>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let sigint = nix::sys::signal::Signal::SIGINT as i32;
+        self.set_signal
             .bind(py)
-            .call_method1("enter", (argv.to_vec(),))?;
-        Ok(globals.cast_into::<PyDict>()?)
+            .call1((sigint, self.int_handler.bind(py)))?;
+        let argv = PyList::new(
+            py,
+            [
+                PyString::new(py, &self.python),
+                PyString::new(py, "-I"),
+                PyString::new(py, "-u"),
+                PyString::new(py, "-c"),
+                code.clone(),
+            ],
+        )?;
+        self.sys.bind(py).setattr("orig_argv", argv)?;
+        Ok(self.main_globals.bind(py).clone())
     }
 
     /// Runs `code` in `globals` as `python3 -I -u -c code` would, including what the interpreter does at
     /// exit, and returns the process's exit status. Never returns an error: every failure is
     /// the code's, and is printed the way CPython prints it.
-    pub(crate) fn run_main(&self, py: Python<'_>, code: &str, globals: &Bound<'_, PyDict>) -> i32 {
+    pub(crate) fn run_main(
+        &self,
+        py: Python<'_>,
+        code: &Bound<'_, PyString>,
+        globals: &Bound<'_, PyDict>,
+    ) -> i32 {
         let helper = self.helper.bind(py);
         let (status, interrupted) = match self.execute(py, code, globals) {
             Ok(()) => (0, false),
@@ -231,10 +307,17 @@ impl Interpreter {
 
     /// Compiles and executes `code` in `globals`, called from Rust so that the traceback of an
     /// uncaught exception starts at the code's own `<module>` frame.
-    fn execute(&self, py: Python<'_>, code: &str, globals: &Bound<'_, PyDict>) -> PyResult<()> {
-        let builtins = self.builtins.bind(py);
-        let compiled = builtins.call_method1("compile", (code, "<string>", "exec"))?;
-        builtins.call_method1("exec", (compiled, globals))?;
+    fn execute(
+        &self,
+        py: Python<'_>,
+        code: &Bound<'_, PyString>,
+        globals: &Bound<'_, PyDict>,
+    ) -> PyResult<()> {
+        let compiled =
+            self.compile
+                .bind(py)
+                .call1((code, self.filename.bind(py), self.mode.bind(py)))?;
+        self.exec.bind(py).call1((compiled, globals))?;
         Ok(())
     }
 }
@@ -257,26 +340,30 @@ mod tests {
 
     /// `run.py`'s `prepare` leaves the zygote holding what a run would otherwise make for
     /// itself, in every run: the AST classes `compile()` builds on first use, the modules
-    /// `finish` imports, and it keeps the zygote's own standard streams alive so that a run's
-    /// `enter` does not free them. Driven in a plain `python3 -S` (no `site`: nothing a host's
-    /// `.pth` files import gets to do it first), the way the zygote and a run drive it: the
-    /// helper run from a string, `prepare`, then a run's `compile`, `enter` and `finish`.
+    /// `finish` imports, and the state `python3 -I -u -c` starts with (`sys.argv`, standard
+    /// streams that are the `sys.__std*__` ones, a fresh `__main__`), installed in the zygote
+    /// so that a run only inherits it. Driven in a plain `python3 -S` (no `site`: nothing a
+    /// host's `.pth` files import gets to do it first), the way the zygote and a run drive it:
+    /// the helper run from a string, `prepare`, then a run's `compile`, what
+    /// `Interpreter::enter` does, and `finish`.
     #[test]
     fn a_prepared_interpreter_leaves_a_run_nothing_to_build() {
-        let driver = "import gc, os, sys, types, weakref\n\
+        let driver = "import _signal, gc, os, sys, types\n\
                       helper = types.ModuleType('_lull_zygote')\n\
                       exec(os.environ['RUN_PY'], helper.__dict__)\n\
                       assert 'ast' not in sys.modules and '_ast' not in sys.modules\n\
-                      own = [weakref.ref(s) for s in (sys.stdin, sys.stdout, sys.stderr)]\n\
+                      fresh = sorted(vars(sys.modules['__main__']))\n\
                       failed = helper.prepare(sys.executable, [])\n\
+                      state = (sys.argv, sys.stdout is sys.__stdout__, sys.stderr is sys.__stderr__,\n\
+                               sys.stdout.seekable(), sorted(vars(sys.modules['__main__'])) == fresh)\n\
                       before = set(sys.modules)\n\
                       compile('print(sum(range(1000)))', '<string>', 'exec')\n\
-                      helper.enter([sys.executable, '-I', '-u', '-c', 'pass'])\n\
+                      _signal.signal(_signal.SIGINT, _signal.default_int_handler)\n\
+                      sys.orig_argv = [sys.executable, '-I', '-u', '-c', 'pass']\n\
                       status = helper.finish(0, False)\n\
                       made = sorted({o.__module__ for o in gc.get_objects() if isinstance(o, type)})\n\
-                      freed = [i for i, ref in enumerate(own) if ref() is None]\n\
                       imported = sorted(set(sys.modules) - before)\n\
-                      os.write(1, repr((failed, status, made, imported, freed)).encode())\n";
+                      os.write(1, repr((failed, state, status, made, imported)).encode())\n";
         let output = Command::new("python3")
             .args(["-I", "-S", "-c", driver])
             .env("RUN_PY", RUN_PY)
@@ -289,8 +376,11 @@ mod tests {
             "{stdout}{}",
             String::from_utf8_lossy(&output.stderr)
         );
-        // (failed preloads, exit status, modules of the types the run made, modules it
-        // imported, which of the zygote's streams it freed)
-        assert_eq!(stdout.trim(), "([], 0, [], [], [])");
+        // (failed preloads, the state a run inherits, exit status, modules of the types the run
+        // made, modules it imported)
+        assert_eq!(
+            stdout.trim(),
+            "([], (['-c'], True, True, False, True), 0, [], [])"
+        );
     }
 }

@@ -17,17 +17,6 @@ _STDIO = [
     (stream.encoding, stream.errors)
     for stream in (sys.__stdin__, sys.__stdout__, sys.__stderr__)
 ]
-# The zygote's own standard streams, held here for the life of every process: a run replaces
-# `sys.std*` and `sys.__std*__` with its own (`enter`), and were these the last references, the
-# run would free them (flushing them) at that moment, in every run.
-_ZYGOTE_STREAMS = (
-    sys.stdin,
-    sys.stdout,
-    sys.stderr,
-    sys.__stdin__,
-    sys.__stdout__,
-    sys.__stderr__,
-)
 # `__main__` as a fresh interpreter has it, before anything ran in it.
 _MAIN = dict(sys.modules["__main__"].__dict__)
 
@@ -64,7 +53,7 @@ def prepare(python, preload):
     if "multiprocessing" in sys.modules:
         # A preload imported it before any run could: make sure it spawns the real python.
         sys.modules["multiprocessing"].set_executable(python)
-    _build_run_state()
+    _install_run_state()
     # The first compile() in an interpreter builds its AST types (about 120 classes, made on
     # first use: compile() checks whether it was given an AST). A run compiles its code with
     # compile(), so unless the zygote did once, every run built them again: ~2.5 ms of a
@@ -121,20 +110,16 @@ def _fresh_main():
     return main
 
 
-# The interpreter state every run starts from, built once in the zygote, never used by it, and
-# inherited by each forked run as its own copy: what `python3 -I -u -c` builds at startup
-# (the standard streams and `__main__`), made here instead of in every run's process, where
-# each new object costs copy-on-write page faults. See `_build_run_state`.
-_RUN_STREAMS = None
-_RUN_MAIN = None
-
-
-def _build_run_state():
-    """In the zygote, once. A run's fds 1 and 2 are always pipes and 0 is /dev/null (as the
-    zygote's own 0 is): the streams are made while 1 and 2 are a pipe, so that what they learn
-    of their file at creation (not seekable) is what it will be in every run; the zygote's
-    own 1 and 2 are put back afterwards."""
-    global _RUN_STREAMS, _RUN_MAIN
+def _install_run_state():
+    """In the zygote, once: the interpreter state every run starts from, what `python3 -I -u
+    -c` builds at startup (the standard streams, `sys.argv` and `__main__`), installed in the
+    zygote itself, which never uses its own again, so that each forked run has it in place,
+    as its own copy, instead of making or setting it (each object a run makes or sets costs it
+    copy-on-write page faults). A run's fds 1 and 2 are always pipes and 0 is /dev/null (as
+    the zygote's own 0 is): the streams are made while 1 and 2 are a pipe, so that what they
+    learn of their file at creation (not seekable) is what it will be in every run; the
+    zygote's own 1 and 2 are put back afterwards (the streams write to whatever fd 1 and 2
+    are: in the zygote, its own)."""
     read, write = os.pipe()
     saved = [os.dup(1), os.dup(2)]
     try:
@@ -151,21 +136,10 @@ def _build_run_state():
         os.dup2(saved[1], 2)
         for fd in saved + [read, write]:
             os.close(fd)
-    _RUN_STREAMS = streams
-    _RUN_MAIN = _fresh_main()
-
-
-def enter(argv):
-    """In the confined run's process, right before the code: the interpreter state of a fresh
-    `python3 -I -u -c`. Returns the globals of the run's `__main__`."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    streams, main = _RUN_STREAMS, _RUN_MAIN
     sys.stdin, sys.stdout, sys.stderr = streams
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = streams
     sys.argv = ["-c"]
-    sys.orig_argv = argv
-    sys.modules["__main__"] = main
-    return main.__dict__
+    sys.modules["__main__"] = _fresh_main()
 
 
 def system_exit_status(exc):

@@ -71,7 +71,7 @@ pub(crate) fn run(
     py: Python<'_>,
     interpreter: &Interpreter,
     request: &RunRequest,
-    zygote: Pid,
+    zygote: &Zygote,
     launch: &ForkedRun,
     report: Option<OwnedFd>,
 ) -> ! {
@@ -93,7 +93,7 @@ pub(crate) fn spare(
     py: Python<'_>,
     interpreter: &Interpreter,
     socket: OwnedFd,
-    zygote: Pid,
+    zygote: &Zygote,
     launch: &ForkedRun,
 ) -> ! {
     let status = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -124,7 +124,7 @@ pub(crate) fn spare(
 /// In a launcher's child forked for `request` ([`crate::runtime::Launcher`]: no interpreter
 /// in this process): confines it as [`run`] does, then execs a fresh `python -I -u -c` for
 /// the run. Exits only if that fails.
-pub(crate) fn launch(python: &str, request: &RunRequest, zygote: Pid, launch: &ForkedRun) -> ! {
+pub(crate) fn launch(python: &str, request: &RunRequest, zygote: &Zygote, launch: &ForkedRun) -> ! {
     let status = std::panic::catch_unwind(AssertUnwindSafe(|| {
         let err = match outlive_no_zygote(request.policy.protections.namespaces, zygote) {
             Ok(()) => exec_fresh(python, request, launch, Cgroup::Join),
@@ -137,7 +137,12 @@ pub(crate) fn launch(python: &str, request: &RunRequest, zygote: Pid, launch: &F
 }
 
 /// A launcher's spare: as [`spare`], for a run that [`launch`] would exec.
-pub(crate) fn launcher_spare(python: &str, socket: OwnedFd, zygote: Pid, launch: &ForkedRun) -> ! {
+pub(crate) fn launcher_spare(
+    python: &str,
+    socket: OwnedFd,
+    zygote: &Zygote,
+    launch: &ForkedRun,
+) -> ! {
     let status = std::panic::catch_unwind(AssertUnwindSafe(|| {
         let request = match wait_for_run(&socket, zygote, launch) {
             Ok(request) => request,
@@ -156,7 +161,11 @@ pub(crate) fn launcher_spare(python: &str, socket: OwnedFd, zygote: Pid, launch:
 
 /// A spare's first steps: it closes what it inherited, gets into its cgroup (the step that can
 /// wait on the kernel), then waits on `socket` for its run.
-fn wait_for_run(socket: &OwnedFd, zygote: Pid, launch: &ForkedRun) -> Result<RunRequest, String> {
+fn wait_for_run(
+    socket: &OwnedFd,
+    zygote: &Zygote,
+    launch: &ForkedRun,
+) -> Result<RunRequest, String> {
     launch
         .close_other_fds(socket.as_raw_fd())
         .map_err(|err| err.to_string())?;
@@ -280,32 +289,58 @@ fn receive_run(socket: &OwnedFd) -> Result<RunRequest, String> {
     })
 }
 
-/// Whether `pid` (in the host's PID namespace) exists and has not exited.
-fn process_is_alive(pid: Pid) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X")
-    })
+/// The zygote as the children it forks see it: its pid, and its own `/proc/<pid>/statm`,
+/// opened once by the zygote and inherited by every child (which closes it with everything
+/// else it inherited, before its code runs). A child that is PID 1 of a namespace of its own
+/// cannot ask for its parent (`getppid()` is 0 there): it reads the zygote's memory sizes
+/// through this file, one `pread` (opening `/proc/<pid>/stat` by path, as it did, was a path
+/// walk, the kernel's longest per-process report, and the first use of Rust's file and format
+/// code in the child, ~3 % of a zygote run's CPU). An exited zygote has no memory left (its
+/// sizes are zeros, zombie or not); a reaped one has no file (`ESRCH`).
+pub(crate) struct Zygote {
+    pid: Pid,
+    statm: std::fs::File,
+}
+
+impl Zygote {
+    /// The calling process, as the zygote of the children it will fork.
+    pub(crate) fn this_process() -> std::io::Result<Zygote> {
+        Zygote::of(nix::unistd::getpid())
+    }
+
+    fn of(pid: Pid) -> std::io::Result<Zygote> {
+        let statm = std::fs::File::open(format!("/proc/{pid}/statm"))?;
+        Ok(Zygote { pid, statm })
+    }
+
+    /// Whether the zygote is alive: read through its `statm` in a PID namespace of the
+    /// child's own (`namespaces`), else from the parent pid.
+    fn is_alive(&self, namespaces: bool) -> bool {
+        if !namespaces {
+            return getppid() == self.pid;
+        }
+        let mut sizes = [0u8; 64];
+        nix::sys::uio::pread(&self.statm, &mut sizes, 0).is_ok_and(|read| {
+            // "size resident shared text lib data dt", in pages: 0 once the memory is gone.
+            sizes[..read]
+                .split(|&byte| byte == b' ')
+                .next()
+                .is_some_and(|size| !size.is_empty() && size.iter().any(|&digit| digit != b'0'))
+        })
+    }
 }
 
 /// The first steps of every child: the signal mask the zygote blocked, and the death signal,
 /// checking that the zygote did not die before it was set.
-fn outlive_no_zygote(namespaces: bool, zygote: Pid) -> Result<(), String> {
+fn outlive_no_zygote(namespaces: bool, zygote: &Zygote) -> Result<(), String> {
     // The zygote blocks SIGCHLD (it reads it from a signalfd); the run must not inherit that.
     sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
         .map_err(|err| format!("signal mask: {err}"))?;
     // At once, before the sandbox does it too: a zygote that dies takes its runs with it.
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
         .map_err(|err| format!("parent-death signal: {err}"))?;
-    // Did the zygote die before the death signal was set? PID 1 of a new namespace sees no
-    // parent (getppid() is 0), so it looks the zygote up in the host's /proc, still mounted
-    // here (the run's own /proc comes with its mount namespace, later).
-    let zygote_alive = if namespaces {
-        process_is_alive(zygote)
-    } else {
-        getppid() == zygote
-    };
+    // Did the zygote die before the death signal was set?
+    let zygote_alive = zygote.is_alive(namespaces);
     if zygote_alive {
         Ok(())
     } else {
@@ -397,4 +432,48 @@ fn prepare<'py>(
         globals,
         report,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    fn state(pid: Pid) -> Option<String> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        Some(
+            stat.rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .next()?
+                .to_string(),
+        )
+    }
+
+    /// A child's check that its zygote is alive, through the `statm` the zygote opened: true
+    /// while the process runs, false once it has exited (a zombie, not yet reaped), and false
+    /// once it is reaped.
+    #[test]
+    fn a_zygote_is_alive_until_it_exits_zombie_or_reaped() {
+        let mut process = Command::new("sleep")
+            .arg("60")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("sleep starts");
+        let pid = Pid::from_raw(process.id() as i32);
+        let zygote = Zygote::of(pid).expect("its statm opens");
+        assert!(zygote.is_alive(true), "a running process");
+
+        process.kill().expect("killed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while state(pid).as_deref() != Some("Z") {
+            assert!(Instant::now() < deadline, "no zombie: {:?}", state(pid));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!zygote.is_alive(true), "a zombie");
+
+        process.wait().expect("reaped");
+        assert!(!zygote.is_alive(true), "a reaped process");
+    }
 }

@@ -9,10 +9,9 @@
 //! and the exec tears down a small address space. That is most of what launching a cold run
 //! cost beyond the interpreter itself (BENCHMARKS.md).
 
-use crate::child::{self, RunRequest};
+use crate::child::{self, RunRequest, Zygote};
 use crate::interpreter::Interpreter;
 use lull_agent::sandbox::ForkedRun;
-use nix::unistd::Pid;
 use pyo3::prelude::*;
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
@@ -37,13 +36,13 @@ pub(crate) trait Runtime {
     fn run(
         &self,
         request: &RunRequest,
-        zygote: Pid,
+        zygote: &Zygote,
         launch: &ForkedRun,
         report: Option<OwnedFd>,
     ) -> !;
     /// In a child forked ahead of its run (a spare): waits for it on `socket` and runs it,
     /// never returns.
-    fn spare(&self, socket: OwnedFd, zygote: Pid, launch: &ForkedRun) -> !;
+    fn spare(&self, socket: OwnedFd, zygote: &Zygote, launch: &ForkedRun) -> !;
 }
 
 /// The zygote's own CPython, initialised and prepared ([`Interpreter::prepare`]).
@@ -79,14 +78,14 @@ impl Runtime for Warm<'_> {
     fn run(
         &self,
         request: &RunRequest,
-        zygote: Pid,
+        zygote: &Zygote,
         launch: &ForkedRun,
         report: Option<OwnedFd>,
     ) -> ! {
         child::run(self.py, &self.interpreter, request, zygote, launch, report)
     }
 
-    fn spare(&self, socket: OwnedFd, zygote: Pid, launch: &ForkedRun) -> ! {
+    fn spare(&self, socket: OwnedFd, zygote: &Zygote, launch: &ForkedRun) -> ! {
         child::spare(self.py, &self.interpreter, socket, zygote, launch)
     }
 }
@@ -123,14 +122,14 @@ impl Runtime for Launcher {
     fn run(
         &self,
         request: &RunRequest,
-        zygote: Pid,
+        zygote: &Zygote,
         launch: &ForkedRun,
         _report: Option<OwnedFd>,
     ) -> ! {
         child::launch(&self.python, request, zygote, launch)
     }
 
-    fn spare(&self, socket: OwnedFd, zygote: Pid, launch: &ForkedRun) -> ! {
+    fn spare(&self, socket: OwnedFd, zygote: &Zygote, launch: &ForkedRun) -> ! {
         child::launcher_spare(&self.python, socket, zygote, launch)
     }
 }

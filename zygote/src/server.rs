@@ -2,7 +2,7 @@
 //! SIGCHLD and on each run's report socket ([`crate::report`]); forks a child per `run`,
 //! kills on `kill`, reports every run's end (from its report, or at its reap) and reaps.
 
-use crate::child::{ReceivedFd, RunRequest};
+use crate::child::{ReceivedFd, RunRequest, Zygote};
 use crate::interpreter::{self, Interpreter};
 use crate::report::{EndReport, REPORT_BYTES};
 use crate::runtime::{Launcher, Runtime, Warm};
@@ -19,7 +19,7 @@ use nix::sys::socket::{
     UnixAddr, recvmsg, send, sendmsg, socketpair, sockopt,
 };
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
-use nix::unistd::{Pid, getpid};
+use nix::unistd::Pid;
 use pyo3::prelude::*;
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
@@ -36,6 +36,8 @@ pub(crate) fn serve(args: &Args) -> Result<(), String> {
     let target = interpreter::ask_target_python(&args.python)?;
     let socket = take_socket_from_stdin()?;
     let child_exits = child_exit_signals()?;
+    let zygote = Zygote::this_process()
+        .map_err(|err| format!("could not open its own /proc/<pid>/statm: {err}"))?;
     // A session of its own, without a controlling terminal: runs forked into their own PID
     // namespace stay in it, and must not reach the terminal the agent was started from.
     match nix::unistd::setsid() {
@@ -51,7 +53,8 @@ pub(crate) fn serve(args: &Args) -> Result<(), String> {
         let runtime = Launcher {
             python: args.python.clone(),
         };
-        return Server::new(socket, child_exits, runtime).serve_until_closed(&target.version);
+        return Server::new(socket, child_exits, zygote, runtime)
+            .serve_until_closed(&target.version);
     }
     Python::initialize();
     Python::attach(|py| {
@@ -62,7 +65,7 @@ pub(crate) fn serve(args: &Args) -> Result<(), String> {
         }
         let version = interpreter.version.clone();
         let runtime = Warm { py, interpreter };
-        Server::new(socket, child_exits, runtime).serve_until_closed(&version)
+        Server::new(socket, child_exits, zygote, runtime).serve_until_closed(&version)
     })
 }
 
@@ -111,7 +114,8 @@ struct Server<R: Runtime> {
     runs: BTreeMap<RunId, RunProcess>,
     /// Cgroups and network namespaces runs reuse, one run at a time each.
     pools: RunPools,
-    pid: Pid,
+    /// This process, as its children see it.
+    zygote: Zygote,
     /// Where the socket is read into.
     read_buf: Vec<u8>,
     /// The next run's process, forked ahead of it (see [`Spare`]).
@@ -162,7 +166,7 @@ enum StartError {
 }
 
 impl<R: Runtime> Server<R> {
-    fn new(socket: OwnedFd, child_exits: SignalFd, runtime: R) -> Self {
+    fn new(socket: OwnedFd, child_exits: SignalFd, zygote: Zygote, runtime: R) -> Self {
         Server {
             socket,
             child_exits,
@@ -170,7 +174,7 @@ impl<R: Runtime> Server<R> {
             inbox: Inbox::default(),
             runs: BTreeMap::new(),
             pools: RunPools::default(),
-            pid: getpid(),
+            zygote,
             read_buf: vec![0u8; READ_BYTES],
             spare: None,
             spare_off: false,
@@ -377,7 +381,7 @@ impl<R: Runtime> Server<R> {
         // `theirs` closes here once the fork is done; the child keeps its copy.
         let forked = self
             .fork_with(&mut launch, |launch| {
-                self.runtime.run(&request, self.pid, launch, theirs)
+                self.runtime.run(&request, &self.zygote, launch, theirs)
             })
             .map_err(StartError::Fatal)?;
         let pid = match forked {
@@ -549,7 +553,7 @@ impl<R: Runtime> Server<R> {
         // The spare closes `ours` with every other descriptor it inherited; `theirs` closes
         // here once the fork is done.
         let forked = self.fork_with(&mut launch, |launch| {
-            self.runtime.spare(theirs, self.pid, launch)
+            self.runtime.spare(theirs, &self.zygote, launch)
         })?;
         match forked {
             Ok(pid) => {
@@ -834,7 +838,8 @@ mod tests {
         let launcher = Launcher {
             python: "python3".to_string(),
         };
-        let mut server = Server::new(theirs, child_exits, launcher);
+        let zygote = Zygote::this_process().expect("its own statm");
+        let mut server = Server::new(theirs, child_exits, zygote, launcher);
         let policy = RunPolicy::for_job(
             7,
             &lull_shared::Protections::none("a test"),

@@ -166,10 +166,12 @@ fn wait_for_run(
     zygote: &Zygote,
     launch: &ForkedRun,
 ) -> Result<RunRequest, String> {
+    // First: the check reads the zygote's `statm` through a descriptor the zygote opened,
+    // which closing what the spare inherited closes.
+    outlive_no_zygote(true, zygote)?;
     launch
         .close_other_fds(socket.as_raw_fd())
         .map_err(|err| err.to_string())?;
-    outlive_no_zygote(true, zygote)?;
     launch.enter_cgroup().map_err(|err| err.to_string())?;
     receive_run(socket)
 }

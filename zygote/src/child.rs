@@ -159,8 +159,8 @@ pub(crate) fn launcher_spare(
     lull_agent::sandbox::exit_now(status)
 }
 
-/// A spare's first steps: it closes what it inherited, gets into its cgroup (the step that can
-/// wait on the kernel), then waits on `socket` for its run.
+/// A spare's first steps: it checks that its zygote lives, closes what it inherited, gets into
+/// its cgroup (the step that can wait on the kernel), then waits on `socket` for its run.
 fn wait_for_run(
     socket: &OwnedFd,
     zygote: &Zygote,
@@ -296,9 +296,9 @@ fn receive_run(socket: &OwnedFd) -> Result<RunRequest, String> {
 /// else it inherited, before its code runs). A child that is PID 1 of a namespace of its own
 /// cannot ask for its parent (`getppid()` is 0 there): it reads the zygote's memory sizes
 /// through this file, one `pread` (opening `/proc/<pid>/stat` by path, as it did, was a path
-/// walk, the kernel's longest per-process report, and the first use of Rust's file and format
-/// code in the child, ~3 % of a zygote run's CPU). An exited zygote has no memory left (its
-/// sizes are zeros, zombie or not); a reaped one has no file (`ESRCH`).
+/// walk and the kernel's longest per-process report: ~3 % of a zygote run's samples in a
+/// profile, within noise end to end). An exited zygote has no memory left (its sizes are
+/// zeros, zombie or not); a reaped one has no file (`ESRCH`).
 pub(crate) struct Zygote {
     pid: Pid,
     statm: std::fs::File,

@@ -76,11 +76,6 @@ def set_base_environment(env):
     os.environ.update(env)
 
 
-def add_environment(env):
-    """In the run's process: the variables of this run on top of the base."""
-    os.environ.update(env)
-
-
 def _stream(fd, name, writable, encoding, errors):
     # CPython's create_stdio with -u: unbuffered binary layer for output, write-through text.
     if writable:

@@ -327,7 +327,7 @@ impl Zygote {
             sizes[..read]
                 .split(|&byte| byte == b' ')
                 .next()
-                .is_some_and(|size| !size.is_empty() && size.iter().any(|&digit| digit != b'0'))
+                .is_some_and(|size| size.iter().any(|&digit| digit != b'0'))
         })
     }
 }

@@ -52,7 +52,8 @@ pub(crate) fn ask_target_python(python: &str) -> Result<TargetPython, String> {
 pub(crate) struct Interpreter {
     /// `run.py`, loaded as a module that is not in `sys.modules`.
     helper: Py<PyModule>,
-    os: Py<PyModule>,
+    /// `os.fork`, held like the other functions below rather than looked up on `os` each time.
+    fork: Py<PyAny>,
     /// `os.putenv` and the dict behind `os.environ` (`os.environ._data`, its keys and values
     /// bytes): a run's own variables go into both directly (see [`Interpreter::add_environment`]).
     putenv: Py<PyAny>,
@@ -147,7 +148,7 @@ impl Interpreter {
         let builtins = py.import("builtins").map_err(failed("import builtins"))?;
         let interpreter = Interpreter {
             helper: helper.unbind(),
-            os: os.unbind(),
+            fork: os.getattr("fork").map_err(failed("os.fork"))?.unbind(),
             putenv: putenv.unbind(),
             environ_data: environ_data.unbind(),
             sys: sys.unbind(),
@@ -178,7 +179,7 @@ impl Interpreter {
     /// `os.fork()`: 0 in the child, the child's pid in the parent. CPython's own fork runs its
     /// before/after-fork hooks (import lock, thread state, `random` reseeding, ...).
     pub(crate) fn fork(&self, py: Python<'_>) -> PyResult<i32> {
-        self.os.bind(py).call_method0("fork")?.extract()
+        self.fork.bind(py).call0()?.extract()
     }
 
     /// In the zygote, before a fork: makes the zygote's own environment the part of `env`

@@ -7,7 +7,9 @@
 //! long-poll) for the lease a submission hands it.
 //!
 //! Architecture Invariant: a client is answered only after what it was told is durable: an
-//! accepted task, a handed-out lease, a recorded result.
+//! accepted task, a recorded result. A pull is answered once its leases are durable, or
+//! before, while their run ids are at most [`RUN_IDS_AHEAD`] above the highest durable one
+//! (see [`Engine::hand_out`]).
 
 use crate::feed::Feed;
 use crate::history::{QueueHistory, QueueSample};
@@ -59,6 +61,22 @@ pub struct EngineConfig {
 /// waiting are woken and look for themselves. (With thousands of idle nodes parked, a
 /// submission of one task must not try them all under the lock.)
 const MAX_HAND_OFFS: usize = 64;
+
+/// How far above the highest durable run id a pull's runs may be before their leases are
+/// durable, for the pull to be answered at once (the node starts the run while the lease
+/// commits, not one commit later). A coordinator numbers its runs from this far above the
+/// highest run id its store holds ([`first_run_id`]): an id handed out ahead of a commit that
+/// a crash then lost is never handed out again, so a node holding it can never report for
+/// another run. Runs are never deleted, so the highest durable run id never goes down.
+pub const RUN_IDS_AHEAD: RunId = 1 << 16;
+
+/// The run id a coordinator whose store holds runs up to `highest_stored` numbers its runs
+/// from (see [`RUN_IDS_AHEAD`]).
+pub fn first_run_id(highest_stored: RunId) -> RunId {
+    highest_stored
+        .saturating_add(RUN_IDS_AHEAD)
+        .saturating_add(1)
+}
 
 /// A long-poll parked until work appears. A submission leases to it in the submission's own
 /// critical section and commit, and hands it the lease with an [`Ack`] for that commit: the
@@ -964,8 +982,18 @@ impl Engine {
         }
     }
 
-    /// Answers a pull once its leases are durable: a restarted coordinator must never
-    /// reuse a run id an agent already holds.
+    /// Answers a pull with runs at once while their ids are at most [`RUN_IDS_AHEAD`] above
+    /// the highest durable run id, their leases committing behind the answer; otherwise (and
+    /// an answer with only cancels) once its changes are durable.
+    ///
+    /// Why at once is safe: a restarted coordinator never reuses an id handed out ahead (see
+    /// [`RUN_IDS_AHEAD`]). If a crash loses the commit, nothing a client was told is lost: the
+    /// submission was not answered yet (its own answer waits for the same commit), or the task
+    /// was durable and is still pending after the restart; the node's result for the unknown
+    /// run is refused (the agent drops it) and its heartbeat gets the run cancelled. The task
+    /// may then run again, as after any lost lease, and still completes once. A failed commit
+    /// leaves the lease in memory, as it does when the pull waits (the node then gets it from
+    /// the next pull instead).
     async fn hand_out(
         &self,
         node_id: &str,
@@ -973,12 +1001,21 @@ impl Engine {
         cancel: Vec<RunId>,
         ack: crate::store::Ack,
     ) -> Result<PullResponse, EngineError> {
-        ack.durable().await?;
+        let limit = self.writer.durable_runs().saturating_add(RUN_IDS_AHEAD);
+        let ahead = tasks
+            .iter()
+            .map(|a| a.run_id)
+            .max()
+            .is_some_and(|id| id <= limit);
+        if !ahead {
+            ack.durable().await?;
+        }
         for a in &tasks {
             tracing::debug!(
                 task_id = a.task_id,
                 run_id = a.run_id,
                 node_id,
+                ahead_of_commit = ahead,
                 "run handed out"
             );
         }
@@ -1103,5 +1140,194 @@ impl Engine {
                 _ = self.shutdown.cancelled() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::feed::FeedConfig;
+    use crate::model::Snapshot;
+    use crate::scheduler::SchedulerConfig;
+    use crate::store::{Committer, SqliteStore, SyncMode, Writer};
+    use lull_shared::{AgentState, Load, NodeResources};
+    use std::sync::mpsc;
+
+    /// Commits nothing, and each commit only once the test lets it through.
+    struct Gated(mpsc::Receiver<()>);
+
+    impl Committer for Gated {
+        fn apply(&mut self, _changes: &[Change]) -> Result<(), StoreError> {
+            self.0
+                .recv_timeout(Duration::from_secs(30))
+                .map_err(|_| StoreError::Commit("the test never let the commit through".into()))
+        }
+    }
+
+    /// An engine whose scheduler numbers its next run `next_run` and whose highest durable
+    /// run is `durable`, with one idle node `n1` registered; its commits wait for `gate`.
+    async fn engine(
+        dir: &std::path::Path,
+        next_run: RunId,
+        durable: RunId,
+    ) -> (Arc<Engine>, mpsc::Sender<()>) {
+        let store: Arc<dyn Store> = SqliteStore::open(dir, SyncMode::Normal)
+            .await
+            .expect("store");
+        let snapshot = Snapshot {
+            max_run_id: next_run - 1,
+            ..Snapshot::default()
+        };
+        let scheduler = Scheduler::restore(SchedulerConfig::default(), snapshot, unix_now());
+        let (gate, gated) = mpsc::channel();
+        let finished = Arc::new(FinishWaiters::default());
+        let feed = Arc::new(Feed::new(&FeedConfig::default(), []));
+        let (writer, _stopped) = Writer::spawn(
+            Box::new(Gated(gated)),
+            finished.clone(),
+            feed.clone(),
+            durable,
+        )
+        .expect("writer");
+        let engine = Arc::new(Engine::new(
+            scheduler,
+            store,
+            writer,
+            finished,
+            feed,
+            EngineConfig {
+                limits: TaskLimits::default(),
+                heartbeat_interval: 5.0,
+                tick_interval: Duration::from_secs(60),
+                server_id: "test".into(),
+            },
+            CancellationToken::new(),
+        ));
+        let registered = tokio::spawn({
+            let engine = engine.clone();
+            async move { engine.heartbeat(idle_node("n1")).await }
+        });
+        gate.send(()).expect("writer waiting");
+        registered
+            .await
+            .expect("joined")
+            .expect("the node is registered");
+        (engine, gate)
+    }
+
+    fn idle_node(id: &str) -> HeartbeatRequest {
+        HeartbeatRequest {
+            node_id: id.into(),
+            status: AgentState::Idle,
+            resources: NodeResources {
+                cpu_cores: 2.0,
+                memory_mb: 4096.0,
+            },
+            current_load: Load::default(),
+            hostname: None,
+            node_type: None,
+            zone: None,
+            version: None,
+            running: vec![],
+            finished: vec![],
+            sandbox: None,
+            executor: None,
+            command_results: vec![],
+            owner_load: None,
+            paused_reason: None,
+        }
+    }
+
+    /// Parks a pull for `n1`, then submits a task: returns both, still running.
+    async fn park_and_submit(
+        engine: &Arc<Engine>,
+    ) -> (
+        tokio::task::JoinHandle<Result<PullResponse, EngineError>>,
+        tokio::task::JoinHandle<Result<TaskId, EngineError>>,
+    ) {
+        let pull = tokio::spawn({
+            let engine = engine.clone();
+            async move { engine.pull("n1", Duration::from_secs(30), 1).await }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while engine.waiting_pulls.load(Ordering::Relaxed) == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the pull never parked"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let submit = tokio::spawn({
+            let engine = engine.clone();
+            async move {
+                engine
+                    .submit(SubmitRequest {
+                        code: Some("print(1)".into()),
+                        ..SubmitRequest::default()
+                    })
+                    .await
+            }
+        });
+        (pull, submit)
+    }
+
+    #[tokio::test]
+    async fn a_parked_pull_gets_its_run_while_the_lease_commits() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (engine, gate) = engine(dir.path(), 1, 0).await;
+        let (pull, submit) = park_and_submit(&engine).await;
+
+        // The commit of the task and its lease is held: the pull is answered anyway.
+        let answer = tokio::time::timeout(Duration::from_secs(10), pull)
+            .await
+            .expect("answered before the commit")
+            .expect("joined")
+            .expect("pulled");
+        assert_eq!(answer.tasks.len(), 1, "{answer:?}");
+        assert_eq!(answer.tasks[0].run_id, 1);
+        assert!(
+            !submit.is_finished(),
+            "the submission is answered only once durable"
+        );
+        gate.send(()).expect("writer waiting");
+        let task_id = submit.await.expect("joined").expect("accepted");
+        assert_eq!(answer.tasks[0].task_id, task_id);
+        assert_eq!(engine.writer.durable_runs(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_run_beyond_the_ids_a_restart_skips_waits_for_its_lease_to_be_durable() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // The next run's id is past what a restart now would skip: it must not leave before
+        // its lease is durable.
+        let (engine, gate) = engine(dir.path(), RUN_IDS_AHEAD + 2, 1).await;
+        let (mut pull, submit) = park_and_submit(&engine).await;
+
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut pull)
+                .await
+                .is_err(),
+            "answered before its lease was durable"
+        );
+        gate.send(()).expect("writer waiting");
+        let answer = tokio::time::timeout(Duration::from_secs(10), pull)
+            .await
+            .expect("answered once durable")
+            .expect("joined")
+            .expect("pulled");
+        assert_eq!(answer.tasks[0].run_id, RUN_IDS_AHEAD + 2);
+        submit.await.expect("joined").expect("accepted");
+        // Now durable: the next run may go ahead of its commit.
+        assert_eq!(engine.writer.durable_runs(), RUN_IDS_AHEAD + 2);
+    }
+
+    #[test]
+    fn a_restarted_coordinator_numbers_its_runs_past_every_id_it_may_have_handed_ahead() {
+        assert_eq!(first_run_id(0), RUN_IDS_AHEAD + 1);
+        let highest_durable = 40;
+        // The most a pull could have handed out ahead of its commit before the restart.
+        let handed_ahead = highest_durable + RUN_IDS_AHEAD;
+        assert!(first_run_id(highest_durable) > handed_ahead);
+        assert_eq!(first_run_id(RunId::MAX), RunId::MAX);
     }
 }

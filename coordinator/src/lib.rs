@@ -207,6 +207,10 @@ pub async fn run(
         nodes = snapshot.nodes.len(),
         "state loaded"
     );
+    // Runs are numbered from RUN_IDS_AHEAD above the highest stored one: a pull answered
+    // ahead of its lease's commit may have handed out ids up to there.
+    let highest_run = snapshot.max_run_id;
+    snapshot.max_run_id = engine::first_run_id(highest_run) - 1;
     let unfinished_operations = std::mem::take(&mut snapshot.unfinished_operations);
     let max_operation_id = snapshot.max_operation_id;
     let feed = Arc::new(Feed::new(
@@ -225,7 +229,8 @@ pub async fn run(
         engine::unix_now(),
     );
     let finished = Arc::new(waiters::FinishWaiters::default());
-    let (writer, writer_stopped) = Writer::spawn(committer, finished.clone(), feed.clone())?;
+    let (writer, writer_stopped) =
+        Writer::spawn(committer, finished.clone(), feed.clone(), highest_run)?;
     let server_id = format!("{:08x}", rand::random::<u32>());
     let engine_stop = CancellationToken::new();
     let engine = Arc::new(Engine::new(

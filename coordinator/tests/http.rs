@@ -830,6 +830,42 @@ async fn state_survives_a_restart_and_ids_keep_increasing() {
 }
 
 #[tokio::test]
+async fn after_a_restart_runs_are_numbered_past_any_a_pull_got_ahead_of_its_commit() {
+    use lull_coordinator::engine::RUN_IDS_AHEAD;
+    let dir = tempfile::tempdir().expect("dir");
+    let s = Server::start_in(dir.path(), |_| {}).await;
+    s.heartbeat("n1", 2.0, &[]).await;
+    let a = s.submit("print('a')").await;
+    let first = s.pull("n1", 0.0).await["tasks"][0].clone();
+    let first_run = first["run_id"].as_i64().expect("run");
+    s.shutdown().await;
+
+    let s = Server::start_in(dir.path(), |_| {}).await;
+    // Played: the node also holds the next run id, from a pull answered before its lease
+    // was committed, the commit lost to a crash. The restarted coordinator does not know it.
+    let lost = json!({"task_id": a, "run_id": first_run + 1});
+    let beat = s.heartbeat("n1", 2.0, &[first_run, first_run + 1]).await;
+    assert_eq!(beat["cancel"], json!([first_run + 1]), "{beat}");
+    let (status, body) = s.report("n1", &lost, "completed", "a\n").await;
+    assert!(
+        status == StatusCode::NOT_FOUND || status == StatusCode::CONFLICT,
+        "{status} {body}"
+    );
+    // New runs are numbered past every id that pull could have had.
+    s.submit("print('b')").await;
+    let next = s.pull("n1", 0.0).await["tasks"][0]["run_id"]
+        .as_i64()
+        .expect("run");
+    assert!(next > first_run + RUN_IDS_AHEAD, "{next} after {first_run}");
+    // The run held from before the restart is still its lease.
+    assert_eq!(
+        s.report("n1", &first, "completed", "a\n").await.0,
+        StatusCode::OK
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_client_can_wait_for_a_result_without_polling() {
     let s = Server::start().await;
     s.heartbeat("n1", 1.0, &[]).await;

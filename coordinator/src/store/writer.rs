@@ -12,12 +12,15 @@
 //!
 //! After each successful commit, and before anyone is acknowledged, the [`CommitObserver`]
 //! (the live feed) is shown the committed changes: what it publishes is durable, in commit
-//! order.
+//! order; and the highest durable run id ([`WriterHandle::durable_runs`]) is raised to the
+//! highest the commit saved.
 
 use super::{Committer, StoreError};
 use crate::model::Change;
 use crate::waiters::FinishWaiters;
+use lull_shared::RunId;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc;
 use tokio::sync::oneshot;
 
@@ -33,6 +36,7 @@ struct Batch {
 #[derive(Clone)]
 pub struct WriterHandle {
     tx: mpsc::Sender<Batch>,
+    runs: Arc<DurableRuns>,
 }
 
 /// Resolves once the changes it was issued for are durable.
@@ -52,6 +56,11 @@ impl Ack {
 }
 
 impl WriterHandle {
+    /// The highest run id whose record is durable.
+    pub fn durable_runs(&self) -> RunId {
+        self.runs.highest()
+    }
+
     /// Queues changes; the returned [`Ack`] resolves when they are committed.
     /// An empty list is durable already.
     pub fn send(&self, changes: Vec<Change>) -> Ack {
@@ -93,6 +102,34 @@ pub trait CommitObserver: Send + Sync + 'static {
 
 pub struct Writer;
 
+/// The highest run id whose record is durable: what the store held at start, then raised by
+/// the writer after every commit that saved a run, before anyone is acknowledged. Runs are
+/// never deleted, so it never goes down, across restarts too.
+#[derive(Debug)]
+struct DurableRuns(AtomicI64);
+
+impl DurableRuns {
+    /// `highest`: the highest run id the store holds.
+    fn new(highest: RunId) -> DurableRuns {
+        DurableRuns(AtomicI64::new(highest))
+    }
+
+    fn highest(&self) -> RunId {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Called with every committed batch.
+    fn committed(&self, changes: &[Change]) {
+        let saved = changes.iter().filter_map(|change| match change {
+            Change::RunSaved(run) => Some(run.run_id),
+            _ => None,
+        });
+        if let Some(highest) = saved.max() {
+            self.0.fetch_max(highest, Ordering::AcqRel);
+        }
+    }
+}
+
 /// Resolves once the writer's thread has ended (every handle dropped, the queue drained).
 pub type WriterStopped = oneshot::Receiver<()>;
 
@@ -100,12 +137,17 @@ impl Writer {
     /// Starts the writer's thread, which commits through `committer`. It ends once every
     /// handle is dropped and the queue is drained. `finished` is shown every commit, to wake
     /// those waiting for a task it finished (never before: what they answer must be
-    /// durable). `observer` sees every committed batch.
+    /// durable). `observer` sees every committed batch. `highest_run`: the highest run id
+    /// the store holds, raised by every commit that saves a higher one
+    /// ([`WriterHandle::durable_runs`]).
     pub fn spawn(
         committer: Box<dyn Committer>,
         finished: Arc<FinishWaiters>,
         observer: Arc<dyn CommitObserver>,
+        highest_run: RunId,
     ) -> Result<(WriterHandle, WriterStopped), StoreError> {
+        let runs = Arc::new(DurableRuns::new(highest_run));
+        let handle_runs = runs.clone();
         let (tx, rx) = mpsc::channel();
         let (stopped_tx, stopped) = oneshot::channel();
         std::thread::Builder::new()
@@ -113,10 +155,16 @@ impl Writer {
             .spawn(move || {
                 // Dropped when the thread ends, however it ends: resolves `stopped`.
                 let _stopped = stopped_tx;
-                run(committer, rx, &finished, observer.as_ref());
+                run(committer, rx, &finished, observer.as_ref(), &runs);
             })
             .map_err(StoreError::WriterThread)?;
-        Ok((WriterHandle { tx }, stopped))
+        Ok((
+            WriterHandle {
+                tx,
+                runs: handle_runs,
+            },
+            stopped,
+        ))
     }
 }
 
@@ -125,6 +173,7 @@ fn run(
     rx: mpsc::Receiver<Batch>,
     finished: &FinishWaiters,
     observer: &dyn CommitObserver,
+    runs: &DurableRuns,
 ) {
     let mut changes = Vec::new();
     let mut acks = Vec::new();
@@ -146,6 +195,7 @@ fn run(
         });
         if outcome.is_ok() {
             observer.committed(&changes);
+            runs.committed(&changes);
         }
         for ack in acks.drain(..) {
             let _ = ack.send(outcome.clone());
@@ -239,9 +289,36 @@ mod tests {
         })
     }
 
+    fn run(run_id: RunId) -> Change {
+        Change::RunSaved(crate::model::RunRecord {
+            run_id,
+            task_id: 1,
+            node_id: Some("n1".into()),
+            attempt: 1,
+            point: 0,
+            status: lull_shared::RunStatus::Assigned,
+            exit_code: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            error: None,
+            started_at: 1.0,
+            completed_at: None,
+            cpu_seconds: None,
+            max_rss_mb: None,
+        })
+    }
+
     fn start(
         fail: Vec<i64>,
         gate: Option<mpsc::Receiver<()>>,
+    ) -> (WriterHandle, WriterStopped, Log) {
+        start_with_runs(fail, gate, 0)
+    }
+
+    fn start_with_runs(
+        fail: Vec<i64>,
+        gate: Option<mpsc::Receiver<()>>,
+        highest_run: RunId,
     ) -> (WriterHandle, WriterStopped, Log) {
         let log = Log::default();
         let (writer, stopped) = Writer::spawn(
@@ -254,9 +331,35 @@ mod tests {
                 log: log.clone(),
                 gate: Mutex::new(gate),
             }),
+            highest_run,
         )
         .expect("writer starts");
         (writer, stopped, log)
+    }
+
+    #[tokio::test]
+    async fn the_highest_durable_run_rises_with_commits_that_saved_runs_and_only_with_them() {
+        let (writer, _stopped, _log) = start_with_runs(vec![1], None, 3);
+        assert_eq!(writer.durable_runs(), 3, "what the store held at start");
+        let failed = writer.send(vec![command(1), run(7)]).durable().await;
+        assert!(failed.is_err(), "{failed:?}");
+        assert_eq!(writer.durable_runs(), 3, "a failed commit saved nothing");
+        writer
+            .send(vec![command(2), run(5), run(9)])
+            .durable()
+            .await
+            .expect("durable");
+        assert_eq!(writer.durable_runs(), 9, "raised before the sender heard");
+        writer
+            .send(vec![run(4), command(3)])
+            .durable()
+            .await
+            .expect("durable");
+        assert_eq!(
+            writer.durable_runs(),
+            9,
+            "an older run saved again lowers nothing"
+        );
     }
 
     #[tokio::test]

@@ -80,7 +80,8 @@ pub fn first_run_id(highest_stored: RunId) -> RunId {
 
 /// A long-poll parked until work appears. A submission leases to it in the submission's own
 /// critical section and commit, and hands it the lease with an [`Ack`] for that commit: the
-/// node starts the run as soon as the task is durable, not one commit later.
+/// node starts the run while that commit is made ([`Engine::hand_out`]), or once it is durable,
+/// not one commit later.
 struct ParkedPull {
     node_id: String,
     max: usize,
@@ -992,8 +993,9 @@ impl Engine {
     /// was durable and is still pending after the restart; the node's result for the unknown
     /// run is refused (the agent drops it) and its heartbeat gets the run cancelled. The task
     /// may then run again, as after any lost lease, and still completes once. A failed commit
-    /// leaves the lease in memory, as it does when the pull waits (the node then gets it from
-    /// the next pull instead).
+    /// leaves the lease in memory either way: a pull that waited fails, and the lease lapses
+    /// once the node's heartbeats do not list the run (its task is queued again); a pull
+    /// answered ahead has the node run it.
     async fn hand_out(
         &self,
         node_id: &str,

@@ -1151,8 +1151,8 @@ mod tests {
     use crate::feed::FeedConfig;
     use crate::model::Snapshot;
     use crate::scheduler::SchedulerConfig;
+    use crate::scheduler::tests::heartbeat_request;
     use crate::store::{Committer, SqliteStore, SyncMode, Writer};
-    use lull_shared::{AgentState, Load, NodeResources};
     use std::sync::mpsc;
 
     /// Commits nothing, and each commit only once the test lets it through.
@@ -1207,7 +1207,7 @@ mod tests {
         ));
         let registered = tokio::spawn({
             let engine = engine.clone();
-            async move { engine.heartbeat(idle_node("n1")).await }
+            async move { engine.heartbeat(heartbeat_request("n1")).await }
         });
         gate.send(()).expect("writer waiting");
         registered
@@ -1215,29 +1215,6 @@ mod tests {
             .expect("joined")
             .expect("the node is registered");
         (engine, gate)
-    }
-
-    fn idle_node(id: &str) -> HeartbeatRequest {
-        HeartbeatRequest {
-            node_id: id.into(),
-            status: AgentState::Idle,
-            resources: NodeResources {
-                cpu_cores: 2.0,
-                memory_mb: 4096.0,
-            },
-            current_load: Load::default(),
-            hostname: None,
-            node_type: None,
-            zone: None,
-            version: None,
-            running: vec![],
-            finished: vec![],
-            sandbox: None,
-            executor: None,
-            command_results: vec![],
-            owner_load: None,
-            paused_reason: None,
-        }
     }
 
     /// Parks a pull for `n1`, then submits a task: returns both, still running.

@@ -16,7 +16,7 @@ mod manage;
 mod membership;
 mod queue;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use explain::{Explanation, NodeVerdict, Verdict};
 

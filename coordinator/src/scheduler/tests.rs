@@ -868,7 +868,8 @@ fn commands_are_delivered_in_heartbeats_until_the_agent_reports_and_expire_other
     assert!(expired.error.is_some_and(|e| e.contains("never delivered")));
 }
 
-fn heartbeat_request(id: &str) -> HeartbeatRequest {
+/// An idle node's heartbeat: 2 cores, 4 GB, nothing running.
+pub(crate) fn heartbeat_request(id: &str) -> HeartbeatRequest {
     HeartbeatRequest {
         node_id: id.into(),
         status: AgentState::Idle,

@@ -64,18 +64,17 @@ const MAX_HAND_OFFS: usize = 64;
 
 /// How far above the highest durable run id a pull's runs may be before their leases are
 /// durable, for the pull to be answered at once (the node starts the run while the lease
-/// commits, not one commit later). A coordinator numbers its runs from this far above the
-/// highest run id its store holds ([`first_run_id`]): an id handed out ahead of a commit that
-/// a crash then lost is never handed out again, so a node holding it can never report for
-/// another run. Runs are never deleted, so the highest durable run id never goes down.
+/// commits, not one commit later). See [`highest_run_ahead`].
 pub const RUN_IDS_AHEAD: RunId = 1 << 16;
 
-/// The run id a coordinator whose store holds runs up to `highest_stored` numbers its runs
-/// from (see [`RUN_IDS_AHEAD`]).
-pub fn first_run_id(highest_stored: RunId) -> RunId {
-    highest_stored
-        .saturating_add(RUN_IDS_AHEAD)
-        .saturating_add(1)
+/// The highest run id a pull may be handed before its lease is durable, while the highest
+/// durable one is `durable`. The same bound numbers a starting coordinator's runs: they start
+/// above `highest_run_ahead(highest run id in the store)`, so an id handed out ahead of a
+/// commit that a crash then lost is never handed out again, and a node holding it can never
+/// report for another run. Runs are never deleted, so the highest durable run id never goes
+/// down.
+pub fn highest_run_ahead(durable: RunId) -> RunId {
+    durable.saturating_add(RUN_IDS_AHEAD)
 }
 
 /// A long-poll parked until work appears. A submission leases to it in the submission's own
@@ -1003,7 +1002,7 @@ impl Engine {
         cancel: Vec<RunId>,
         ack: crate::store::Ack,
     ) -> Result<PullResponse, EngineError> {
-        let limit = self.writer.durable_runs().saturating_add(RUN_IDS_AHEAD);
+        let limit = highest_run_ahead(self.writer.durable_runs());
         let ahead = tasks
             .iter()
             .map(|a| a.run_id)
@@ -1302,11 +1301,13 @@ mod tests {
 
     #[test]
     fn a_restarted_coordinator_numbers_its_runs_past_every_id_it_may_have_handed_ahead() {
+        // A starting coordinator's first run id (the scheduler numbers from the highest + 1).
+        let first_run_id = |highest_stored| highest_run_ahead(highest_stored) + 1;
         assert_eq!(first_run_id(0), RUN_IDS_AHEAD + 1);
         let highest_durable = 40;
         // The most a pull could have handed out ahead of its commit before the restart.
         let handed_ahead = highest_durable + RUN_IDS_AHEAD;
         assert!(first_run_id(highest_durable) > handed_ahead);
-        assert_eq!(first_run_id(RunId::MAX), RunId::MAX);
+        assert_eq!(highest_run_ahead(RunId::MAX), RunId::MAX);
     }
 }

@@ -207,10 +207,10 @@ pub async fn run(
         nodes = snapshot.nodes.len(),
         "state loaded"
     );
-    // Runs are numbered from RUN_IDS_AHEAD above the highest stored one: a pull answered
-    // ahead of its lease's commit may have handed out ids up to there.
+    // Runs are numbered from above what a pull answered ahead of its lease's commit may have
+    // been handed.
     let highest_run = snapshot.max_run_id;
-    snapshot.max_run_id = engine::first_run_id(highest_run) - 1;
+    snapshot.max_run_id = engine::highest_run_ahead(highest_run);
     let unfinished_operations = std::mem::take(&mut snapshot.unfinished_operations);
     let max_operation_id = snapshot.max_operation_id;
     let feed = Arc::new(Feed::new(

@@ -1248,8 +1248,16 @@ async fn the_zygote_forks_the_next_run_ahead_holding_nothing_of_other_runs() {
     let (stop_next, next) = spawn_run(
         &executor,
         format!(
-            "{}\nimport time\nprint('ran', flush=True)\ntime.sleep(60)",
-            rename_to(&name)
+            "{}\nimport os, time\nprint('ran', *(os.environ.get(name, '-') for name in {:?}), \
+             'LULL_RUN_ID' in os.environ, flush=True)\ntime.sleep(60)",
+            rename_to(&name),
+            [
+                "LULL_TASK_ID",
+                "LULL_POINT_INDEX",
+                "LULL_POINTS",
+                "LANG",
+                "PYTHONIOENCODING"
+            ],
         ),
     );
     let ran_in = wait_until("the next run runs", || {
@@ -1262,5 +1270,9 @@ async fn the_zygote_forks_the_next_run_ahead_holding_nothing_of_other_runs() {
     );
     stop_next.cancel();
     let execution = next.await.expect("the next run's task");
-    assert_eq!(execution.stdout, "ran\n", "{execution:?}");
+    // Its own variables came with its message, the rest with the zygote it was forked from.
+    assert_eq!(
+        execution.stdout, "ran 7 2 3 C.UTF-8 utf-8 True\n",
+        "{execution:?}"
+    );
 }

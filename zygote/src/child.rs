@@ -97,10 +97,17 @@ pub(crate) fn spare(
     launch: &ForkedRun,
 ) -> ! {
     let status = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        let request = match wait_for_run(&socket, zygote, launch) {
+        let mut request = match wait_for_run(&socket, zygote, launch) {
             Ok(request) => request,
             Err(err) => return not_run(&err),
         };
+        if !request.exec {
+            // The message as the agent sent it: the rest of its environment is this process's
+            // own already (the zygote hands a spare only runs of its environment's generation).
+            request
+                .env
+                .retain(|name, _| crate::interpreter::is_run_own(name));
+        }
         // The zygote hands it only runs of its own kind (the server checks the same rule).
         match crate::runtime::refusal(true, request.exec) {
             Some(why) => setup_failed(why),

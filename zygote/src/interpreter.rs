@@ -85,6 +85,12 @@ pub(crate) struct Interpreter {
 /// process, the others once in the zygote.
 const RUN_OWN_PREFIX: &str = "LULL_";
 
+/// Whether an environment variable is the run's own (set in its process after the fork),
+/// not shared through the zygote's environment ([`Interpreter::share_environment`]).
+pub(crate) fn is_run_own(name: &str) -> bool {
+    name.starts_with(RUN_OWN_PREFIX)
+}
+
 impl Interpreter {
     /// Points the interpreter at `target` (executable, version check, `sys.path`) and imports
     /// `preload`. Returns the interpreter and the preloads that failed (they are not fatal:
@@ -190,7 +196,7 @@ impl Interpreter {
         py: Python<'_>,
         env: &BTreeMap<String, String>,
     ) -> PyResult<BTreeMap<String, String>> {
-        let is_own = |name: &String| name.starts_with(RUN_OWN_PREFIX);
+        let is_own = |name: &String| is_run_own(name);
         let shared = || env.iter().filter(|(name, _)| !is_own(name));
         // Compared in place: this runs before every fork, and what the zygote allocates here
         // is written to pages each run's fork protects again.

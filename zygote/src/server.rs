@@ -299,7 +299,7 @@ impl<R: Runtime> Server<R> {
                 exec,
             } => {
                 let run_id = policy.run_id;
-                match self.start(*policy, code, env, exec, fds) {
+                match self.start(line, *policy, code, env, exec, fds) {
                     Ok(pid) => self.send(&FromZygote::Started {
                         run_id,
                         pid: pid.as_raw(),
@@ -324,9 +324,10 @@ impl<R: Runtime> Server<R> {
     /// Forks the run's process (or hands the run to the spare). Returns its pid; the child
     /// never returns from here. With `exec` (a launcher's runs), the child execs a fresh
     /// interpreter with exactly `env` once sandboxed, and reports nothing before its exit (its
-    /// reap tells).
+    /// reap tells). `line` is the run's message as it came, which a spare gets as it is.
     fn start(
         &mut self,
+        line: &[u8],
         policy: RunPolicy,
         code: String,
         env: BTreeMap<String, String>,
@@ -353,8 +354,7 @@ impl<R: Runtime> Server<R> {
                 .share_environment(&env)
                 .map_err(|err| StartError::Run(format!("environment: {err}")))?
         };
-        if let Some((pid, launch, report)) =
-            self.start_on_spare(&policy, &code, &env, exec, [&stdout, &stderr])
+        if let Some((pid, launch, report)) = self.start_on_spare(line, &policy, [&stdout, &stderr])
         {
             let report = (!exec).then_some(report);
             return Ok(self.track(pid, policy, launch, stderr, report));
@@ -480,12 +480,15 @@ impl<R: Runtime> Server<R> {
     /// Hands the run to the spare if it can take it: its pid, what was lent for it, and the
     /// socket it reports its end on (the one it got its run on). Otherwise (none, it does not
     /// fit, it is gone) the spare is discarded and the caller forks the run itself.
+    ///
+    /// The spare gets the run's `line` as the agent sent it, not a copy made here: the zygote
+    /// allocates nothing for it, so writes no pages its forks share (the spare keeps only the
+    /// run's own variables of its environment: the rest is the environment it was forked
+    /// with, of the same generation).
     fn start_on_spare(
         &mut self,
+        line: &[u8],
         policy: &RunPolicy,
-        code: &str,
-        env: &BTreeMap<String, String>,
-        exec: bool,
         fds: [&ReceivedFd; RUN_FDS],
     ) -> Option<(Pid, ForkedRun, OwnedFd)> {
         let mut spare = self.spare.take()?;
@@ -497,14 +500,7 @@ impl<R: Runtime> Server<R> {
             self.discard(spare);
             return None;
         }
-        let line = ToZygote::Run {
-            policy: Box::new(policy.clone()),
-            code: code.to_string(),
-            env: env.clone(),
-            exec,
-        }
-        .to_line();
-        match hand_over(&spare.socket, &line, fds.map(ReceivedFd::raw)) {
+        match hand_over(&spare.socket, line, fds.map(ReceivedFd::raw)) {
             Ok(()) => Some((spare.pid, spare.launch, spare.socket)),
             Err(err) => {
                 log!("could not hand a run to the spare ({err}); forking it instead");
@@ -794,12 +790,13 @@ impl Inbox {
         self.buf.extend_from_slice(bytes);
     }
 
-    /// The next complete line (without its newline) and the descriptors that came with it.
+    /// The next complete line (its newline included: a run's line goes on to a spare as it
+    /// came) and the descriptors that came with it.
     fn next_line(&mut self) -> Option<(Vec<u8>, Vec<ReceivedFd>)> {
         let newline = self.buf.iter().position(|&b| b == b'\n')?;
         let line_start = self.start;
         let line_end = self.start + newline as u64 + 1;
-        let line: Vec<u8> = self.buf.drain(..=newline).take(newline).collect();
+        let line: Vec<u8> = self.buf.drain(..=newline).collect();
         self.start = line_end;
         let mut fds = Vec::new();
         while let Some((at, _)) = self.fds.front() {
@@ -880,13 +877,13 @@ mod tests {
         inbox.push(b"{\"c\":3}\n", vec![fd()]);
 
         let (line, fds) = inbox.next_line().expect("first line");
-        assert_eq!(line, b"{\"a\":1}");
+        assert_eq!(line, b"{\"a\":1}\n");
         assert!(fds.is_empty());
         let (line, fds) = inbox.next_line().expect("second line");
-        assert_eq!(line, b"{\"b\":2}");
+        assert_eq!(line, b"{\"b\":2}\n");
         assert_eq!(fds.len(), 2);
         let (line, fds) = inbox.next_line().expect("third line");
-        assert_eq!(line, b"{\"c\":3}");
+        assert_eq!(line, b"{\"c\":3}\n");
         assert_eq!(fds.len(), 1);
         assert!(inbox.next_line().is_none());
     }
@@ -900,10 +897,10 @@ mod tests {
             vec![fd(), fd()],
         );
         let (line, fds) = inbox.next_line().expect("kill");
-        assert_eq!(line, b"{\"op\":\"kill\",\"run_id\":1}");
+        assert_eq!(line, b"{\"op\":\"kill\",\"run_id\":1}\n");
         assert!(fds.is_empty(), "the kill takes none");
         let (line, fds) = inbox.next_line().expect("run");
-        assert_eq!(line, b"{\"op\":\"run\"}");
+        assert_eq!(line, b"{\"op\":\"run\"}\n");
         assert_eq!(fds.len(), 2, "the run keeps its own");
     }
 
@@ -914,7 +911,7 @@ mod tests {
         assert!(inbox.next_line().is_none());
         inbox.push(b"\"kill\"}\n", vec![]);
         let (line, fds) = inbox.next_line().expect("the line");
-        assert_eq!(line, b"{\"op\":\"kill\"}");
+        assert_eq!(line, b"{\"op\":\"kill\"}\n");
         assert_eq!(fds.len(), 1);
     }
 

@@ -4,12 +4,16 @@
     cargo build --release --bins && python3 bench/peers.py [--tasks 1000] [--repeat 3] [--closed-loop 200]
 
 Workload: the code string `print(sum(range(1000)))`; the result is its stdout.
-For every system: batch (submit all, then collect; tasks/s = N / (first submit .. last result),
-median of --repeat with min-max; then one more batch of N for its latencies, submit -> result
-p50/p99, its results collected one at a time in the order submitted: a task's latency runs from
-just before its submission (its request's, for Lull's batch requests) to the moment the client
-has its result) and closed loop (2 clients, one task in flight each; latency submit -> result,
-p50/p99).
+The systems are measured in --repeat rounds, each system once per round, in turn (started,
+warmed up with 20 tasks, measured, stopped), so that a VM whose speed drifts within minutes
+moves every system alike; a ratio between two systems is the median of their per-round ratios.
+For every system, in every round: batch (submit all, then collect; tasks/s = N / (first
+submit .. last result); the table gives the median of the rounds with min-max), then one more
+batch of N for its latencies, submit -> result p50/p99 over every round's, its results
+collected one at a time in the order submitted: a task's latency runs from just before its
+submission (its request's, for Lull's batch requests) to the moment the client has its result;
+and closed loop (2 clients, one task in flight each, --closed-loop tasks per client split over
+the rounds; latency submit -> result, p50/p99).
 
   - Lull: coordinator (--sync full) + one agent with 2 slots, over HTTP, zygote executor with
     the strongest sandbox this host allows (printed), and cold with --cold-tasks. Batch mode
@@ -102,7 +106,8 @@ def in_order(sent, collect):
 def measure(submit_all, one, n, repeat, per_client, batch_latencies):
     """submit_all(n) -> seconds for a batch; one() -> runs one task and checks it;
     batch_latencies(n) -> each task's seconds from submission to result in a batch of n,
-    submitted all at once and collected one at a time in the order submitted."""
+    submitted all at once and collected one at a time in the order submitted. Returns the
+    samples (tasks/s of each batch, latencies in ms), which pooled() makes a row of."""
     for _ in range(20):  # warm-up
         one()
     rates = [n / submit_all(n) for _ in range(repeat)]
@@ -128,14 +133,37 @@ def measure(submit_all, one, n, repeat, per_client, batch_latencies):
         t.join()
     latencies.sort()
     return {
+        "rates": rates,
+        "batch_latencies_ms": [t * 1000 for t in in_batch],
+        "closed_latencies_ms": [t * 1000 for t in latencies],
+    }
+
+
+def pooled(rounds):
+    """One row from a system's rounds (measure()'s results, oldest first): tasks/s median
+    and min-max over every batch of every round, latency percentiles over every round's
+    latencies together, each round's rate in `round_rates`."""
+    rates = [rate for r in rounds for rate in r["rates"]]
+    in_batch = sorted(t for r in rounds for t in r["batch_latencies_ms"])
+    closed = sorted(t for r in rounds for t in r["closed_latencies_ms"])
+    row = {k: v for k, v in rounds[0].items() if k not in ("rates", "batch_latencies_ms", "closed_latencies_ms")}
+    row.update({
         "batch_median": statistics.median(rates),
         "batch_min": min(rates),
         "batch_max": max(rates),
-        "batch_p50_ms": percentile(in_batch, 0.50) * 1000,
-        "batch_p99_ms": percentile(in_batch, 0.99) * 1000,
-        "closed_p50_ms": percentile(latencies, 0.50) * 1000,
-        "closed_p99_ms": percentile(latencies, 0.99) * 1000,
-    }
+        "batch_p50_ms": percentile(in_batch, 0.50),
+        "batch_p99_ms": percentile(in_batch, 0.99),
+        "closed_p50_ms": percentile(closed, 0.50),
+        "closed_p99_ms": percentile(closed, 0.99),
+        "round_rates": [statistics.median(r["rates"]) for r in rounds],
+    })
+    return row
+
+
+def paired_ratio(ours, theirs):
+    """Median over the rounds of one system's rate divided by another's in the same round:
+    each pair measured minutes apart at most, so a VM whose speed drifts moves both."""
+    return statistics.median(a / b for a, b in zip(ours["round_rates"], theirs["round_rates"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,12 +516,41 @@ def run_fork_server(args, tasks):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def run_system(system, args, python, workdir, redis_url):
+    """One system measured once (args.repeat batches): measure()'s result."""
+    if system == "lull-zygote":
+        return run_lull(args, "zygote", args.tasks)
+    if system == "lull-cold":
+        return run_lull(args, "cold", args.cold_tasks)
+    if system == "bare-python":
+        return run_bare(args, args.cold_tasks)
+    if system == "fork-server":
+        return run_fork_server(args, args.tasks)
+    if system in PEERS:
+        return run_peer(python, system, args, workdir, redis_url)
+    raise SystemExit(f"unknown system {system!r}")
+
+
+def system_name(system, row):
+    return {
+        "lull-zygote": f"Lull, zygote ({row.get('sandbox')} sandbox, a fresh process per task)",
+        "lull-cold": f"Lull, cold ({row.get('sandbox')} sandbox, a new python3 per task)",
+        "bare-python": "a fresh `python3 -I -c` per task, 2 at a time (no Lull, no sandbox)",
+        "fork-server": "a warm Python fork server, a fork per task, 2 at a time (no Lull, no sandbox)",
+        "celery": "Celery + Redis, prefork 2 (warm worker, no isolation)",
+        "rq": "RQ, 2 workers (a fork per job, no sandbox)",
+        "ray": "Ray, num_cpus=2 (warm worker, no isolation)",
+    }[system]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=1000)
     ap.add_argument("--cold-tasks", type=int, default=200, help="tasks per batch for Lull's cold executor")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--closed-loop", type=int, default=200, help="tasks per client in the closed loop")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="rounds: each system is measured once per round, in turn")
+    ap.add_argument("--closed-loop", type=int, default=200,
+                    help="tasks per client in the closed loop, split over the rounds")
     ap.add_argument("--systems", default="lull-zygote,lull-cold,bare-python,fork-server,celery,rq,ray")
     ap.add_argument("--bin-dir", default=os.path.join(HERE, "..", "target", "release"))
     ap.add_argument("--collect", default="batch", choices=["batch", "each"],
@@ -537,30 +594,23 @@ def main():
             redis_url = f"redis://127.0.0.1:{port}/0"
         else:
             redis_url = ""
-        for system in systems:
-            if system == "lull-zygote":
-                row = run_lull(args, "zygote", args.tasks)
-                row["system"] = f"Lull, zygote ({row['sandbox']} sandbox, a fresh process per task)"
-            elif system == "lull-cold":
-                row = run_lull(args, "cold", args.cold_tasks)
-                row["system"] = f"Lull, cold ({row['sandbox']} sandbox, a new python3 per task)"
-            elif system == "bare-python":
-                row = run_bare(args, args.cold_tasks)
-                row["system"] = "a fresh `python3 -I -c` per task, 2 at a time (no Lull, no sandbox)"
-            elif system == "fork-server":
-                row = run_fork_server(args, args.tasks)
-                row["system"] = "a warm Python fork server, a fork per task, 2 at a time (no Lull, no sandbox)"
-            elif system in PEERS:
-                if redis is not None:
+        # Round by round, each system once per round, in turn: this VM's speed drifts by a
+        # quarter within minutes, which would favour whichever system ran in a fast spell.
+        per_round = argparse.Namespace(**vars(args))
+        per_round.repeat = 1
+        per_round.closed_loop = -(-args.closed_loop // args.repeat)
+        rounds = {system: [] for system in systems}
+        for number in range(1, args.repeat + 1):
+            for system in systems:
+                if system in PEERS and redis is not None:
                     subprocess.run(["redis-cli", "-p", str(port), "flushall"], capture_output=True)
-                row = run_peer(python, system, args, workdir, redis_url)
-                row["system"] = {
-                    "celery": "Celery + Redis, prefork 2 (warm worker, no isolation)",
-                    "rq": "RQ, 2 workers (a fork per job, no sandbox)",
-                    "ray": "Ray, num_cpus=2 (warm worker, no isolation)",
-                }[system]
-            else:
-                raise SystemExit(f"unknown system {system!r}")
+                result = run_system(system, per_round, python, workdir, redis_url)
+                rounds[system].append(result)
+                print(f"round {number}/{args.repeat}: {system} {statistics.median(result['rates']):.0f} tasks/s",
+                      file=sys.stderr)
+        for system in systems:
+            row = pooled(rounds[system])
+            row["system"] = system_name(system, row)
             row["key"] = system
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
@@ -574,16 +624,26 @@ def main():
         shutil.rmtree(workdir, ignore_errors=True)
 
     lull_row = next((r for r in rows if r["key"] == "lull-zygote"), None)
-    print(f"\n`{CODE}`, {args.tasks} tasks per batch (Lull cold: {args.cold_tasks}), median of {args.repeat}; "
-          f"closed loop: 2 clients x {args.closed_loop}; {os.cpu_count()} cores\n")
+    for r in rows:
+        if lull_row:
+            r["lull_zygote_ratio"] = paired_ratio(lull_row, r)
+    cold_row = next((r for r in rows if r["key"] == "lull-cold"), None)
+    bare_row = next((r for r in rows if r["key"] == "bare-python"), None)
+    print(f"\n`{CODE}`, {args.tasks} tasks per batch (Lull cold and bare python: {args.cold_tasks}), "
+          f"{args.repeat} rounds (each system once per round, in turn; median of the rounds); "
+          f"closed loop: 2 clients x {per_round.closed_loop} per round; {os.cpu_count()} cores\n")
     print("| system | batch tasks/s (median, min-max) | batch latency p50 | p99 | closed loop p50 | p99 "
-          "| Lull zygote / it (batch) |")
+          "| Lull zygote / it (batch, paired by round) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        ratio = f"{lull_row['batch_median'] / r['batch_median']:.2f}" if lull_row else ""
+        ratio = f"{r['lull_zygote_ratio']:.2f}" if lull_row else ""
         print(f"| {r['system']} | {r['batch_median']:.0f} ({r['batch_min']:.0f}-{r['batch_max']:.0f}) "
               f"| {r['batch_p50_ms']:.0f} ms | {r['batch_p99_ms']:.0f} ms "
               f"| {r['closed_p50_ms']:.1f} ms | {r['closed_p99_ms']:.1f} ms | {ratio} |")
+    if cold_row and bare_row:
+        cold_row["bare_python_ratio"] = paired_ratio(cold_row, bare_row)
+        each = ", ".join(f"{a / b:.0%}" for a, b in zip(cold_row["round_rates"], bare_row["round_rates"]))
+        print(f"\nLull cold / bare python, round by round: {each}; median {cold_row['bare_python_ratio']:.0%}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

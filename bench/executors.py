@@ -15,6 +15,9 @@ the sandbox level the agent actually used:
   - closed loop: 2 clients, one task in flight each; latency submit -> result, p50/p99;
   - idle node: one task at a time, each after --idle-gap seconds of quiet (a user with an
     idle node); latency submit -> result, p50 and max.
+With `--compare A,B` (two directories of binaries, as --bin-dir) it measures one executor at
+one level in `--pairs` interleaved pairs instead (A then B, then B then A, ...) and prints
+each pair and how many B won: the A/B of two builds on a VM whose speed drifts within minutes.
 Everything runs on 127.0.0.1 and is stopped afterwards. This is a benchmark, not a test:
 it asserts nothing about speed.
 """
@@ -297,6 +300,73 @@ def idle(cluster, count, gap):
     return latencies[len(latencies) // 2] * 1000, latencies[-1] * 1000
 
 
+def measure_once(args, bin_dir, python, executor, asked_level, skip=None):
+    """One executor at one level, with the binaries in `bin_dir`: a row, or None when the
+    host settles at a level already in `skip` (a set of (executor, level), added to)."""
+    cluster = Cluster(bin_dir, executor, args.cpus, args.sync, python, asked_level)
+    try:
+        used = cluster.node.get("executor")
+        level = (cluster.node.get("sandbox") or {}).get("level", "unknown")
+        if skip is not None:
+            if (executor, level) in skip:
+                print(f"{executor} at --max-sandbox-level {asked_level}: this host settles at {level}, "
+                      f"measured already", file=sys.stderr)
+                return None
+            skip.add((executor, level))
+        for _ in range(20):  # warm-up
+            cluster.wait(cluster.submit())
+        meter = CpuMeter(cluster)
+        rates = [batch(cluster, args.tasks, args.one_by_one, collect=args.collect)
+                 for _ in range(args.repeat)]
+        cpu = meter.per_task_ms(args.tasks * args.repeat)
+        p50, p99 = closed_loop(cluster, args.closed_loop) if args.closed_loop else (None, None)
+        idle_p50, idle_max = idle(cluster, args.idle, args.idle_gap) if args.idle else (None, None)
+    finally:
+        cluster.close()
+    return {"asked": executor, "executor": used, "sandbox": level, "asked_level": asked_level,
+            "batch_median": statistics.median(rates), "batch_min": min(rates), "batch_max": max(rates),
+            "closed_p50_ms": p50, "closed_p99_ms": p99, "idle_p50_ms": idle_p50, "idle_max_ms": idle_max,
+            "cpu_ms_per_task": cpu}
+
+
+def compare(args, python, runs):
+    """--compare A,B: two builds' binaries measured in interleaved pairs (A then B, then B then
+    A, ...), each measurement as one run of this script's, so that a VM whose speed drifts
+    moves both sides of a pair alike. Prints each pair and how many B won."""
+    dirs = args.compare.split(",")
+    if len(dirs) != 2 or len(runs) != 1:
+        raise SystemExit("--compare takes two binary directories, one executor and one level")
+    (executor, asked_level), = runs
+    pairs = []
+    for number in range(args.pairs):
+        order = dirs if number % 2 == 0 else dirs[::-1]
+        pair = {d: measure_once(args, d, python, executor, asked_level) for d in order}
+        pairs.append(pair)
+        print(json.dumps({"pair": number + 1, **pair}), file=sys.stderr)
+
+    a, b = dirs
+    metrics = [("batch tasks/s", "batch_median", True), ("closed loop p50 ms", "closed_p50_ms", False),
+               ("idle node p50 ms", "idle_p50_ms", False)]
+    print(f"\n{executor}, {args.pairs} interleaved pairs, {args.tasks} tasks x {args.repeat} per batch "
+          f"measurement; A = {a}, B = {b}\n")
+    print("| pair | " + " | ".join(f"{name} A | B" for name, _, _ in metrics) + " | CPU per task ms A | B |")
+    print("|---|" + "---|---|" * (len(metrics) + 1))
+
+    def cell(row, key):
+        return "-" if row[key] is None else f"{row[key]:.1f}" if key != "batch_median" else f"{row[key]:.0f}"
+
+    for number, pair in enumerate(pairs, 1):
+        cells = [f"{cell(pair[a], key)} | {cell(pair[b], key)}" for _, key, _ in metrics]
+        cpu = [f"{sum(pair[d]['cpu_ms_per_task'].values()):.2f}" for d in (a, b)]
+        print(f"| {number} | " + " | ".join(cells) + f" | {cpu[0]} | {cpu[1]} |")
+    for name, key, higher_is_better in metrics:
+        if pairs[0][a][key] is None:
+            continue
+        wins = sum((p[b][key] > p[a][key]) == higher_is_better for p in pairs)
+        ratio = statistics.median(p[b][key] / p[a][key] for p in pairs)
+        print(f"- {name}: B better in {wins} of {len(pairs)} pairs; B / A median {ratio:.3f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, default=1000)
@@ -320,6 +390,10 @@ def main():
     ap.add_argument("--collect", default="batch", choices=["batch", "each"],
                     help="batch mode collects results 1,000 per request (GET /api/v1/tasks/wait) or one "
                          "GET /api/v1/tasks/{id}?wait= per task")
+    ap.add_argument("--compare", metavar="A,B",
+                    help="two binary directories (as --bin-dir) measured in interleaved pairs, one executor "
+                         "and one level: an A/B of two builds on a VM whose speed drifts")
+    ap.add_argument("--pairs", type=int, default=4, help="pairs for --compare")
     ap.add_argument("--one-by-one", action="store_true",
                     help="batch mode submits one task per request (4 threads) instead of POST /api/v1/tasks/batch")
     args = ap.parse_args()
@@ -329,31 +403,14 @@ def main():
     rows = []
     levels = {"best": [None], "all": ["full", "isolated", "basic", "none"]}.get(args.levels, args.levels.split(","))
     runs = [(executor, asked) for executor in args.executors.split(",") for asked in levels]
+    if args.compare:
+        return compare(args, python, runs)
     measured = set()
     for executor, asked_level in runs:
-        cluster = Cluster(args.bin_dir, executor, args.cpus, args.sync, python, asked_level)
-        try:
-            used = cluster.node.get("executor")
-            level = (cluster.node.get("sandbox") or {}).get("level", "unknown")
-            if (executor, level) in measured:
-                print(f"{executor} at --max-sandbox-level {asked_level}: this host settles at {level}, "
-                      f"measured already", file=sys.stderr)
-                continue
-            measured.add((executor, level))
-            for _ in range(20):  # warm-up
-                cluster.wait(cluster.submit())
-            meter = CpuMeter(cluster)
-            rates = [batch(cluster, args.tasks, args.one_by_one, collect=args.collect)
-                     for _ in range(args.repeat)]
-            cpu = meter.per_task_ms(args.tasks * args.repeat)
-            p50, p99 = closed_loop(cluster, args.closed_loop) if args.closed_loop else (None, None)
-            idle_p50, idle_max = idle(cluster, args.idle, args.idle_gap) if args.idle else (None, None)
-        finally:
-            cluster.close()
-        rows.append({"asked": executor, "executor": used, "sandbox": level, "asked_level": asked_level,
-                     "batch_median": statistics.median(rates), "batch_min": min(rates), "batch_max": max(rates),
-                     "closed_p50_ms": p50, "closed_p99_ms": p99, "idle_p50_ms": idle_p50, "idle_max_ms": idle_max,
-                     "cpu_ms_per_task": cpu})
+        row = measure_once(args, args.bin_dir, python, executor, asked_level, skip=measured)
+        if row is None:
+            continue
+        rows.append(row)
         print(json.dumps(rows[-1]), file=sys.stderr)
 
     print(f"\n{args.tasks} tasks of `{CODE}`, one agent with {args.cpus:g} slots, {os.cpu_count()} cores, "

@@ -21,7 +21,8 @@ use crate::operations::OperationRecord;
 use crate::operations::plan::GroupMembers;
 use crate::scheduler::{Explanation, LegacyAssignment, NodeCounts, Scheduler, SchedulerError};
 use crate::store::{
-    CommandQuery, OperationQuery, ResultRow, Store, StoreError, TaskQuery, TaskStats, WriterHandle,
+    CommandQuery, Committer, OperationQuery, ResultRow, Store, StoreError, TaskQuery, TaskStats,
+    Writer, WriterHandle, WriterStopped,
 };
 use crate::waiters::FinishWaiters;
 use lull_shared::{
@@ -134,16 +135,24 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// An engine over `scheduler` that reads from `store` and commits through `committer`
+    /// on the writer's thread, started here with `highest_run`, the highest run id the store
+    /// holds (see [`WriterHandle::durable_runs`]); the writer wakes the engine's waiters for
+    /// finished tasks after each commit. Also returns what resolves once that thread has
+    /// ended.
     pub fn new(
         scheduler: Scheduler,
         store: Arc<dyn Store>,
-        writer: WriterHandle,
-        finished: Arc<FinishWaiters>,
+        committer: Box<dyn Committer>,
+        highest_run: RunId,
         feed: Arc<Feed>,
         config: EngineConfig,
         shutdown: CancellationToken,
-    ) -> Engine {
-        Engine {
+    ) -> Result<(Engine, WriterStopped), StoreError> {
+        let finished = Arc::new(FinishWaiters::default());
+        let (writer, writer_stopped) =
+            Writer::spawn(committer, finished.clone(), feed.clone(), highest_run)?;
+        let engine = Engine {
             scheduler: Mutex::new(scheduler),
             store,
             writer,
@@ -156,7 +165,8 @@ impl Engine {
             queue_history: Mutex::new(QueueHistory::default()),
             shutdown,
             config,
-        }
+        };
+        Ok((engine, writer_stopped))
     }
 
     pub fn server_id(&self) -> &str {
@@ -1151,7 +1161,7 @@ mod tests {
     use crate::model::Snapshot;
     use crate::scheduler::SchedulerConfig;
     use crate::scheduler::tests::heartbeat_request;
-    use crate::store::{Committer, SqliteStore, SyncMode, Writer};
+    use crate::store::{SqliteStore, SyncMode};
     use std::sync::mpsc;
 
     /// Commits nothing, and each commit only once the test lets it through.
@@ -1181,21 +1191,12 @@ mod tests {
         };
         let scheduler = Scheduler::restore(SchedulerConfig::default(), snapshot, unix_now());
         let (gate, gated) = mpsc::channel();
-        let finished = Arc::new(FinishWaiters::default());
-        let feed = Arc::new(Feed::new(&FeedConfig::default(), []));
-        let (writer, _stopped) = Writer::spawn(
-            Box::new(Gated(gated)),
-            finished.clone(),
-            feed.clone(),
-            durable,
-        )
-        .expect("writer");
-        let engine = Arc::new(Engine::new(
+        let (engine, _stopped) = Engine::new(
             scheduler,
             store,
-            writer,
-            finished,
-            feed,
+            Box::new(Gated(gated)),
+            durable,
+            Arc::new(Feed::new(&FeedConfig::default(), [])),
             EngineConfig {
                 limits: TaskLimits::default(),
                 heartbeat_interval: 5.0,
@@ -1203,7 +1204,9 @@ mod tests {
                 server_id: "test".into(),
             },
             CancellationToken::new(),
-        ));
+        )
+        .expect("engine");
+        let engine = Arc::new(engine);
         let registered = tokio::spawn({
             let engine = engine.clone();
             async move { engine.heartbeat(heartbeat_request("n1")).await }

@@ -42,7 +42,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use store::{CachedKeys, KeyStore, SqliteStore, Store, StoreError, SyncMode, Writer};
+use store::{CachedKeys, KeyStore, SqliteStore, Store, StoreError, SyncMode};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -228,17 +228,14 @@ pub async fn run(
         snapshot,
         engine::unix_now(),
     );
-    let finished = Arc::new(waiters::FinishWaiters::default());
-    let (writer, writer_stopped) =
-        Writer::spawn(committer, finished.clone(), feed.clone(), highest_run)?;
     let server_id = format!("{:08x}", rand::random::<u32>());
     let engine_stop = CancellationToken::new();
-    let engine = Arc::new(Engine::new(
+    let (engine, writer_stopped) = Engine::new(
         scheduler,
         store,
-        writer,
-        finished,
-        feed,
+        committer,
+        highest_run,
+        feed.clone(),
         EngineConfig {
             limits: config.limits.clone(),
             heartbeat_interval: config.heartbeat_interval,
@@ -246,7 +243,8 @@ pub async fn run(
             server_id: server_id.clone(),
         },
         engine_stop.clone(),
-    ));
+    )?;
+    let engine = Arc::new(engine);
     let ticker = tokio::spawn(engine.clone().run_ticker());
 
     // In-process agents authenticate with a token made now and held only in memory.

@@ -14,7 +14,7 @@ mod writer;
 
 pub use key_cache::CachedKeys;
 pub use sqlite::{SqliteCommitter, SqliteStore, SyncMode};
-pub use writer::{Ack, CommitObserver, Writer, WriterHandle};
+pub use writer::{Ack, CommitObserver, Writer, WriterHandle, WriterStopped};
 
 use crate::keys::{ApiKey, NewKey};
 use crate::model::{Change, CommandRecord, RunRecord, Snapshot, TaskRecord};

@@ -514,6 +514,29 @@ async fn unicode_and_binary_output_match_cold() {
     .await;
 }
 
+/// The agent leaves a run's output pipes alone for its first moments (a short run's writes
+/// then wake nobody): a run that writes more than a pipe holds must still go on, and every
+/// byte of both streams arrive, whether written before or after the agent reads.
+#[tokio::test]
+async fn output_beyond_a_pipes_capacity_arrives_whole_from_both_streams() {
+    let code = "import sys\n\
+                sys.stdout.write('o' * 300_000)\n\
+                sys.stderr.write('e' * 200_000)\n\
+                sys.stdout.write('O' * 100_000)\n";
+    let execution = run(&zygote().await, code).await;
+
+    assert_eq!(
+        execution.outcome,
+        RunOutcome::Completed,
+        "{:?}",
+        execution.error
+    );
+    assert_eq!(execution.stdout.len(), 400_000);
+    assert!(execution.stdout.starts_with('o') && execution.stdout.ends_with('O'));
+    assert_eq!(execution.stdout.matches('O').count(), 100_000);
+    assert_eq!(execution.stderr, "e".repeat(200_000));
+}
+
 #[tokio::test]
 async fn output_written_before_a_kill_is_kept() {
     let execution = zygote()

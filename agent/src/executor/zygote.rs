@@ -56,6 +56,13 @@ pub const ZYGOTE_DIED: &str = "zygote died; run handed back";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a killed run's exit may take to be reported before the zygote is presumed stuck.
 const KILL_WAIT: Duration = Duration::from_secs(10);
+/// How long a run's output pipes stay out of the agent's event loop unless the run ends first.
+/// Until then what the run writes waits in the pipe (64 KiB by default; a run that writes more
+/// blocks until the agent reads) and wakes nobody: each write a watched pipe receives woke the
+/// agent, which the kernel runs on the writer's CPU, taking it from the run that wrote (a
+/// short run woke the agent ~1.5 times with its output and its end, beside the zygote's own
+/// messages). The pipes are read once the zygote says the run ended, or from this long on.
+const WATCH_OUTPUT_AFTER: Duration = Duration::from_millis(20);
 /// After a zygote's death, what it may still have said is read for this long.
 const LAST_WORDS_WAIT: Duration = Duration::from_secs(1);
 /// A zygote that lived this long before dying was healthy: its restart backoff starts over.
@@ -630,10 +637,32 @@ fn make_workdir(settings: &ZygoteSettings) -> io::Result<Option<TempDir>> {
     Ok(Some(dir))
 }
 
-/// A pipe for one output stream: our async read end, and the write end for the run.
-fn output_pipe() -> io::Result<(pipe::Receiver, OwnedFd)> {
-    let (read, write) = pipe2(OFlag::O_CLOEXEC)?;
-    Ok((pipe::Receiver::from_owned_fd(read)?, write))
+/// A pipe for one output stream: our read end (watched later: [`UnwatchedOutput`]), and the
+/// write end for the run.
+fn output_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(pipe2(OFlag::O_CLOEXEC)?)
+}
+
+/// A run's stdout and stderr read ends, not yet watched (see [`WATCH_OUTPUT_AFTER`]).
+struct UnwatchedOutput {
+    out: OwnedFd,
+    err: OwnedFd,
+}
+
+impl UnwatchedOutput {
+    /// Into the agent's event loop, as the readers of the run's stdout and stderr. A pipe
+    /// the event loop cannot take (it never happens short of running out of memory) is read
+    /// as if the run had closed it.
+    fn watch(self) -> (Option<pipe::Receiver>, Option<pipe::Receiver>) {
+        let watch = |fd: OwnedFd| match pipe::Receiver::from_owned_fd(fd) {
+            Ok(pipe) => Some(pipe),
+            Err(err) => {
+                error!(%err, "could not watch a run's output pipe; its output is lost");
+                None
+            }
+        };
+        (watch(self.out), watch(self.err))
+    }
 }
 
 /// Kills the run through the zygote if it is still running when the run's future ends
@@ -739,8 +768,14 @@ async fn supervise_run(
         return lost(started_at, String::new(), String::new());
     }
 
-    let mut out = Some(out_pipe);
-    let mut err = Some(err_pipe);
+    let mut unwatched = Some(UnwatchedOutput {
+        out: out_pipe,
+        err: err_pipe,
+    });
+    let watch_later = tokio::time::sleep(WATCH_OUTPUT_AFTER);
+    tokio::pin!(watch_later);
+    let mut out: Option<pipe::Receiver> = None;
+    let mut err: Option<pipe::Receiver> = None;
     let mut stdout = Capture::new(settings.max_output_bytes);
     let mut stderr = Capture::new(settings.max_output_bytes);
     let mut out_buf = vec![0u8; READ_CHUNK_BYTES];
@@ -759,12 +794,18 @@ async fn supervise_run(
 
     let ending = loop {
         if let Some((status, ..)) = &exited
+            && unwatched.is_none()
             && out.is_none()
             && err.is_none()
         {
             break ZygoteEnding::Ended(Ending::Exited(*status));
         }
         tokio::select! {
+            () = &mut watch_later, if unwatched.is_some() => {
+                if let Some(pipes) = unwatched.take() {
+                    (out, err) = pipes.watch();
+                }
+            },
             read = read_chunk(&mut out, &mut out_buf), if out.is_some() => match read {
                 Ok(n) if n > 0 => {
                     stdout.push(&out_buf[..n]);
@@ -797,6 +838,9 @@ async fn supervise_run(
                 Some(RunEvent::Exited { status, cpu_seconds, max_rss_mb }) => {
                     job.control.process.clear();
                     guard.running = false;
+                    if let Some(pipes) = unwatched.take() {
+                        (out, err) = pipes.watch();
+                    }
                     exited = Some((status, cpu_seconds, max_rss_mb));
                     drain_deadline = Some(Instant::now() + OUTPUT_DRAIN_GRACE);
                 }

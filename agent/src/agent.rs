@@ -690,6 +690,11 @@ async fn execute<E: Executor>(
         error = report.error.as_deref().unwrap_or(""),
         "run finished"
     );
+    // The run waiting for this slot (woken when the share above was dropped) goes first: its
+    // message to the executor is queued before the result's post is, so that the next run
+    // does not wait behind the coordinator's answer (on a busy CPU the post's handling took
+    // its place; BENCHMARKS.md, Sixteenth session).
+    tokio::task::yield_now().await;
     // Into the outbox before off the table: heartbeats must always list the run somewhere.
     shared.outbox.store(report).await;
     drop(slot);

@@ -111,6 +111,10 @@ pub struct ZygoteExecutor {
     path: OsString,
     /// Asks the keeper task for a live zygote.
     zygotes: mpsc::Sender<oneshot::Sender<Result<Arc<Zygote>, String>>>,
+    /// The zygote the keeper gave last, used while it lives without asking the keeper again,
+    /// so that a run's message is queued for the zygote in the same turn that its slot
+    /// freed (see `agent::execute`), not two task hand-offs later.
+    last: std::sync::Mutex<Option<Arc<Zygote>>>,
     /// Where runs go while no zygote can be started.
     cold: ColdExecutor,
     /// True while runs are going to `cold`, so that this is said once per outage.
@@ -159,6 +163,7 @@ impl ZygoteExecutor {
             settings,
             path,
             zygotes,
+            last: std::sync::Mutex::new(None),
             cold,
             on_cold: AtomicBool::new(false),
         })
@@ -166,6 +171,25 @@ impl ZygoteExecutor {
 
     /// A live zygote, started or restarted if need be.
     async fn zygote(&self) -> Result<Arc<Zygote>, String> {
+        if let Some(live) = self.last_alive() {
+            return Ok(live);
+        }
+        let zygote = self.zygote_from_keeper().await?;
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some(Arc::clone(&zygote));
+        }
+        Ok(zygote)
+    }
+
+    /// The zygote the keeper gave last, while it has not died.
+    fn last_alive(&self) -> Option<Arc<Zygote>> {
+        let last = self.last.lock().ok()?;
+        last.as_ref()
+            .filter(|zygote| !zygote.gone.is_cancelled())
+            .map(Arc::clone)
+    }
+
+    async fn zygote_from_keeper(&self) -> Result<Arc<Zygote>, String> {
         let (reply, answer) = oneshot::channel();
         self.zygotes
             .send(reply)

@@ -196,8 +196,7 @@ impl Interpreter {
         py: Python<'_>,
         env: &BTreeMap<String, String>,
     ) -> PyResult<BTreeMap<String, String>> {
-        let is_own = |name: &String| is_run_own(name);
-        let shared = || env.iter().filter(|(name, _)| !is_own(name));
+        let shared = || env.iter().filter(|(name, _)| !is_run_own(name));
         // Compared in place: this runs before every fork, and what the zygote allocates here
         // is written to pages each run's fork protects again.
         if !self
@@ -216,7 +215,7 @@ impl Interpreter {
         }
         let own = env
             .iter()
-            .filter(|(name, _)| is_own(name))
+            .filter(|(name, _)| is_run_own(name))
             .map(|(name, value)| (name.clone(), value.clone()))
             .collect();
         Ok(own)

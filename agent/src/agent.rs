@@ -261,7 +261,7 @@ pub async fn run_with_executor<E: Executor>(
         async move {
             shared
                 .outbox
-                .deliver_until_stopped(&shared.client, &refill, stop)
+                .deliver_until_stopped(&shared.client, &refill, shared.config.results_linger, stop)
                 .await
         }
     });
@@ -571,6 +571,14 @@ impl<E: Executor> crate::outbox::Refill for RefillWithResults<E> {
     fn wanted(&self) -> Option<(String, usize)> {
         let takes_work = !self.stop_pulling.is_cancelled() && !self.shared.pause_clock.is_paused();
         takes_work.then(|| (self.shared.node_id.clone(), PULL_MAX))
+    }
+
+    fn hold(&self, waiting: usize) -> bool {
+        if self.wanted().is_none() {
+            return false;
+        }
+        let (running, queued) = self.shared.slots.occupancy();
+        queued > 0 && waiting < running
     }
 
     fn pulled(&self, answer: lull_shared::PullResponse) {

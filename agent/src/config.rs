@@ -39,6 +39,9 @@ pub struct AgentConfig {
     pub max_output_bytes: usize,
     /// How long one `GET /internal/task` long-poll waits for work.
     pub pull_wait: Duration,
+    /// At most how long a finished run's result waits for others to share its post, only
+    /// while runs are queued for a slot (see `Refill::hold` in `outbox.rs`); zero: never.
+    pub results_linger: Duration,
     /// Limits and the unprivileged user every run gets.
     pub sandbox: crate::sandbox::SandboxSettings,
     /// The `lull-sandbox` launcher; `None`: next to the running executable.
@@ -66,6 +69,7 @@ impl AgentConfig {
     pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
     pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 1024 * 1024;
     pub const DEFAULT_PULL_WAIT: Duration = Duration::from_secs(20);
+    pub const DEFAULT_RESULTS_LINGER: Duration = Duration::from_millis(2);
 
     /// A configuration with every default: host capacity, a generated node id, `python3`.
     pub fn new(coordinator: impl Into<String>, state_dir: PathBuf) -> Self {
@@ -86,6 +90,7 @@ impl AgentConfig {
             stop_grace: Self::DEFAULT_STOP_GRACE,
             max_output_bytes: Self::DEFAULT_MAX_OUTPUT_BYTES,
             pull_wait: Self::DEFAULT_PULL_WAIT,
+            results_linger: Self::DEFAULT_RESULTS_LINGER,
             sandbox: crate::sandbox::SandboxSettings::default(),
             sandbox_launcher: None,
             min_sandbox_level: lull_shared::SandboxLevel::None,

@@ -68,6 +68,11 @@ struct Cli {
     /// SIGKILL.
     #[arg(long, env = "LULL_STOP_GRACE", default_value = "10", value_parser = seconds)]
     stop_grace: Duration,
+    /// Milliseconds a finished run's result may wait for others to share its post, only
+    /// while runs are queued for a slot (a busy node: fewer posts and commits per task); 0
+    /// posts every result at once.
+    #[arg(long, env = "LULL_RESULTS_LINGER_MS", default_value_t = 2)]
+    results_linger_ms: u64,
     /// Bytes of stdout and of stderr kept per task; the rest is discarded, and a task that
     /// writes 8 times more is killed.
     #[arg(long, env = "LULL_MAX_OUTPUT_BYTES")]
@@ -190,6 +195,7 @@ impl Cli {
         config.heartbeat_interval = self.heartbeat_interval;
         config.shutdown_grace = self.shutdown_grace;
         config.stop_grace = self.stop_grace;
+        config.results_linger = Duration::from_millis(self.results_linger_ms);
         if let Some(max) = self.max_output_bytes {
             config.max_output_bytes = max;
         }

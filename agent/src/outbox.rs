@@ -77,6 +77,14 @@ pub(crate) trait Refill: Send + Sync {
     fn wanted(&self) -> Option<(String, usize)>;
     /// Runs to start and runs to cancel that came with a post's answer.
     fn pulled(&self, answer: PullResponse);
+    /// Whether the `waiting` results may wait a little for more before they are posted (at
+    /// most the outbox's linger): yes while the node has runs queued for a slot (a post
+    /// now would start nothing sooner) and fewer results wait than runs execute. Under load
+    /// results then go a few to a post, and the coordinator makes one commit for them.
+    fn hold(&self, waiting: usize) -> bool {
+        let _ = waiting;
+        false
+    }
 }
 
 #[derive(Debug)]
@@ -244,16 +252,21 @@ impl Outbox {
     /// one commit and answers report by report. While one post is in flight, new results
     /// queue up for the next, so batches grow with load and a lone result goes at once.
     ///
-    /// Each post asks for new runs as [`Refill`] says, and hands it what comes back.
+    /// Each post asks for new runs as [`Refill`] says, and hands it what comes back. While
+    /// [`Refill::hold`] says so, results wait for more, at most `linger` after the first of
+    /// them was seen (zero: never).
     pub(crate) async fn deliver_until_stopped(
         &self,
         client: &CoordinatorClient,
         refill: &dyn Refill,
+        linger: Duration,
         stop: CancellationToken,
     ) {
         let mut changes = self.pending.subscribe();
         let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
         let mut failures = FailureLog::new("posting results");
+        // Until when the results waiting now may wait for more.
+        let mut held_until: Option<tokio::time::Instant> = None;
         loop {
             let waiting: Vec<(RunId, Option<Kept>)> = changes
                 .borrow_and_update()
@@ -277,6 +290,18 @@ impl Outbox {
                 }
                 continue;
             }
+            if !linger.is_zero() && refill.hold(waiting.len()) {
+                let until = *held_until.get_or_insert_with(|| tokio::time::Instant::now() + linger);
+                if tokio::time::Instant::now() < until {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        changed = changes.changed() => if changed.is_err() { return },
+                        () = tokio::time::sleep_until(until) => {}
+                    }
+                    continue;
+                }
+            }
+            held_until = None;
 
             let mut batch = Vec::with_capacity(waiting.len());
             let mut sizes = Vec::with_capacity(waiting.len());
@@ -658,7 +683,11 @@ mod tests {
             let stop = CancellationToken::new();
             let task = tokio::spawn({
                 let (outbox, stop) = (Arc::clone(&outbox), stop.clone());
-                async move { outbox.deliver_until_stopped(&client, &NoRefill, stop).await }
+                async move {
+                    outbox
+                        .deliver_until_stopped(&client, &NoRefill, Duration::ZERO, stop)
+                        .await
+                }
             });
             Delivering { outbox, stop, task }
         }

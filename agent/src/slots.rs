@@ -97,6 +97,12 @@ impl Slots {
     pub(crate) fn waiting_runs(&self) -> Vec<RunId> {
         self.state().waiting.iter().copied().collect()
     }
+
+    /// How many runs hold a share now, and how many wait for one.
+    pub(crate) fn occupancy(&self) -> (usize, usize) {
+        let state = self.state();
+        (state.running, state.waiting.len())
+    }
 }
 
 /// A run's place in line while it waits; leaving the line (cancelled while waiting) lets

@@ -436,3 +436,70 @@ async fn large_results_are_posted_in_bounded_batches() {
             .all(|r| r.stdout == big)
     );
 }
+
+/// Two runs at once and two more queued behind them, as a busy node has them: the first
+/// run's result waits (the node has a run queued, so posting it now would start nothing
+/// sooner) until the second quick one ends and the queue is empty; both go in one post.
+#[tokio::test]
+async fn a_busy_nodes_results_wait_to_share_a_post() {
+    let fake = FakeCoordinator::start().await;
+    fake.assign(assignment(1, 11, "print(1)", 60.0));
+    fake.assign(assignment(
+        2,
+        12,
+        "import time; time.sleep(2); print(2)",
+        60.0,
+    ));
+    fake.assign(assignment(3, 13, "print(3)", 60.0));
+    fake.assign(assignment(4, 14, "print(4)", 60.0));
+    let state = tempfile::tempdir().expect("state dir");
+    let mut config = config(&fake, state.path());
+    // Long enough that only the queue running empty ends the wait.
+    config.results_linger = PATIENCE;
+    let agent = RunningAgent::start(config);
+
+    wait_until("every result arrived", || fake.results().len() == 4).await;
+    agent.stop().await;
+
+    let batches = fake.batches();
+    assert_eq!(
+        batches.first(),
+        Some(&vec![11, 13]),
+        "the first run's result waited for the next: {batches:?}"
+    );
+    assert!(fake.single_posts().is_empty(), "none went alone");
+}
+
+/// A held result waits at most the linger: with the node's queue never emptying (long runs
+/// in both slots and one more queued), the first run's result is still posted, alone.
+#[tokio::test]
+async fn a_held_result_is_posted_once_the_linger_is_over() {
+    let fake = FakeCoordinator::start().await;
+    fake.assign(assignment(1, 21, "print(1)", 600.0));
+    for (task_id, run_id) in [(2, 22), (3, 23), (4, 24)] {
+        fake.assign(assignment(
+            task_id,
+            run_id,
+            "import time; time.sleep(300)",
+            600.0,
+        ));
+    }
+    let state = tempfile::tempdir().expect("state dir");
+    let mut config = config(&fake, state.path());
+    config.results_linger = Duration::from_millis(200);
+    config.shutdown_grace = Duration::from_millis(200);
+    let agent = RunningAgent::start(config);
+
+    wait_until("the quick run's result arrived", || {
+        report_for(&fake, 21).is_some()
+    })
+    .await;
+    let batches = fake.batches();
+    agent.stop().await;
+
+    assert_eq!(
+        batches,
+        [vec![21]],
+        "posted alone, while the others still ran"
+    );
+}

@@ -1,5 +1,6 @@
 //! The outbox: every result waits here until the coordinator acknowledged or refused it.
-//! A result is posted from memory at once; it is also written to
+//! A result is posted from memory at once (on a busy node after at most a short linger, see
+//! [`Refill::hold`]); it is also written to
 //! `state_dir/outbox/{run_id}.json` (and from then on survives an agent restart) as soon as
 //! its delivery is in doubt: a post failed, a post took longer than [`SAVE_AFTER`], or the
 //! agent is stopping. While the coordinator is unreachable, results are written the moment

@@ -82,8 +82,7 @@ pub(crate) trait Refill: Send + Sync {
     /// most the outbox's linger): yes while the node has runs queued for a slot (a post
     /// now would start nothing sooner) and fewer results wait than runs execute. Under load
     /// results then go a few to a post, and the coordinator makes one commit for them.
-    fn hold(&self, waiting: usize) -> bool {
-        let _ = waiting;
+    fn hold(&self, _waiting: usize) -> bool {
         false
     }
 }

@@ -567,14 +567,21 @@ struct RefillWithResults<E> {
     stop_pulling: CancellationToken,
 }
 
+impl<E: Executor> RefillWithResults<E> {
+    /// Not paused for the owner, not stopping.
+    fn takes_work(&self) -> bool {
+        !self.stop_pulling.is_cancelled() && !self.shared.pause_clock.is_paused()
+    }
+}
+
 impl<E: Executor> crate::outbox::Refill for RefillWithResults<E> {
     fn wanted(&self) -> Option<(String, usize)> {
-        let takes_work = !self.stop_pulling.is_cancelled() && !self.shared.pause_clock.is_paused();
-        takes_work.then(|| (self.shared.node_id.clone(), PULL_MAX))
+        self.takes_work()
+            .then(|| (self.shared.node_id.clone(), PULL_MAX))
     }
 
     fn hold(&self, waiting: usize) -> bool {
-        if self.wanted().is_none() {
+        if !self.takes_work() {
             return false;
         }
         let (running, queued) = self.shared.slots.occupancy();

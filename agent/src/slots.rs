@@ -188,10 +188,13 @@ mod tests {
         );
         assert!(!third.is_finished() && !fourth.is_finished());
 
+        assert_eq!(slots.occupancy(), (2, 2), "two run, two wait");
+
         drop(a);
         let _c = third.await.expect("run 3 starts when run 1 ends");
         assert_eq!(slots.waiting_runs().len(), 1, "run 4 still waits");
         assert!(!fourth.is_finished());
+        assert_eq!(slots.occupancy(), (2, 1), "run 3 took run 1's share");
     }
 
     #[tokio::test]

@@ -470,6 +470,41 @@ async fn a_busy_nodes_results_wait_to_share_a_post() {
     assert!(fake.single_posts().is_empty(), "none went alone");
 }
 
+/// With the linger at zero nothing is held: the first run's result goes alone at once, long
+/// before the third run (queued behind it, half a second long) could join it.
+#[tokio::test]
+async fn a_zero_linger_posts_each_result_at_once() {
+    let fake = FakeCoordinator::start().await;
+    fake.assign(assignment(1, 31, "print(1)", 60.0));
+    fake.assign(assignment(
+        2,
+        32,
+        "import time; time.sleep(2); print(2)",
+        60.0,
+    ));
+    fake.assign(assignment(
+        3,
+        33,
+        "import time; time.sleep(0.5); print(3)",
+        60.0,
+    ));
+    fake.assign(assignment(4, 34, "print(4)", 60.0));
+    let state = tempfile::tempdir().expect("state dir");
+    let mut config = config(&fake, state.path());
+    config.results_linger = Duration::ZERO;
+    let agent = RunningAgent::start(config);
+
+    wait_until("every result arrived", || fake.results().len() == 4).await;
+    agent.stop().await;
+
+    let batches = fake.batches();
+    assert_eq!(
+        batches.first(),
+        Some(&vec![31]),
+        "the first run's result went alone: {batches:?}"
+    );
+}
+
 /// A held result waits at most the linger: with the node's queue never emptying (long runs
 /// in both slots and one more queued), the first run's result is still posted, alone.
 #[tokio::test]

@@ -175,16 +175,20 @@ impl ZygoteExecutor {
             return Ok(live);
         }
         let zygote = self.zygote_from_keeper().await?;
-        if let Ok(mut last) = self.last.lock() {
-            *last = Some(Arc::clone(&zygote));
-        }
+        *self.last_zygote() = Some(Arc::clone(&zygote));
         Ok(zygote)
+    }
+
+    fn last_zygote(&self) -> std::sync::MutexGuard<'_, Option<Arc<Zygote>>> {
+        self.last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The zygote the keeper gave last, while it has not died.
     fn last_alive(&self) -> Option<Arc<Zygote>> {
-        let last = self.last.lock().ok()?;
-        last.as_ref()
+        self.last_zygote()
+            .as_ref()
             .filter(|zygote| !zygote.gone.is_cancelled())
             .map(Arc::clone)
     }

@@ -1263,6 +1263,22 @@ async fn the_zygote_forks_the_next_run_ahead_holding_nothing_of_other_runs() {
         held.iter().all(|what| !what.starts_with("pipe:")),
         "the spare holds pipes: {held:?}"
     );
+    // Its namespaces and mounts are made while it waits, off the next run's path.
+    let namespace =
+        |pid: i32, kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok();
+    wait_until(
+        "the spare makes its namespaces before its run comes",
+        || {
+            ["mnt", "uts", "ipc"]
+                .iter()
+                .all(|kind| {
+                    let theirs = namespace(spare, kind);
+                    theirs.is_some() && theirs != namespace(zygote, kind)
+                })
+                .then_some(())
+        },
+    )
+    .await;
     cancel.cancel();
     let stopped = holding.await.expect("the holder's task");
     assert_eq!(stopped.outcome, RunOutcome::Cancelled, "{stopped:?}");

@@ -77,7 +77,7 @@ pub(crate) fn run(
 ) -> ! {
     let status = std::panic::catch_unwind(AssertUnwindSafe(|| {
         let prepared = outlive_no_zygote(request.policy.protections.namespaces, zygote)
-            .and_then(|()| prepare(py, interpreter, request, launch, Cgroup::Join, report));
+            .and_then(|()| prepare(py, interpreter, request, launch, Setup::Whole, report));
         execute(py, interpreter, prepared)
     }))
     .unwrap_or(SETUP_FAILED);
@@ -85,20 +85,24 @@ pub(crate) fn run(
 }
 
 /// A child the zygote forked before it had a run for it (its spare, always PID 1 of a PID
-/// namespace of its own): it gets into its cgroup now, the one step of a run's start that can
-/// wait on the kernel for long, then waits on `socket` for its run (the `run` message and the
-/// run's stdout and stderr, from the zygote) and runs it as [`run`] would, reporting how it
-/// ended on the same socket. If the zygote closes the socket instead, it exits.
+/// namespace of its own, made for a run of `made_for`'s policy): it gets into its cgroup now,
+/// the one step of a run's start that can wait on the kernel for long, and makes its
+/// namespaces and mounts, then waits on `socket` for its run (the `run` message and the
+/// run's stdout and stderr, from the zygote; the zygote hands it only a run that
+/// [`ForkedRun::fits`] it) and runs it as [`run`] would, reporting how it ended on the same
+/// socket. If the zygote closes the socket instead, it exits.
 pub(crate) fn spare(
     py: Python<'_>,
     interpreter: &Interpreter,
     socket: OwnedFd,
     zygote: &Zygote,
     launch: &ForkedRun,
+    made_for: &RunPolicy,
 ) -> ! {
     let status = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        let mut request = match wait_for_run(&socket, zygote, launch) {
-            Ok(request) => request,
+        let mut request = match wait_for_run(&socket, zygote, launch, made_for) {
+            Ok((request, Ok(()))) => request,
+            Ok((request, Err(err))) => return failed_ahead(&request, &err),
             Err(err) => return not_run(&err),
         };
         if !request.exec {
@@ -117,7 +121,7 @@ pub(crate) fn spare(
                     interpreter,
                     &request,
                     launch,
-                    Cgroup::Joined,
+                    Setup::Ahead,
                     Some(socket),
                 );
                 execute(py, interpreter, prepared)
@@ -134,7 +138,7 @@ pub(crate) fn spare(
 pub(crate) fn launch(python: &str, request: &RunRequest, zygote: &Zygote, launch: &ForkedRun) -> ! {
     let status = std::panic::catch_unwind(AssertUnwindSafe(|| {
         let err = match outlive_no_zygote(request.policy.protections.namespaces, zygote) {
-            Ok(()) => exec_fresh(python, request, launch, Cgroup::Join),
+            Ok(()) => exec_fresh(python, request, launch, Setup::Whole),
             Err(err) => err,
         };
         setup_failed(&err)
@@ -149,17 +153,19 @@ pub(crate) fn launcher_spare(
     socket: OwnedFd,
     zygote: &Zygote,
     launch: &ForkedRun,
+    made_for: &RunPolicy,
 ) -> ! {
     let status = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        let request = match wait_for_run(&socket, zygote, launch) {
-            Ok(request) => request,
+        let request = match wait_for_run(&socket, zygote, launch, made_for) {
+            Ok((request, Ok(()))) => request,
+            Ok((request, Err(err))) => return failed_ahead(&request, &err),
             Err(err) => return not_run(&err),
         };
         match crate::runtime::refusal(false, request.exec) {
             Some(why) => setup_failed(why),
             // The socket that brought the run closes with the rest at its exec: a fresh
             // interpreter reports its end by exiting.
-            None => setup_failed(&exec_fresh(python, &request, launch, Cgroup::Joined)),
+            None => setup_failed(&exec_fresh(python, &request, launch, Setup::Ahead)),
         }
     }))
     .unwrap_or(SETUP_FAILED);
@@ -172,7 +178,8 @@ fn wait_for_run(
     socket: &OwnedFd,
     zygote: &Zygote,
     launch: &ForkedRun,
-) -> Result<RunRequest, String> {
+    made_for: &RunPolicy,
+) -> Result<(RunRequest, Result<(), String>), String> {
     // First: the check reads the zygote's `statm` through a descriptor the zygote opened,
     // which closing what the spare inherited closes.
     outlive_no_zygote(true, zygote)?;
@@ -180,7 +187,22 @@ fn wait_for_run(
         .close_other_fds(socket.as_raw_fd())
         .map_err(|err| err.to_string())?;
     launch.enter_cgroup().map_err(|err| err.to_string())?;
-    receive_run(socket)
+    // Off the run's path: what the kernel does for its namespaces and mounts (a copy of the
+    // mount template, four mounts, two new namespaces) while the spare still waits. A
+    // failure is the run's to hear of, on its stderr, once it comes.
+    let ahead = launch
+        .enter_namespaces(made_for)
+        .map_err(|err| err.to_string());
+    Ok((receive_run(socket)?, ahead))
+}
+
+/// A spare whose namespaces could not be made ahead: its run fails, saying why on its own
+/// stderr, as a run that failed to make them at its start does.
+fn failed_ahead(request: &RunRequest, err: &str) -> i32 {
+    match lull_agent::sandbox::redirect_stdio(request.stdout.raw(), request.stderr.raw()) {
+        Ok(()) => setup_failed(err),
+        Err(redirect) => setup_failed(&format!("{err} (and then {redirect})")),
+    }
 }
 
 /// A spare that got no run ends here.
@@ -202,15 +224,15 @@ fn setup_failed(err: &str) -> i32 {
 
 /// In a launcher's child: the run's pipes on 1 and 2, the sandbox, then `python -I -u -c
 /// code` with exactly the run's environment. Returns only on failure, saying why.
-fn exec_fresh(python: &str, request: &RunRequest, launch: &ForkedRun, cgroup: Cgroup) -> String {
+fn exec_fresh(python: &str, request: &RunRequest, launch: &ForkedRun, setup: Setup) -> String {
     if let Err(err) =
         lull_agent::sandbox::redirect_stdio(request.stdout.raw(), request.stderr.raw())
     {
         return err.to_string();
     }
-    let confined = match cgroup {
-        Cgroup::Join => launch.confine(&request.policy, None),
-        Cgroup::Joined => launch.confine_in_cgroup(&request.policy, None),
+    let confined = match setup {
+        Setup::Whole => launch.confine(&request.policy, None),
+        Setup::Ahead => launch.confine_entered(&request.policy, None),
     };
     if let Err(err) = confined {
         return err.to_string();
@@ -357,11 +379,12 @@ fn outlive_no_zygote(namespaces: bool, zygote: &Zygote) -> Result<(), String> {
     }
 }
 
-/// Whether the child still has to join its cgroup, or did while it waited as a spare.
+/// Whether the child still has to join its cgroup and make its namespaces, or did both while
+/// it waited as a spare.
 #[derive(Clone, Copy, PartialEq)]
-enum Cgroup {
-    Join,
-    Joined,
+enum Setup {
+    Whole,
+    Ahead,
 }
 
 /// A confined run's process, ready for its code.
@@ -413,7 +436,7 @@ fn prepare<'py>(
     interpreter: &Interpreter,
     request: &RunRequest,
     launch: &ForkedRun,
-    cgroup: Cgroup,
+    setup: Setup,
     report: Option<OwnedFd>,
 ) -> Result<Prepared<'py>, String> {
     // From Rust: Python's `os.dup2` was the run's first Python call, and touched (so copied)
@@ -424,9 +447,9 @@ fn prepare<'py>(
         .add_environment(py, &request.env)
         .map_err(|err| format!("environment: {err}"))?;
     // Restores the death signal and dumpable after the uid drop.
-    let confined = match cgroup {
-        Cgroup::Join => launch.confine(&request.policy, report),
-        Cgroup::Joined => launch.confine_in_cgroup(&request.policy, report),
+    let confined = match setup {
+        Setup::Whole => launch.confine(&request.policy, report),
+        Setup::Ahead => launch.confine_entered(&request.policy, report),
     };
     let report = confined
         .map_err(|err| err.to_string())?

@@ -11,7 +11,7 @@
 
 use crate::child::{self, RunRequest, Zygote};
 use crate::interpreter::Interpreter;
-use lull_agent::sandbox::ForkedRun;
+use lull_agent::sandbox::{ForkedRun, RunPolicy};
 use pyo3::prelude::*;
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
@@ -42,7 +42,13 @@ pub(crate) trait Runtime {
     ) -> !;
     /// In a child forked ahead of its run (a spare): waits for it on `socket` and runs it,
     /// never returns.
-    fn spare(&self, socket: OwnedFd, zygote: &Zygote, launch: &ForkedRun) -> !;
+    fn spare(
+        &self,
+        socket: OwnedFd,
+        zygote: &Zygote,
+        launch: &ForkedRun,
+        made_for: &RunPolicy,
+    ) -> !;
 }
 
 /// The zygote's own CPython, initialised and prepared ([`Interpreter::prepare`]).
@@ -85,8 +91,14 @@ impl Runtime for Warm<'_> {
         child::run(self.py, &self.interpreter, request, zygote, launch, report)
     }
 
-    fn spare(&self, socket: OwnedFd, zygote: &Zygote, launch: &ForkedRun) -> ! {
-        child::spare(self.py, &self.interpreter, socket, zygote, launch)
+    fn spare(
+        &self,
+        socket: OwnedFd,
+        zygote: &Zygote,
+        launch: &ForkedRun,
+        made_for: &RunPolicy,
+    ) -> ! {
+        child::spare(self.py, &self.interpreter, socket, zygote, launch, made_for)
     }
 }
 
@@ -129,8 +141,14 @@ impl Runtime for Launcher {
         child::launch(&self.python, request, zygote, launch)
     }
 
-    fn spare(&self, socket: OwnedFd, zygote: &Zygote, launch: &ForkedRun) -> ! {
-        child::launcher_spare(&self.python, socket, zygote, launch)
+    fn spare(
+        &self,
+        socket: OwnedFd,
+        zygote: &Zygote,
+        launch: &ForkedRun,
+        made_for: &RunPolicy,
+    ) -> ! {
+        child::launcher_spare(&self.python, socket, zygote, launch, made_for)
     }
 }
 

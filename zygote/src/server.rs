@@ -549,7 +549,7 @@ impl<R: Runtime> Server<R> {
         // The spare closes `ours` with every other descriptor it inherited; `theirs` closes
         // here once the fork is done.
         let forked = self.fork_with(&mut launch, |launch| {
-            self.runtime.spare(theirs, &self.zygote, launch)
+            self.runtime.spare(theirs, &self.zygote, launch, &policy)
         })?;
         match forked {
             Ok(pid) => {

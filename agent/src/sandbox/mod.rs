@@ -770,46 +770,73 @@ impl ForkedRun {
         policy: &RunPolicy,
         report: Option<OwnedFd>,
     ) -> Result<Option<OwnedFd>, SandboxError> {
+        self.enter_namespaces(policy)?;
+        self.confine_entered(policy, report)
+    }
+
+    /// In the forked child, after [`ForkedRun::enter_cgroup`]: the run's namespaces (its
+    /// pooled network namespace, a private copy of the mount template with its own `/tmp`,
+    /// `/var/tmp`, `/dev/shm` and `/proc`, new IPC and UTS namespaces) or, without them, a
+    /// session of its own. Nothing here depends on the run but what [`ForkedRun::fits`]
+    /// compares, so a process forked ahead of its run (the zygote's spare) does it while it
+    /// waits; [`ForkedRun::confine_entered`] does the rest once the run is known.
+    pub fn enter_namespaces(&self, policy: &RunPolicy) -> Result<(), SandboxError> {
         let p = &policy.protections;
-        let filters: &[seccompiler::BpfProgram] =
-            if p.seccomp { seccomp::programs()? } else { &[] };
         if !p.namespaces {
             // Its own process group, which the parent kills as a whole. PID 1 of a namespace
             // needs none (everything in the namespace dies with it) and must not be a group
             // leader, or the code could not `setsid()` as it can under `python3 -c`; it stays
             // in the parent's session, which has no controlling terminal (the zygote's own).
-            new_session()?;
+            return new_session();
         }
-        if p.namespaces {
-            let mut fresh = RUN_NAMESPACES;
-            if let Some(namespace) = &self.network {
-                nix::sched::setns(namespace, CloneFlags::CLONE_NEWNET)
-                    .map_err(SandboxError::Namespaces)?;
-                fresh.remove(CloneFlags::CLONE_NEWNET);
-            }
-            if let Some(template) = &self.mounts {
-                // Into the template: the unshare below leaves it at once for a private copy.
-                nix::sched::setns(template, CloneFlags::CLONE_NEWNS)
-                    .map_err(SandboxError::Namespaces)?;
-            }
-            unshare(fresh).map_err(SandboxError::Namespaces)?;
-            if self.mounts.is_some() {
-                run_mounts(policy)?;
-            } else {
-                private_mounts(policy)?;
-            }
-            nix::unistd::sethostname("lull").map_err(SandboxError::Hostname)?;
+        let mut fresh = RUN_NAMESPACES;
+        if let Some(namespace) = &self.network {
+            nix::sched::setns(namespace, CloneFlags::CLONE_NEWNET)
+                .map_err(SandboxError::Namespaces)?;
+            fresh.remove(CloneFlags::CLONE_NEWNET);
         }
+        if let Some(template) = &self.mounts {
+            // Into the template: the unshare below leaves it at once for a private copy.
+            nix::sched::setns(template, CloneFlags::CLONE_NEWNS)
+                .map_err(SandboxError::Namespaces)?;
+        }
+        unshare(fresh).map_err(SandboxError::Namespaces)?;
+        if self.mounts.is_some() {
+            run_mounts(policy)?;
+        } else {
+            private_mounts(policy)?;
+        }
+        nix::unistd::sethostname("lull").map_err(SandboxError::Hostname)
+    }
+
+    /// In the forked child, after [`ForkedRun::enter_namespaces`]: the rest of the sandbox
+    /// (uid, limits, descriptors, seccomp) for `policy`'s run.
+    pub fn confine_entered(
+        &self,
+        policy: &RunPolicy,
+        report: Option<OwnedFd>,
+    ) -> Result<Option<OwnedFd>, SandboxError> {
+        let filters: &[seccompiler::BpfProgram] = if policy.protections.seccomp {
+            seccomp::programs()?
+        } else {
+            &[]
+        };
         confine_process(policy, filters, report)
     }
 
     /// In the parent: whether a process forked with this (prepared for `made_for`) can take
     /// `policy`'s run instead, its cgroup set to `policy`'s limits if they differ. Only with
     /// pooled (reusable) cgroups and namespaces: what [`ForkedRun::prepare`] lent then depends
-    /// on nothing of a run but the protections and the exposed directories.
+    /// on nothing of a run but the protections and the exposed directories, and what
+    /// [`ForkedRun::enter_namespaces`] makes (the process may have made it already) on those
+    /// and the size of the run's `/tmp`.
     pub fn fits(&mut self, made_for: &RunPolicy, policy: &RunPolicy) -> bool {
         let (p, q) = (&made_for.protections, &policy.protections);
-        if p != q || !q.namespaces || made_for.expose != policy.expose {
+        // What [`ForkedRun::enter_namespaces`] made for `made_for` must be `policy`'s too.
+        let same_mounts = made_for.expose == policy.expose
+            && made_for.disk_mb == policy.disk_mb
+            && made_for.max_files == policy.max_files;
+        if p != q || !q.namespaces || !same_mounts {
             return false;
         }
         let Some(lent) = &mut self.cgroup else {
@@ -1687,4 +1714,53 @@ pub fn reap_child(pid: Pid) -> Result<ChildUsage, nix::Error> {
         // Linux reports ru_maxrss in kilobytes.
         max_rss_mb: usage.ru_maxrss as f64 / 1024.0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_forked_ahead_fits_only_runs_whose_namespaces_it_could_have_made() {
+        let mut protections = Protections::none("test");
+        protections.namespaces = true;
+        let made_for = RunPolicy::for_job(
+            1,
+            &protections,
+            &SandboxSettings::default(),
+            512.0,
+            Duration::from_secs(5),
+            None,
+        );
+        let mut forked = ForkedRun {
+            cgroup: None,
+            network: None,
+            mounts: None,
+            parent_pid_ns: None,
+        };
+        // Another run of the same kind, with a memory limit and run id of its own: it fits.
+        let next = RunPolicy {
+            run_id: 2,
+            memory_mb: 256,
+            ..made_for.clone()
+        };
+        assert!(forked.fits(&made_for, &next));
+        // Its /tmp made ahead would be the wrong size, or hold the wrong number of files.
+        for other in [
+            RunPolicy {
+                disk_mb: made_for.disk_mb * 2,
+                ..next.clone()
+            },
+            RunPolicy {
+                max_files: made_for.max_files + 1,
+                ..next.clone()
+            },
+            RunPolicy {
+                expose: vec![PathBuf::from("/opt/python")],
+                ..next.clone()
+            },
+        ] {
+            assert!(!forked.fits(&made_for, &other), "{other:?}");
+        }
+    }
 }

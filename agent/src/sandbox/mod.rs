@@ -722,14 +722,16 @@ impl ForkedRun {
         report: Option<OwnedFd>,
     ) -> Result<Option<OwnedFd>, SandboxError> {
         self.enter_cgroup()?;
-        self.confine_in_cgroup(policy, report)
+        self.enter_namespaces(policy)?;
+        self.confine_entered(policy, report)
     }
 
     /// In the forked child, first: the parent-death signal, then the run's cgroup. Joining a
     /// cgroup can block for an RCU grace period (on cgroup v1, the first attach after a quiet
     /// spell waits one: 10-30 ms on a VM, far longer than the rest of a run's start), so a
     /// parent may fork a run's process ahead of its run and have it do this step while it
-    /// waits (the zygote's spare); [`ForkedRun::confine_in_cgroup`] does the rest.
+    /// waits (the zygote's spare); [`ForkedRun::enter_namespaces`] and
+    /// [`ForkedRun::confine_entered`] do the rest.
     pub fn enter_cgroup(&self) -> Result<(), SandboxError> {
         die_with_parent()?;
         if let Some(lent) = &self.cgroup {
@@ -760,18 +762,6 @@ impl ForkedRun {
             from = fd + 1;
         }
         close_range(from, RawFd::MAX)
-    }
-
-    /// In the forked child, after [`ForkedRun::enter_cgroup`]: everything else, for `policy`
-    /// (which may be a later run's than the one this was prepared for, if
-    /// [`ForkedRun::fits`] said so).
-    pub fn confine_in_cgroup(
-        &self,
-        policy: &RunPolicy,
-        report: Option<OwnedFd>,
-    ) -> Result<Option<OwnedFd>, SandboxError> {
-        self.enter_namespaces(policy)?;
-        self.confine_entered(policy, report)
     }
 
     /// In the forked child, after [`ForkedRun::enter_cgroup`]: the run's namespaces (its
@@ -810,7 +800,8 @@ impl ForkedRun {
     }
 
     /// In the forked child, after [`ForkedRun::enter_namespaces`]: the rest of the sandbox
-    /// (uid, limits, descriptors, seccomp) for `policy`'s run.
+    /// (uid, limits, descriptors, seccomp) for `policy`'s run (which may be a later run's than
+    /// the one this was prepared for, if [`ForkedRun::fits`] said so).
     pub fn confine_entered(
         &self,
         policy: &RunPolicy,

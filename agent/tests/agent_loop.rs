@@ -437,31 +437,41 @@ async fn large_results_are_posted_in_bounded_batches() {
     );
 }
 
+/// A busy node's four runs, leased at once to an agent with two slots and `linger`: a quick
+/// one, one that sleeps 2 s, `third` (queued behind them) and a quick one; once every result
+/// arrived, the posts' batches of run ids, and the fake coordinator.
+async fn four_runs_two_slots(
+    run_ids: [RunId; 4],
+    third: &str,
+    linger: Duration,
+) -> (Vec<Vec<RunId>>, FakeCoordinator) {
+    let fake = FakeCoordinator::start().await;
+    let codes = [
+        "print(1)",
+        "import time; time.sleep(2); print(2)",
+        third,
+        "print(4)",
+    ];
+    for (task_id, (run_id, code)) in (1..).zip(run_ids.into_iter().zip(codes)) {
+        fake.assign(assignment(task_id, run_id, code, 60.0));
+    }
+    let state = tempfile::tempdir().expect("state dir");
+    let mut config = config(&fake, state.path());
+    config.results_linger = linger;
+    let agent = RunningAgent::start(config);
+
+    wait_until("every result arrived", || fake.results().len() == 4).await;
+    agent.stop().await;
+    (fake.batches(), fake)
+}
+
 /// Two runs at once and two more queued behind them, as a busy node has them: the first
 /// run's result waits (the node has a run queued, so posting it now would start nothing
 /// sooner) until the second quick one ends and the queue is empty; both go in one post.
 #[tokio::test]
 async fn a_busy_nodes_results_wait_to_share_a_post() {
-    let fake = FakeCoordinator::start().await;
-    fake.assign(assignment(1, 11, "print(1)", 60.0));
-    fake.assign(assignment(
-        2,
-        12,
-        "import time; time.sleep(2); print(2)",
-        60.0,
-    ));
-    fake.assign(assignment(3, 13, "print(3)", 60.0));
-    fake.assign(assignment(4, 14, "print(4)", 60.0));
-    let state = tempfile::tempdir().expect("state dir");
-    let mut config = config(&fake, state.path());
     // Long enough that only the queue running empty ends the wait.
-    config.results_linger = PATIENCE;
-    let agent = RunningAgent::start(config);
-
-    wait_until("every result arrived", || fake.results().len() == 4).await;
-    agent.stop().await;
-
-    let batches = fake.batches();
+    let (batches, fake) = four_runs_two_slots([11, 12, 13, 14], "print(3)", PATIENCE).await;
     assert_eq!(
         batches.first(),
         Some(&vec![11, 13]),
@@ -474,30 +484,12 @@ async fn a_busy_nodes_results_wait_to_share_a_post() {
 /// before the third run (queued behind it, half a second long) could join it.
 #[tokio::test]
 async fn a_zero_linger_posts_each_result_at_once() {
-    let fake = FakeCoordinator::start().await;
-    fake.assign(assignment(1, 31, "print(1)", 60.0));
-    fake.assign(assignment(
-        2,
-        32,
-        "import time; time.sleep(2); print(2)",
-        60.0,
-    ));
-    fake.assign(assignment(
-        3,
-        33,
+    let (batches, _fake) = four_runs_two_slots(
+        [31, 32, 33, 34],
         "import time; time.sleep(0.5); print(3)",
-        60.0,
-    ));
-    fake.assign(assignment(4, 34, "print(4)", 60.0));
-    let state = tempfile::tempdir().expect("state dir");
-    let mut config = config(&fake, state.path());
-    config.results_linger = Duration::ZERO;
-    let agent = RunningAgent::start(config);
-
-    wait_until("every result arrived", || fake.results().len() == 4).await;
-    agent.stop().await;
-
-    let batches = fake.batches();
+        Duration::ZERO,
+    )
+    .await;
     assert_eq!(
         batches.first(),
         Some(&vec![31]),

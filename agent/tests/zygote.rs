@@ -1279,6 +1279,17 @@ async fn the_zygote_forks_the_next_run_ahead_holding_nothing_of_other_runs() {
         },
     )
     .await;
+    // So is its seccomp filter (mode 2 in its status: "filter").
+    if host.protections.seccomp {
+        wait_until("the spare installs its filter before its run comes", || {
+            std::fs::read_to_string(format!("/proc/{spare}/status"))
+                .ok()?
+                .lines()
+                .any(|line| line.split_whitespace().eq(["Seccomp:", "2"]))
+                .then_some(())
+        })
+        .await;
+    }
     cancel.cancel();
     let stopped = holding.await.expect("the holder's task");
     assert_eq!(stopped.outcome, RunOutcome::Cancelled, "{stopped:?}");

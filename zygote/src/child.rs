@@ -86,8 +86,8 @@ pub(crate) fn run(
 
 /// A child the zygote forked before it had a run for it (its spare, always PID 1 of a PID
 /// namespace of its own, made for a run of `made_for`'s policy): it gets into its cgroup now,
-/// the one step of a run's start that can wait on the kernel for long, and makes its
-/// namespaces and mounts, then waits on `socket` for its run (the `run` message and the
+/// the one step of a run's start that can wait on the kernel for long, makes its namespaces
+/// and mounts and installs its seccomp filter, then waits on `socket` for its run (the `run` message and the
 /// run's stdout and stderr, from the zygote; the zygote hands it only a run that
 /// [`ForkedRun::fits`] it) and runs it as [`run`] would, reporting how it ended on the same
 /// socket. If the zygote closes the socket instead, it exits.
@@ -173,7 +173,8 @@ pub(crate) fn launcher_spare(
 }
 
 /// A spare's first steps: it checks that its zygote lives, closes what it inherited, gets into
-/// its cgroup (the step that can wait on the kernel), then waits on `socket` for its run.
+/// its cgroup (the step that can wait on the kernel), makes its namespaces and installs its
+/// seccomp filter, then waits on `socket` for its run.
 fn wait_for_run(
     socket: &OwnedFd,
     zygote: &Zygote,
@@ -188,15 +189,13 @@ fn wait_for_run(
         .map_err(|err| err.to_string())?;
     launch.enter_cgroup().map_err(|err| err.to_string())?;
     // Off the run's path: what the kernel does for its namespaces and mounts (a copy of the
-    // mount template, four mounts, two new namespaces) while the spare still waits. A
-    // failure is the run's to hear of, on its stderr, once it comes.
-    let ahead = launch
-        .enter_namespaces(made_for)
-        .map_err(|err| err.to_string());
+    // mount template, four mounts, two new namespaces) and its seccomp filter while the spare
+    // still waits. A failure is the run's to hear of, on its stderr, once it comes.
+    let ahead = launch.enter_ahead(made_for).map_err(|err| err.to_string());
     Ok((receive_run(socket)?, ahead))
 }
 
-/// A spare whose namespaces could not be made ahead: its run fails, saying why on its own
+/// A spare whose namespaces or filter could not be made ahead: its run fails, saying why on its own
 /// stderr, as a run that failed to make them at its start does.
 fn failed_ahead(request: &RunRequest, err: &str) -> i32 {
     match lull_agent::sandbox::redirect_stdio(request.stdout.raw(), request.stderr.raw()) {
@@ -232,7 +231,7 @@ fn exec_fresh(python: &str, request: &RunRequest, launch: &ForkedRun, setup: Set
     }
     let confined = match setup {
         Setup::Whole => launch.confine(&request.policy, None),
-        Setup::Ahead => launch.confine_entered(&request.policy, None),
+        Setup::Ahead => launch.confine_after_ahead(&request.policy, None),
     };
     if let Err(err) = confined {
         return err.to_string();
@@ -449,7 +448,7 @@ fn prepare<'py>(
     // Restores the death signal and dumpable after the uid drop.
     let confined = match setup {
         Setup::Whole => launch.confine(&request.policy, report),
-        Setup::Ahead => launch.confine_entered(&request.policy, report),
+        Setup::Ahead => launch.confine_after_ahead(&request.policy, report),
     };
     let report = confined
         .map_err(|err| err.to_string())?

@@ -14,8 +14,9 @@ use crate::store::TaskQuery;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse as _, Response};
 use lull_shared::{MAX_TASK_BATCH, SubmitRequest, TaskId, TaskStatus};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 /// The task, if `caller` may see it; otherwise the same 404 as an unknown task, so a
@@ -37,9 +38,9 @@ pub async fn create(
     State(app): State<AppState>,
     caller: Caller,
     JsonBody(request): JsonBody<SubmitRequest>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<Response, ApiError> {
     let task = app.engine.submit_by(request, caller.key_id).await?;
-    Ok((StatusCode::CREATED, Json(views::task(&task))))
+    Ok((StatusCode::CREATED, Json(views::task(&task))).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -162,7 +163,7 @@ pub async fn get(
     caller: Caller,
     Path(raw): Path<String>,
     QueryParams(params): QueryParams<GetParams>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let task_id = task_id_from_path(&raw)?;
     let (task, runs) = match wait_param(params.wait) {
         Ok(Some(wait)) => {
@@ -189,7 +190,7 @@ pub async fn get(
             (task, runs)
         }
     };
-    Ok(Json(views::task_with_runs(&task, &runs)))
+    Ok(Json(views::task_with_runs(&task, &runs)).into_response())
 }
 
 /// `wait=S`: how long to wait for tasks to finish, at most 60 s; `None` when absent.
@@ -222,7 +223,7 @@ pub async fn wait_many(
     State(app): State<AppState>,
     caller: Caller,
     QueryParams(params): QueryParams<WaitManyParams>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let task_ids = task_ids_from_list(params.ids.as_deref())?;
     let wait = wait_param(params.wait)?.unwrap_or_default();
     let tasks = app
@@ -233,14 +234,23 @@ pub async fn wait_many(
         .iter()
         .filter(|(task, _)| task.state.status.is_terminal())
         .count();
-    Ok(Json(json!({
-        "items": tasks
+    Ok(Json(WaitManyView {
+        count: tasks.len(),
+        finished,
+        items: tasks
             .iter()
             .map(|(task, runs)| views::task_with_runs(task, runs))
-            .collect::<Vec<_>>(),
-        "count": tasks.len(),
-        "finished": finished,
-    })))
+            .collect(),
+    })
+    .into_response())
+}
+
+/// The answer of [`wait_many`] (its keys sorted, as a `serde_json::Value` would have them).
+#[derive(Debug, Serialize)]
+struct WaitManyView<'a> {
+    count: usize,
+    finished: usize,
+    items: Vec<views::TaskView<'a>>,
 }
 
 /// `ids=1,2,3`: 1 to [`MAX_TASK_BATCH`] task ids, or a 422 that says what is wrong.
@@ -277,13 +287,13 @@ pub async fn cancel(
     State(app): State<AppState>,
     caller: Caller,
     Path(raw): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let task_id = task_id_from_path(&raw)?;
     // Who submitted a task never changes: checked once, it holds for the cancel.
     visible_task(&app, caller, task_id).await?;
     let task = app.engine.cancel(task_id).await?;
     let runs = app.engine.runs(task_id).await?;
-    Ok(Json(views::task_with_runs(&task, &runs)))
+    Ok(Json(views::task_with_runs(&task, &runs)).into_response())
 }
 
 /// `GET /api/v1/tasks/{id}/explain`: why a pending task is not running (each node's verdict

@@ -12,7 +12,9 @@ the sandbox level the agent actually used:
     1,000 tasks per request; one `GET /api/v1/tasks/{id}?wait=60` per task with
     --collect each); tasks/s = N / (first submit .. last result), median of --repeat runs
     with min-max;
-  - closed loop: 2 clients, one task in flight each; latency submit -> result, p50/p99;
+  - closed loop: 2 clients, one task in flight each, each submitted and its result waited
+    for in one request (`POST /api/v1/tasks?wait=60`; `--requests two`: the submission, then
+    `GET /api/v1/tasks/{id}?wait=60`); latency submit -> result, p50/p99;
   - idle node: one task at a time, each after --idle-gap seconds of quiet (a user with an
     idle node); latency submit -> result, p50 and max.
 With `--compare A,B` (two directories of binaries, as --bin-dir) it measures one executor at
@@ -152,6 +154,19 @@ class Cluster:
         check(task)
         return task
 
+    def run(self, requests="one"):
+        """One task, its result waited for: in one request (`POST /api/v1/tasks?wait=60`, as a
+        client that wants the result calls Lull), or with requests="two" a submission and then
+        `GET /api/v1/tasks/{id}?wait=60`. A coordinator from before the one-request form
+        (its answer has no `runs`) is asked again with the second request."""
+        if requests == "two":
+            return self.wait(self.submit())
+        task = call("POST", self.url + "/api/v1/tasks?wait=60", {"code": CODE})
+        if "runs" not in task:
+            return self.wait(task["task_id"])
+        check(task)
+        return task
+
     def wait_all(self, task_ids, rounds=10):
         """`GET /api/v1/tasks/wait`: up to 1,000 tasks per request, as a client collecting a
         batch's results would (asked again while some are unfinished after 60 s, at most
@@ -264,7 +279,7 @@ def batch(cluster, n, one_by_one=False, clients=4, collect="batch"):
     return n / (time.perf_counter() - start)
 
 
-def closed_loop(cluster, per_client, clients=2):
+def closed_loop(cluster, per_client, clients=2, requests="one"):
     latencies = []
     lock = threading.Lock()
 
@@ -272,7 +287,7 @@ def closed_loop(cluster, per_client, clients=2):
         mine = []
         for _ in range(per_client):
             t0 = time.perf_counter()
-            cluster.wait(cluster.submit())
+            cluster.run(requests)
             mine.append(time.perf_counter() - t0)
         with lock:
             latencies.extend(mine)
@@ -287,14 +302,14 @@ def closed_loop(cluster, per_client, clients=2):
     return pick(0.50), pick(0.99)
 
 
-def idle(cluster, count, gap):
+def idle(cluster, count, gap, requests="one"):
     """One task at a time with `gap` seconds of quiet before each, as a user with an idle
     node meets it: latency submit -> result, p50 and max."""
     latencies = []
     for _ in range(count):
         time.sleep(gap)
         t0 = time.perf_counter()
-        cluster.wait(cluster.submit())
+        cluster.run(requests)
         latencies.append(time.perf_counter() - t0)
     latencies.sort()
     return latencies[len(latencies) // 2] * 1000, latencies[-1] * 1000
@@ -314,13 +329,13 @@ def measure_once(args, bin_dir, python, executor, asked_level, skip=None):
                 return None
             skip.add((executor, level))
         for _ in range(20):  # warm-up
-            cluster.wait(cluster.submit())
+            cluster.run(args.requests)
         meter = CpuMeter(cluster)
         rates = [batch(cluster, args.tasks, args.one_by_one, collect=args.collect)
                  for _ in range(args.repeat)]
         cpu = meter.per_task_ms(args.tasks * args.repeat)
-        p50, p99 = closed_loop(cluster, args.closed_loop) if args.closed_loop else (None, None)
-        idle_p50, idle_max = idle(cluster, args.idle, args.idle_gap) if args.idle else (None, None)
+        p50, p99 = closed_loop(cluster, args.closed_loop, requests=args.requests) if args.closed_loop else (None, None)
+        idle_p50, idle_max = idle(cluster, args.idle, args.idle_gap, args.requests) if args.idle else (None, None)
     finally:
         cluster.close()
     return {"asked": executor, "executor": used, "sandbox": level, "asked_level": asked_level,
@@ -394,6 +409,9 @@ def main():
                     help="two binary directories (as --bin-dir) measured in interleaved pairs, one executor "
                          "and one level: an A/B of two builds on a VM whose speed drifts")
     ap.add_argument("--pairs", type=int, default=4, help="pairs for --compare")
+    ap.add_argument("--requests", default="one", choices=["one", "two"],
+                    help="closed loop and idle node: a task and its result in one request "
+                         "(POST /api/v1/tasks?wait=60) or two (the submission, then GET ?wait=60)")
     ap.add_argument("--one-by-one", action="store_true",
                     help="batch mode submits one task per request (4 threads) instead of POST /api/v1/tasks/batch")
     args = ap.parse_args()

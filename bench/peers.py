@@ -20,7 +20,9 @@ the rounds; latency submit -> result, p50/p99).
     submits with `POST /api/v1/tasks/batch` (1,000 per request), as the others submit from
     one client in a loop, and collects the results with `GET /api/v1/tasks/wait?ids=&wait=`
     (1,000 per request, as Ray's `ray.get(list)` collects them; `--collect each`: one
-    `GET /api/v1/tasks/{id}?wait=` per task, as Celery's `result.get()`).
+    `GET /api/v1/tasks/{id}?wait=` per task, as Celery's `result.get()`). The closed loop
+    submits each task and waits for its result in one request (`POST /api/v1/tasks?wait=60`),
+    as Ray's `ray.get(f.remote(code))` does in one call.
   - Celery 5 + Redis broker and result backend, --pool=prefork --concurrency=2, a task that
     exec()s the code with stdout captured.
   - RQ with 2 workers (each forks per job), the same function.
@@ -350,7 +352,7 @@ def run_lull(args, executor, tasks):
         used = cluster.node.get("executor")
 
         def one():
-            cluster.wait(cluster.submit())
+            cluster.run()
 
         def batch(n):
             return n / lull.batch(cluster, n, collect=args.collect)

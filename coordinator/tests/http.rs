@@ -902,6 +902,80 @@ async fn a_client_can_wait_for_a_result_without_polling() {
 }
 
 #[tokio::test]
+async fn a_client_can_submit_and_wait_for_the_result_in_one_request() {
+    let s = Server::start().await;
+    // Room for all three tasks at once.
+    s.heartbeat("n1", 4.0, &[]).await;
+    // A bad wait refuses the submission before the task exists.
+    let (status, bad) = s
+        .post("/api/v1/tasks?wait=-1", json!({"code": "print(1)"}))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+    assert_eq!(s.get("/api/v1/tasks").await.1["total"], 0);
+    // Without a wait: the task as accepted, no runs (as ever).
+    let (status, plain) = s.post("/api/v1/tasks", json!({"code": "print(1)"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{plain}");
+    assert!(plain.get("runs").is_none(), "{plain}");
+    // A short wait answers with the task as it is, runs included.
+    let (status, pending) = s
+        .post("/api/v1/tasks?wait=0.05", json!({"code": "print(2)"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{pending}");
+    assert_eq!(pending["status"], "pending");
+    assert_eq!(pending["runs"], json!([]));
+    // A long wait answers when the result lands.
+    let url = s.url("/api/v1/tasks?wait=50");
+    let waiter = tokio::spawn(async move {
+        let resp = reqwest::Client::new()
+            .post(url)
+            .json(&json!({"code": "print(6 * 7)"}))
+            .send()
+            .await
+            .expect("submit");
+        (resp.status(), resp.json::<Value>().await.expect("json"))
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s.get("/api/v1/tasks").await.1["total"] != 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the waiting submission's task exists"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for run in s.pull("n1", 0.0).await["tasks"].as_array().expect("tasks") {
+        assert_eq!(
+            s.report("n1", run, "completed", "42\n").await.0,
+            StatusCode::OK
+        );
+    }
+    let (status, done) = tokio::time::timeout(Duration::from_secs(40), waiter)
+        .await
+        .expect("the wait answered before its 50 s ran out")
+        .expect("waiter");
+    assert_eq!(status, StatusCode::CREATED, "{done}");
+    assert_eq!(done["status"], "completed");
+    assert_eq!(done["result"], "42");
+    assert_eq!(done["code"], "print(6 * 7)");
+    assert_eq!(done["runs"][0]["status"], "completed");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_submission_s_wait_ends_before_the_request_timeout_with_the_task() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let s = Server::start_in(dir.path(), |c| c.request_timeout = Duration::from_secs(2)).await;
+    // No node: the task cannot run. A wait longer than the request timeout would have the
+    // timeout answer 408 for a task that was accepted; it answers with the task instead.
+    let (status, body) = s
+        .post("/api/v1/tasks?wait=60", json!({"code": "print(1)"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["status"], "pending");
+    assert_eq!(body["runs"], json!([]));
+    s.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_client_collects_many_results_in_one_wait() {
     let s = Server::start().await;
     s.heartbeat("n1", 4.0, &[]).await;

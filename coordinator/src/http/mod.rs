@@ -44,6 +44,10 @@ pub struct AppState {
     pub operations: Arc<crate::operations::Operations>,
     /// Rate limits and recent signatures (see [`auth`]).
     pub guards: Arc<Guards>,
+    /// How long `POST /api/v1/tasks?wait=` may wait: a second short of the request timeout,
+    /// which it runs under (its body is read under it), so that the answer is the task and
+    /// never a 408 for a task that was accepted.
+    pub longest_submit_wait: Duration,
 }
 
 /// Whether requests must carry an API key, how much body a signed one may buffer, and
@@ -133,6 +137,9 @@ pub fn router(
             token_hash: config.local_agent_token_hash.clone(),
         }),
         guards: Arc::new(Guards::new(crate::replay::DEFAULT_PER_KEY)),
+        longest_submit_wait: config
+            .request_timeout
+            .saturating_sub(Duration::from_secs(1)),
     };
     // Layers are given as tuples, outermost first: one `Router::layer` boxes every route's
     // service and its future once more per request, so each call wraps a whole stack.

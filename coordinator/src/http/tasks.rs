@@ -8,7 +8,7 @@ use super::extract::{
 };
 use super::views;
 use crate::engine::EngineError;
-use crate::model::TaskRecord;
+use crate::model::{RunRecord, TaskRecord};
 use crate::scheduler::SchedulerError;
 use crate::store::TaskQuery;
 use axum::Json;
@@ -34,13 +34,57 @@ pub async fn visible_task(
     }
 }
 
+#[derive(Debug, Deserialize)]
+pub struct CreateParams {
+    /// Seconds to wait for the new task to finish before answering (at most 60, and at most
+    /// a second short of the request timeout): the answer is then the task with its runs, as
+    /// `GET /api/v1/tasks/{id}?wait=` gives it. Other query parameters are ignored, as they
+    /// always were on this route.
+    wait: Option<f64>,
+}
+
+/// `POST /api/v1/tasks`: 201 with the task once it is durably accepted; with `?wait=S`, 201
+/// with the task and its runs once it has finished or `S` seconds have passed — a client that
+/// wants the result makes one request instead of a submission and a wait.
 pub async fn create(
     State(app): State<AppState>,
     caller: Caller,
+    QueryParams(params): QueryParams<CreateParams>,
     JsonBody(request): JsonBody<SubmitRequest>,
 ) -> Result<Response, ApiError> {
+    // Checked first: a bad `wait` refuses the request before the task exists.
+    let wait = wait_param(params.wait)?;
     let task = app.engine.submit_by(request, caller.key_id).await?;
-    Ok((StatusCode::CREATED, Json(views::task(&task))).into_response())
+    let Some(wait) = wait else {
+        return Ok((StatusCode::CREATED, Json(views::task(&task))).into_response());
+    };
+    let wait = wait.min(app.longest_submit_wait);
+    // The caller submitted it: it sees it.
+    let (task, runs) = finished_with_runs(&app, task.task_id, wait, |_| true).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(views::task_with_runs(&task, &runs)),
+    )
+        .into_response())
+}
+
+/// The task with its runs once it has finished, or as it is after `wait`; not found unless
+/// `visible` says the caller may see it.
+async fn finished_with_runs(
+    app: &AppState,
+    task_id: TaskId,
+    wait: std::time::Duration,
+    visible: impl FnOnce(&TaskRecord) -> bool,
+) -> Result<(TaskRecord, Vec<RunRecord>), ApiError> {
+    let task = app.engine.wait_finished(task_id, wait, visible).await?;
+    // A finished task's runs are final with it; one still active is read again with its
+    // runs, as of one moment.
+    if task.state.status.is_terminal() {
+        let runs = app.engine.runs(task_id).await?;
+        Ok((task, runs))
+    } else {
+        Ok(app.engine.task_with_runs(task_id).await?)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -167,18 +211,10 @@ pub async fn get(
     let task_id = task_id_from_path(&raw)?;
     let (task, runs) = match wait_param(params.wait) {
         Ok(Some(wait)) => {
-            let task = app
-                .engine
-                .wait_finished(task_id, wait, |task| caller.sees(task.spec.submitted_by))
-                .await?;
-            // A finished task's runs are final with it; one still active is read again with
-            // its runs, as of one moment.
-            if task.state.status.is_terminal() {
-                let runs = app.engine.runs(task_id).await?;
-                (task, runs)
-            } else {
-                app.engine.task_with_runs(task_id).await?
-            }
+            finished_with_runs(&app, task_id, wait, |task| {
+                caller.sees(task.spec.submitted_by)
+            })
+            .await?
         }
         no_wait => {
             let (task, runs) = app.engine.task_with_runs(task_id).await?;

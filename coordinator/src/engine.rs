@@ -440,29 +440,34 @@ impl Engine {
     /// The task once it has finished, or as it is after `wait` (a long-poll for clients
     /// that want a result without polling). `visible` is asked about the task as first read;
     /// one it refuses is not found (a submitter's scope). One store read: the commit that
-    /// finishes the task hands its final state to the waiter.
+    /// finishes the task hands its final state to the waiter, and its runs as of that commit
+    /// when it holds them all (the second value; `None` when they are to be read).
     pub async fn wait_finished(
         &self,
         task_id: TaskId,
         wait: Duration,
         visible: impl FnOnce(&TaskRecord) -> bool,
-    ) -> Result<TaskRecord, EngineError> {
+    ) -> Result<(TaskRecord, Option<Vec<RunRecord>>), EngineError> {
         let deadline = tokio::time::Instant::now() + wait;
         // Before the read: a commit between the read and the wait still wakes us.
-        let watch = self.finished.watch(task_id);
+        let watch = self.finished.watch_with_runs(task_id);
         let mut task = self.task(task_id).await?;
         if !visible(&task) {
             return Err(SchedulerError::TaskNotFound(task_id).into());
         }
         if task.state.status.is_terminal() {
-            return Ok(task);
+            return Ok((task, None));
         }
+        let mut runs = None;
         tokio::select! {
-            state = watch.finished() => task.state = state,
+            finished = watch.finished_with_runs() => {
+                task.state = finished.state;
+                runs = finished.runs;
+            }
             _ = tokio::time::sleep_until(deadline) => {}
             _ = self.shutdown.cancelled() => {}
         }
-        Ok(task)
+        Ok((task, runs))
     }
 
     /// Each task of `task_ids` (in that order) with its runs, once every one of them has

@@ -9,18 +9,31 @@
 //! Architecture Invariant: a waiter is woken only after the commit that finished its task,
 //! so what it answers is durable. Knows neither axum nor SQL.
 
-use crate::model::{Change, TaskState};
-use lull_shared::TaskId;
-use std::collections::HashMap;
+use crate::model::{Change, RunRecord, TaskState};
+use lull_shared::{RunId, TaskId};
 use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::sync::Notify;
+
+/// How a task finished, as the commit that finished it holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finished {
+    pub state: TaskState,
+    /// Every run of the task as of that commit (by run id), when the commit holds them all:
+    /// as many runs as the task's `attempts` (each start makes one run, and `attempts` only
+    /// grows). `None` otherwise, or when no waiter asked for them.
+    pub runs: Option<Vec<RunRecord>>,
+}
 
 /// One task's waiters: woken together, with the state that finished it.
 #[derive(Default)]
 struct Slot {
     notify: Notify,
-    finished: Mutex<Option<TaskState>>,
+    finished: Mutex<Option<Finished>>,
+    /// A waiter will answer with the task's runs: keep those the finishing commit holds.
+    wants_runs: AtomicBool,
 }
 
 #[derive(Default)]
@@ -32,6 +45,15 @@ pub struct FinishWaiters {
 impl FinishWaiters {
     fn slots(&self) -> MutexGuard<'_, HashMap<TaskId, (Arc<Slot>, usize)>> {
         self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// As [`FinishWaiters::watch`], for a waiter that answers with the task's runs: the
+    /// commit that finishes the task hands them over too when it holds them all, which
+    /// spares the waiter reading them (see [`Finished::runs`]).
+    pub fn watch_with_runs(self: &Arc<Self>, task_id: TaskId) -> FinishWatch {
+        let watch = self.watch(task_id);
+        watch.slot.wants_runs.store(true, Ordering::Relaxed);
+        watch
     }
 
     /// Starts watching `task_id`. Take the watch *before* reading the task: a commit
@@ -71,7 +93,15 @@ impl FinishWaiters {
             }
         }
         for (slot, state) in woken {
-            *slot.finished.lock().unwrap_or_else(PoisonError::into_inner) = Some(state.clone());
+            let runs = if slot.wants_runs.load(Ordering::Relaxed) {
+                all_runs_in(changes, state)
+            } else {
+                None
+            };
+            *slot.finished.lock().unwrap_or_else(PoisonError::into_inner) = Some(Finished {
+                state: state.clone(),
+                runs,
+            });
             slot.notify.notify_waiters();
         }
     }
@@ -81,6 +111,20 @@ impl FinishWaiters {
     fn watched(&self) -> usize {
         self.slots().len()
     }
+}
+
+/// `state`'s task's runs in `changes`, the last record of each, by run id, if they are all of
+/// its runs (as many as its `attempts`).
+fn all_runs_in(changes: &[Change], state: &TaskState) -> Option<Vec<RunRecord>> {
+    let mut runs: BTreeMap<RunId, &RunRecord> = BTreeMap::new();
+    for change in changes {
+        if let Change::RunSaved(run) = change
+            && run.task_id == state.task_id
+        {
+            runs.insert(run.run_id, run);
+        }
+    }
+    (runs.len() == state.attempts as usize).then(|| runs.into_values().cloned().collect())
 }
 
 /// A registration for one task's finish; dropping it lets go.
@@ -94,18 +138,24 @@ impl FinishWatch {
     /// Resolves with the task's final state once a commit finished it. Only a commit after
     /// the watch was taken counts; call it after reading the task and finding it unfinished.
     pub async fn finished(&self) -> TaskState {
+        self.finished_with_runs().await.state
+    }
+
+    /// As [`FinishWatch::finished`], with the task's runs when the finishing commit held them
+    /// all and the watch asked for them ([`FinishWaiters::watch_with_runs`]).
+    pub async fn finished_with_runs(&self) -> Finished {
         loop {
             let notified = self.slot.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(state) = self.take() {
-                return state;
+            if let Some(finished) = self.take() {
+                return finished;
             }
             notified.await;
         }
     }
 
-    fn take(&self) -> Option<TaskState> {
+    fn take(&self) -> Option<Finished> {
         self.slot
             .finished
             .lock()
@@ -178,6 +228,63 @@ mod tests {
             .await
             .expect("woken");
         assert_eq!(state.status, TaskStatus::Failed);
+    }
+
+    fn run(task_id: TaskId, run_id: RunId, status: lull_shared::RunStatus) -> RunRecord {
+        RunRecord {
+            run_id,
+            task_id,
+            node_id: Some("n".into()),
+            attempt: 1,
+            point: 0,
+            status,
+            exit_code: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            error: None,
+            started_at: 1.0,
+            completed_at: None,
+            cpu_seconds: None,
+            max_rss_mb: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_finishing_commit_hands_over_the_runs_only_when_it_holds_them_all() {
+        use lull_shared::RunStatus;
+        let waiters = Arc::new(FinishWaiters::default());
+        let (one, two, plain) = (
+            waiters.watch_with_runs(1),
+            waiters.watch_with_runs(2),
+            waiters.watch(3),
+        );
+        let done = RunRecord {
+            stdout: "ok\n".into(),
+            completed_at: Some(2.0),
+            ..run(1, 10, RunStatus::Completed)
+        };
+        let mut retried = state(2, TaskStatus::Completed);
+        retried.attempts = 2;
+        waiters.committed(&[
+            // Task 1's one run, saved twice in this commit (started, then done): the last
+            // record counts. Another task's run is not task 1's.
+            Change::RunSaved(run(1, 10, RunStatus::Running)),
+            Change::RunSaved(run(5, 11, RunStatus::Running)),
+            Change::RunSaved(done.clone()),
+            Change::TaskUpdated(state(1, TaskStatus::Completed)),
+            // Task 2 ran twice; only its second run is in this commit.
+            Change::RunSaved(run(2, 13, RunStatus::Completed)),
+            Change::TaskUpdated(retried),
+            Change::RunSaved(run(3, 14, RunStatus::Completed)),
+            Change::TaskUpdated(state(3, TaskStatus::Completed)),
+        ]);
+        assert_eq!(one.finished_with_runs().await.runs, Some(vec![done]));
+        assert_eq!(
+            two.finished_with_runs().await.runs,
+            None,
+            "its first run is not here"
+        );
+        assert_eq!(plain.finished_with_runs().await.runs, None, "not asked for");
     }
 
     #[test]

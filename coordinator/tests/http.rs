@@ -961,6 +961,56 @@ async fn a_client_can_submit_and_wait_for_the_result_in_one_request() {
 }
 
 #[tokio::test]
+async fn a_waited_for_task_shows_every_run_it_had() {
+    let s = Server::start().await;
+    s.heartbeat("n1", 1.0, &[]).await;
+    let (status, task) = s
+        .post(
+            "/api/v1/tasks",
+            json!({"code": "print(1)", "max_attempts": 2}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{task}");
+    let id = task["task_id"].as_i64().expect("task_id");
+    // Its first run is lost (the agent's own failure): it runs again.
+    let first = s.pull("n1", 0.0).await["tasks"][0].clone();
+    assert_eq!(s.report("n1", &first, "lost", "").await.0, StatusCode::OK);
+    let second = s.pull("n1", 5.0).await["tasks"][0].clone();
+    assert_eq!(second["task_id"], id, "{second}");
+    let url = s.url(&format!("/api/v1/tasks/{id}?wait=50"));
+    let waiter = tokio::spawn(async move {
+        reqwest::get(url)
+            .await
+            .expect("wait")
+            .json::<Value>()
+            .await
+            .expect("json")
+    });
+    // Let the waiter start waiting before the result lands: then the commit that finishes
+    // the task wakes it holding only the second run. The answer must show both runs in
+    // either order; this one is the order that takes them from two places.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        s.report("n1", &second, "completed", "1\n").await.0,
+        StatusCode::OK
+    );
+    let done = tokio::time::timeout(Duration::from_secs(40), waiter)
+        .await
+        .expect("the wait answered before its 50 s ran out")
+        .expect("waiter");
+    assert_eq!(done["status"], "completed", "{done}");
+    // The commit that finished it held only the second run: the first comes from the store.
+    let statuses: Vec<&Value> = done["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .map(|run| &run["status"])
+        .collect();
+    assert_eq!(statuses, [&json!("lost"), &json!("completed")], "{done}");
+    s.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_submission_s_wait_ends_before_the_request_timeout_with_the_task() {
     let dir = tempfile::tempdir().expect("temp dir");
     let s = Server::start_in(dir.path(), |c| c.request_timeout = Duration::from_secs(2)).await;

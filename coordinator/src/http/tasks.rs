@@ -76,14 +76,16 @@ async fn finished_with_runs(
     wait: std::time::Duration,
     visible: impl FnOnce(&TaskRecord) -> bool,
 ) -> Result<(TaskRecord, Vec<RunRecord>), ApiError> {
-    let task = app.engine.wait_finished(task_id, wait, visible).await?;
-    // A finished task's runs are final with it; one still active is read again with its
-    // runs, as of one moment.
-    if task.state.status.is_terminal() {
-        let runs = app.engine.runs(task_id).await?;
-        Ok((task, runs))
-    } else {
-        Ok(app.engine.task_with_runs(task_id).await?)
+    let (task, runs) = app.engine.wait_finished(task_id, wait, visible).await?;
+    // A finished task's runs are final with it (the commit that finished it may have handed
+    // them over); one still active is read again with its runs, as of one moment.
+    match runs {
+        Some(runs) if task.state.status.is_terminal() => Ok((task, runs)),
+        _ if task.state.status.is_terminal() => {
+            let runs = app.engine.runs(task_id).await?;
+            Ok((task, runs))
+        }
+        _ => Ok(app.engine.task_with_runs(task_id).await?),
     }
 }
 

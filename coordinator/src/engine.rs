@@ -437,17 +437,18 @@ impl Engine {
             )))
     }
 
-    /// The task once it has finished, or as it is after `wait` (a long-poll for clients
-    /// that want a result without polling). `visible` is asked about the task as first read;
-    /// one it refuses is not found (a submitter's scope). One store read: the commit that
+    /// The task with its runs once it has finished, or as it is after `wait` (a long-poll
+    /// for clients that want a result without polling). `visible` is asked about the task as
+    /// first read; one it refuses is not found (a submitter's scope). The commit that
     /// finishes the task hands its final state to the waiter, and its runs as of that commit
-    /// when it holds them all (the second value; `None` when they are to be read).
+    /// when it holds them all; otherwise its runs are read (those of a task still active
+    /// with it, as of one moment).
     pub async fn wait_finished(
         &self,
         task_id: TaskId,
         wait: Duration,
         visible: impl FnOnce(&TaskRecord) -> bool,
-    ) -> Result<(TaskRecord, Option<Vec<RunRecord>>), EngineError> {
+    ) -> Result<(TaskRecord, Vec<RunRecord>), EngineError> {
         let deadline = tokio::time::Instant::now() + wait;
         // Before the read: a commit between the read and the wait still wakes us.
         let watch = self.finished.watch_with_runs(task_id);
@@ -455,19 +456,25 @@ impl Engine {
         if !visible(&task) {
             return Err(SchedulerError::TaskNotFound(task_id).into());
         }
-        if task.state.status.is_terminal() {
-            return Ok((task, None));
-        }
-        let mut runs = None;
-        tokio::select! {
-            finished = watch.finished_with_runs() => {
-                task.state = finished.state;
-                runs = finished.runs;
+        if !task.state.status.is_terminal() {
+            tokio::select! {
+                finished = watch.finished_with_runs() => {
+                    task.state = finished.state;
+                    if let Some(runs) = finished.runs {
+                        return Ok((task, runs));
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = self.shutdown.cancelled() => {}
             }
-            _ = tokio::time::sleep_until(deadline) => {}
-            _ = self.shutdown.cancelled() => {}
         }
-        Ok((task, runs))
+        if task.state.status.is_terminal() {
+            // A finished task's runs are final with it.
+            let runs = self.runs(task_id).await?;
+            Ok((task, runs))
+        } else {
+            self.task_with_runs(task_id).await
+        }
     }
 
     /// Each task of `task_ids` (in that order) with its runs, once every one of them has

@@ -8,7 +8,7 @@ use super::extract::{
 };
 use super::views;
 use crate::engine::EngineError;
-use crate::model::{RunRecord, TaskRecord};
+use crate::model::TaskRecord;
 use crate::scheduler::SchedulerError;
 use crate::store::TaskQuery;
 use axum::Json;
@@ -60,33 +60,15 @@ pub async fn create(
     };
     let wait = wait.min(app.longest_submit_wait);
     // The caller submitted it: it sees it.
-    let (task, runs) = finished_with_runs(&app, task.task_id, wait, |_| true).await?;
+    let (task, runs) = app
+        .engine
+        .wait_finished(task.task_id, wait, |_| true)
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(views::task_with_runs(&task, &runs)),
     )
         .into_response())
-}
-
-/// The task with its runs once it has finished, or as it is after `wait`; not found unless
-/// `visible` says the caller may see it.
-async fn finished_with_runs(
-    app: &AppState,
-    task_id: TaskId,
-    wait: std::time::Duration,
-    visible: impl FnOnce(&TaskRecord) -> bool,
-) -> Result<(TaskRecord, Vec<RunRecord>), ApiError> {
-    let (task, runs) = app.engine.wait_finished(task_id, wait, visible).await?;
-    // A finished task's runs are final with it (the commit that finished it may have handed
-    // them over); one still active is read again with its runs, as of one moment.
-    match runs {
-        Some(runs) if task.state.status.is_terminal() => Ok((task, runs)),
-        _ if task.state.status.is_terminal() => {
-            let runs = app.engine.runs(task_id).await?;
-            Ok((task, runs))
-        }
-        _ => Ok(app.engine.task_with_runs(task_id).await?),
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -213,10 +195,9 @@ pub async fn get(
     let task_id = task_id_from_path(&raw)?;
     let (task, runs) = match wait_param(params.wait) {
         Ok(Some(wait)) => {
-            finished_with_runs(&app, task_id, wait, |task| {
-                caller.sees(task.spec.submitted_by)
-            })
-            .await?
+            app.engine
+                .wait_finished(task_id, wait, |task| caller.sees(task.spec.submitted_by))
+                .await?
         }
         no_wait => {
             let (task, runs) = app.engine.task_with_runs(task_id).await?;

@@ -205,6 +205,30 @@ pub struct RunRecord {
     pub max_rss_mb: Option<f64>,
 }
 
+#[cfg(test)]
+impl RunRecord {
+    /// For tests: a first attempt of `task_id`'s only point on node `n1`, started at 1.0,
+    /// with nothing to tell yet; a test sets what it needs with struct update syntax.
+    pub(crate) fn sample(run_id: RunId, task_id: TaskId, status: RunStatus) -> RunRecord {
+        RunRecord {
+            run_id,
+            task_id,
+            node_id: Some("n1".into()),
+            attempt: 1,
+            point: 0,
+            status,
+            exit_code: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            error: None,
+            started_at: 1.0,
+            completed_at: None,
+            cpu_seconds: None,
+            max_rss_mb: None,
+        }
+    }
+}
+
 /// A node as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeRecord {

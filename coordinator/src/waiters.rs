@@ -230,25 +230,6 @@ mod tests {
         assert_eq!(state.status, TaskStatus::Failed);
     }
 
-    fn run(task_id: TaskId, run_id: RunId, status: lull_shared::RunStatus) -> RunRecord {
-        RunRecord {
-            run_id,
-            task_id,
-            node_id: Some("n".into()),
-            attempt: 1,
-            point: 0,
-            status,
-            exit_code: None,
-            stdout: String::new(),
-            stderr: String::new(),
-            error: None,
-            started_at: 1.0,
-            completed_at: None,
-            cpu_seconds: None,
-            max_rss_mb: None,
-        }
-    }
-
     #[tokio::test]
     async fn a_finishing_commit_hands_over_the_runs_only_when_it_holds_them_all() {
         use lull_shared::RunStatus;
@@ -261,21 +242,21 @@ mod tests {
         let done = RunRecord {
             stdout: "ok\n".into(),
             completed_at: Some(2.0),
-            ..run(1, 10, RunStatus::Completed)
+            ..RunRecord::sample(10, 1, RunStatus::Completed)
         };
         let mut retried = state(2, TaskStatus::Completed);
         retried.attempts = 2;
         waiters.committed(&[
             // Task 1's one run, saved twice in this commit (started, then done): the last
             // record counts. Another task's run is not task 1's.
-            Change::RunSaved(run(1, 10, RunStatus::Running)),
-            Change::RunSaved(run(5, 11, RunStatus::Running)),
+            Change::RunSaved(RunRecord::sample(10, 1, RunStatus::Running)),
+            Change::RunSaved(RunRecord::sample(11, 5, RunStatus::Running)),
             Change::RunSaved(done.clone()),
             Change::TaskUpdated(state(1, TaskStatus::Completed)),
             // Task 2 ran twice; only its second run is in this commit.
-            Change::RunSaved(run(2, 13, RunStatus::Completed)),
+            Change::RunSaved(RunRecord::sample(13, 2, RunStatus::Completed)),
             Change::TaskUpdated(retried),
-            Change::RunSaved(run(3, 14, RunStatus::Completed)),
+            Change::RunSaved(RunRecord::sample(14, 3, RunStatus::Completed)),
             Change::TaskUpdated(state(3, TaskStatus::Completed)),
         ]);
         assert_eq!(one.finished_with_runs().await.runs, Some(vec![done]));

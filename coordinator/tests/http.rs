@@ -91,6 +91,14 @@ impl Server {
         decode(resp).await
     }
 
+    /// Sends `request`, one that waits (`?wait=`), in the background; see [`answer`].
+    fn waiting(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> tokio::task::JoinHandle<(StatusCode, Value)> {
+        tokio::spawn(async move { decode(request.send().await.expect("request")).await })
+    }
+
     async fn submit(&self, code: &str) -> i64 {
         let (status, body) = self.post("/submit", json!({"code": code})).await;
         assert_eq!(status, StatusCode::OK, "{body}");
@@ -149,6 +157,15 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// A [`Server::waiting`] request's status and body, which must come before its wait (50 s in
+/// these tests) runs out.
+async fn answer(waiter: tokio::task::JoinHandle<(StatusCode, Value)>) -> (StatusCode, Value) {
+    tokio::time::timeout(Duration::from_secs(40), waiter)
+        .await
+        .expect("the wait answered before its 50 s ran out")
+        .expect("waiter")
 }
 
 async fn decode(resp: reqwest::Response) -> (StatusCode, Value) {
@@ -877,24 +894,13 @@ async fn a_client_can_wait_for_a_result_without_polling() {
     let (status, bad) = s.get(&format!("/api/v1/tasks/{id}?wait=-1")).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
     // A long wait answers when the result lands.
-    let url = s.url(&format!("/api/v1/tasks/{id}?wait=50"));
-    let waiter = tokio::spawn(async move {
-        reqwest::get(url)
-            .await
-            .expect("wait")
-            .json::<Value>()
-            .await
-            .expect("json")
-    });
+    let waiter = s.waiting(s.http.get(s.url(&format!("/api/v1/tasks/{id}?wait=50"))));
     let a = s.pull("n1", 0.0).await["tasks"][0].clone();
     assert_eq!(
         s.report("n1", &a, "completed", "42\n").await.0,
         StatusCode::OK
     );
-    let done = tokio::time::timeout(Duration::from_secs(40), waiter)
-        .await
-        .expect("the wait answered before its 50 s ran out")
-        .expect("waiter");
+    let (_, done) = answer(waiter).await;
     assert_eq!(done["status"], "completed");
     assert_eq!(done["result"], "42");
     assert_eq!(done["runs"][0]["status"], "completed");
@@ -924,16 +930,11 @@ async fn a_client_can_submit_and_wait_for_the_result_in_one_request() {
     assert_eq!(pending["status"], "pending");
     assert_eq!(pending["runs"], json!([]));
     // A long wait answers when the result lands.
-    let url = s.url("/api/v1/tasks?wait=50");
-    let waiter = tokio::spawn(async move {
-        let resp = reqwest::Client::new()
-            .post(url)
-            .json(&json!({"code": "print(6 * 7)"}))
-            .send()
-            .await
-            .expect("submit");
-        (resp.status(), resp.json::<Value>().await.expect("json"))
-    });
+    let waiter = s.waiting(
+        s.http
+            .post(s.url("/api/v1/tasks?wait=50"))
+            .json(&json!({"code": "print(6 * 7)"})),
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while s.get("/api/v1/tasks").await.1["total"] != 3 {
         assert!(
@@ -948,10 +949,7 @@ async fn a_client_can_submit_and_wait_for_the_result_in_one_request() {
             StatusCode::OK
         );
     }
-    let (status, done) = tokio::time::timeout(Duration::from_secs(40), waiter)
-        .await
-        .expect("the wait answered before its 50 s ran out")
-        .expect("waiter");
+    let (status, done) = answer(waiter).await;
     assert_eq!(status, StatusCode::CREATED, "{done}");
     assert_eq!(done["status"], "completed");
     assert_eq!(done["result"], "42");
@@ -964,40 +962,24 @@ async fn a_client_can_submit_and_wait_for_the_result_in_one_request() {
 async fn a_waited_for_task_shows_every_run_it_had() {
     let s = Server::start().await;
     s.heartbeat("n1", 1.0, &[]).await;
-    let (status, task) = s
-        .post(
-            "/api/v1/tasks",
-            json!({"code": "print(1)", "max_attempts": 2}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{task}");
-    let id = task["task_id"].as_i64().expect("task_id");
+    // The client waits from the moment its task is accepted, before any run of it exists.
+    let waiter = s.waiting(
+        s.http
+            .post(s.url("/api/v1/tasks?wait=50"))
+            .json(&json!({"code": "print(1)", "max_attempts": 2})),
+    );
     // Its first run is lost (the agent's own failure): it runs again.
-    let first = s.pull("n1", 0.0).await["tasks"][0].clone();
+    let first = s.pull("n1", 10.0).await["tasks"][0].clone();
+    let id = first["task_id"].as_i64().expect("task_id");
     assert_eq!(s.report("n1", &first, "lost", "").await.0, StatusCode::OK);
     let second = s.pull("n1", 5.0).await["tasks"][0].clone();
     assert_eq!(second["task_id"], id, "{second}");
-    let url = s.url(&format!("/api/v1/tasks/{id}?wait=50"));
-    let waiter = tokio::spawn(async move {
-        reqwest::get(url)
-            .await
-            .expect("wait")
-            .json::<Value>()
-            .await
-            .expect("json")
-    });
-    // Let the waiter start waiting before the result lands: then the commit that finishes
-    // the task wakes it holding only the second run. The answer must show both runs in
-    // either order; this one is the order that takes them from two places.
-    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         s.report("n1", &second, "completed", "1\n").await.0,
         StatusCode::OK
     );
-    let done = tokio::time::timeout(Duration::from_secs(40), waiter)
-        .await
-        .expect("the wait answered before its 50 s ran out")
-        .expect("waiter");
+    let (status, done) = answer(waiter).await;
+    assert_eq!(status, StatusCode::CREATED, "{done}");
     assert_eq!(done["status"], "completed", "{done}");
     // The commit that finished it held only the second run: the first comes from the store.
     let statuses: Vec<&Value> = done["runs"]

@@ -1221,20 +1221,9 @@ mod tests {
 
     fn run(run_id: RunId, task_id: TaskId, node: &str, at: f64) -> RunRecord {
         RunRecord {
-            run_id,
-            task_id,
             node_id: Some(node.into()),
-            attempt: 1,
-            point: 0,
-            status: RunStatus::Running,
-            exit_code: None,
-            stdout: String::new(),
-            stderr: String::new(),
-            error: None,
             started_at: at,
-            completed_at: None,
-            cpu_seconds: None,
-            max_rss_mb: None,
+            ..RunRecord::sample(run_id, task_id, RunStatus::Running)
         }
     }
 

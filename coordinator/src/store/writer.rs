@@ -290,22 +290,11 @@ mod tests {
     }
 
     fn run(run_id: RunId) -> Change {
-        Change::RunSaved(crate::model::RunRecord {
+        Change::RunSaved(crate::model::RunRecord::sample(
             run_id,
-            task_id: 1,
-            node_id: Some("n1".into()),
-            attempt: 1,
-            point: 0,
-            status: lull_shared::RunStatus::Assigned,
-            exit_code: None,
-            stdout: String::new(),
-            stderr: String::new(),
-            error: None,
-            started_at: 1.0,
-            completed_at: None,
-            cpu_seconds: None,
-            max_rss_mb: None,
-        })
+            1,
+            lull_shared::RunStatus::Assigned,
+        ))
     }
 
     fn start(

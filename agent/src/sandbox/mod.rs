@@ -774,7 +774,7 @@ impl ForkedRun {
     /// session of its own. Nothing here depends on the run but what [`ForkedRun::fits`]
     /// compares, so a process forked ahead of its run (the zygote's spare) does it while it
     /// waits ([`ForkedRun::enter_ahead`]).
-    pub fn enter_namespaces(&self, policy: &RunPolicy) -> Result<(), SandboxError> {
+    fn enter_namespaces(&self, policy: &RunPolicy) -> Result<(), SandboxError> {
         let p = &policy.protections;
         if !p.namespaces {
             // Its own process group, which the parent kills as a whole. PID 1 of a namespace
@@ -805,7 +805,7 @@ impl ForkedRun {
 
     /// In a child forked ahead of its run, after [`ForkedRun::enter_cgroup`], while it waits:
     /// what depends on nothing of the run but what [`ForkedRun::fits`] compares — its
-    /// namespaces ([`ForkedRun::enter_namespaces`]) and `no_new_privs` with the seccomp filter
+    /// namespaces (`enter_namespaces`) and `no_new_privs` with the seccomp filter
     /// (the same program for every run with `seccomp` among its protections; installing it
     /// costs the kernel a conversion and a JIT compile, ~2 % of a batch's CPU). The filter
     /// refuses nothing the rest of the setup calls (`chdir`, `setrlimit`, the uid drop,
@@ -831,7 +831,7 @@ impl ForkedRun {
     /// `policy`'s run instead, its cgroup set to `policy`'s limits if they differ. Only with
     /// pooled (reusable) cgroups and namespaces: what [`ForkedRun::prepare`] lent then depends
     /// on nothing of a run but the protections and the exposed directories, and what
-    /// [`ForkedRun::enter_namespaces`] makes (the process may have made it already) on those
+    /// [`ForkedRun::enter_ahead`] makes (the process may have made it already) on those
     /// and the size of the run's `/tmp`.
     pub fn fits(&mut self, made_for: &RunPolicy, policy: &RunPolicy) -> bool {
         let (p, q) = (&made_for.protections, &policy.protections);

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 /// With `--sync full` every commit syncs SQLite's write-ahead log before anyone is told it
 /// is durable, and it does so with `fdatasync` (the data and the file's size), as SQLite's
-/// own Linux builds do, not `fsync`, which also writes the inode whenever its times changed.
+/// own Linux builds do, not `fsync`, which also commits a journaled ext4's journal whenever
+/// the file's times changed.
 /// The bundled SQLite gets that through `.cargo/config.toml` (`HAVE_FDATASYNC`); without it
 /// every sync here is an `fsync`. Watched with `strace` attached to the running coordinator.
 #[tokio::test]

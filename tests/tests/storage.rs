@@ -4,8 +4,21 @@ use anyhow::{Context, Result};
 use lull_tests::{Coordinator, wait_until};
 use serde_json::json;
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+/// `strace`, stopped (SIGKILL: the kernel detaches it from its tracee) and reaped if the test
+/// ends before it has detached on its own.
+struct Tracer(Child);
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
 
 /// With `--sync full` every commit syncs SQLite's write-ahead log before anyone is told it
 /// is durable, and it does so with `fdatasync` (the data and the file's size), as SQLite's
@@ -18,18 +31,20 @@ async fn a_durable_commit_syncs_the_write_ahead_log_with_fdatasync() -> Result<(
     let dir = tempfile::tempdir()?;
     let coordinator = Coordinator::start(dir.path(), &["--local-agents", "0", "--sync", "full"])?;
     let trace = dir.path().join("syncs.txt");
-    let mut strace = Command::new("strace")
-        .args(["-f", "-y", "-e", "trace=fsync,fdatasync", "-o"])
-        .arg(&trace)
-        .arg("-p")
-        .arg(coordinator.process.pid().to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting strace (scripts/test installs it)")?;
+    let mut strace = Tracer(
+        Command::new("strace")
+            .args(["-f", "-y", "-e", "trace=fsync,fdatasync", "-o"])
+            .arg(&trace)
+            .arg("-p")
+            .arg(coordinator.process.pid().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting strace (scripts/test installs it)")?,
+    );
     // strace says "Process N attached with M threads" once it traces all of them.
-    let stderr = strace.stderr.take().context("strace's stderr")?;
+    let stderr = strace.0.stderr.take().context("strace's stderr")?;
     let (attached, said) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {
@@ -63,10 +78,10 @@ async fn a_durable_commit_syncs_the_write_ahead_log_with_fdatasync() -> Result<(
     .await;
     // SIGINT: strace detaches and leaves the coordinator running.
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(strace.id() as i32),
+        nix::unistd::Pid::from_raw(strace.0.id() as i32),
         nix::sys::signal::Signal::SIGINT,
     )?;
-    strace.wait()?;
+    strace.0.wait()?;
     let text = std::fs::read_to_string(&trace)?;
     assert!(
         wal_syncs(&text, "fdatasync") >= 3,

@@ -24,7 +24,7 @@ use crate::store::{
     CommandQuery, Committer, OperationQuery, ResultRow, Store, StoreError, TaskQuery, TaskStats,
     Writer, WriterHandle, WriterStopped,
 };
-use crate::waiters::FinishWaiters;
+use crate::waiters::{FinishWaiters, FinishWatch};
 use lull_shared::{
     HeartbeatRequest, HeartbeatResponse, PullResponse, RunId, RunReport, RunReportAck,
     SubmitRequest, TaskId, TaskStatus,
@@ -452,10 +452,46 @@ impl Engine {
         let deadline = tokio::time::Instant::now() + wait;
         // Before the read: a commit between the read and the wait still wakes us.
         let watch = self.finished.watch_with_runs(task_id);
-        let mut task = self.task(task_id).await?;
+        let task = self.task(task_id).await?;
         if !visible(&task) {
             return Err(SchedulerError::TaskNotFound(task_id).into());
         }
+        self.finished_by(task, watch, deadline).await
+    }
+
+    /// As [`Engine::wait_finished`], for the task its caller has just submitted, `accepted`
+    /// as [`Engine::submit_by`] answered it: while the scheduler still holds the task once
+    /// the watch is taken, nothing has finished it yet, and `accepted` stands for the store's
+    /// record (its immutable part is the same; its state comes with the finishing commit),
+    /// which is not read. One that finished meanwhile is read as any other.
+    pub async fn wait_submitted(
+        &self,
+        accepted: TaskRecord,
+        wait: Duration,
+    ) -> Result<(TaskRecord, Vec<RunRecord>), EngineError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let task_id = accepted.task_id;
+        // Before the look: a task held then is finished under the scheduler's lock later,
+        // and that commit wakes the watch.
+        let watch = self.finished.watch_with_runs(task_id);
+        let held = self.scheduler().holds(task_id);
+        let task = if held {
+            accepted
+        } else {
+            self.task(task_id).await?
+        };
+        self.finished_by(task, watch, deadline).await
+    }
+
+    /// `task` (as read, or as accepted) with its runs once `watch` says it has finished, or
+    /// as it is at `deadline`.
+    async fn finished_by(
+        &self,
+        mut task: TaskRecord,
+        watch: FinishWatch,
+        deadline: tokio::time::Instant,
+    ) -> Result<(TaskRecord, Vec<RunRecord>), EngineError> {
+        let task_id = task.task_id;
         if !task.state.status.is_terminal() {
             tokio::select! {
                 finished = watch.finished_with_runs() => {
@@ -1174,6 +1210,7 @@ mod tests {
     use crate::scheduler::SchedulerConfig;
     use crate::scheduler::tests::heartbeat_request;
     use crate::store::{SqliteStore, SyncMode};
+    use lull_shared::{Assignment, RunOutcome};
     use std::sync::mpsc;
 
     /// Commits nothing, and each commit only once the test lets it through.
@@ -1209,12 +1246,7 @@ mod tests {
             Box::new(Gated(gated)),
             durable,
             Arc::new(Feed::new(&FeedConfig::default(), [])),
-            EngineConfig {
-                limits: TaskLimits::default(),
-                heartbeat_interval: 5.0,
-                tick_interval: Duration::from_secs(60),
-                server_id: "test".into(),
-            },
+            test_config(),
             CancellationToken::new(),
         )
         .expect("engine");
@@ -1229,6 +1261,121 @@ mod tests {
             .expect("joined")
             .expect("the node is registered");
         (engine, gate)
+    }
+
+    fn test_config() -> EngineConfig {
+        EngineConfig {
+            limits: TaskLimits::default(),
+            heartbeat_interval: 5.0,
+            tick_interval: Duration::from_secs(60),
+            server_id: "test".into(),
+        }
+    }
+
+    /// An engine whose commits are written to its store, with one idle node `n1`.
+    async fn stored_engine(dir: &std::path::Path) -> Arc<Engine> {
+        let store = SqliteStore::open(dir, SyncMode::Normal)
+            .await
+            .expect("store");
+        let committer = store.committer().expect("committer");
+        let scheduler =
+            Scheduler::restore(SchedulerConfig::default(), Snapshot::default(), unix_now());
+        let (engine, _stopped) = Engine::new(
+            scheduler,
+            store,
+            Box::new(committer),
+            0,
+            Arc::new(Feed::new(&FeedConfig::default(), [])),
+            test_config(),
+            CancellationToken::new(),
+        )
+        .expect("engine");
+        let engine = Arc::new(engine);
+        engine
+            .heartbeat(heartbeat_request("n1"))
+            .await
+            .expect("the node is registered");
+        engine
+    }
+
+    /// Submits a one-line task and has `n1` take it: the accepted task and its run.
+    async fn submit_and_start(engine: &Engine) -> (TaskRecord, Assignment) {
+        let accepted = engine
+            .submit_by(
+                SubmitRequest {
+                    code: Some("print(1)".into()),
+                    ..SubmitRequest::default()
+                },
+                None,
+            )
+            .await
+            .expect("accepted");
+        let mut pulled = engine.pull("n1", Duration::ZERO, 1).await.expect("pulled");
+        assert_eq!(pulled.tasks.len(), 1, "{pulled:?}");
+        (accepted, pulled.tasks.remove(0))
+    }
+
+    fn completed(run: &Assignment) -> RunReport {
+        RunReport {
+            node_id: "n1".into(),
+            task_id: run.task_id,
+            run_id: run.run_id,
+            outcome: RunOutcome::Completed,
+            exit_code: Some(0),
+            stdout: "1\n".into(),
+            stderr: String::new(),
+            error: None,
+            started_at: None,
+            completed_at: None,
+            cpu_seconds: None,
+            max_rss_mb: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_submitter_s_wait_answers_with_the_task_as_stored_without_reading_it_first() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let engine = stored_engine(dir.path()).await;
+        let (accepted, run) = submit_and_start(&engine).await;
+        let waiting = tokio::spawn({
+            let engine = engine.clone();
+            async move {
+                engine
+                    .wait_submitted(accepted, Duration::from_secs(120))
+                    .await
+            }
+        });
+        engine.report(completed(&run)).await.expect("reported");
+        let (task, runs) = tokio::time::timeout(Duration::from_secs(30), waiting)
+            .await
+            .expect("answered once the result was committed")
+            .expect("joined")
+            .expect("waited");
+        assert_eq!(task.state.status, TaskStatus::Completed);
+        // The accepted record with the finishing commit's state is what the store holds.
+        assert_eq!(task, engine.task(run.task_id).await.expect("stored"));
+        assert_eq!(runs, engine.runs(run.task_id).await.expect("stored runs"));
+        assert_eq!(runs.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_submitter_s_wait_for_a_task_that_finished_first_answers_at_once() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let engine = stored_engine(dir.path()).await;
+        let (accepted, run) = submit_and_start(&engine).await;
+        engine.report(completed(&run)).await.expect("reported");
+        // Finished before the wait began: the accepted (pending) record must not stand for
+        // it, or the wait would sit out its two minutes for a commit that has come and gone.
+        let (task, runs) = tokio::time::timeout(
+            Duration::from_secs(30),
+            engine.wait_submitted(accepted, Duration::from_secs(120)),
+        )
+        .await
+        .expect("answered at once")
+        .expect("waited");
+        assert_eq!(task.state.status, TaskStatus::Completed);
+        assert_eq!(task.state.result.as_deref(), Some("1"));
+        assert_eq!(runs.len(), 1);
     }
 
     /// Parks a pull for `n1`, then submits a task: returns both, still running.

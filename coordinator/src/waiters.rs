@@ -2,9 +2,10 @@
 //! the writer shows [`FinishWaiters`] every committed batch, and only the waiters of a task
 //! that batch finished are woken, each handed the task's final state as committed.
 //!
-//! A waiter therefore costs one store read (the task as it is when it starts waiting) and no
-//! other, however many other tasks finish meanwhile; the writer pays a map lookup per task
-//! it finishes, nothing when nobody waits.
+//! A waiter therefore costs at most one store read (the task as it is when it starts
+//! waiting; none for the submitter's own wait on a task still active) and no other, however
+//! many other tasks finish meanwhile; the writer pays a map lookup per task it finishes,
+//! nothing when nobody waits.
 //!
 //! Architecture Invariant: a waiter is woken only after the commit that finished its task,
 //! so what it answers is durable. Knows neither axum nor SQL.

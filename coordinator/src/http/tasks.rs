@@ -60,10 +60,7 @@ pub async fn create(
     };
     let wait = wait.min(app.longest_submit_wait);
     // The caller submitted it: it sees it.
-    let (task, runs) = app
-        .engine
-        .wait_finished(task.task_id, wait, |_| true)
-        .await?;
+    let (task, runs) = app.engine.wait_submitted(task, wait).await?;
     Ok((
         StatusCode::CREATED,
         Json(views::task_with_runs(&task, &runs)),

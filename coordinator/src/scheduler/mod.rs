@@ -474,6 +474,12 @@ impl Scheduler {
         self.tasks.len()
     }
 
+    /// Whether the task is active here (pending, assigned or running): one that has
+    /// finished, or was never submitted, is not.
+    pub fn holds(&self, task_id: TaskId) -> bool {
+        self.tasks.contains_key(&task_id)
+    }
+
     pub fn total_tasks(&self) -> u64 {
         self.total_tasks
     }

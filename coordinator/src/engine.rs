@@ -1208,7 +1208,7 @@ mod tests {
     use crate::feed::FeedConfig;
     use crate::model::Snapshot;
     use crate::scheduler::SchedulerConfig;
-    use crate::scheduler::tests::heartbeat_request;
+    use crate::scheduler::tests::{heartbeat_request, run_report};
     use crate::store::{SqliteStore, SyncMode};
     use lull_shared::{Assignment, RunOutcome};
     use std::sync::mpsc;
@@ -1315,23 +1315,6 @@ mod tests {
         (accepted, pulled.tasks.remove(0))
     }
 
-    fn completed(run: &Assignment) -> RunReport {
-        RunReport {
-            node_id: "n1".into(),
-            task_id: run.task_id,
-            run_id: run.run_id,
-            outcome: RunOutcome::Completed,
-            exit_code: Some(0),
-            stdout: "1\n".into(),
-            stderr: String::new(),
-            error: None,
-            started_at: None,
-            completed_at: None,
-            cpu_seconds: None,
-            max_rss_mb: None,
-        }
-    }
-
     #[tokio::test]
     async fn a_submitter_s_wait_answers_with_the_task_as_stored_without_reading_it_first() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -1345,7 +1328,10 @@ mod tests {
                     .await
             }
         });
-        engine.report(completed(&run)).await.expect("reported");
+        engine
+            .report(run_report("n1", &run, RunOutcome::Completed, "1\n"))
+            .await
+            .expect("reported");
         let (task, runs) = tokio::time::timeout(Duration::from_secs(30), waiting)
             .await
             .expect("answered once the result was committed")
@@ -1363,7 +1349,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let engine = stored_engine(dir.path()).await;
         let (accepted, run) = submit_and_start(&engine).await;
-        engine.report(completed(&run)).await.expect("reported");
+        engine
+            .report(run_report("n1", &run, RunOutcome::Completed, "1\n"))
+            .await
+            .expect("reported");
         // Finished before the wait began: the accepted (pending) record must not stand for
         // it, or the wait would sit out its two minutes for a commit that has come and gone.
         let (task, runs) = tokio::time::timeout(

@@ -159,6 +159,23 @@ impl Server {
     }
 }
 
+/// `check`'s first `Some`, asked every 20 ms for at most 30 s; panics naming `what` if it
+/// never comes.
+async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A [`Server::waiting`] request's status and body, which must come before its wait (50 s in
 /// these tests) runs out.
 async fn answer(waiter: tokio::task::JoinHandle<(StatusCode, Value)>) -> (StatusCode, Value) {
@@ -557,11 +574,10 @@ async fn a_long_poll_answers_when_work_appears() {
         resp.json::<Value>().await.expect("json")
     });
     // Submit only once the poll is waiting on the server.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while s.get("/health").await.1["waiting_pulls"] != 1 {
-        assert!(Instant::now() < deadline, "the poll never started waiting");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for("the poll to start waiting", || async {
+        (s.get("/health").await.1["waiting_pulls"] == 1).then_some(())
+    })
+    .await;
     let id = s.submit("print(1)").await;
     let got = tokio::time::timeout(Duration::from_secs(40), poll)
         .await
@@ -935,14 +951,10 @@ async fn a_client_can_submit_and_wait_for_the_result_in_one_request() {
             .post(s.url("/api/v1/tasks?wait=50"))
             .json(&json!({"code": "print(6 * 7)"})),
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while s.get("/api/v1/tasks").await.1["total"] != 3 {
-        assert!(
-            Instant::now() < deadline,
-            "the waiting submission's task exists"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for("the waiting submission's task exists", || async {
+        (s.get("/api/v1/tasks").await.1["total"] == 3).then_some(())
+    })
+    .await;
     for run in s.pull("n1", 0.0).await["tasks"].as_array().expect("tasks") {
         assert_eq!(
             s.report("n1", run, "completed", "42\n").await.0,
@@ -1432,20 +1444,17 @@ async fn commands_nobody_answers_expire() {
     let s = Server::start_in(dir.path(), |c| c.command_ttl = 0.2).await;
     s.heartbeat("n1", 2.0, &[]).await;
     s.post("/api/v1/nodes/n1/undrain", json!({})).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let expired = wait_for("the undelivered command to expire", || async {
         let listed = s.commands().await;
-        if listed[0]["status"] == "expired" {
-            assert!(
-                listed[0]["error"]
-                    .as_str()
-                    .is_some_and(|e| e.contains("never delivered"))
-            );
-            break;
-        }
-        assert!(Instant::now() < deadline, "never expired: {listed:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (listed[0]["status"] == "expired").then(|| listed[0].clone())
+    })
+    .await;
+    assert!(
+        expired["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("never delivered")),
+        "{expired}"
+    );
     s.shutdown().await;
 }
 

@@ -88,21 +88,8 @@ impl Harness {
         outcome: RunOutcome,
         stdout: &str,
     ) -> Result<Vec<Change>, SchedulerError> {
-        let report = RunReport {
-            node_id: node.into(),
-            task_id: a.task_id,
-            run_id: a.run_id,
-            outcome,
-            exit_code: Some(0),
-            stdout: stdout.into(),
-            stderr: String::new(),
-            error: None,
-            started_at: None,
-            completed_at: None,
-            cpu_seconds: None,
-            max_rss_mb: None,
-        };
-        self.sched.report(&report, self.now)
+        self.sched
+            .report(&run_report(node, a, outcome, stdout), self.now)
     }
 }
 
@@ -511,20 +498,7 @@ fn restore_rebuilds_queue_reservations_and_ids() {
         )
         .0;
     assert!(next > pending, "ids keep increasing across restarts");
-    let report = RunReport {
-        node_id: "n1".into(),
-        task_id: running,
-        run_id: got[0].run_id,
-        outcome: RunOutcome::Completed,
-        exit_code: Some(0),
-        stdout: "a\n".into(),
-        stderr: String::new(),
-        error: None,
-        started_at: None,
-        completed_at: None,
-        cpu_seconds: None,
-        max_rss_mb: None,
-    };
+    let report = run_report("n1", &got[0], RunOutcome::Completed, "a\n");
     assert!(after.report(&report, 5000.0).is_ok());
     assert_eq!(
         after.pull("n1", 5, 5000.0).expect("node").assignments[0].task_id,
@@ -866,6 +840,29 @@ fn commands_are_delivered_in_heartbeats_until_the_agent_reports_and_expire_other
     let expired = expired.expect("expired");
     assert_eq!(expired.status, CommandStatus::Expired);
     assert!(expired.error.is_some_and(|e| e.contains("never delivered")));
+}
+
+/// `node`'s report that run `a` ended with `outcome` (exit code 0), having printed `stdout`.
+pub(crate) fn run_report(
+    node: &str,
+    a: &Assignment,
+    outcome: RunOutcome,
+    stdout: &str,
+) -> RunReport {
+    RunReport {
+        node_id: node.into(),
+        task_id: a.task_id,
+        run_id: a.run_id,
+        outcome,
+        exit_code: Some(0),
+        stdout: stdout.into(),
+        stderr: String::new(),
+        error: None,
+        started_at: None,
+        completed_at: None,
+        cpu_seconds: None,
+        max_rss_mb: None,
+    }
 }
 
 /// An idle node's heartbeat: 2 cores, 4 GB, nothing running.
@@ -1445,19 +1442,8 @@ fn points_survive_a_restart_with_what_is_done_and_what_runs() {
         0,
         "nothing to place: 1 done, 2 running"
     );
-    let report = |a: &Assignment, node: &str, stdout: &str| RunReport {
-        node_id: node.into(),
-        task_id: a.task_id,
-        run_id: a.run_id,
-        outcome: RunOutcome::Completed,
-        exit_code: Some(0),
-        stdout: stdout.into(),
-        stderr: String::new(),
-        error: None,
-        started_at: None,
-        completed_at: None,
-        cpu_seconds: None,
-        max_rss_mb: None,
+    let report = |a: &Assignment, node: &str, stdout: &str| {
+        run_report(node, a, RunOutcome::Completed, stdout)
     };
     after
         .report(&report(&placed[1], "n2", "one\n"), h.now)

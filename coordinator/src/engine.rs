@@ -1349,10 +1349,17 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let engine = stored_engine(dir.path()).await;
         let (accepted, run) = submit_and_start(&engine).await;
+        // The writer acknowledges a commit before it wakes the commit's waiters: a watch
+        // taken before the report and seen woken after it shows the wake-up is over.
+        let earlier = engine.finished.watch(run.task_id);
         engine
             .report(run_report("n1", &run, RunOutcome::Completed, "1\n"))
             .await
             .expect("reported");
+        tokio::time::timeout(Duration::from_secs(30), earlier.finished())
+            .await
+            .expect("the finishing commit woke its waiters");
+        drop(earlier);
         // Finished before the wait began: the accepted (pending) record must not stand for
         // it, or the wait would sit out its two minutes for a commit that has come and gone.
         let (task, runs) = tokio::time::timeout(

@@ -56,7 +56,17 @@ pub struct EngineConfig {
     pub tick_interval: Duration,
     /// This process's identity, shown to clients (`server_id`).
     pub server_id: String,
+    /// The longest the submission of a task whose submitter waits for its end
+    /// (`POST /api/v1/tasks?wait=`) waits to be committed with another change
+    /// ([`DEFERRED_SUBMISSION_WINDOW`]).
+    pub deferred_window: Duration,
 }
+
+/// How long a waited-for submission may wait for its commit ([`Engine::submit_and_wait`]):
+/// longer than a short task takes from submission to result on an idle node (~2–4 ms), so
+/// that the result's commit carries the submission too; short enough that the task is in the
+/// store, the feed and the listings within moments either way.
+pub const DEFERRED_SUBMISSION_WINDOW: Duration = Duration::from_millis(20);
 
 /// Most parked long-polls one submission leases to in its own critical section; others still
 /// waiting are woken and look for themselves. (With thousands of idle nodes parked, a
@@ -150,8 +160,13 @@ impl Engine {
         shutdown: CancellationToken,
     ) -> Result<(Engine, WriterStopped), StoreError> {
         let finished = Arc::new(FinishWaiters::default());
-        let (writer, writer_stopped) =
-            Writer::spawn(committer, finished.clone(), feed.clone(), highest_run)?;
+        let (writer, writer_stopped) = Writer::spawn(
+            committer,
+            finished.clone(),
+            feed.clone(),
+            highest_run,
+            config.deferred_window,
+        )?;
         let engine = Engine {
             scheduler: Mutex::new(scheduler),
             store,
@@ -206,9 +221,12 @@ impl Engine {
     /// acknowledgement of that commit. Only if work is left over are the waiting pulls
     /// woken (`work`) to look for themselves: a submission the parked pulls took whole
     /// wakes nobody else (no herd of thousands of idle nodes per task).
+    ///
+    /// `deferred`: the commit may wait for the next one ([`WriterHandle::send_deferred_to`]).
     fn submit_and_lease<T>(
         &self,
         now: f64,
+        deferred: bool,
         f: impl FnOnce(&mut Scheduler) -> (T, Vec<Change>),
     ) -> (T, crate::store::Ack) {
         let mut sched = self.scheduler();
@@ -256,7 +274,11 @@ impl Engine {
         }
         // Work the parked pulls did not take: wake every waiting pull to look for itself.
         let left = sched.pending_count() > 0;
-        let mut acks = self.writer.send_to(changes, 1 + handed.len());
+        let mut acks = if deferred {
+            self.writer.send_deferred_to(changes, 1 + handed.len())
+        } else {
+            self.writer.send_to(changes, 1 + handed.len())
+        };
         let ack = acks.remove(0);
         for ((pull, response), ack) in handed.into_iter().zip(acks) {
             // Sent under the scheduler's lock: a long-poll that finds itself unparked
@@ -309,10 +331,24 @@ impl Engine {
         request: SubmitRequest,
         submitted_by: Option<i64>,
     ) -> Result<TaskRecord, EngineError> {
+        let (task, ack) = self.accept(request, submitted_by, false).await?;
+        ack.durable().await?;
+        tracing::debug!(task_id = task.task_id, "task accepted");
+        Ok(task)
+    }
+
+    /// Queues the task (its submission's commit deferred or not) and answers it as accepted,
+    /// with the acknowledgement of that commit.
+    async fn accept(
+        &self,
+        request: SubmitRequest,
+        submitted_by: Option<i64>,
+        deferred: bool,
+    ) -> Result<(TaskRecord, crate::store::Ack), EngineError> {
         let mut task = NewTask::from_request(request, &self.config.limits)?;
         task.spec.submitted_by = submitted_by;
         let now = unix_now();
-        let ((task_id, accepted), ack) = self.submit_and_lease(now, |s| {
+        let ((task_id, accepted), ack) = self.submit_and_lease(now, deferred, |s| {
             let (task_id, changes) = s.submit(task, now);
             let accepted = changes.iter().find_map(|change| match change {
                 Change::TaskCreated(record) => Some(record.clone()),
@@ -320,13 +356,70 @@ impl Engine {
             });
             ((task_id, accepted), changes)
         });
-        ack.durable().await?;
         let task = match accepted {
             Some(task) => task,
-            None => self.task(task_id).await?,
+            None => {
+                self.writer.hasten(ack).await?;
+                return Ok((
+                    self.task(task_id).await?,
+                    crate::store::Ack::durable_already(),
+                ));
+            }
         };
-        tracing::debug!(task_id = task.task_id, "task accepted");
-        Ok(task)
+        Ok((task, ack))
+    }
+
+    /// Accepts a task as [`Engine::submit_by`] does, then answers it with its runs once it
+    /// has finished, or as it is after `wait`, as [`Engine::wait_finished`] would (one
+    /// request for a client that wants the result).
+    ///
+    /// Its submission is not acknowledged before that answer, so it need not be durable
+    /// before then either: its commit is deferred and rides in the commit that records the
+    /// task's end (one commit per task, not two), or in any commit made meanwhile, or in its
+    /// own once [`EngineConfig::deferred_window`] has passed. An answer that comes before
+    /// the end (the wait ran out, the coordinator is stopping) first has it committed. A crash
+    /// before that commit loses a task nobody was told of, as a lost connection would: the
+    /// client has no answer and the task no record; a node that ran it meanwhile has its
+    /// result refused (its run is unknown, see [`Engine::hand_out`]).
+    ///
+    /// The answer reads nothing from the store while the scheduler still holds the task once
+    /// the watch is taken (nothing has finished it yet): the accepted record stands for the
+    /// store's (its immutable part is the same; its state comes with the finishing commit).
+    /// One that finished meanwhile is read as any other.
+    pub async fn submit_and_wait(
+        &self,
+        request: SubmitRequest,
+        submitted_by: Option<i64>,
+        wait: Duration,
+    ) -> Result<(TaskRecord, Vec<RunRecord>), EngineError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let (accepted, ack) = self.accept(request, submitted_by, true).await?;
+        tracing::debug!(
+            task_id = accepted.task_id,
+            "task accepted, its commit deferred"
+        );
+        self.wait_accepted(accepted, ack, deadline).await
+    }
+
+    /// [`Engine::submit_and_wait`]'s wait for `accepted`, whose submission `ack` acknowledges.
+    async fn wait_accepted(
+        &self,
+        accepted: TaskRecord,
+        ack: crate::store::Ack,
+        deadline: tokio::time::Instant,
+    ) -> Result<(TaskRecord, Vec<RunRecord>), EngineError> {
+        let task_id = accepted.task_id;
+        // Before the look: a task held then is finished under the scheduler's lock later,
+        // and that commit wakes the watch.
+        let watch = self.finished.watch_with_runs(task_id);
+        let held = self.scheduler().holds(task_id);
+        if held {
+            return self.finished_by(accepted, watch, deadline, ack).await;
+        }
+        self.writer.hasten(ack).await?;
+        let task = self.task(task_id).await?;
+        self.finished_by(task, watch, deadline, crate::store::Ack::durable_already())
+            .await
     }
 
     /// Accepts several tasks at once, all or none: every one is validated first (the error
@@ -349,7 +442,7 @@ impl Engine {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let now = unix_now();
-        let (task_ids, ack) = self.submit_and_lease(now, |s| {
+        let (task_ids, ack) = self.submit_and_lease(now, false, |s| {
             let mut task_ids = Vec::with_capacity(specs.len());
             let mut changes = Vec::with_capacity(specs.len());
             for spec in specs {
@@ -456,40 +549,19 @@ impl Engine {
         if !visible(&task) {
             return Err(SchedulerError::TaskNotFound(task_id).into());
         }
-        self.finished_by(task, watch, deadline).await
-    }
-
-    /// As [`Engine::wait_finished`], for the task its caller has just submitted, `accepted`
-    /// as [`Engine::submit_by`] answered it: while the scheduler still holds the task once
-    /// the watch is taken, nothing has finished it yet, and `accepted` stands for the store's
-    /// record (its immutable part is the same; its state comes with the finishing commit),
-    /// which is not read. One that finished meanwhile is read as any other.
-    pub async fn wait_submitted(
-        &self,
-        accepted: TaskRecord,
-        wait: Duration,
-    ) -> Result<(TaskRecord, Vec<RunRecord>), EngineError> {
-        let deadline = tokio::time::Instant::now() + wait;
-        let task_id = accepted.task_id;
-        // Before the look: a task held then is finished under the scheduler's lock later,
-        // and that commit wakes the watch.
-        let watch = self.finished.watch_with_runs(task_id);
-        let held = self.scheduler().holds(task_id);
-        let task = if held {
-            accepted
-        } else {
-            self.task(task_id).await?
-        };
-        self.finished_by(task, watch, deadline).await
+        self.finished_by(task, watch, deadline, crate::store::Ack::durable_already())
+            .await
     }
 
     /// `task` (as read, or as accepted) with its runs once `watch` says it has finished, or
-    /// as it is at `deadline`.
+    /// as it is at `deadline`. `submitted`: the acknowledgement of the task's submission,
+    /// which is durable before anything is answered.
     async fn finished_by(
         &self,
         mut task: TaskRecord,
         watch: FinishWatch,
         deadline: tokio::time::Instant,
+        submitted: crate::store::Ack,
     ) -> Result<(TaskRecord, Vec<RunRecord>), EngineError> {
         let task_id = task.task_id;
         if !task.state.status.is_terminal() {
@@ -497,6 +569,8 @@ impl Engine {
                 finished = watch.finished_with_runs() => {
                     task.state = finished.state;
                     if let Some(runs) = finished.runs {
+                        // The finishing commit carried the submission, or came after it.
+                        submitted.durable().await?;
                         return Ok((task, runs));
                     }
                 }
@@ -504,6 +578,8 @@ impl Engine {
                 _ = self.shutdown.cancelled() => {}
             }
         }
+        // Answered before its end: not before its submission is durable (nor read before).
+        self.writer.hasten(submitted).await?;
         if task.state.status.is_terminal() {
             // A finished task's runs are final with it.
             let runs = self.runs(task_id).await?;
@@ -1067,7 +1143,8 @@ impl Engine {
             .max()
             .is_some_and(|id| id <= limit);
         if !ahead {
-            ack.durable().await?;
+            // Its lease may ride in a deferred commit (a waited-for submission's): now.
+            self.writer.hasten(ack).await?;
         }
         for a in &tasks {
             tracing::debug!(
@@ -1269,21 +1346,31 @@ mod tests {
             heartbeat_interval: 5.0,
             tick_interval: Duration::from_secs(60),
             server_id: "test".into(),
+            // Longer than any test: a deferred commit waits for another, never for the time.
+            deferred_window: Duration::from_secs(3600),
         }
     }
 
     /// An engine whose commits are written to its store, with one idle node `n1`.
     async fn stored_engine(dir: &std::path::Path) -> Arc<Engine> {
+        stored_engine_with(dir, |committer| committer).await
+    }
+
+    /// As [`stored_engine`], its store's committer wrapped by `wrap`.
+    async fn stored_engine_with(
+        dir: &std::path::Path,
+        wrap: impl FnOnce(Box<dyn Committer>) -> Box<dyn Committer>,
+    ) -> Arc<Engine> {
         let store = SqliteStore::open(dir, SyncMode::Normal)
             .await
             .expect("store");
-        let committer = store.committer().expect("committer");
+        let committer = wrap(Box::new(store.committer().expect("committer")));
         let scheduler =
             Scheduler::restore(SchedulerConfig::default(), Snapshot::default(), unix_now());
         let (engine, _stopped) = Engine::new(
             scheduler,
             store,
-            Box::new(committer),
+            committer,
             0,
             Arc::new(Feed::new(&FeedConfig::default(), [])),
             test_config(),
@@ -1298,35 +1385,77 @@ mod tests {
         engine
     }
 
-    /// Submits a one-line task and has `n1` take it: the accepted task and its run.
-    async fn submit_and_start(engine: &Engine) -> (TaskRecord, Assignment) {
-        let accepted = engine
-            .submit_by(
-                SubmitRequest {
-                    code: Some("print(1)".into()),
-                    ..SubmitRequest::default()
-                },
-                None,
-            )
+    fn one_line() -> SubmitRequest {
+        SubmitRequest {
+            code: Some("print(1)".into()),
+            ..SubmitRequest::default()
+        }
+    }
+
+    /// Accepts a one-line task as `POST /api/v1/tasks?wait=` does (its commit deferred),
+    /// leased to `n1`'s waiting pull: the accepted task, its submission's acknowledgement and
+    /// its run.
+    async fn accept_and_start(engine: &Arc<Engine>) -> (TaskRecord, crate::store::Ack, Assignment) {
+        let pull = park(engine).await;
+        let (accepted, ack) = engine
+            .accept(one_line(), None, true)
             .await
             .expect("accepted");
-        let mut pulled = engine.pull("n1", Duration::ZERO, 1).await.expect("pulled");
+        let mut pulled = tokio::time::timeout(Duration::from_secs(10), pull)
+            .await
+            .expect("answered")
+            .expect("joined")
+            .expect("pulled");
         assert_eq!(pulled.tasks.len(), 1, "{pulled:?}");
-        (accepted, pulled.tasks.remove(0))
+        (accepted, ack, pulled.tasks.remove(0))
+    }
+
+    /// Commits through `inner`, logging each commit as the kinds of its changes.
+    struct Recording {
+        inner: Box<dyn Committer>,
+        commits: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Committer for Recording {
+        fn apply(&mut self, changes: &[Change]) -> Result<(), StoreError> {
+            let kinds: Vec<String> = changes
+                .iter()
+                .map(|change| match change {
+                    Change::TaskCreated(_) => "created".to_string(),
+                    Change::TaskUpdated(state) => format!("{:?}", state.status),
+                    Change::RunSaved(run) => format!("run {:?}", run.status),
+                    other => format!("{other:?}").chars().take(12).collect(),
+                })
+                .collect();
+            self.inner.apply(changes)?;
+            self.commits
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(kinds.join(", "));
+            Ok(())
+        }
     }
 
     #[tokio::test]
-    async fn a_submitter_s_wait_answers_with_the_task_as_stored_without_reading_it_first() {
+    async fn a_waited_for_submission_is_committed_with_its_result_and_answered_as_stored() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let engine = stored_engine(dir.path()).await;
-        let (accepted, run) = submit_and_start(&engine).await;
+        let commits = Arc::new(Mutex::new(Vec::new()));
+        let engine = stored_engine_with(dir.path(), |inner| {
+            Box::new(Recording {
+                inner,
+                commits: commits.clone(),
+            })
+        })
+        .await;
+        let (accepted, ack, run) = accept_and_start(&engine).await;
+        assert!(
+            engine.task(run.task_id).await.is_err(),
+            "committed before its end, alone"
+        );
         let waiting = tokio::spawn({
             let engine = engine.clone();
-            async move {
-                engine
-                    .wait_submitted(accepted, Duration::from_secs(120))
-                    .await
-            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            async move { engine.wait_accepted(accepted, ack, deadline).await }
         });
         engine
             .report(run_report("n1", &run, RunOutcome::Completed, "1\n"))
@@ -1342,13 +1471,24 @@ mod tests {
         assert_eq!(task, engine.task(run.task_id).await.expect("stored"));
         assert_eq!(runs, engine.runs(run.task_id).await.expect("stored runs"));
         assert_eq!(runs.len(), 1);
+        // After the node's registration: one commit for the submission, the lease and the end.
+        let commits = commits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        assert_eq!(commits.len(), 2, "{commits:?}");
+        let last = &commits[1];
+        assert!(
+            last.starts_with("created, Running") && last.ends_with("run Completed, Completed"),
+            "{commits:?}"
+        );
     }
 
     #[tokio::test]
-    async fn a_submitter_s_wait_for_a_task_that_finished_first_answers_at_once() {
+    async fn a_waited_for_task_that_finished_first_is_answered_at_once() {
         let dir = tempfile::tempdir().expect("temp dir");
         let engine = stored_engine(dir.path()).await;
-        let (accepted, run) = submit_and_start(&engine).await;
+        let (accepted, ack, run) = accept_and_start(&engine).await;
         // The writer acknowledges a commit before it wakes the commit's waiters: a watch
         // taken before the report and seen woken after it shows the wake-up is over.
         let earlier = engine.finished.watch(run.task_id);
@@ -1362,9 +1502,10 @@ mod tests {
         drop(earlier);
         // Finished before the wait began: the accepted (pending) record must not stand for
         // it, or the wait would sit out its two minutes for a commit that has come and gone.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         let (task, runs) = tokio::time::timeout(
             Duration::from_secs(30),
-            engine.wait_submitted(accepted, Duration::from_secs(120)),
+            engine.wait_accepted(accepted, ack, deadline),
         )
         .await
         .expect("answered at once")
@@ -1374,13 +1515,28 @@ mod tests {
         assert_eq!(runs.len(), 1);
     }
 
-    /// Parks a pull for `n1`, then submits a task: returns both, still running.
-    async fn park_and_submit(
+    #[tokio::test]
+    async fn a_waited_for_task_answered_before_its_end_is_durable_first() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let engine = stored_engine(dir.path()).await;
+        // No node takes it: the wait runs out, and the answer tells the client it was
+        // accepted (its deferred commit would otherwise wait an hour here).
+        let (task, runs) = tokio::time::timeout(
+            Duration::from_secs(30),
+            engine.submit_and_wait(one_line(), None, Duration::ZERO),
+        )
+        .await
+        .expect("answered when the wait ran out")
+        .expect("answered");
+        assert_eq!(task.state.status, TaskStatus::Pending);
+        assert!(runs.is_empty());
+        assert_eq!(task, engine.task(task.task_id).await.expect("stored"));
+    }
+
+    /// A pull for `n1`, once it is parked.
+    async fn park(
         engine: &Arc<Engine>,
-    ) -> (
-        tokio::task::JoinHandle<Result<PullResponse, EngineError>>,
-        tokio::task::JoinHandle<Result<TaskId, EngineError>>,
-    ) {
+    ) -> tokio::task::JoinHandle<Result<PullResponse, EngineError>> {
         let pull = tokio::spawn({
             let engine = engine.clone();
             async move { engine.pull("n1", Duration::from_secs(30), 1).await }
@@ -1393,6 +1549,17 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        pull
+    }
+
+    /// Parks a pull for `n1`, then submits a task: returns both, still running.
+    async fn park_and_submit(
+        engine: &Arc<Engine>,
+    ) -> (
+        tokio::task::JoinHandle<Result<PullResponse, EngineError>>,
+        tokio::task::JoinHandle<Result<TaskId, EngineError>>,
+    ) {
+        let pull = park(engine).await;
         let submit = tokio::spawn({
             let engine = engine.clone();
             async move {
@@ -1455,6 +1622,32 @@ mod tests {
         submit.await.expect("joined").expect("accepted");
         // Now durable: the next run may go ahead of its commit.
         assert_eq!(engine.writer.durable_runs(), RUN_IDS_AHEAD + 2);
+    }
+
+    #[tokio::test]
+    async fn a_run_that_must_wait_for_its_lease_has_a_deferred_commit_made_at_once() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // As above, with a waited-for submission: its commit (and the lease in it) would wait
+        // an hour for another change here, and the node with it.
+        let (engine, gate) = engine(dir.path(), RUN_IDS_AHEAD + 2, 1).await;
+        let pull = park(&engine).await;
+        let waiting = tokio::spawn({
+            let engine = engine.clone();
+            async move {
+                engine
+                    .submit_and_wait(one_line(), None, Duration::from_secs(30))
+                    .await
+            }
+        });
+        gate.send(()).expect("writer running");
+        let answer = tokio::time::timeout(Duration::from_secs(10), pull)
+            .await
+            .expect("answered once its lease was made durable")
+            .expect("joined")
+            .expect("pulled");
+        assert_eq!(answer.tasks[0].run_id, RUN_IDS_AHEAD + 2);
+        assert_eq!(engine.writer.durable_runs(), RUN_IDS_AHEAD + 2);
+        waiting.abort();
     }
 
     #[test]

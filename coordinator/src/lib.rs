@@ -241,6 +241,7 @@ pub async fn run(
             heartbeat_interval: config.heartbeat_interval,
             tick_interval: Duration::from_millis(500),
             server_id: server_id.clone(),
+            deferred_window: engine::DEFERRED_SUBMISSION_WINDOW,
         },
         engine_stop.clone(),
     )?;

@@ -425,6 +425,76 @@ async fn tasks_submitted_to_waiting_nodes_are_leased_in_the_submission_s_commit(
 }
 
 #[tokio::test]
+async fn a_task_whose_submitter_waits_is_announced_whole_with_its_result_s_commit() {
+    let s = Server::start().await;
+    let mut feed = s.connect("").await;
+    s.heartbeat("n1", 1.0).await;
+    // A fresh coordinator's first run waits for its lease to be durable (its id is past
+    // those a restart skips): after one, runs are handed out ahead of their commits.
+    let first = s.submit().await;
+    let run = s.pull_one("n1").await;
+    s.report("n1", &run, "completed", None).await;
+    feed.until(is(TaskCompleted, first)).await;
+
+    let url = format!("http://{}/internal/task?node_id=n1&wait=30&max=1", s.addr);
+    let poll = tokio::spawn(async move {
+        let resp = reqwest::get(url).await.expect("poll");
+        resp.json::<Value>().await.expect("json")
+    });
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while s.get("/health").await.1["waiting_pulls"] != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the poll never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let url = format!("http://{}/api/v1/tasks?wait=30", s.addr);
+    let submitted = tokio::spawn(async move {
+        let resp = reqwest::Client::new()
+            .post(url)
+            .json(&json!({"code": "print(1)"}))
+            .send()
+            .await
+            .expect("submit");
+        decode(resp).await
+    });
+    let answer = tokio::time::timeout(WAIT, poll)
+        .await
+        .expect("the poll answered")
+        .expect("poll task");
+    let run = answer["tasks"][0].clone();
+    let id = run["task_id"].as_i64().expect("task_id");
+    s.report("n1", &run, "completed", None).await;
+    let (status, task) = tokio::time::timeout(WAIT, submitted)
+        .await
+        .expect("answered")
+        .expect("submit task");
+    assert_eq!(status, StatusCode::CREATED, "{task}");
+    assert_eq!(task["task_id"], id);
+    assert_eq!(task["status"], "completed", "{task}");
+    assert_eq!(task["runs"][0]["stdout"], "1\n", "{task}");
+
+    let seen = feed.until(is(TaskCompleted, id)).await;
+    assert_eq!(
+        kinds_of(&seen, id),
+        vec![TaskCreated, TaskStarted, TaskCompleted]
+    );
+    // Its submission waited for its result's commit: one commit, one `ts`.
+    let mine: Vec<f64> = seen
+        .iter()
+        .filter(|m| m.data["task_id"] == id)
+        .map(|m| m.ts)
+        .collect();
+    assert!(mine.iter().all(|&ts| ts == mine[0]), "{seen:?}");
+    let (_, stored) = s.get(&format!("/api/v1/tasks/{id}")).await;
+    assert_eq!(stored["status"], "completed", "{stored}");
+    assert_eq!(stored["created_at"], task["created_at"], "{stored}");
+    feed.close().await;
+    s.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_node_leaving_and_coming_back_is_announced() {
     let s = Server::start().await;
     let mut feed = s.connect("?node_id=n9").await;

@@ -411,6 +411,130 @@ async fn batches_through_a_coordinator_killed_mid_flow_complete_every_accepted_t
     .await;
 }
 
+/// `POST /api/v1/tasks?wait=` for each of `codes` at once (`wait` seconds): id → (expected
+/// result, the answer) for each one answered, nothing for one that was not.
+async fn submit_and_wait(
+    c: &Coordinator,
+    codes: Vec<(String, String)>,
+    wait: u32,
+) -> HashMap<i64, (String, Value)> {
+    let mut requests = tokio::task::JoinSet::new();
+    for (code, want) in codes {
+        let request = c
+            .http
+            .post(format!("{}/api/v1/tasks?wait={wait}", c.url))
+            .json(&serde_json::json!({ "code": code }));
+        requests.spawn(async move {
+            let resp = request.send().await.ok()?;
+            if !resp.status().is_success() {
+                return None;
+            }
+            let answer: Value = resp.json().await.ok()?;
+            Some((answer["task_id"].as_i64()?, (want, answer)))
+        });
+    }
+    let mut answered = HashMap::new();
+    while let Some(joined) = requests.join_next().await {
+        answered.extend(joined.expect("request task"));
+    }
+    answered
+}
+
+#[tokio::test]
+async fn waited_for_submissions_through_a_coordinator_killed_mid_flow_lose_no_answered_task() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("coord");
+    let mut args = vec!["--local-agents", "0"];
+    args.extend_from_slice(FAST);
+    let mut c = Coordinator::start(&data, &args).expect("coordinator");
+    let addr = c.addr().to_string();
+    let _a = start_agent(
+        &c.url,
+        &dir.path().join("a"),
+        &agent_args("a", &["--cpus", "2"]),
+    )
+    .expect("agent a");
+    c.wait_for_nodes(1).await;
+
+    let codes = |first: u32, n: u32| -> Vec<(String, String)> {
+        (first..first + n)
+            .map(|i| {
+                (
+                    format!("import time; time.sleep(0.1); print({i})"),
+                    i.to_string(),
+                )
+            })
+            .collect()
+    };
+    // Their submissions' commits are deferred to their results'; the ones answered at once
+    // (`wait=0`, still pending) must be durable by then, the others with their results.
+    let mut answered = HashMap::new();
+    let mut next = 0;
+    for round in 0..6 {
+        let wait = if round % 2 == 0 { 0 } else { 10 };
+        answered.extend(submit_and_wait(&c, codes(next, 4), wait).await);
+        next += 4;
+    }
+    // Killed with tasks in flight: some submitted and not yet finished, their clients
+    // waiting (they get no answer: not accepted, whatever became of them).
+    let in_flight = tokio::spawn({
+        let url = c.url.clone();
+        let codes = codes(next, 4);
+        async move {
+            let client = reqwest::Client::new();
+            for (code, _) in codes {
+                let _ = client
+                    .post(format!("{url}/api/v1/tasks?wait=10"))
+                    .json(&serde_json::json!({ "code": code }))
+                    .send()
+                    .await;
+            }
+        }
+    });
+    next += 4;
+    wait_until(Duration::from_secs(30), "a task in flight", || async {
+        let stats = c.get("/stats").await.ok()?;
+        (stats["tasks"]["running"].as_u64()? >= 1).then_some(())
+    })
+    .await;
+    c.process.kill9();
+    let _ = in_flight.await;
+
+    let c = Coordinator::start_on(&addr, &data, &args).expect("coordinator restarts");
+    for round in 0..4 {
+        let wait = if round % 2 == 0 { 0 } else { 10 };
+        answered.extend(submit_and_wait(&c, codes(next, 4), wait).await);
+        next += 4;
+    }
+    assert!(answered.len() >= 36, "{} answered", answered.len());
+    wait_until(
+        Duration::from_secs(300),
+        "every answered task to complete",
+        || async {
+            for id in answered.keys() {
+                if c.status(*id).await.ok()?["status"] != "completed" {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    let expected: HashMap<i64, String> = answered
+        .iter()
+        .map(|(id, (want, _))| (*id, want.clone()))
+        .collect();
+    assert_each_completed_once(&c, &expected).await;
+    // An answer that said completed said what the store still says.
+    for (id, (_, answer)) in &answered {
+        if answer["status"] == "completed" {
+            let task = c.task(*id).await.expect("task");
+            assert_eq!(task["result"], answer["result"], "task {id}");
+            assert_eq!(task["runs"], answer["runs"], "task {id}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_result_made_while_the_coordinator_is_down_is_delivered_after_it_returns() {
     let dir = tempfile::tempdir().expect("dir");

@@ -54,13 +54,16 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     // Checked first: a bad `wait` refuses the request before the task exists.
     let wait = wait_param(params.wait)?;
-    let task = app.engine.submit_by(request, caller.key_id).await?;
     let Some(wait) = wait else {
+        let task = app.engine.submit_by(request, caller.key_id).await?;
         return Ok((StatusCode::CREATED, Json(views::task(&task))).into_response());
     };
     let wait = wait.min(app.longest_submit_wait);
     // The caller submitted it: it sees it.
-    let (task, runs) = app.engine.wait_submitted(task, wait).await?;
+    let (task, runs) = app
+        .engine
+        .submit_and_wait(request, caller.key_id, wait)
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(views::task_with_runs(&task, &runs)),

@@ -7,6 +7,12 @@
 //! every statement, the `BEGIN` and the `COMMIT` were each a round trip to its SQLite
 //! thread.) While a commit is in flight, what queues up rides in the next one.
 //!
+//! A change may be *deferred* ([`WriterHandle::send_deferred_to`]): it waits, up to the
+//! writer's window, for a change that is not, and rides in that one's commit (a task submitted
+//! by a client that waits for its end is committed with its result: one commit, not two).
+//! Whoever must tell a client about a deferred change first has it committed now
+//! ([`WriterHandle::hasten`]).
+//!
 //! Senders enqueue while holding the scheduler's lock (the send never blocks), so the durable
 //! order is the scheduler's order; they await the acknowledgement after releasing the lock.
 //!
@@ -22,6 +28,7 @@ use lull_shared::RunId;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// Most changes applied in one transaction; more waits for the next commit.
@@ -30,6 +37,8 @@ const MAX_BATCH_CHANGES: usize = 16_384;
 struct Batch {
     changes: Vec<Change>,
     acks: Vec<oneshot::Sender<Result<(), String>>>,
+    /// May wait up to the writer's window for a batch that may not.
+    deferred: bool,
 }
 
 /// The sending side, cheap to clone.
@@ -43,6 +52,11 @@ pub struct WriterHandle {
 pub struct Ack(Option<oneshot::Receiver<Result<(), String>>>);
 
 impl Ack {
+    /// An acknowledgement of nothing: durable already.
+    pub fn durable_already() -> Ack {
+        Ack(None)
+    }
+
     pub async fn durable(self) -> Result<(), StoreError> {
         match self.0 {
             None => Ok(()),
@@ -72,6 +86,7 @@ impl WriterHandle {
         let _ = self.tx.send(Batch {
             changes,
             acks: vec![tx],
+            deferred: false,
         });
         Ack(Some(rx))
     }
@@ -79,6 +94,18 @@ impl WriterHandle {
     /// Queues changes for `awaiting` parties at once (the changes are one whole: a
     /// submission and the leases it allowed): each gets an [`Ack`] for the same commit.
     pub fn send_to(&self, changes: Vec<Change>, awaiting: usize) -> Vec<Ack> {
+        self.queue(changes, awaiting, false)
+    }
+
+    /// As [`WriterHandle::send_to`], but the changes need not be committed now: they wait
+    /// for the next change that must be (and ride in its commit), or for the writer's window
+    /// to pass, whichever comes first. Nobody may be told of them before their [`Ack`]
+    /// resolves; [`WriterHandle::hasten`] has them committed at once.
+    pub fn send_deferred_to(&self, changes: Vec<Change>, awaiting: usize) -> Vec<Ack> {
+        self.queue(changes, awaiting, true)
+    }
+
+    fn queue(&self, changes: Vec<Change>, awaiting: usize, deferred: bool) -> Vec<Ack> {
         if changes.is_empty() {
             return (0..awaiting).map(|_| Ack(None)).collect();
         }
@@ -87,10 +114,31 @@ impl WriterHandle {
         let batch = Batch {
             changes,
             acks: senders,
+            deferred,
         };
         // If the writer is gone, the receivers report it when awaited.
         let _ = self.tx.send(batch);
         receivers.into_iter().map(|rx| Ack(Some(rx))).collect()
+    }
+
+    /// Resolves once `ack`'s changes are durable, having the writer commit at once whatever
+    /// waits (deferred changes among it) if they are not yet.
+    pub async fn hasten(&self, mut ack: Ack) -> Result<(), StoreError> {
+        let Some(rx) = ack.0.as_mut() else {
+            return Ok(());
+        };
+        match rx.try_recv() {
+            Ok(outcome) => return outcome.map_err(StoreError::Commit),
+            Err(oneshot::error::TryRecvError::Closed) => return Err(StoreError::WriterGone),
+            Err(oneshot::error::TryRecvError::Empty) => {}
+        }
+        // Nothing to commit of its own: it ends the wait of what queued before it.
+        let _ = self.tx.send(Batch {
+            changes: Vec::new(),
+            acks: Vec::new(),
+            deferred: false,
+        });
+        ack.durable().await
     }
 }
 
@@ -139,12 +187,14 @@ impl Writer {
     /// those waiting for a task it finished (never before: what they answer must be
     /// durable). `observer` sees every committed batch. `highest_run`: the highest run id
     /// the store holds, raised by every commit that saves a higher one
-    /// ([`WriterHandle::durable_runs`]).
+    /// ([`WriterHandle::durable_runs`]). `window`: the longest a deferred change waits for
+    /// its commit.
     pub fn spawn(
         committer: Box<dyn Committer>,
         finished: Arc<FinishWaiters>,
         observer: Arc<dyn CommitObserver>,
         highest_run: RunId,
+        window: Duration,
     ) -> Result<(WriterHandle, WriterStopped), StoreError> {
         let runs = Arc::new(DurableRuns::new(highest_run));
         let handle_runs = runs.clone();
@@ -155,7 +205,7 @@ impl Writer {
             .spawn(move || {
                 // Dropped when the thread ends, however it ends: resolves `stopped`.
                 let _stopped = stopped_tx;
-                run(committer, rx, &finished, observer.as_ref(), &runs);
+                run(committer, rx, &finished, observer.as_ref(), &runs, window);
             })
             .map_err(StoreError::WriterThread)?;
         Ok((
@@ -174,20 +224,44 @@ fn run(
     finished: &FinishWaiters,
     observer: &dyn CommitObserver,
     runs: &DurableRuns,
+    window: Duration,
 ) {
     let mut changes = Vec::new();
     let mut acks = Vec::new();
     while let Ok(first) = rx.recv() {
+        let arrived = Instant::now();
+        let mut deferred = first.deferred;
         changes.extend(first.changes);
         acks.extend(first.acks);
-        while changes.len() < MAX_BATCH_CHANGES {
-            match rx.try_recv() {
+        loop {
+            while changes.len() < MAX_BATCH_CHANGES {
+                match rx.try_recv() {
+                    Ok(next) => {
+                        deferred &= next.deferred;
+                        changes.extend(next.changes);
+                        acks.extend(next.acks);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if !deferred || changes.len() >= MAX_BATCH_CHANGES {
+                break;
+            }
+            // Everything queued may wait: until something may not, or the window has passed
+            // (or every handle is gone).
+            let left = window.saturating_sub(arrived.elapsed());
+            match rx.recv_timeout(left) {
                 Ok(next) => {
+                    deferred &= next.deferred;
                     changes.extend(next.changes);
                     acks.extend(next.acks);
                 }
                 Err(_) => break,
             }
+        }
+        if changes.is_empty() {
+            // A nudge with nothing queued before it.
+            continue;
         }
         let outcome = committer.apply(&changes).map_err(|e| {
             tracing::error!(error = %e, changes = changes.len(), "commit failed");
@@ -297,17 +371,21 @@ mod tests {
         ))
     }
 
+    /// Longer than any test: a deferred change waits for another, never for the time.
+    const NEVER: Duration = Duration::from_secs(3600);
+
     fn start(
         fail: Vec<i64>,
         gate: Option<mpsc::Receiver<()>>,
     ) -> (WriterHandle, WriterStopped, Log) {
-        start_with_runs(fail, gate, 0)
+        start_with(fail, gate, 0, NEVER)
     }
 
-    fn start_with_runs(
+    fn start_with(
         fail: Vec<i64>,
         gate: Option<mpsc::Receiver<()>>,
         highest_run: RunId,
+        window: Duration,
     ) -> (WriterHandle, WriterStopped, Log) {
         let log = Log::default();
         let (writer, stopped) = Writer::spawn(
@@ -321,6 +399,7 @@ mod tests {
                 gate: Mutex::new(gate),
             }),
             highest_run,
+            window,
         )
         .expect("writer starts");
         (writer, stopped, log)
@@ -328,7 +407,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_highest_durable_run_rises_with_commits_that_saved_runs_and_only_with_them() {
-        let (writer, _stopped, _log) = start_with_runs(vec![1], None, 3);
+        let (writer, _stopped, _log) = start_with(vec![1], None, 3, NEVER);
         assert_eq!(writer.durable_runs(), 3, "what the store held at start");
         let failed = writer.send(vec![command(1), run(7)]).durable().await;
         assert!(failed.is_err(), "{failed:?}");
@@ -400,6 +479,73 @@ mod tests {
             *lock(&log),
             ["commit 2", "seen 2"],
             "nothing shown of a failed commit"
+        );
+    }
+
+    /// The deferred change's acknowledgement, once it has stayed unresolved for a while.
+    async fn still_waiting(ack: Ack) -> tokio::task::JoinHandle<Result<(), StoreError>> {
+        let mut waiting = tokio::spawn(ack.durable());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), &mut waiting)
+                .await
+                .is_err(),
+            "a deferred change was committed alone, before its window passed"
+        );
+        waiting
+    }
+
+    #[tokio::test]
+    async fn a_deferred_change_rides_in_the_commit_of_the_next_change_that_may_not_wait() {
+        let (writer, _stopped, log) = start(Vec::new(), None);
+        let deferred = writer.send_deferred_to(vec![command(1)], 1).remove(0);
+        let deferred = still_waiting(deferred).await;
+        writer
+            .send(vec![command(2)])
+            .durable()
+            .await
+            .expect("durable");
+        deferred.await.expect("joined").expect("durable with it");
+        assert_eq!(*lock(&log), ["commit 1,2", "seen 1,2"]);
+    }
+
+    #[tokio::test]
+    async fn a_deferred_change_alone_is_committed_once_its_window_has_passed() {
+        let (writer, _stopped, log) = start_with(Vec::new(), None, 0, Duration::from_millis(50));
+        let deferred = writer.send_deferred_to(vec![command(1)], 2);
+        for ack in deferred {
+            tokio::time::timeout(Duration::from_secs(10), ack.durable())
+                .await
+                .expect("committed after its window")
+                .expect("durable");
+        }
+        assert_eq!(*lock(&log), ["commit 1", "seen 1"]);
+    }
+
+    #[tokio::test]
+    async fn hastening_a_deferred_change_commits_it_and_what_waited_with_it_at_once() {
+        let (writer, _stopped, log) = start(Vec::new(), None);
+        let mut first = writer.send_deferred_to(vec![command(1)], 2);
+        let second = writer.send_deferred_to(vec![command(2)], 1).remove(0);
+        tokio::time::timeout(Duration::from_secs(10), writer.hasten(first.remove(0)))
+            .await
+            .expect("committed at once")
+            .expect("durable");
+        // One commit for all that waited; the other party hears of it too, and hastening an
+        // acknowledgement already resolved (or of nothing) answers at once.
+        first.remove(0).durable().await.expect("durable");
+        writer.hasten(second).await.expect("durable");
+        writer
+            .hasten(Ack::durable_already())
+            .await
+            .expect("nothing to wait for");
+        writer
+            .send(vec![command(3)])
+            .durable()
+            .await
+            .expect("durable");
+        assert_eq!(
+            *lock(&log),
+            ["commit 1,2", "seen 1,2", "commit 3", "seen 3"]
         );
     }
 

@@ -520,8 +520,15 @@ async fn pull_until_stopped<E: Executor>(
                 for run_id in pulled.cancel {
                     shared.cancel_run(run_id);
                 }
+                let started = !pulled.tasks.is_empty();
                 for assignment in pulled.tasks {
                     start_run(shared, executor, assignment);
+                }
+                if started {
+                    // The runs go to the executor before the next pull goes out: on this one
+                    // thread, the new long-poll's request was written first, and the run
+                    // waited behind it.
+                    tokio::task::yield_now().await;
                 }
                 true
             }

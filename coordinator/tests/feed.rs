@@ -133,6 +133,30 @@ impl Server {
         assert_eq!(status, StatusCode::OK, "{body}");
     }
 
+    /// A long-poll for one run from each of `nodes`, returned once all are waiting.
+    async fn parked_polls(&self, nodes: &[&str]) -> Vec<tokio::task::JoinHandle<Value>> {
+        let mut polls = Vec::new();
+        for node in nodes {
+            let url = format!(
+                "http://{}/internal/task?node_id={node}&wait=30&max=1",
+                self.addr
+            );
+            polls.push(tokio::spawn(async move {
+                let resp = reqwest::get(url).await.expect("poll");
+                resp.json::<Value>().await.expect("json")
+            }));
+        }
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.get("/health").await.1["waiting_pulls"] != nodes.len() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the polls never waited"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        polls
+    }
+
     /// One run handed to `node` (waits for it, bounded).
     async fn pull_one(&self, node: &str) -> Value {
         let (status, body) = self
@@ -349,26 +373,10 @@ async fn tasks_submitted_to_waiting_nodes_are_leased_in_the_submission_s_commit(
     let s = Server::start().await;
     let mut feed = s.connect("?events=task_created,task_started").await;
     let nodes = ["n1", "n2"];
-    let mut polls = Vec::new();
     for node in nodes {
         s.heartbeat(node, 1.0).await;
-        let url = format!(
-            "http://{}/internal/task?node_id={node}&wait=30&max=1",
-            s.addr
-        );
-        polls.push(tokio::spawn(async move {
-            let resp = reqwest::get(url).await.expect("poll");
-            resp.json::<Value>().await.expect("json")
-        }));
     }
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while s.get("/health").await.1["waiting_pulls"] != 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the polls never waited"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let polls = s.parked_polls(&nodes).await;
     let (status, body) = s
         .post(
             "/api/v1/tasks/batch",
@@ -436,19 +444,7 @@ async fn a_task_whose_submitter_waits_is_announced_whole_with_its_result_s_commi
     s.report("n1", &run, "completed", None).await;
     feed.until(is(TaskCompleted, first)).await;
 
-    let url = format!("http://{}/internal/task?node_id=n1&wait=30&max=1", s.addr);
-    let poll = tokio::spawn(async move {
-        let resp = reqwest::get(url).await.expect("poll");
-        resp.json::<Value>().await.expect("json")
-    });
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while s.get("/health").await.1["waiting_pulls"] != 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the poll never waited"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let poll = s.parked_polls(&["n1"]).await.remove(0);
     let url = format!("http://{}/api/v1/tasks?wait=30", s.addr);
     let submitted = tokio::spawn(async move {
         let resp = reqwest::Client::new()

@@ -29,6 +29,19 @@ async fn wait_terminal(c: &Coordinator, task_id: i64, limit: Duration) -> Value 
     .await
 }
 
+/// Waits (up to five minutes) until every task of `ids` has completed.
+async fn wait_all_completed(c: &Coordinator, ids: &[i64], what: &str) {
+    wait_until(Duration::from_secs(300), what, || async {
+        for id in ids {
+            if c.status(*id).await.ok()?["status"] != "completed" {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+}
+
 /// Every task in `expected` (id → result) completed with that result, with exactly one
 /// completed run.
 async fn assert_each_completed_once(c: &Coordinator, expected: &HashMap<i64, String>) {
@@ -269,20 +282,8 @@ async fn the_coordinator_killed_under_load_and_restarted_loses_no_task_and_compl
         }
         assert!(i < 10_000, "bounded");
     }
-    wait_until(
-        Duration::from_secs(300),
-        "every accepted task to complete",
-        || async {
-            for id in expected.keys() {
-                let st = c.status(*id).await.ok()?;
-                if st["status"] != "completed" {
-                    return None;
-                }
-            }
-            Some(())
-        },
-    )
-    .await;
+    let ids: Vec<i64> = expected.keys().copied().collect();
+    wait_all_completed(&c, &ids, "every accepted task to complete").await;
     assert_each_completed_once(&c, &expected).await;
 }
 
@@ -382,19 +383,8 @@ async fn batches_through_a_coordinator_killed_mid_flow_complete_every_accepted_t
         assert_eq!(accepted.len(), 40, "batch {k} accepted after the restart");
         expected.extend(accepted);
     }
-    wait_until(
-        Duration::from_secs(300),
-        "every accepted task to complete",
-        || async {
-            for id in expected.keys() {
-                if c.status(*id).await.ok()?["status"] != "completed" {
-                    return None;
-                }
-            }
-            Some(())
-        },
-    )
-    .await;
+    let ids: Vec<i64> = expected.keys().copied().collect();
+    wait_all_completed(&c, &ids, "every accepted task to complete").await;
     assert_eq!(expected.len(), 200);
     assert_each_completed_once(&c, &expected).await;
     let stats = c.get("/stats").await.expect("stats");
@@ -507,19 +497,8 @@ async fn waited_for_submissions_through_a_coordinator_killed_mid_flow_lose_no_an
         next += 4;
     }
     assert!(answered.len() >= 36, "{} answered", answered.len());
-    wait_until(
-        Duration::from_secs(300),
-        "every answered task to complete",
-        || async {
-            for id in answered.keys() {
-                if c.status(*id).await.ok()?["status"] != "completed" {
-                    return None;
-                }
-            }
-            Some(())
-        },
-    )
-    .await;
+    let ids: Vec<i64> = answered.keys().copied().collect();
+    wait_all_completed(&c, &ids, "every answered task to complete").await;
     let expected: HashMap<i64, String> = answered
         .iter()
         .map(|(id, (want, _))| (*id, want.clone()))

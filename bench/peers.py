@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Lull side by side with Celery, RQ and Ray: the same N trivial tasks on the same machine, in one run.
 
-    cargo build --release --bins && python3 bench/peers.py [--tasks 1000] [--repeat 3] [--closed-loop 200]
+    cargo build --release --bins && python3 bench/peers.py [--tasks 1000] [--repeat 3] [--closed-loop 600]
 
 Workload: the code string `print(sum(range(1000)))`; the result is its stdout.
 The systems are measured in --repeat rounds, each system once per round, in turn (started,
@@ -551,8 +551,9 @@ def main():
     ap.add_argument("--cold-tasks", type=int, default=200, help="tasks per batch for Lull's cold executor")
     ap.add_argument("--repeat", type=int, default=3,
                     help="rounds: each system is measured once per round, in turn")
-    ap.add_argument("--closed-loop", type=int, default=200,
-                    help="tasks per client in the closed loop, split over the rounds")
+    ap.add_argument("--closed-loop", type=int, default=600,
+                    help="tasks per client in the closed loop, split over the rounds (600: 200 "
+                         "per round, enough for the p50 to settle within a few per cent)")
     ap.add_argument("--systems", default="lull-zygote,lull-cold,bare-python,fork-server,celery,rq,ray")
     ap.add_argument("--bin-dir", default=os.path.join(HERE, "..", "target", "release"))
     ap.add_argument("--collect", default="batch", choices=["batch", "each"],

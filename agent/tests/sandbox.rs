@@ -449,20 +449,16 @@ async fn a_cold_run_starts_on_a_launcher_started_ahead_of_it_with_its_own_limits
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    // The run reports its cgroup's memory limit (v1, else v2), to see that its own (128 MB)
-    // replaced the one the launcher was started with.
-    let code = "path = [l for l in open('/proc/self/cgroup') if ':memory:' in l or l.startswith('0::')][0].strip().split(':', 2)[2]\n\
-                for f in ('/sys/fs/cgroup/memory' + path + '/memory.limit_in_bytes', '/sys/fs/cgroup' + path + '/memory.max'):\n\
-                \x20   try:\n\
-                \x20       print(open(f).read().strip())\n\
-                \x20       break\n\
-                \x20   except OSError:\n\
-                \x20       pass\n";
-    let second = job(4301, code, 128.0);
+    // The run's cgroup, read from here while the run waits (a run does not see the host's
+    // /sys): its own memory limit (128 MB) must have replaced the one the launcher was
+    // started with. The run ends once told, by its cancellation.
+    let second = job(4301, "import time\ntime.sleep(60)\n", 128.0);
     let process = second.control.process.clone();
+    let cancel = CancellationToken::new();
     let run = tokio::spawn({
         let executor = executor.clone();
-        async move { executor.run(second, CancellationToken::new()).await }
+        let cancel = cancel.clone();
+        async move { executor.run(second, cancel).await }
     });
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let pid = loop {
@@ -475,15 +471,46 @@ async fn a_cold_run_starts_on_a_launcher_started_ahead_of_it_with_its_own_limits
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    let second = run.await.expect("the run's task");
     assert!(
         waiting.contains(&pid),
         "the run's launcher {pid} is not one that waited: {waiting:?}"
     );
-    assert_eq!(second.outcome, RunOutcome::Completed, "{second:?}");
-    assert_eq!(
-        second.stdout.trim(),
-        (128u64 << 20).to_string(),
-        "{second:?}"
-    );
+    let wanted = (128u64 << 20).to_string();
+    let mut seen = None;
+    while seen.as_deref() != Some(wanted.as_str()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the run's cgroup never had its own limit: {seen:?}"
+        );
+        seen = memory_limit_of(pid);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cancel.cancel();
+    let second = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the run ends once cancelled")
+        .expect("the run's task");
+    assert_eq!(second.outcome, RunOutcome::Cancelled, "{second:?}");
+}
+
+/// The memory limit of `pid`'s cgroup (v1, else v2), as this process sees it.
+fn memory_limit_of(pid: u32) -> Option<String> {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let (path, v2) = cgroups.lines().find_map(|line| {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        match controllers {
+            "memory" => Some((path.to_string(), false)),
+            "" => Some((path.to_string(), true)),
+            _ => None,
+        }
+    })?;
+    let file = if v2 {
+        format!("/sys/fs/cgroup{path}/memory.max")
+    } else {
+        format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes")
+    };
+    std::fs::read_to_string(file)
+        .ok()
+        .map(|limit| limit.trim().to_string())
 }

@@ -841,6 +841,14 @@ fn programs(host: &Host, coordinator_port: u16) -> Vec<Program> {
                 format!("/dev/shm/{tag}"),
             ]),
         ),
+        // The host's /sys named its network interfaces and their addresses, and every other
+        // run's cgroup with its memory use: a run sees none of it. Python still counts the
+        // CPUs (glibc reads /proc instead).
+        Program::new("look at the host's /sys", 5, HOST_SYS, |o, _| {
+            o.completed()?;
+            o.stdout_has("sys: []")?;
+            o.stdout_has("cpus: ok")
+        }),
         // EACCES/EROFS: only a read-only view of the host keeps a run out of a world-writable
         // host directory.
         Program::new(
@@ -1241,6 +1249,15 @@ try:
 except OSError as e:
     shadow = type(e).__name__
 print(json.dumps({'token_in': found, 'shadow': shadow}))
+"#;
+
+/// What a run finds of the host's /sys (nothing, or no /sys at all), and whether Python can
+/// still count the CPUs without it.
+const HOST_SYS: &str = r#"
+import os
+seen = sorted(os.listdir("/sys")) if os.path.isdir("/sys") else []
+print("sys:", seen)
+print("cpus:", "ok" if (os.cpu_count() or 0) >= 1 else os.cpu_count())
 "#;
 
 const WRITE_OUTSIDE: &str = r#"import json

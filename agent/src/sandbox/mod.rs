@@ -230,8 +230,8 @@ pub fn confine_run(policy: &RunPolicy) -> Result<(), SandboxError> {
     let filters = filters_for(policy)?;
     new_session()?;
     die_with_parent()?;
-    let cgroup = join_new_cgroup(policy)?;
-    confine_in_cgroup(policy, cgroup.as_ref(), filters, CloneFlags::empty())
+    let mut cgroup = join_new_cgroup(policy)?;
+    confine_in_cgroup(policy, cgroup.as_mut(), filters, CloneFlags::empty())
 }
 
 /// Where a forked run's process finds the descriptor it reports its own end on (see
@@ -310,7 +310,7 @@ impl PreparedLaunch {
     /// Confines this launcher for `request`'s run (its cgroup's limits set to the policy's) as
     /// [`launch`] would, and execs the program with exactly `request.env`. Returns only on
     /// failure.
-    pub fn launch(self, request: &LaunchRequest) -> std::io::Error {
+    pub fn launch(mut self, request: &LaunchRequest) -> std::io::Error {
         use std::os::unix::process::CommandExt as _;
         let policy = &request.policy;
         let confined = (|| {
@@ -321,7 +321,7 @@ impl PreparedLaunch {
                     policy.max_processes,
                 )?;
             }
-            confine_in_cgroup(policy, self.cgroup.as_ref(), filters, self.made)
+            confine_in_cgroup(policy, self.cgroup.as_mut(), filters, self.made)
         })();
         if let Err(e) = confined {
             return std::io::Error::other(e.to_string());
@@ -339,18 +339,23 @@ impl PreparedLaunch {
 /// process made fresh already (a launcher started ahead of its run), not made again.
 fn confine_in_cgroup(
     policy: &RunPolicy,
-    cgroup: Option<&cgroup::RunCgroup>,
+    mut cgroup: Option<&mut cgroup::RunCgroup>,
     filters: &[seccompiler::BpfProgram],
     made: CloneFlags,
 ) -> Result<(), SandboxError> {
     let p = &policy.protections;
     if p.namespaces {
+        if let Some(group) = cgroup.as_deref_mut() {
+            // The watcher reads the OOM count at the end, in the mount namespace it shares
+            // with the run, which no longer has the host's /sys by then: open beforehand.
+            group.hold_files()?;
+        }
         unshare((CloneFlags::CLONE_NEWPID | RUN_NAMESPACES).difference(made))
             .map_err(SandboxError::Namespaces)?;
         // The watcher must not be what the OOM killer picks in the run's cgroup: it reports
         // the kill and cleans up. PID 1 goes back to 0.
         let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
-        fork_pid_one(policy, cgroup)?;
+        fork_pid_one(policy, cgroup.as_deref())?;
         // From here on: PID 1 of the run's namespace.
         let _ = std::fs::write("/proc/self/oom_score_adj", "0");
         die_with_parent()?;
@@ -1060,8 +1065,13 @@ fn shared_mounts(policy: &RunPolicy) -> Result<(), SandboxError> {
     // covered for every run (a minimal /dev below, the run's own /proc in `run_mounts`), so
     // nothing in them can be reached: detached, they are not in each run's copy of the mount
     // tree, which the run's unshare copies and its exit tears down (6 of 29 mounts here).
-    // Best effort: where one cannot be detached it stays, as unreachable as before.
-    for hidden in ["/dev", "/proc"] {
+    // The host's /sys goes too, with its cgroup and tracing mounts under it (13 of the 24
+    // left here): it told a run the host's network interfaces and their addresses, and
+    // every other run's cgroup with its memory use; a run needs none of it (glibc counts the
+    // CPUs from /proc when /sys is not there), and its cgroup is joined before its mounts.
+    // Best effort: where one cannot be detached it stays, as unreachable as before (/sys:
+    // readable, not writable, as before).
+    for hidden in ["/dev", "/proc", "/sys"] {
         let _ = nix::mount::umount2(hidden, nix::mount::MntFlags::MNT_DETACH);
     }
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;

@@ -119,6 +119,10 @@ struct Host {
     /// A world-writable (0777) directory in `dir`: only a read-only view of the host keeps
     /// runs out of such directories (`/run/lock` is one on most hosts).
     world_writable: PathBuf,
+    /// A world-writable (1777) file system of its own in `dir`, as a host's `/home`, `/var`
+    /// or `/srv` partition may be: mounted by the test (as root; `None` otherwise), before
+    /// the agent starts, and unmounted when dropped.
+    separate_mount: Option<PathBuf>,
     /// The agent's `TMPDIR`, where it would make per-run directories.
     agent_tmp: PathBuf,
     state_dir: PathBuf,
@@ -150,6 +154,19 @@ impl Host {
         let world_writable = dir.path().join("world-writable");
         std::fs::create_dir(&world_writable).expect("world-writable dir");
         set_mode(&world_writable, 0o777);
+        let separate_mount = this_process_is_root().then(|| {
+            let point = dir.path().join("separate-mount");
+            std::fs::create_dir(&point).expect("mount point");
+            nix::mount::mount(
+                Some("tmpfs"),
+                &point,
+                Some("tmpfs"),
+                nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+                Some("size=1m,mode=1777"),
+            )
+            .expect("a tmpfs of the test's own");
+            point
+        });
         let agent_tmp = dir.path().join("agent-tmp");
         std::fs::create_dir(&agent_tmp).expect("agent tmp dir");
         let state_dir = dir.path().join("agent-state");
@@ -162,6 +179,7 @@ impl Host {
             secret_path,
             secret,
             world_writable,
+            separate_mount,
             agent_tmp,
             state_dir,
             token: format!("lull-token-{}-{}", executor.name, std::process::id()),
@@ -178,14 +196,16 @@ impl Host {
     /// Host paths programs try to write. None may exist on the host after its run.
     fn forbidden_paths(&self) -> Vec<PathBuf> {
         let tag = &self.tag;
-        vec![
+        let mut paths = vec![
             PathBuf::from(format!("/etc/{tag}")),
             self.dir.path().join(tag),
             self.world_writable.join(tag),
             PathBuf::from(format!("/var/tmp/{tag}")),
             PathBuf::from(format!("/dev/shm/{tag}")),
             PathBuf::from(format!("/tmp/{tag}")),
-        ]
+        ];
+        paths.extend(self.separate_mount.iter().map(|point| point.join(tag)));
+        paths
     }
 
     fn existing_forbidden_paths(&self) -> Vec<PathBuf> {
@@ -232,6 +252,9 @@ impl Drop for Host {
     fn drop(&mut self) {
         for path in self.forbidden_paths() {
             let _ = std::fs::remove_file(&path);
+        }
+        if let Some(point) = &self.separate_mount {
+            let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
         }
     }
 }
@@ -866,6 +889,26 @@ fn programs(host: &Host, coordinator_port: u16) -> Vec<Program> {
         .with(
             "PATH",
             py_str(&host.world_writable.join(&tag).display().to_string()),
+        ),
+        // The same on a file system of the host's own (a `/home` or `/srv` partition): the
+        // remount of `/` read-only leaves other mounts as they were.
+        Program::new(
+            "write into a world-writable host directory on a mount of its own",
+            5,
+            "import os\np = @PATH@\nif p:\n    open(p, 'w').write('x')\n    print('written')\nelse:\n    print('no separate mount here')\n",
+            |o, host| {
+                if host.separate_mount.is_none() {
+                    return o.completed();
+                }
+                o.failed_with(&["PermissionError", "Read-only file system"])
+            },
+        )
+        .with(
+            "PATH",
+            match &host.separate_mount {
+                Some(point) => py_str(&point.join(&tag).display().to_string()),
+                None => "None".to_string(),
+            },
         ),
         Program::new(
             "leave files in /tmp, /var/tmp, /dev/shm, cwd",

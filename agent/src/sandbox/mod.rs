@@ -1061,6 +1061,8 @@ fn shared_mounts(policy: &RunPolicy) -> Result<(), SandboxError> {
         None::<&str>,
     )
     .map_err(m("/ private"))?;
+    // Read while the host's /proc is still there: detached below.
+    let host_mounts = mount_points()?;
     // The host's /dev and /proc, with what is mounted under them (devpts, shm, ...), are
     // covered for every run (a minimal /dev below, the run's own /proc in `run_mounts`), so
     // nothing in them can be reached: detached, they are not in each run's copy of the mount
@@ -1071,8 +1073,17 @@ fn shared_mounts(policy: &RunPolicy) -> Result<(), SandboxError> {
     // CPUs from /proc when /sys is not there), and its cgroup is joined before its mounts.
     // Best effort: where one cannot be detached it stays, as unreachable as before (/sys:
     // readable, not writable, as before).
-    for hidden in ["/dev", "/proc", "/sys"] {
+    const HIDDEN: [&str; 3] = ["/dev", "/proc", "/sys"];
+    for hidden in HIDDEN {
         let _ = nix::mount::umount2(hidden, nix::mount::MntFlags::MNT_DETACH);
+    }
+    // The host's other mounts read-only too, before anything of ours covers them: the
+    // remount of `/` at the end changes `/` alone, and a host with a file system of its own
+    // at `/home`, `/var` or `/srv` left its world-writable directories writable by every run.
+    for point in host_mounts.iter().filter(|point| {
+        point.as_path() != Path::new("/") && !HIDDEN.iter().any(|hidden| point.starts_with(hidden))
+    }) {
+        read_only(point)?;
     }
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     // The host's sockets live under /run (databases, D-Bus, the resolver): a network
@@ -1104,6 +1115,87 @@ fn shared_mounts(policy: &RunPolicy) -> Result<(), SandboxError> {
         None::<&str>,
     )
     .map_err(m("/ read-only"))
+}
+
+/// Where the calling process's mount namespace has mounts (`/proc/self/mountinfo`, its fifth
+/// field, with the kernel's octal escapes undone), in the kernel's order.
+fn mount_points() -> Result<Vec<PathBuf>, SandboxError> {
+    let table =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| SandboxError::Mount {
+            what: "/proc/self/mountinfo",
+            source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+        })?;
+    Ok(table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(unescape_mount_path)
+        .collect())
+}
+
+/// A path as `/proc/self/mountinfo` writes it: space, tab, newline and backslash as `\NNN`.
+fn unescape_mount_path(field: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt as _;
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|digits| bytes[i] == b'\\' && digits.iter().all(|d| (b'0'..=b'7').contains(d)))
+            .and_then(|digits| u8::from_str_radix(std::str::from_utf8(digits).ok()?, 8).ok());
+        match octal {
+            Some(byte) => {
+                out.push(byte);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+/// Remounts the mount at `point` read-only, keeping its other flags (`nosuid`, `nodev`,
+/// `noexec`, its atime handling: a user namespace's mount must keep those it was given). A
+/// point that is no longer a mount (gone meanwhile, or under one detached) is left alone.
+fn read_only(point: &Path) -> Result<(), SandboxError> {
+    use nix::sys::statvfs::{FsFlags, statvfs};
+    let kept = match statvfs(point) {
+        Ok(stat) => stat.flags(),
+        Err(nix::Error::ENOENT | nix::Error::ENOTDIR) => return Ok(()),
+        Err(source) => {
+            return Err(SandboxError::Mount {
+                what: "a host mount read-only",
+                source,
+            });
+        }
+    };
+    let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
+    for (has, keep) in [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if kept.contains(has) {
+            flags |= keep;
+        }
+    }
+    if !kept.intersects(FsFlags::ST_NOATIME | FsFlags::ST_RELATIME) {
+        // Neither: strict atime, which a remount that names none would turn into relatime.
+        flags |= MsFlags::MS_STRICTATIME;
+    }
+    match mount(None::<&str>, point, None::<&str>, flags, None::<&str>) {
+        Ok(()) | Err(nix::Error::ENOENT | nix::Error::EINVAL) => Ok(()),
+        Err(source) => Err(SandboxError::Mount {
+            what: "a host mount read-only",
+            source,
+        }),
+    }
 }
 
 /// The part of a run's mounts that is the run's own: fresh, empty, size-limited `/tmp` (its
@@ -1732,6 +1824,17 @@ pub fn reap_child(pid: Pid) -> Result<ChildUsage, nix::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mount_points_are_read_with_the_kernel_s_escapes_undone() {
+        assert_eq!(
+            unescape_mount_path(r"/srv/a\040b\011c\012d\134e"),
+            PathBuf::from("/srv/a b\tc\nd\\e")
+        );
+        // Not an escape: kept as written.
+        assert_eq!(unescape_mount_path(r"/x\9y\04"), PathBuf::from(r"/x\9y\04"));
+        assert_eq!(unescape_mount_path("/"), PathBuf::from("/"));
+    }
 
     #[test]
     fn a_process_forked_ahead_fits_only_runs_whose_namespaces_it_could_have_made() {

@@ -144,7 +144,7 @@ impl Host {
     fn new(executor: ExecutorUnderTest) -> Host {
         let dir = tempfile::Builder::new()
             .prefix("lull-hostile-")
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .tempdir_in(host_side_base())
             .expect("test directory");
         set_mode(dir.path(), 0o755);
         let secret = format!("lull-secret-{}-{}", executor.name, std::process::id());
@@ -257,6 +257,21 @@ impl Drop for Host {
             let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
         }
     }
+}
+
+/// Where the test's host-side directory goes: the target directory's temp, unless that is
+/// under a directory every run gets fresh and empty (a clone in `/tmp`), where a run would not
+/// see it at all and every check aimed at it would pass for nothing; then `/var/lib`.
+fn host_side_base() -> PathBuf {
+    let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let private = ["/tmp", "/var/tmp", "/dev/shm", "/run"];
+    if !private.iter().any(|dir| target.starts_with(dir)) {
+        return target;
+    }
+    let base = PathBuf::from("/var/lib/lull-hostile-tests");
+    std::fs::create_dir_all(&base).expect("a host-side test directory");
+    set_mode(&base, 0o755);
+    base
 }
 
 fn set_mode(path: &Path, mode: u32) {

@@ -190,6 +190,7 @@ pub async fn run_with_executor<E: Executor>(
             want: config.min_sandbox_level,
         });
     }
+    crate::node_id::private_state_dir(&config.state_dir)?;
     let node_id = resolve_node_id(&config).await?;
     let client = CoordinatorClient::new(
         &config.coordinator,

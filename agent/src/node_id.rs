@@ -7,6 +7,30 @@ use std::path::Path;
 
 const NODE_ID_FILE: &str = "node_id";
 
+/// Creates the state directory (and what is missing above it) for its owner alone, or takes
+/// away what an existing one lets others do: its outbox holds results not yet delivered, which
+/// a task running here as another user (the sandbox's `nobody`) must not read, wherever the
+/// directory is (`./lull-agent-state` by default).
+pub(crate) fn private_state_dir(dir: &Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    let failed = |source| AgentError::StateDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(failed)?;
+    let mode = std::fs::metadata(dir).map_err(failed)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700))
+            .map_err(failed)?;
+        tracing::info!(path = %dir.display(), was = format!("{:o}", mode & 0o777), "state directory made private to its owner");
+    }
+    Ok(())
+}
+
 /// The id this agent announces: `config.node_id` when given, else the one saved in
 /// `state_dir/node_id`, else a new `{hostname}-{6 random hex}` saved there for next time.
 pub async fn resolve_node_id(config: &AgentConfig) -> Result<String, AgentError> {
@@ -101,6 +125,27 @@ pub(crate) fn write_replacing(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_state_directory_is_its_owner_s_alone_new_or_existing() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode_of = |dir: &Path| {
+            std::fs::metadata(dir)
+                .expect("metadata")
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        let root = tempfile::tempdir().expect("temp dir");
+        let new = root.path().join("a/new");
+        private_state_dir(&new).expect("made");
+        assert_eq!(mode_of(&new), 0o700);
+        let existing = root.path().join("existing");
+        std::fs::create_dir(&existing).expect("dir");
+        std::fs::set_permissions(&existing, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        private_state_dir(&existing).expect("tightened");
+        assert_eq!(mode_of(&existing), 0o700);
+    }
 
     #[tokio::test]
     async fn node_id_is_stable_across_restarts() {

@@ -905,6 +905,32 @@ fn programs(host: &Host, coordinator_port: u16) -> Vec<Program> {
             "PATH",
             py_str(&host.world_writable.join(&tag).display().to_string()),
         ),
+        // The coordinator's database (every task's code and results) and the agent's state
+        // (results not yet delivered) are on this host, in directories a run must not enter,
+        // wherever they are (here under the test's 0755 directory).
+        Program::new(
+            "read the coordinator's database and the agent's state",
+            5,
+            LIST_DIRS,
+            |o, host| {
+                o.completed()?;
+                let listed = o.json()?;
+                for dir in [host.dir.path().join("coordinator"), host.state_dir.clone()] {
+                    let dir = dir.display().to_string();
+                    ensure(listed[dir.as_str()] == "PermissionError", || {
+                        format!("{dir}: {}", listed[dir.as_str()])
+                    })?;
+                }
+                Ok(())
+            },
+        )
+        .with(
+            "PATHS",
+            py_list(&[
+                host.dir.path().join("coordinator").display().to_string(),
+                host.state_dir.display().to_string(),
+            ]),
+        ),
         // The same on a file system of the host's own (a `/home` or `/srv` partition): the
         // remount of `/` read-only leaves other mounts as they were.
         Program::new(
@@ -1307,6 +1333,18 @@ try:
 except OSError as e:
     shadow = type(e).__name__
 print(json.dumps({'token_in': found, 'shadow': shadow}))
+"#;
+
+/// Tries to list each of `@PATHS@`: `listed` or the exception's name, per path, as JSON.
+const LIST_DIRS: &str = r#"import json, os
+outcome = {}
+for path in @PATHS@:
+    try:
+        os.listdir(path)
+        outcome[path] = 'listed'
+    except OSError as e:
+        outcome[path] = type(e).__name__
+print(json.dumps(outcome))
 "#;
 
 /// What a run finds of the host's /sys (nothing, or no /sys at all), and whether Python can

@@ -80,10 +80,30 @@ const OPERATION_COLUMNS: &str = "operation_id, kind, state, operator, stage, sta
 const COMMAND_COLUMNS: &str = "command_id, node_id, command, args, status, created_at, \
     delivered_at, completed_at, error";
 
+/// Creates `dir` (and what is missing above it) for its owner alone, or takes away what an
+/// existing one lets others do: the database holds every task's code and results, and the
+/// local agents' state (results not yet delivered) lives under it. A task running on this
+/// machine as another user (the sandbox's `nobody`) must not read it, wherever the directory
+/// is (`./lull-data` by default: under whatever directory the coordinator was started in).
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700))?;
+        tracing::info!(path = %dir.display(), was = format!("{:o}", mode & 0o777), "data directory made private to its owner");
+    }
+    Ok(())
+}
+
 impl SqliteStore {
-    /// Opens (creating if needed) `lull.db` in `data_dir` and brings its schema up to date.
+    /// Opens (creating if needed, for its owner alone: [`private_dir`]) `lull.db` in
+    /// `data_dir` and brings its schema up to date.
     pub async fn open(data_dir: &Path, sync: SyncMode) -> Result<Arc<SqliteStore>, StoreError> {
-        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
+        private_dir(data_dir).map_err(|source| StoreError::DataDir {
             path: data_dir.display().to_string(),
             source,
         })?;
@@ -1169,6 +1189,32 @@ mod tests {
     use super::*;
     use crate::model::TaskSpec;
     use crate::store::Committer;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    fn mode_of(dir: &Path) -> u32 {
+        std::fs::metadata(dir)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
+    #[tokio::test]
+    async fn the_data_directory_is_its_owner_s_alone_new_or_existing() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let new = root.path().join("a/new");
+        SqliteStore::open(&new, SyncMode::Normal)
+            .await
+            .expect("store");
+        assert_eq!(mode_of(&new), 0o700);
+        let existing = root.path().join("existing");
+        std::fs::create_dir(&existing).expect("dir");
+        std::fs::set_permissions(&existing, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        SqliteStore::open(&existing, SyncMode::Normal)
+            .await
+            .expect("store");
+        assert_eq!(mode_of(&existing), 0o700);
+    }
 
     fn task(task_id: TaskId, at: f64) -> TaskRecord {
         TaskRecord {

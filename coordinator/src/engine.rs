@@ -21,8 +21,8 @@ use crate::operations::OperationRecord;
 use crate::operations::plan::GroupMembers;
 use crate::scheduler::{Explanation, LegacyAssignment, NodeCounts, Scheduler, SchedulerError};
 use crate::store::{
-    CommandQuery, Committer, OperationQuery, ResultRow, Store, StoreError, TaskQuery, TaskStats,
-    Writer, WriterHandle, WriterStopped,
+    Ack, CommandQuery, Committer, OperationQuery, ResultRow, Store, StoreError, TaskQuery,
+    TaskStats, Writer, WriterHandle, WriterStopped,
 };
 use crate::waiters::{FinishWaiters, FinishWatch};
 use lull_shared::{
@@ -95,7 +95,7 @@ pub fn highest_run_ahead(durable: RunId) -> RunId {
 struct ParkedPull {
     node_id: String,
     max: usize,
-    handed: oneshot::Sender<(PullResponse, crate::store::Ack)>,
+    handed: oneshot::Sender<(PullResponse, Ack)>,
 }
 
 /// A parked long-poll's place on the list, given up when the request is dropped.
@@ -228,7 +228,7 @@ impl Engine {
         now: f64,
         deferred: bool,
         f: impl FnOnce(&mut Scheduler) -> (T, Vec<Change>),
-    ) -> (T, crate::store::Ack) {
+    ) -> (T, Ack) {
         let mut sched = self.scheduler();
         let (value, mut changes) = f(&mut sched);
         let mut handed = Vec::new();
@@ -304,10 +304,7 @@ impl Engine {
     }
 
     /// Runs `f` on the scheduler and queues its changes in the same critical section.
-    fn mutate<T>(
-        &self,
-        f: impl FnOnce(&mut Scheduler) -> (T, Vec<Change>),
-    ) -> (T, crate::store::Ack) {
+    fn mutate<T>(&self, f: impl FnOnce(&mut Scheduler) -> (T, Vec<Change>)) -> (T, Ack) {
         let mut sched = self.scheduler();
         let (value, changes) = f(&mut sched);
         let ack = self.writer.send(changes);
@@ -344,7 +341,7 @@ impl Engine {
         request: SubmitRequest,
         submitted_by: Option<i64>,
         deferred: bool,
-    ) -> Result<(TaskRecord, crate::store::Ack), EngineError> {
+    ) -> Result<(TaskRecord, Ack), EngineError> {
         let mut task = NewTask::from_request(request, &self.config.limits)?;
         task.spec.submitted_by = submitted_by;
         let now = unix_now();
@@ -360,10 +357,7 @@ impl Engine {
             Some(task) => task,
             None => {
                 self.writer.hasten(ack).await?;
-                return Ok((
-                    self.task(task_id).await?,
-                    crate::store::Ack::durable_already(),
-                ));
+                return Ok((self.task(task_id).await?, Ack::durable_already()));
             }
         };
         Ok((task, ack))
@@ -405,7 +399,7 @@ impl Engine {
     async fn wait_accepted(
         &self,
         accepted: TaskRecord,
-        ack: crate::store::Ack,
+        ack: Ack,
         deadline: tokio::time::Instant,
     ) -> Result<(TaskRecord, Vec<RunRecord>), EngineError> {
         let task_id = accepted.task_id;
@@ -413,13 +407,14 @@ impl Engine {
         // and that commit wakes the watch.
         let watch = self.finished.watch_with_runs(task_id);
         let held = self.scheduler().holds(task_id);
-        if held {
-            return self.finished_by(accepted, watch, deadline, ack).await;
-        }
-        self.writer.hasten(ack).await?;
-        let task = self.task(task_id).await?;
-        self.finished_by(task, watch, deadline, crate::store::Ack::durable_already())
-            .await
+        let (task, ack) = if held {
+            (accepted, ack)
+        } else {
+            // Finished meanwhile: read, once what is read is durable.
+            self.writer.hasten(ack).await?;
+            (self.task(task_id).await?, Ack::durable_already())
+        };
+        self.finished_by(task, watch, deadline, ack).await
     }
 
     /// Accepts several tasks at once, all or none: every one is validated first (the error
@@ -549,7 +544,7 @@ impl Engine {
         if !visible(&task) {
             return Err(SchedulerError::TaskNotFound(task_id).into());
         }
-        self.finished_by(task, watch, deadline, crate::store::Ack::durable_already())
+        self.finished_by(task, watch, deadline, Ack::durable_already())
             .await
     }
 
@@ -561,25 +556,26 @@ impl Engine {
         mut task: TaskRecord,
         watch: FinishWatch,
         deadline: tokio::time::Instant,
-        submitted: crate::store::Ack,
+        submitted: Ack,
     ) -> Result<(TaskRecord, Vec<RunRecord>), EngineError> {
         let task_id = task.task_id;
+        let mut committed_runs = None;
         if !task.state.status.is_terminal() {
             tokio::select! {
                 finished = watch.finished_with_runs() => {
                     task.state = finished.state;
-                    if let Some(runs) = finished.runs {
-                        // The finishing commit carried the submission, or came after it.
-                        submitted.durable().await?;
-                        return Ok((task, runs));
-                    }
+                    committed_runs = finished.runs;
                 }
                 _ = tokio::time::sleep_until(deadline) => {}
                 _ = self.shutdown.cancelled() => {}
             }
         }
-        // Answered before its end: not before its submission is durable (nor read before).
+        // Nothing is answered (or read) before the submission is durable: a finishing commit
+        // carried it or came after it; an answer before the end has it committed now.
         self.writer.hasten(submitted).await?;
+        if let Some(runs) = committed_runs {
+            return Ok((task, runs));
+        }
         if task.state.status.is_terminal() {
             // A finished task's runs are final with it.
             let runs = self.runs(task_id).await?;
@@ -1134,7 +1130,7 @@ impl Engine {
         node_id: &str,
         tasks: Vec<lull_shared::Assignment>,
         cancel: Vec<RunId>,
-        ack: crate::store::Ack,
+        ack: Ack,
     ) -> Result<PullResponse, EngineError> {
         let limit = highest_run_ahead(self.writer.durable_runs());
         let ahead = tasks
@@ -1315,19 +1311,8 @@ mod tests {
             max_run_id: next_run - 1,
             ..Snapshot::default()
         };
-        let scheduler = Scheduler::restore(SchedulerConfig::default(), snapshot, unix_now());
         let (gate, gated) = mpsc::channel();
-        let (engine, _stopped) = Engine::new(
-            scheduler,
-            store,
-            Box::new(Gated(gated)),
-            durable,
-            Arc::new(Feed::new(&FeedConfig::default(), [])),
-            test_config(),
-            CancellationToken::new(),
-        )
-        .expect("engine");
-        let engine = Arc::new(engine);
+        let engine = test_engine(store, Box::new(Gated(gated)), snapshot, durable);
         let registered = tokio::spawn({
             let engine = engine.clone();
             async move { engine.heartbeat(heartbeat_request("n1")).await }
@@ -1338,6 +1323,28 @@ mod tests {
             .expect("joined")
             .expect("the node is registered");
         (engine, gate)
+    }
+
+    /// An engine over `store` that commits through `committer`, its scheduler restored from
+    /// `snapshot`, `durable` the highest durable run id.
+    fn test_engine(
+        store: Arc<dyn Store>,
+        committer: Box<dyn Committer>,
+        snapshot: Snapshot,
+        durable: RunId,
+    ) -> Arc<Engine> {
+        let scheduler = Scheduler::restore(SchedulerConfig::default(), snapshot, unix_now());
+        let (engine, _stopped) = Engine::new(
+            scheduler,
+            store,
+            committer,
+            durable,
+            Arc::new(Feed::new(&FeedConfig::default(), [])),
+            test_config(),
+            CancellationToken::new(),
+        )
+        .expect("engine");
+        Arc::new(engine)
     }
 
     fn test_config() -> EngineConfig {
@@ -1365,19 +1372,7 @@ mod tests {
             .await
             .expect("store");
         let committer = wrap(Box::new(store.committer().expect("committer")));
-        let scheduler =
-            Scheduler::restore(SchedulerConfig::default(), Snapshot::default(), unix_now());
-        let (engine, _stopped) = Engine::new(
-            scheduler,
-            store,
-            committer,
-            0,
-            Arc::new(Feed::new(&FeedConfig::default(), [])),
-            test_config(),
-            CancellationToken::new(),
-        )
-        .expect("engine");
-        let engine = Arc::new(engine);
+        let engine = test_engine(store, committer, Snapshot::default(), 0);
         engine
             .heartbeat(heartbeat_request("n1"))
             .await
@@ -1395,7 +1390,7 @@ mod tests {
     /// Accepts a one-line task as `POST /api/v1/tasks?wait=` does (its commit deferred),
     /// leased to `n1`'s waiting pull: the accepted task, its submission's acknowledgement and
     /// its run.
-    async fn accept_and_start(engine: &Arc<Engine>) -> (TaskRecord, crate::store::Ack, Assignment) {
+    async fn accept_and_start(engine: &Arc<Engine>) -> (TaskRecord, Ack, Assignment) {
         let pull = park(engine).await;
         let (accepted, ack) = engine
             .accept(one_line(), None, true)

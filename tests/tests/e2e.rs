@@ -3,12 +3,41 @@
 use lull_tests::{Coordinator, agent_log_has, start_agent, start_agent_logging_to, wait_until};
 use serde_json::Value;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Fast heartbeats so that failure detection takes seconds, not tens of seconds.
 const FAST: &[&str] = &["--heartbeat-interval", "0.3", "--node-ttl", "2"];
 const AGENT_FAST: &[&str] = &["--heartbeat-interval", "0.3"];
+
+/// A coordinator with no agent of its own and fast heartbeats.
+fn dedicated_args() -> Vec<&'static str> {
+    let mut args = vec!["--local-agents", "0"];
+    args.extend_from_slice(FAST);
+    args
+}
+
+/// For a test that kills the coordinator (SIGKILL) and starts it again on the same address
+/// and database ([`dedicated_args`]).
+struct Restartable {
+    data: PathBuf,
+    addr: String,
+}
+
+impl Restartable {
+    /// A coordinator with its database in `dir/coord`, and how to start it again.
+    fn start(dir: &Path) -> (Coordinator, Restartable) {
+        let data = dir.join("coord");
+        let c = Coordinator::start(&data, &dedicated_args()).expect("coordinator");
+        let addr = c.addr().to_string();
+        (c, Restartable { data, addr })
+    }
+
+    fn again(&self) -> Coordinator {
+        Coordinator::start_on(&self.addr, &self.data, &dedicated_args())
+            .expect("coordinator restarts")
+    }
+}
 
 fn agent_args<'a>(node_id: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec!["--node-id", node_id];
@@ -202,9 +231,7 @@ async fn five_hundred_tasks_from_two_clients_complete_exactly_once() {
 #[tokio::test]
 async fn an_agent_killed_mid_task_loses_nothing_the_task_completes_elsewhere() {
     let dir = tempfile::tempdir().expect("dir");
-    let mut args = vec!["--local-agents", "0"];
-    args.extend_from_slice(FAST);
-    let c = Coordinator::start(&dir.path().join("coord"), &args).expect("coordinator");
+    let c = Coordinator::start(&dir.path().join("coord"), &dedicated_args()).expect("coordinator");
     let mut doomed =
         start_agent(&c.url, &dir.path().join("a"), &agent_args("doomed", &[])).expect("agent");
     c.wait_for_nodes(1).await;
@@ -240,11 +267,7 @@ async fn an_agent_killed_mid_task_loses_nothing_the_task_completes_elsewhere() {
 #[tokio::test]
 async fn the_coordinator_killed_under_load_and_restarted_loses_no_task_and_completes_none_twice() {
     let dir = tempfile::tempdir().expect("dir");
-    let data = dir.path().join("coord");
-    let mut args = vec!["--local-agents", "0"];
-    args.extend_from_slice(FAST);
-    let mut c = Coordinator::start(&data, &args).expect("coordinator");
-    let addr = c.addr().to_string();
+    let (mut c, restartable) = Restartable::start(dir.path());
     let _a = start_agent(
         &c.url,
         &dir.path().join("a"),
@@ -274,7 +297,7 @@ async fn the_coordinator_killed_under_load_and_restarted_loses_no_task_and_compl
         assert!(i < 10_000, "bounded");
     }
     c.process.kill9();
-    let c = Coordinator::start_on(&addr, &data, &args).expect("coordinator restarts");
+    let c = restartable.again();
     while expected.len() < 200 {
         i += 1;
         if let Ok(id) = c.submit(&format!("print({i})")).await {
@@ -322,11 +345,7 @@ fn json_files(dir: &Path) -> usize {
 #[tokio::test]
 async fn batches_through_a_coordinator_killed_mid_flow_complete_every_accepted_task_once() {
     let dir = tempfile::tempdir().expect("dir");
-    let data = dir.path().join("coord");
-    let mut args = vec!["--local-agents", "0"];
-    args.extend_from_slice(FAST);
-    let mut c = Coordinator::start(&data, &args).expect("coordinator");
-    let addr = c.addr().to_string();
+    let (mut c, restartable) = Restartable::start(dir.path());
     let outboxes = [dir.path().join("a"), dir.path().join("b")];
     let _a =
         start_agent(&c.url, &outboxes[0], &agent_args("a", &["--cpus", "2"])).expect("agent a");
@@ -377,7 +396,7 @@ async fn batches_through_a_coordinator_killed_mid_flow_complete_every_accepted_t
 
     // Back on the same address: the agents post what waited (together, through
     // `POST /internal/results`), and more batches arrive.
-    let c = Coordinator::start_on(&addr, &data, &args).expect("coordinator restarts");
+    let c = restartable.again();
     for k in 3..5 {
         let accepted = submit_batch(&c, &batch(k * 40, 40, "0")).await;
         assert_eq!(accepted.len(), 40, "batch {k} accepted after the restart");
@@ -433,11 +452,7 @@ async fn submit_and_wait(
 #[tokio::test]
 async fn waited_for_submissions_through_a_coordinator_killed_mid_flow_lose_no_answered_task() {
     let dir = tempfile::tempdir().expect("dir");
-    let data = dir.path().join("coord");
-    let mut args = vec!["--local-agents", "0"];
-    args.extend_from_slice(FAST);
-    let mut c = Coordinator::start(&data, &args).expect("coordinator");
-    let addr = c.addr().to_string();
+    let (mut c, restartable) = Restartable::start(dir.path());
     let _a = start_agent(
         &c.url,
         &dir.path().join("a"),
@@ -490,7 +505,7 @@ async fn waited_for_submissions_through_a_coordinator_killed_mid_flow_lose_no_an
     c.process.kill9();
     let _ = in_flight.await;
 
-    let c = Coordinator::start_on(&addr, &data, &args).expect("coordinator restarts");
+    let c = restartable.again();
     for round in 0..4 {
         let wait = if round % 2 == 0 { 0 } else { 10 };
         answered.extend(submit_and_wait(&c, codes(next, 4), wait).await);
@@ -517,11 +532,7 @@ async fn waited_for_submissions_through_a_coordinator_killed_mid_flow_lose_no_an
 #[tokio::test]
 async fn a_result_made_while_the_coordinator_is_down_is_delivered_after_it_returns() {
     let dir = tempfile::tempdir().expect("dir");
-    let data = dir.path().join("coord");
-    let mut args = vec!["--local-agents", "0"];
-    args.extend_from_slice(FAST);
-    let mut c = Coordinator::start(&data, &args).expect("coordinator");
-    let addr = c.addr().to_string();
+    let (mut c, restartable) = Restartable::start(dir.path());
     let agent_dir = dir.path().join("a");
     let log = dir.path().join("agent.log");
     let _a =
@@ -549,7 +560,7 @@ async fn a_result_made_while_the_coordinator_is_down_is_delivered_after_it_retur
         || async { (json_files(&outbox) == 1).then_some(()) },
     )
     .await;
-    let c = Coordinator::start_on(&addr, &data, &args).expect("coordinator restarts");
+    let c = restartable.again();
     let done = wait_terminal(&c, id, Duration::from_secs(60)).await;
     assert_eq!(done["status"], "completed");
     assert_eq!(done["result"], "kept");
@@ -568,9 +579,7 @@ async fn a_result_made_while_the_coordinator_is_down_is_delivered_after_it_retur
 #[tokio::test]
 async fn a_stopping_agent_hands_back_unfinished_work() {
     let dir = tempfile::tempdir().expect("dir");
-    let mut args = vec!["--local-agents", "0"];
-    args.extend_from_slice(FAST);
-    let c = Coordinator::start(&dir.path().join("coord"), &args).expect("coordinator");
+    let c = Coordinator::start(&dir.path().join("coord"), &dedicated_args()).expect("coordinator");
     let mut leaving = start_agent(
         &c.url,
         &dir.path().join("a"),
@@ -612,9 +621,7 @@ async fn a_stopping_agent_hands_back_unfinished_work() {
 #[tokio::test]
 async fn cancel_kills_the_whole_process_tree_on_the_node() {
     let dir = tempfile::tempdir().expect("dir");
-    let mut args = vec!["--local-agents", "0"];
-    args.extend_from_slice(FAST);
-    let c = Coordinator::start(&dir.path().join("coord"), &args).expect("coordinator");
+    let c = Coordinator::start(&dir.path().join("coord"), &dedicated_args()).expect("coordinator");
     // A uid of its own, so that this run's processes are found from the host by owner.
     const UID: u32 = 64_001;
     let _a = start_agent(

@@ -310,6 +310,19 @@ async fn the_coordinator_killed_under_load_and_restarted_loses_no_task_and_compl
     assert_each_completed_once(&c, &expected).await;
 }
 
+/// `n` tasks numbered from `first`, each sleeping `sleep` seconds and printing its number:
+/// (code, expected result).
+fn sleep_and_print(first: u32, n: u32, sleep: &str) -> Vec<(String, String)> {
+    (first..first + n)
+        .map(|i| {
+            (
+                format!("import time; time.sleep({sleep}); print({i})"),
+                i.to_string(),
+            )
+        })
+        .collect()
+}
+
 /// Submits `codes` in one `POST /api/v1/tasks/batch`; answers id → expected result for an
 /// accepted batch (each code prints its own result), nothing for a refused one.
 async fn submit_batch(c: &Coordinator, codes: &[(String, String)]) -> HashMap<i64, String> {
@@ -353,21 +366,11 @@ async fn batches_through_a_coordinator_killed_mid_flow_complete_every_accepted_t
         start_agent(&c.url, &outboxes[1], &agent_args("b", &["--cpus", "2"])).expect("agent b");
     c.wait_for_nodes(2).await;
 
-    let batch = |first: u32, n: u32, sleep: &str| -> Vec<(String, String)> {
-        (first..first + n)
-            .map(|i| {
-                (
-                    format!("import time; time.sleep({sleep}); print({i})"),
-                    i.to_string(),
-                )
-            })
-            .collect()
-    };
     // Batches in flight on both agents; kill the coordinator with SIGKILL while runs are
     // under way, so that their results pile up in the agents' outboxes.
     let mut expected = HashMap::new();
     for k in 0..3 {
-        let accepted = submit_batch(&c, &batch(k * 40, 40, "0.2")).await;
+        let accepted = submit_batch(&c, &sleep_and_print(k * 40, 40, "0.2")).await;
         assert_eq!(accepted.len(), 40, "batch {k} accepted");
         expected.extend(accepted);
     }
@@ -398,7 +401,7 @@ async fn batches_through_a_coordinator_killed_mid_flow_complete_every_accepted_t
     // `POST /internal/results`), and more batches arrive.
     let c = restartable.again();
     for k in 3..5 {
-        let accepted = submit_batch(&c, &batch(k * 40, 40, "0")).await;
+        let accepted = submit_batch(&c, &sleep_and_print(k * 40, 40, "0")).await;
         assert_eq!(accepted.len(), 40, "batch {k} accepted after the restart");
         expected.extend(accepted);
     }
@@ -461,30 +464,20 @@ async fn waited_for_submissions_through_a_coordinator_killed_mid_flow_lose_no_an
     .expect("agent a");
     c.wait_for_nodes(1).await;
 
-    let codes = |first: u32, n: u32| -> Vec<(String, String)> {
-        (first..first + n)
-            .map(|i| {
-                (
-                    format!("import time; time.sleep(0.1); print({i})"),
-                    i.to_string(),
-                )
-            })
-            .collect()
-    };
     // Their submissions' commits are deferred to their results'; the ones answered at once
     // (`wait=0`, still pending) must be durable by then, the others with their results.
     let mut answered = HashMap::new();
     let mut next = 0;
     for round in 0..6 {
         let wait = if round % 2 == 0 { 0 } else { 10 };
-        answered.extend(submit_and_wait(&c, codes(next, 4), wait).await);
+        answered.extend(submit_and_wait(&c, sleep_and_print(next, 4, "0.1"), wait).await);
         next += 4;
     }
     // Killed with tasks in flight: some submitted and not yet finished, their clients
     // waiting (they get no answer: not accepted, whatever became of them).
     let in_flight = tokio::spawn({
         let url = c.url.clone();
-        let codes = codes(next, 4);
+        let codes = sleep_and_print(next, 4, "0.1");
         async move {
             let client = reqwest::Client::new();
             for (code, _) in codes {
@@ -508,7 +501,7 @@ async fn waited_for_submissions_through_a_coordinator_killed_mid_flow_lose_no_an
     let c = restartable.again();
     for round in 0..4 {
         let wait = if round % 2 == 0 { 0 } else { 10 };
-        answered.extend(submit_and_wait(&c, codes(next, 4), wait).await);
+        answered.extend(submit_and_wait(&c, sleep_and_print(next, 4, "0.1"), wait).await);
         next += 4;
     }
     assert!(answered.len() >= 36, "{} answered", answered.len());

@@ -593,7 +593,7 @@ impl<E: Executor> crate::outbox::Refill for RefillWithResults<E> {
             return false;
         }
         let (running, queued) = self.shared.slots.occupancy();
-        queued > 0 && waiting < running
+        may_hold_results(running, queued, waiting)
     }
 
     fn pulled(&self, answer: lull_shared::PullResponse) {
@@ -604,6 +604,17 @@ impl<E: Executor> crate::outbox::Refill for RefillWithResults<E> {
             start_run(&self.shared, &self.executor, assignment);
         }
     }
+}
+
+/// Whether `waiting` finished runs' results may wait for more before they are posted, with
+/// `running` runs executing and `queued` waiting for a slot: while fewer results wait than
+/// runs execute, and the queue holds more runs than there are running, so that after the post
+/// every slot still has a run to start next while its answer (the runs that refill the queue,
+/// leased in the results' commit) comes back. Held until the queue ran dry instead, a post
+/// went out with one run left per slot at most, and a slot whose run ended before the answer
+/// (a commit's sync on the way) sat idle.
+fn may_hold_results(running: usize, queued: usize, waiting: usize) -> bool {
+    queued > running && waiting < running
 }
 
 /// Starts one assignment in its own task.
@@ -941,6 +952,22 @@ mod report_tests {
 
     fn outcome(execution: RunOutcome, why: Option<StopReason>) -> RunOutcome {
         report("n", 1, 2, ended(execution), why).outcome
+    }
+
+    #[test]
+    fn results_wait_for_more_only_while_the_queue_outlasts_a_post() {
+        // Two slots busy, four runs queued: a first result may wait for a second.
+        assert!(may_hold_results(2, 4, 1));
+        assert!(may_hold_results(2, 3, 1));
+        // As many results wait as runs execute: posted.
+        assert!(!may_hold_results(2, 4, 2));
+        // The queue holds one run per slot or less: posted now, so that its answer refills
+        // the queue before a slot has nothing to start.
+        assert!(!may_hold_results(2, 2, 1));
+        assert!(!may_hold_results(2, 1, 1));
+        assert!(!may_hold_results(2, 0, 1));
+        // One slot: never held (a result waits alone).
+        assert!(!may_hold_results(1, 4, 1));
     }
 
     #[test]

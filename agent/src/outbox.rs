@@ -79,9 +79,10 @@ pub(crate) trait Refill: Send + Sync {
     /// Runs to start and runs to cancel that came with a post's answer.
     fn pulled(&self, answer: PullResponse);
     /// Whether the `waiting` results may wait a little for more before they are posted (at
-    /// most the outbox's linger): yes while the node has runs queued for a slot (a post
-    /// now would start nothing sooner) and fewer results wait than runs execute. Under load
-    /// results then go a few to a post, and the coordinator makes one commit for them.
+    /// most the outbox's linger): yes while the node has more runs queued for a slot than
+    /// running (a post now would start nothing sooner, and one later still comes back before
+    /// a slot runs dry) and fewer results wait than runs execute. Under load results then go
+    /// a few to a post, and the coordinator makes one commit for them.
     fn hold(&self, _waiting: usize) -> bool {
         false
     }

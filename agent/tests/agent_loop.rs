@@ -437,11 +437,11 @@ async fn large_results_are_posted_in_bounded_batches() {
     );
 }
 
-/// A busy node's four runs, leased at once to an agent with two slots and `linger`: a quick
-/// one, one that sleeps 2 s, `third` (queued behind them) and a quick one; once every result
-/// arrived, the posts' batches of run ids, and the fake coordinator.
-async fn four_runs_two_slots(
-    run_ids: [RunId; 4],
+/// A busy node's six runs, leased at once to an agent with two slots and `linger`: a quick
+/// one, one that sleeps 2 s, `third` (queued behind them) and three quick ones; once every
+/// result arrived, the posts' batches of run ids, and the fake coordinator.
+async fn six_runs_two_slots(
+    run_ids: [RunId; 6],
     third: &str,
     linger: Duration,
 ) -> (Vec<Vec<RunId>>, FakeCoordinator) {
@@ -451,6 +451,8 @@ async fn four_runs_two_slots(
         "import time; time.sleep(2); print(2)",
         third,
         "print(4)",
+        "print(5)",
+        "print(6)",
     ];
     for (task_id, (run_id, code)) in (1..).zip(run_ids.into_iter().zip(codes)) {
         fake.assign(assignment(task_id, run_id, code, 60.0));
@@ -460,32 +462,32 @@ async fn four_runs_two_slots(
     config.results_linger = linger;
     let agent = RunningAgent::start(config);
 
-    wait_until("every result arrived", || fake.results().len() == 4).await;
+    wait_until("every result arrived", || fake.results().len() == 6).await;
     agent.stop().await;
     (fake.batches(), fake)
 }
 
-/// Two runs at once and two more queued behind them, as a busy node has them: the first
-/// run's result waits (the node has a run queued, so posting it now would start nothing
-/// sooner) until the second quick one ends and the queue is empty; both go in one post.
+/// Two runs at once and four more queued behind them, as a busy node has them: the first
+/// run's result waits (more runs are queued than running, so posting it now would start
+/// nothing sooner, and a later post still comes back before a slot runs dry) until a second
+/// result waits, as many as runs execute; both go in one post.
 #[tokio::test]
 async fn a_busy_nodes_results_wait_to_share_a_post() {
-    // Long enough that only the queue running empty ends the wait.
-    let (batches, fake) = four_runs_two_slots([11, 12, 13, 14], "print(3)", PATIENCE).await;
+    // Long enough that only a second result ends the wait.
+    let (batches, _fake) = six_runs_two_slots([11, 12, 13, 14, 15, 16], "print(3)", PATIENCE).await;
     assert_eq!(
         batches.first(),
         Some(&vec![11, 13]),
         "the first run's result waited for the next: {batches:?}"
     );
-    assert!(fake.single_posts().is_empty(), "none went alone");
 }
 
 /// With the linger at zero nothing is held: the first run's result goes alone at once, long
 /// before the third run (queued behind it, half a second long) could join it.
 #[tokio::test]
 async fn a_zero_linger_posts_each_result_at_once() {
-    let (batches, _fake) = four_runs_two_slots(
-        [31, 32, 33, 34],
+    let (batches, _fake) = six_runs_two_slots(
+        [31, 32, 33, 34, 35, 36],
         "import time; time.sleep(0.5); print(3)",
         Duration::ZERO,
     )
@@ -497,13 +499,13 @@ async fn a_zero_linger_posts_each_result_at_once() {
     );
 }
 
-/// A held result waits at most the linger: with the node's queue never emptying (long runs
-/// in both slots and one more queued), the first run's result is still posted, alone.
+/// A held result waits at most the linger: with the node's queue never running low (long
+/// runs in both slots and three more queued), the first run's result is still posted, alone.
 #[tokio::test]
 async fn a_held_result_is_posted_once_the_linger_is_over() {
     let fake = FakeCoordinator::start().await;
     fake.assign(assignment(1, 21, "print(1)", 600.0));
-    for (task_id, run_id) in [(2, 22), (3, 23), (4, 24)] {
+    for (task_id, run_id) in [(2, 22), (3, 23), (4, 24), (5, 25), (6, 26)] {
         fake.assign(assignment(
             task_id,
             run_id,

@@ -64,8 +64,12 @@ impl Default for SchedulerConfig {
     }
 }
 
-/// Runs a node may hold beyond its capacity unless configured otherwise.
-pub const DEFAULT_PREFETCH: usize = 2;
+/// Runs a node may hold beyond its capacity unless configured otherwise: enough for a busy
+/// two-slot node to post its results two at a time and still hold a run per slot while the
+/// post's answer brings the next (the agent holds a result only while more runs are queued
+/// than running). With 2, a busy two-slot node posted each result alone, or waited for its
+/// queue to run dry and left a slot idle for the commit.
+pub const DEFAULT_PREFETCH: usize = 4;
 
 /// Seconds a node command may wait for its outcome unless configured otherwise.
 pub const DEFAULT_COMMAND_TTL: f64 = 300.0;

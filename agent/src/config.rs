@@ -40,7 +40,8 @@ pub struct AgentConfig {
     /// How long one `GET /internal/task` long-poll waits for work.
     pub pull_wait: Duration,
     /// At most how long a finished run's result waits for others to share its post, only
-    /// while runs are queued for a slot (see `Refill::hold` in `outbox.rs`); zero: never.
+    /// while more runs are queued for a slot than running (see `Refill::hold` in
+    /// `outbox.rs`); zero: never.
     pub results_linger: Duration,
     /// Limits and the unprivileged user every run gets.
     pub sandbox: crate::sandbox::SandboxSettings,

@@ -69,8 +69,8 @@ struct Cli {
     #[arg(long, env = "LULL_STOP_GRACE", default_value = "10", value_parser = seconds)]
     stop_grace: Duration,
     /// Milliseconds a finished run's result may wait for others to share its post, only
-    /// while runs are queued for a slot (a busy node: fewer posts and commits per task); 0
-    /// posts every result at once.
+    /// while more runs are queued for a slot than running (a busy node: fewer posts and
+    /// commits per task); 0 posts every result at once.
     #[arg(long, env = "LULL_RESULTS_LINGER_MS", default_value_t = 2)]
     results_linger_ms: u64,
     /// Bytes of stdout and of stderr kept per task; the rest is discarded, and a task that

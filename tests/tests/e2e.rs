@@ -1,6 +1,8 @@
 //! End-to-end: real coordinator and agent processes on 127.0.0.1, real Python.
 
-use lull_tests::{Coordinator, agent_log_has, start_agent, start_agent_logging_to, wait_until};
+use lull_tests::{
+    Coordinator, Process, agent_log_has, start_agent, start_agent_logging_to, wait_until,
+};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -44,6 +46,13 @@ fn agent_args<'a>(node_id: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     args.extend_from_slice(AGENT_FAST);
     args.extend_from_slice(extra);
     args
+}
+
+/// An agent of two CPUs with the tests' fast settings, as node `node_id`, its state in
+/// `state_dir`.
+fn two_cpu_agent(url: &str, state_dir: &Path, node_id: &str) -> Process {
+    start_agent(url, state_dir, &agent_args(node_id, &["--cpus", "2"]))
+        .unwrap_or_else(|err| panic!("agent {node_id}: {err}"))
 }
 
 async fn wait_terminal(c: &Coordinator, task_id: i64, limit: Duration) -> Value {
@@ -163,18 +172,8 @@ async fn five_hundred_tasks_from_two_clients_complete_exactly_once() {
     let dir = tempfile::tempdir().expect("dir");
     let c = Coordinator::start(&dir.path().join("coord"), &["--local-agents", "0"])
         .expect("coordinator");
-    let _a = start_agent(
-        &c.url,
-        &dir.path().join("a"),
-        &agent_args("a", &["--cpus", "2"]),
-    )
-    .expect("agent a");
-    let _b = start_agent(
-        &c.url,
-        &dir.path().join("b"),
-        &agent_args("b", &["--cpus", "2"]),
-    )
-    .expect("agent b");
+    let _a = two_cpu_agent(&c.url, &dir.path().join("a"), "a");
+    let _b = two_cpu_agent(&c.url, &dir.path().join("b"), "b");
     c.wait_for_nodes(2).await;
 
     let started = Instant::now();
@@ -268,18 +267,8 @@ async fn an_agent_killed_mid_task_loses_nothing_the_task_completes_elsewhere() {
 async fn the_coordinator_killed_under_load_and_restarted_loses_no_task_and_completes_none_twice() {
     let dir = tempfile::tempdir().expect("dir");
     let (mut c, restartable) = Restartable::start(dir.path());
-    let _a = start_agent(
-        &c.url,
-        &dir.path().join("a"),
-        &agent_args("a", &["--cpus", "2"]),
-    )
-    .expect("agent a");
-    let _b = start_agent(
-        &c.url,
-        &dir.path().join("b"),
-        &agent_args("b", &["--cpus", "2"]),
-    )
-    .expect("agent b");
+    let _a = two_cpu_agent(&c.url, &dir.path().join("a"), "a");
+    let _b = two_cpu_agent(&c.url, &dir.path().join("b"), "b");
     c.wait_for_nodes(2).await;
 
     // Submit steadily; kill the coordinator with SIGKILL part way; restart it on the same
@@ -360,10 +349,8 @@ async fn batches_through_a_coordinator_killed_mid_flow_complete_every_accepted_t
     let dir = tempfile::tempdir().expect("dir");
     let (mut c, restartable) = Restartable::start(dir.path());
     let outboxes = [dir.path().join("a"), dir.path().join("b")];
-    let _a =
-        start_agent(&c.url, &outboxes[0], &agent_args("a", &["--cpus", "2"])).expect("agent a");
-    let _b =
-        start_agent(&c.url, &outboxes[1], &agent_args("b", &["--cpus", "2"])).expect("agent b");
+    let _a = two_cpu_agent(&c.url, &outboxes[0], "a");
+    let _b = two_cpu_agent(&c.url, &outboxes[1], "b");
     c.wait_for_nodes(2).await;
 
     // Batches in flight on both agents; kill the coordinator with SIGKILL while runs are
@@ -456,12 +443,7 @@ async fn submit_and_wait(
 async fn waited_for_submissions_through_a_coordinator_killed_mid_flow_lose_no_answered_task() {
     let dir = tempfile::tempdir().expect("dir");
     let (mut c, restartable) = Restartable::start(dir.path());
-    let _a = start_agent(
-        &c.url,
-        &dir.path().join("a"),
-        &agent_args("a", &["--cpus", "2"]),
-    )
-    .expect("agent a");
+    let _a = two_cpu_agent(&c.url, &dir.path().join("a"), "a");
     c.wait_for_nodes(1).await;
 
     // Their submissions' commits are deferred to their results'; the ones answered at once

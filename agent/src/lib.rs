@@ -12,7 +12,7 @@
 //! |---|---|
 //! | `config` | [`AgentConfig`], the one configuration value, built by `main.rs` or the embedder |
 //! | `error` | [`AgentError`], why the agent could not start |
-//! | `node_id` | [`resolve_node_id`]: the node id that survives restarts (`state_dir/node_id`) |
+//! | `node_id` | [`resolve_node_id`]: the node id that survives restarts (`state_dir/node_id`); [`private_dir`], the state directory (and the coordinator's data directory) for its owner alone |
 //! | `agent` | the supervisor: the pull loop, the table of runs, cancels, graceful shutdown |
 //! | `heartbeat` | the heartbeat ticker and the host's load as `sysinfo` measures it |
 //! | `commands` | node commands from heartbeat answers (drain, undrain, restart) and their outcomes |
@@ -61,6 +61,6 @@ pub use error::AgentError;
 pub use executor::{
     ColdExecutor, Execution, Executor, ExecutorKind, Job, RunPoint, ZygoteExecutor, ZygoteSettings,
 };
-pub use node_id::resolve_node_id;
+pub use node_id::{private_dir, resolve_node_id};
 pub use owner::OwnerPolicy;
 pub use standby::{StandbyError, serve_standby};

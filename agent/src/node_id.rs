@@ -7,26 +7,33 @@ use std::path::Path;
 
 const NODE_ID_FILE: &str = "node_id";
 
-/// Creates the state directory (and what is missing above it) for its owner alone, or takes
-/// away what an existing one lets others do: its outbox holds results not yet delivered, which
-/// a task running here as another user (the sandbox's `nobody`) must not read, wherever the
-/// directory is (`./lull-agent-state` by default).
-pub(crate) fn private_state_dir(dir: &Path) -> Result<(), AgentError> {
+/// Creates `dir` (and what is missing above it) for its owner alone, or takes away what an
+/// existing one lets others do; returns the permission bits it had when they were narrowed.
+/// For what a task running on this machine as another user (the sandbox's `nobody`) must
+/// not read, wherever the directory is: the agent's state (its outbox holds results not yet
+/// delivered) and the coordinator's data directory (every task's code and results).
+pub fn private_dir(dir: &Path) -> std::io::Result<Option<u32>> {
     use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
-    let failed = |source| AgentError::StateDir {
-        path: dir.to_path_buf(),
-        source,
-    };
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(dir)
-        .map_err(failed)?;
-    let mode = std::fs::metadata(dir).map_err(failed)?.permissions().mode();
-    if mode & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700))
-            .map_err(failed)?;
-        tracing::info!(path = %dir.display(), was = format!("{:o}", mode & 0o777), "state directory made private to its owner");
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 == 0 {
+        return Ok(None);
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700))?;
+    Ok(Some(mode & 0o777))
+}
+
+/// The state directory ([`private_dir`]; `./lull-agent-state` by default).
+pub(crate) fn private_state_dir(dir: &Path) -> Result<(), AgentError> {
+    let was = private_dir(dir).map_err(|source| AgentError::StateDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if let Some(was) = was {
+        tracing::info!(path = %dir.display(), was = format!("{was:o}"), "state directory made private to its owner");
     }
     Ok(())
 }

@@ -80,21 +80,13 @@ const OPERATION_COLUMNS: &str = "operation_id, kind, state, operator, stage, sta
 const COMMAND_COLUMNS: &str = "command_id, node_id, command, args, status, created_at, \
     delivered_at, completed_at, error";
 
-/// Creates `dir` (and what is missing above it) for its owner alone, or takes away what an
-/// existing one lets others do: the database holds every task's code and results, and the
-/// local agents' state (results not yet delivered) lives under it. A task running on this
-/// machine as another user (the sandbox's `nobody`) must not read it, wherever the directory
-/// is (`./lull-data` by default: under whatever directory the coordinator was started in).
+/// The data directory for its owner alone ([`lull_agent::private_dir`], which the agent's state
+/// directory shares): the database holds every task's code and results, and the local
+/// agents' state lives under it (`./lull-data` by default: under whatever directory the
+/// coordinator was started in).
 fn private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let mode = std::fs::metadata(dir)?.permissions().mode();
-    if mode & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700))?;
-        tracing::info!(path = %dir.display(), was = format!("{:o}", mode & 0o777), "data directory made private to its owner");
+    if let Some(was) = lull_agent::private_dir(dir)? {
+        tracing::info!(path = %dir.display(), was = format!("{was:o}"), "data directory made private to its owner");
     }
     Ok(())
 }
